@@ -1,0 +1,165 @@
+"""Typed configuration for every job.
+
+One frozen dataclass per concern, gathered in :class:`PipelineConfig`. Values come from, in rising
+precedence: the defaults below, a YAML file (``--config``, sections named like the fields of
+:class:`PipelineConfig`), and command-line flags (see :mod:`pipeline.cli`). Field metadata carries
+the flag's help text, so the dataclasses are the single place an option is described.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def option(default: Any, help: str, required: bool = False) -> Any:
+    """A dataclass field with its command-line help; ``required`` fields must be set by YAML or flag."""
+    return field(default=default, metadata={"help": help, "required": required})
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How a job reaches Ray. With no address it starts a local Ray sized for a small machine."""
+
+    address: str | None = option(
+        None, "Ray cluster to join (else RAY_ADDRESS, else a local Ray started in-process)"
+    )
+    num_cpus: int | None = option(None, "CPUs of a local Ray (default: all cores of this machine)")
+    object_store_mb: int = option(1024, "object store of a local Ray, in MiB (capped so tests fit)")
+    progress_bars: bool = option(True, "Ray Data progress bars on stderr")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """img2dataset download of a URL list into webdataset shards."""
+
+    url_list: str = option("", "URL list: parquet, csv, tsv, jsonl or txt file (or a folder of them)", True)
+    out: str = option("", "output folder for NNNNN.tar / .parquet / _stats.json shards", True)
+    input_format: str | None = option(None, "input format (default: from the file suffix)")
+    url_col: str | None = option(None, "URL column (default: detected, e.g. url or URL)")
+    caption_col: str | None = option(None, "caption column (default: detected, e.g. caption or TEXT)")
+    image_size: int = option(512, "target image size for img2dataset's resizer")
+    resize_mode: str = option("keep_ratio", "img2dataset resize mode: no, border, keep_ratio, center_crop")
+    resize_only_if_bigger: bool = option(True, "never upscale small images")
+    encode_format: str = option("jpg", "image format in the shards: jpg, png or webp")
+    number_sample_per_shard: int = option(10_000, "samples per output shard")
+    processes_count: int = option(1, "download processes (per node with the ray distributor)")
+    thread_count: int = option(16, "download threads per process")
+    timeout: int = option(10, "seconds before a URL counts as timed out")
+    retries: int = option(0, "retries per URL")
+    distributor: str = option("multiprocessing", "img2dataset distributor: multiprocessing or ray")
+    incremental_mode: str = option("incremental", "incremental (resume), overwrite or extend")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Reading img2dataset shards, decoding every image, accounting for every row."""
+
+    shards: str = option("", "folder of img2dataset output (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json)", True)
+    out: str = option("", "output folder for samples.parquet and per-shard parts", True)
+    decode_batch_size: int = option(64, "images per decode batch")
+    max_image_pixels: int = option(
+        89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
+    )
+    read_num_cpus: float = option(0.5, "CPUs reserved per shard read task")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo dataset: real photographs with planted duplicates, served over local HTTP."""
+
+    out: str = option("demo-output", "folder for every demo artifact", True)
+    seed: int = option(0, "seed of every random choice in the demo dataset")
+    image_size: int = option(256, "side of the square demo images, in pixels")
+    verbatim_copies: int = option(12, "copies of each verbatim-duplicated image+caption pair")
+    near_duplicate_bases: int = option(6, "photographs that get re-encoded/resized/cropped copies")
+    template_images: int = option(8, "different images sharing one template caption")
+    samples_per_shard: int = option(64, "samples per downloaded shard")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every section a job may read; a YAML config file holds any subset of them."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def section_types() -> dict[str, type]:
+    """Section name -> its dataclass, as declared on :class:`PipelineConfig`."""
+    hints = typing.get_type_hints(PipelineConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(PipelineConfig)}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def scalar_type(annotation: Any) -> type:
+    """The concrete type behind ``X | None`` (or ``X`` itself)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported config annotation {annotation!r}")
+        return args[0]
+    return annotation
+
+
+def _coerce(section: str, name: str, annotation: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    kind = scalar_type(annotation)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"config {section}.{name}: expected true/false, got {value!r}")
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(f"config {section}.{name}: expected a number, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config {section}.{name}: cannot read {value!r} as {kind.__name__}") from exc
+
+
+def with_overrides(cfg: PipelineConfig, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
+    """Return ``cfg`` with ``{section: {field: value}}`` applied; unknown names are an error."""
+    sections = section_types()
+    updated = {}
+    for section, values in overrides.items():
+        if section not in sections:
+            raise ValueError(f"unknown config section {section!r}; known: {', '.join(sorted(sections))}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
+        hints = field_types(sections[section])
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} in section {section!r}; known: {', '.join(hints)}"
+            )
+        coerced = {k: _coerce(section, k, hints[k], v) for k, v in values.items()}
+        updated[section] = dataclasses.replace(getattr(cfg, section), **coerced)
+    return dataclasses.replace(cfg, **updated)
+
+
+def load_config(path: str | Path | None = None) -> PipelineConfig:
+    """Defaults, overlaid with the YAML file at ``path`` when one is given."""
+    cfg = PipelineConfig()
+    if path is None:
+        return cfg
+    text = Path(path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return with_overrides(cfg, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of any config dataclass, for manifests, summaries and fingerprints."""
+    return dataclasses.asdict(cfg)
