@@ -71,6 +71,18 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class EmbedConfig:
+    """open_clip image and caption embeddings in clip-retrieval's (LAION's) layout."""
+
+    shards: str = option("", "folder of img2dataset shards", True)
+    out: str = option("", "output folder: img_emb/, text_emb/, metadata/", True)
+    model: str = option("tiny", "open_clip architecture name, or 'tiny' (offline, random, non-semantic)")
+    pretrained: str | None = option(None, "open_clip pretrained tag (fetched from the hub on clusters)")
+    checkpoint: str | None = option(None, "local open_clip checkpoint file instead of a pretrained tag")
+    batch_size: int = option(64, "images per model batch")
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The demo dataset: real photographs with planted duplicates, served over local HTTP."""
 
@@ -90,6 +102,7 @@ class PipelineConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
