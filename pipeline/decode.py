@@ -53,6 +53,11 @@ def _looks_like_html(data: bytes) -> bool:
     return head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body"))
 
 
+def _failure_reason(exc: Exception) -> str:
+    """Pillow reports cut-off files as OSError/EOFError mentioning truncation; all else is a decode error."""
+    return TRUNCATED_IMAGE if isinstance(exc, EOFError) or "truncat" in str(exc).lower() else DECODE_ERROR
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without clipping or losing transparency to black."""
     mode = image.mode
@@ -109,7 +114,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> Decoded:
         except UnidentifiedImageError:
             return reject(NOT_AN_IMAGE, f"unrecognised image data ({len(data)} bytes)")
         except Exception as exc:  # noqa: BLE001 - a broken header is a per-row rejection
-            return reject(DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+            return reject(_failure_reason(exc), f"{type(exc).__name__}: {exc}")
         fmt = image.format or ""
         width, height = image.size
         if width * height > max_pixels:
@@ -119,9 +124,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> Decoded:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             return reject(DECOMPRESSION_BOMB, str(exc), fmt, width, height)
         except Exception as exc:  # noqa: BLE001
-            text = f"{type(exc).__name__}: {exc}"
-            reason = TRUNCATED_IMAGE if "truncat" in text.lower() or isinstance(exc, EOFError) else DECODE_ERROR
-            return reject(reason, text, fmt, width, height)
+            return reject(_failure_reason(exc), f"{type(exc).__name__}: {exc}", fmt, width, height)
         try:
             image = ImageOps.exif_transpose(image) or image
         except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop a good image
