@@ -45,15 +45,26 @@ class DownloadConfig:
     url_col: str | None = option(None, "URL column (default: detected, e.g. url or URL)")
     caption_col: str | None = option(None, "caption column (default: detected, e.g. caption or TEXT)")
     image_size: int = option(512, "target image size for img2dataset's resizer")
-    resize_mode: str = option("keep_ratio", "img2dataset resize mode: no, border, keep_ratio, center_crop")
+    resize_mode: str = option(
+        "keep_ratio", "img2dataset resize mode: no, border, keep_ratio, keep_ratio_largest, center_crop"
+    )
     resize_only_if_bigger: bool = option(True, "never upscale small images")
     encode_format: str = option("jpg", "image format in the shards: jpg, png or webp")
+    encode_quality: int = option(95, "JPEG/WebP quality (PNG: compression level 0-9) of re-encoded images")
+    skip_reencode: bool = option(
+        False, "store the downloaded bytes as-is when no resize is needed and the format already matches"
+    )
+    extra_columns: str | None = option(
+        None, "comma-separated input columns kept in the shards (default: all other scalar ones; '': none)"
+    )
     number_sample_per_shard: int = option(10_000, "samples per output shard")
-    processes_count: int = option(1, "download processes (per node with the ray distributor)")
+    processes_count: int = option(1, "download processes (multiprocessing distributor only)")
     thread_count: int = option(16, "download threads per process")
     timeout: int = option(10, "seconds before a URL counts as timed out")
     retries: int = option(0, "retries per URL")
-    distributor: str = option("multiprocessing", "img2dataset distributor: multiprocessing or ray")
+    distributor: str = option(
+        "multiprocessing", "img2dataset distributor: multiprocessing, or ray (a task per shard; needs Ray)"
+    )
     incremental_mode: str = option("incremental", "incremental (resume), overwrite or extend")
 
 
@@ -79,7 +90,29 @@ class EmbedConfig:
     model: str = option("tiny", "open_clip architecture name, or 'tiny' (offline, random, non-semantic)")
     pretrained: str | None = option(None, "open_clip pretrained tag (fetched from the hub on clusters)")
     checkpoint: str | None = option(None, "local open_clip checkpoint file instead of a pretrained tag")
-    batch_size: int = option(64, "images per model batch")
+    batch_size: int = option(64, "images per model batch (batches are padded to this size)")
+    precision: str = option("auto", "model precision on GPU: auto (fp16), fp16, bf16 or fp32; CPU is always fp32")
+    num_actors: int | None = option(None, "model actors (default: one per GPU, else all CPUs but one)")
+    decode_batch_size: int = option(64, "images per decode/preprocess batch")
+    decode_num_cpus: float = option(
+        0.5, "CPUs per read+decode task; below 1 so Ray keeps decoding out of the model actors (overlap)"
+    )
+    max_image_pixels: int = option(
+        89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
+    )
+    sscd_checkpoint: str | None = option(None, "SSCD TorchScript file: also write sscd_emb/ copy-detection descriptors")
+    sscd_image_size: int = option(320, "side of the square SSCD input (SSCD's 'skew 320' resize)")
+    log_every_s: float = option(10.0, "seconds between progress log lines (images/s, ETA)")
+
+
+@dataclass(frozen=True)
+class CaptionDedupConfig:
+    """Near-duplicate captions: normalisation, exact hashing, MinHash LSH, Jaccard verification."""
+
+    input: str = option("", "parquet file or folder of parquet files with captions (LAION metadata works)", True)
+    out: str = option("", "output folder for caption_duplicates.parquet", True)
+    caption_col: str | None = option(None, "caption column (default: detected, e.g. caption or TEXT)")
+    key_col: str | None = option(None, "key column (default: key, else the row number)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +122,7 @@ class DemoConfig:
     out: str = option("demo-output", "folder for every demo artifact", True)
     seed: int = option(0, "seed of every random choice in the demo dataset")
     image_size: int = option(256, "side of the square demo images, in pixels")
+    verbatim_images: int = option(4, "images repeated byte-identically with an identical caption")
     verbatim_copies: int = option(12, "copies of each verbatim-duplicated image+caption pair")
     near_duplicate_bases: int = option(6, "photographs that get re-encoded/resized/cropped copies")
     template_images: int = option(8, "different images sharing one template caption")
@@ -103,6 +137,7 @@ class PipelineConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    caption_dedup: CaptionDedupConfig = field(default_factory=CaptionDedupConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
