@@ -1,0 +1,187 @@
+"""Similarity backends for σ_t: SSCD descriptors, open_clip image embeddings, Carlini's normalised L2.
+
+A backend turns images into the vectors a :class:`~pipeline.neighbours.NeighbourIndex` searches
+(``embed``) and scores a query against the neighbours the search returned (``score``). Both are
+differentiable in the images, which is how G_sim's gradient reaches x_t: x_t → x̂0 → (VAE decoder)
+→ ``embed`` → ``score``, with the neighbours held constant.
+
+Images are ``(B, 3, H, W)`` tensors in [−1, 1], what a VAE decoder or a pixel-space UNet's x̂0 gives.
+
+* :class:`SSCDBackend`: a TorchScript copy-detection model (SSCD, Pizzi et al. 2022), σ = dot product
+  of L2-normalised descriptors; memorized above 0.5 (Somepalli et al.; AMG paper §4).
+* :class:`OpenClipBackend`: open_clip ``encode_image``, σ = cosine. Its scale differs from SSCD's; set
+  the thresholds of :class:`~pipeline.amg.config.AMGConfig` for the model used.
+* :class:`NormalizedL2Backend`: pixels, σ = −nL2 with nL2 = ℓ2(x, n0)/(α·mean_{z∈S} ℓ2(x, z)), S the
+  k nearest training images (Carlini et al. 2023; AMG paper Eq. 8; k = 50, α = 0.5); memorized when
+  nL2 < 1.4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable bilinear resize to ``size``×``size`` (antialiased when shrinking); a no-op at that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    shrink = images.shape[-1] > size or images.shape[-2] > size
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+class SimilarityBackend(torch.nn.Module):
+    """Base class: ``embed`` images into index vectors, ``score`` queries against fixed neighbours.
+
+    Attributes:
+        name (`str`): label for traces and summaries.
+        metric (`str`): ``"ip"`` (inner product, higher is closer) or ``"l2"`` (distance), the FAISS
+            metric of an index over this backend's vectors.
+        dim (`int`): vector width.
+        neighbours_needed (`int`): how many nearest rows ``score`` needs (1, or k for nL2).
+    """
+
+    name: str = "backend"
+    metric: str = "ip"
+    dim: int = 0
+    neighbours_needed: int = 1
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` float vectors of ``(B, 3, H, W)`` images in [−1, 1]; differentiable."""
+        raise NotImplementedError
+
+    def score(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """σ of each query, ``(B,)``, against its neighbours ``(B, K, dim)`` (nearest first)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        return self.score(self.embed(images), neighbours)
+
+
+class _CosineBackend(SimilarityBackend):
+    """Shared part of SSCD and CLIP: resize, normalise, encode, L2-normalise; σ = q·n0."""
+
+    metric = "ip"
+
+    def __init__(self, encoder: torch.nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 dim: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        if dim is None:
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.mean.device)
+                dim = int(self._encode(probe).shape[-1])
+        self.dim = int(dim)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixels)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images.float() + 1) / 2  # [−1, 1] -> [0, 1]
+        pixels = resize_square(pixels, self.image_size)
+        pixels = (pixels - self.mean) / self.std
+        return F.normalize(self._encode(pixels).float(), dim=-1)
+
+    def score(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        return (queries * neighbours[:, 0].to(queries)).sum(-1)
+
+
+class SSCDBackend(_CosineBackend):
+    """SSCD copy-detection descriptors from a TorchScript file; σ = dot product of normalised descriptors.
+
+    Args:
+        model (`torch.nn.Module`): the descriptor network (e.g. ``torch.jit.load("sscd_disc_mixup.torchscript.pt")``).
+        image_size (`int`, *optional*, defaults to 320): side of the square input (SSCD's "skew 320" resize).
+        mean (`tuple`, *optional*, defaults to ImageNet's): input normalisation mean.
+        std (`tuple`, *optional*, defaults to ImageNet's): input normalisation std.
+    """
+
+    name = "sscd"
+
+    def __init__(self, model: torch.nn.Module, image_size: int = 320, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        super().__init__(model, image_size, mean, std)
+
+    @classmethod
+    def from_file(cls, path: str | Path, image_size: int = 320, device: torch.device | str = "cpu",
+                  **kwargs) -> SSCDBackend:
+        """Load a TorchScript descriptor file (SSCD's released ``*.torchscript.pt``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"SSCD TorchScript file {path} does not exist")
+        model = torch.jit.load(str(path), map_location=device).eval()
+        return cls(model, image_size=image_size, **kwargs).to(device)
+
+
+class OpenClipBackend(_CosineBackend):
+    """open_clip image embeddings; σ = cosine similarity.
+
+    Args:
+        model (`torch.nn.Module`): an open_clip model (its ``encode_image`` is used).
+        image_size (`int`): side of the square model input.
+        mean (`tuple`, *optional*, defaults to OpenAI CLIP's): input normalisation mean.
+        std (`tuple`, *optional*, defaults to OpenAI CLIP's): input normalisation std.
+    """
+
+    name = "clip"
+
+    def __init__(self, model: torch.nn.Module, image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                 std: Sequence[float] = OPENAI_CLIP_STD):
+        super().__init__(model, image_size, mean, std)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_image(pixels)
+
+    @classmethod
+    def from_loaded_clip(cls, loaded) -> OpenClipBackend:
+        """From :class:`pipeline.clip_models.LoadedClip` (the model the bundle's embeddings came from)."""
+        size = loaded.spec.preprocess["size"]
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return cls(loaded.model, int(size), loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"])
+
+
+class NormalizedL2Backend(SimilarityBackend):
+    r"""Carlini et al.'s normalised L2 in pixel space, as a similarity: σ = −nL2.
+
+    nL2(x) = ℓ2(x, n0) / (α · (1/k)·Σ_{z∈S} ℓ2(x, z)), with S the k nearest training images of x and
+    ℓ2 the root-mean-square pixel difference (the normalisation cancels in the ratio).
+
+    Args:
+        image_size (`int`, *optional*, defaults to 32): images are compared at this square size.
+        k (`int`, *optional*, defaults to 50): neighbour-set size (capped at the index size by the detector).
+        alpha (`float`, *optional*, defaults to 0.5): α.
+    """
+
+    name = "nl2"
+    metric = "l2"
+
+    def __init__(self, image_size: int = 32, k: int = 50, alpha: float = 0.5):
+        super().__init__()
+        self.image_size = int(image_size)
+        self.dim = 3 * self.image_size * self.image_size
+        self.neighbours_needed = int(k)
+        self.alpha = float(alpha)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images.float() + 1) / 2
+        return resize_square(pixels, self.image_size).reshape(images.shape[0], -1)
+
+    def distances(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """RMS pixel distance of each query to each of its neighbours, ``(B, K)``."""
+        diff = queries[:, None, :] - neighbours.to(queries)
+        return (diff.pow(2).mean(-1) + 1e-12).sqrt()
+
+    def score(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        d = self.distances(queries, neighbours)
+        return -d[:, 0] / (self.alpha * d.mean(-1))

@@ -1,0 +1,224 @@
+"""Configuration of Anti-Memorization Guidance: every constant of the method, in one frozen dataclass.
+
+AMG (Chen, Liu, Xu, CVPR 2024, arXiv 2404.00922) adds three terms to the noise prediction when the
+sample being generated looks like a training image. The paper gives the equations but not its
+constants; the authors' released code fixes them. :class:`AMGConfig` holds both readings:
+
+* ``mode="paper"``: one gate ``1{σ_t > λ_t}`` for all three terms (paper Eq. 10), constant c1, c2, c3
+  and a parabolic threshold λ_t (the paper names the shape but gives no formula; ours is in
+  :func:`pipeline.amg.terms.parabolic_threshold`).
+* ``mode="reference"``: the released code's behaviour: G_spe ungated (its scale is zero when σ ≤ 0),
+  G_dup gated on λ_t with a hold of ``dup_hold_steps`` steps after each trigger, σ measured again
+  after G_spe/G_dup and G_sim gated on that second score, c2 = (s0 − 1 − s1)/0.3 and
+  c3 = 100·(σ − 0.3)·e^((1000 − t)/170), and an exponential threshold
+  λ_t = a + b·e^(−rate·t).
+
+Build one with :meth:`AMGConfig.preset` (mode and backend pick the constants; keyword arguments
+override any of them). No constant of the method appears as a literal elsewhere in ``pipeline.amg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("paper", "reference")
+BACKENDS = ("sscd", "clip", "nl2")
+THRESHOLDS = ("parabolic", "exponential", "constant")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class AMGConfig:
+    r"""All settings of Anti-Memorization Guidance.
+
+    Notation follows the paper: σ_t is the similarity between the predicted clean sample x̂0 and its
+    nearest training neighbour n0 (higher = more similar; for the ``nl2`` backend σ = −nL2), λ_t the
+    threshold, s0 the classifier-free guidance scale, t the scheduler's (training) timestep.
+
+    Args:
+        mode (`str`, *optional*, defaults to `"reference"`):
+            ``"paper"`` (one shared gate) or ``"reference"`` (the authors' per-term gates).
+        backend (`str`, *optional*, defaults to `"sscd"`):
+            Similarity used for σ_t: ``"sscd"`` (dot product of normalised SSCD descriptors),
+            ``"clip"`` (cosine of open_clip image embeddings) or ``"nl2"`` (Carlini's normalised
+            L2 in pixel space, σ = −nL2). Only used to pick presets and to check the detector.
+        enabled (`bool`, *optional*, defaults to `True`):
+            False runs the AMG pipelines' loop with no detection and no guidance (plain sampling).
+        use_spe (`bool`, *optional*, defaults to `True`):
+            Apply despecification guidance G_spe (ablation switch).
+        use_dup (`bool`, *optional*, defaults to `True`):
+            Apply caption-deduplication guidance G_dup (ablation switch).
+        use_sim (`bool`, *optional*, defaults to `True`):
+            Apply dissimilarity guidance G_sim (ablation switch).
+        s0 (`float`, *optional*):
+            CFG scale the bounds of s1 and s2 refer to; None uses the pipeline's ``guidance_scale``
+            (7.5 in the authors' runs).
+        c1 (`float`, *optional*, defaults to 13.0):
+            s1 = clip(c1·σ_t, 0, s0 − 1) (paper Eq. 13).
+        c2 (`float`, *optional*, defaults to 13.0):
+            s2 = clip(c2·σ_t, 0, s0 − s1 − 1) (paper Eq. 15); ignored when ``c2_saturation`` is set.
+        c2_saturation (`float`, *optional*):
+            When set, c2 = (s0 − 1 − s1)/c2_saturation, so s2 reaches its bound at σ = c2_saturation
+            (reference: 0.3).
+        c3 (`float`, *optional*, defaults to 100.0):
+            G_sim = c3·√(1 − ᾱ_t)·∇σ_t (paper Eq. 17); with the two options below c3 becomes
+            c3·(σ − c3_sigma_offset)·e^((c3_time_origin − t)/c3_time_scale).
+        c3_sigma_offset (`float`, *optional*):
+            Reference: 0.3 (c3 grows with σ above 0.3). None drops the factor.
+        c3_time_scale (`float`, *optional*):
+            Reference: 170 (c3 grows as t → 0). None drops the factor.
+        c3_time_origin (`float`, *optional*, defaults to 1000.0):
+            t at which the time factor equals 1.
+        scale_sigma_offset (`float`, *optional*, defaults to 0.0):
+            s1, s2 use σ − offset instead of σ. 0 is the paper; a positive σ scale is needed for
+            G_spe/G_dup to act at all, so with ``nl2`` (σ = −nL2 < 0) they stay off unless this is set.
+        threshold (`str`, *optional*, defaults to `"exponential"`):
+            Shape of λ_t: ``"parabolic"``, ``"exponential"`` or ``"constant"``.
+        lambda_start (`float`, *optional*, defaults to 0.3):
+            Parabolic: λ at t = T (start of sampling). Constant: the value.
+        lambda_end (`float`, *optional*, defaults to 0.4):
+            Parabolic: λ at t = 0 (end of sampling).
+        lambda_a (`float`, *optional*, defaults to 0.3):
+            Exponential λ_t = a + b·e^(−rate·t): a.
+        lambda_b (`float`, *optional*, defaults to 0.1):
+            Exponential: b.
+        lambda_rate (`float`, *optional*, defaults to 0.005):
+            Exponential: rate, per timestep.
+        gate (`str`, *optional*, defaults to `"per_term"`):
+            ``"shared"``: the paper's single indicator for all terms; ``"per_term"``: the reference's.
+        recheck_sigma (`bool`, *optional*, defaults to `True`):
+            Per-term gating only: after G_spe/G_dup changed ε̂, measure σ again (new x̂0, new search)
+            and gate and scale G_sim on that second score, as the released code does.
+        dup_hold_steps (`int`, *optional*, defaults to 10):
+            After a G_dup trigger, keep applying G_dup for this many further steps (reference: 10).
+        dup_sticky_caption (`bool`, *optional*, defaults to `True`):
+            Keep the first duplicated caption y_N found for the rest of the trajectory (reference).
+        dup_min_count (`int`, *optional*, defaults to 2):
+            y_N is used only when n0's caption occurs at least this often in the training set.
+        nl2_k (`int`, *optional*, defaults to 50):
+            Carlini's nL2: size of the neighbour set the distance is normalised by (capped at the
+            index size).
+        nl2_alpha (`float`, *optional*, defaults to 0.5):
+            Carlini's nL2: α in nL2 = ℓ2(x, n0)/(α·mean ℓ2(x, S)).
+        memorized_threshold (`float`, *optional*, defaults to 0.5):
+            σ above which a final image counts as memorized (SSCD 0.5; nl2: −1.4, i.e. nL2 < 1.4).
+    """
+
+    mode: str = _opt("reference", "paper (one gate) or reference (the authors' released behaviour)")
+    backend: str = _opt("sscd", "similarity for σ_t: sscd, clip or nl2")
+    enabled: bool = _opt(True, "False: plain sampling through the AMG loop")
+    use_spe: bool = _opt(True, "apply G_spe (despecification)")
+    use_dup: bool = _opt(True, "apply G_dup (caption deduplication)")
+    use_sim: bool = _opt(True, "apply G_sim (dissimilarity)")
+    s0: float | None = _opt(None, "CFG scale for the s1/s2 bounds (None: the pipeline's guidance_scale)")
+    c1: float = _opt(13.0, "s1 = clip(c1·σ, 0, s0−1)")
+    c2: float = _opt(13.0, "s2 = clip(c2·σ, 0, s0−s1−1)")
+    c2_saturation: float | None = _opt(None, "if set, c2 = (s0−1−s1)/c2_saturation")
+    c3: float = _opt(100.0, "G_sim = c3·√(1−ᾱ_t)·∇σ")
+    c3_sigma_offset: float | None = _opt(None, "if set, c3 ← c3·(σ − offset)")
+    c3_time_scale: float | None = _opt(None, "if set, c3 ← c3·exp((origin − t)/scale)")
+    c3_time_origin: float = _opt(1000.0, "t where the c3 time factor is 1")
+    scale_sigma_offset: float = _opt(0.0, "s1, s2 use σ − offset")
+    threshold: str = _opt("exponential", "λ_t shape: parabolic, exponential or constant")
+    lambda_start: float = _opt(0.3, "parabolic: λ at t=T; constant: λ")
+    lambda_end: float = _opt(0.4, "parabolic: λ at t=0")
+    lambda_a: float = _opt(0.3, "exponential λ = a + b·exp(−rate·t): a")
+    lambda_b: float = _opt(0.1, "exponential: b")
+    lambda_rate: float = _opt(0.005, "exponential: rate per timestep")
+    gate: str = _opt("per_term", "shared (paper) or per_term (reference)")
+    recheck_sigma: bool = _opt(True, "per_term: re-measure σ after G_spe/G_dup before G_sim")
+    dup_hold_steps: int = _opt(10, "steps G_dup stays on after a trigger")
+    dup_sticky_caption: bool = _opt(True, "keep the first y_N for the whole trajectory")
+    dup_min_count: int = _opt(2, "minimum duplicate count of n0's caption for G_dup")
+    nl2_k: int = _opt(50, "nL2 neighbour-set size k")
+    nl2_alpha: float = _opt(0.5, "nL2 α")
+    memorized_threshold: float = _opt(0.5, "σ above which an image counts as memorized")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"AMGConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"AMGConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"AMGConfig.threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
+        if self.gate not in ("shared", "per_term"):
+            raise ValueError(f"AMGConfig.gate must be 'shared' or 'per_term', got {self.gate!r}")
+        if self.s0 is not None and self.s0 < 1:
+            raise ValueError(f"AMGConfig.s0 must be at least 1, got {self.s0}")
+        if self.c2_saturation is not None and self.c2_saturation <= 0:
+            raise ValueError("AMGConfig.c2_saturation must be positive")
+        if self.c3_time_scale is not None and self.c3_time_scale <= 0:
+            raise ValueError("AMGConfig.c3_time_scale must be positive")
+        if self.dup_hold_steps < 0 or self.dup_min_count < 1 or self.nl2_k < 1 or self.nl2_alpha <= 0:
+            raise ValueError("AMGConfig: dup_hold_steps >= 0, dup_min_count >= 1, nl2_k >= 1, nl2_alpha > 0")
+
+    @classmethod
+    def preset(cls, mode: str = "reference", backend: str = "sscd", **overrides: Any) -> AMGConfig:
+        """The constants of ``mode`` for ``backend``, with ``overrides`` applied on top.
+
+        Args:
+            mode (`str`, *optional*, defaults to `"reference"`): ``"paper"`` or ``"reference"``.
+            backend (`str`, *optional*, defaults to `"sscd"`): ``"sscd"``, ``"clip"`` or ``"nl2"``.
+            overrides: any field of :class:`AMGConfig`.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        values = dict(PRESETS[(mode, "nl2" if backend == "nl2" else "cosine")])
+        values.update(mode=mode, backend=backend)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown AMGConfig field(s): {', '.join(sorted(unknown))}")
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> AMGConfig:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict view, for summaries and manifests."""
+        return dataclasses.asdict(self)
+
+
+# Carlini's nL2 threshold schedule in the released iDDPM code is written over a 250-step respacing
+# of 4000 diffusion steps (1.95 − 0.45·e^(−0.025·i), i = 0…249). With a 1000-step scheduler,
+# i = t·250/1000, so the rate per timestep is 0.025/4. On the σ = −nL2 scale that is
+# λ_t = −1.95 + 0.45·e^(−0.00625·t).
+_NL2_RATE = 0.025 * 250 / 1000
+
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    # Cosine-scale backends (SSCD; CLIP uses the same constants and must be calibrated for its scale).
+    ("reference", "cosine"): dict(
+        gate="per_term", recheck_sigma=True, c1=13.0, c2_saturation=0.3, c3=100.0, c3_sigma_offset=0.3,
+        c3_time_scale=170.0, c3_time_origin=1000.0, threshold="exponential", lambda_a=0.3, lambda_b=0.1,
+        lambda_rate=0.005, dup_hold_steps=10, dup_sticky_caption=True, memorized_threshold=0.5,
+    ),
+    # Paper mode: the same endpoints as the reference curve (0.30 at t = T, 0.40 at t = 0) joined by a
+    # parabola with its vertex at t = T; c1 as in the code; c2 = c1; a constant c3 (see BENCHMARKS.md).
+    ("paper", "cosine"): dict(
+        gate="shared", recheck_sigma=False, c1=13.0, c2=13.0, c2_saturation=None, c3=300.0,
+        c3_sigma_offset=None, c3_time_scale=None, threshold="parabolic", lambda_start=0.3, lambda_end=0.4,
+        dup_hold_steps=0, dup_sticky_caption=False, memorized_threshold=0.5,
+    ),
+    # Unconditional / pixel-level (iDDPM code): G_sim only in practice (σ = −nL2 < 0 zeroes s1, s2),
+    # constant c3 (the code's classifier_scale 1000), threshold −1.95 + 0.45·e^(−rate·t).
+    ("reference", "nl2"): dict(
+        gate="per_term", recheck_sigma=True, c1=13.0, c2_saturation=0.3, c3=1000.0, c3_sigma_offset=None,
+        c3_time_scale=None, threshold="exponential", lambda_a=-1.95, lambda_b=0.45, lambda_rate=_NL2_RATE,
+        dup_hold_steps=10, dup_sticky_caption=True, memorized_threshold=-1.4,
+    ),
+    # Paper mode, nL2: a parabola through the reference curve's endpoints (−1.95 at t = T, −1.5 at t = 0).
+    ("paper", "nl2"): dict(
+        gate="shared", recheck_sigma=False, c1=13.0, c2=13.0, c2_saturation=None, c3=1000.0,
+        c3_sigma_offset=None, c3_time_scale=None, threshold="parabolic", lambda_start=-1.95, lambda_end=-1.5,
+        dup_hold_steps=0, dup_sticky_caption=False, memorized_threshold=-1.4,
+    ),
+}
+

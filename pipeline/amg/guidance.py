@@ -1,0 +1,347 @@
+"""One AMG step: detect, gate, scale, and add G_spe, G_dup and G_sim to the noise prediction.
+
+:class:`AntiMemorizationGuidance` is what the AMG pipelines take as ``amg=``. The pipelines own the
+models (UNet, VAE, text encoder) and the scheduler; at each denoising step they hand this object the
+noisy sample, the noise predictions and two callables (how to turn x̂0 into pixels, and how to get
+ε(x_t, y_N) for a caption), and get back the guided ε̂. Everything the step decided is recorded in
+an :class:`AMGTrace` (σ_t, λ_t, which terms fired, s1, s2, c3, n0, y_N), returned with the images.
+
+Modes (see :class:`~pipeline.amg.config.AMGConfig`):
+
+* ``gate="shared"`` (paper Eq. 10): σ_t from ε̂; if σ_t > λ_t, ε̂ ← ε̂ + G_spe + G_dup + G_sim, all
+  evaluated at the same x_t, σ_t and n0.
+* ``gate="per_term"`` (released code): s1 from σ_t with no threshold (zero when σ ≤ 0); G_dup when
+  n0 has a duplicated caption and σ_t > λ_t, or within ``dup_hold_steps`` after such a trigger;
+  then σ is measured again on the new x̂0 and G_sim is applied when that second σ exceeds λ_t.
+
+The unconditional and class-conditional case applies G_sim alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.amg import terms
+from pipeline.amg.config import AMGConfig
+from pipeline.amg.detector import Detection, MemorizationDetector
+
+ToPixels = Callable[[torch.Tensor], torch.Tensor]
+#: (batch positions, captions) -> ε(x_t[rows], caption) for the current step.
+CaptionEps = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+
+@dataclass
+class AMGStep:
+    """Per-step diagnostics, one list entry per sample.
+
+    Attributes:
+        step (`int`): index in the sampling loop.
+        timestep (`int`): scheduler timestep t.
+        threshold (`float`): λ_t.
+        sigma (`list[float]`): σ_t of x̂0 from the unguided ε̂.
+        neighbour (`list[int]`): index row of n0.
+        fired (`list[bool]`): σ_t > λ_t.
+        spe, dup, sim (`list[bool]`): whether G_spe, G_dup, G_sim were applied.
+        s1, s2, c3 (`list[float]`): the scales used (0 when a term was not applied).
+        sigma_recheck (`list[float | None]`): per-term gating: σ measured after G_spe/G_dup.
+        dup_caption (`list[str | None]`): y_N used by G_dup.
+    """
+
+    step: int
+    timestep: int
+    threshold: float
+    sigma: list[float]
+    neighbour: list[int]
+    fired: list[bool]
+    spe: list[bool]
+    dup: list[bool]
+    sim: list[bool]
+    s1: list[float]
+    s2: list[float]
+    c3: list[float]
+    sigma_recheck: list[float | None]
+    dup_caption: list[str | None]
+
+
+@dataclass
+class AMGTrace:
+    """Everything AMG did during one pipeline call, for audits and tests.
+
+    Attributes:
+        config (`dict`): the :class:`AMGConfig` used.
+        steps (`list[AMGStep]`): one record per denoising step (empty when AMG was disabled).
+        final_sigma (`list[float]`): σ of each output image against its nearest training row.
+        final_neighbour (`list[int]`): that row.
+        final_memorized (`list[bool]`): σ above ``config.memorized_threshold``.
+        detections (`int`): similarity evaluations made (embed + search), all steps together.
+        gradients (`int`): σ gradients computed (backward passes through decoder and embedder).
+        caption_passes (`int`): UNet passes run for y_N outside the CFG batch.
+    """
+
+    config: dict[str, Any]
+    steps: list[AMGStep] = field(default_factory=list)
+    final_sigma: list[float] = field(default_factory=list)
+    final_neighbour: list[int] = field(default_factory=list)
+    final_memorized: list[bool] = field(default_factory=list)
+    detections: int = 0
+    gradients: int = 0
+    caption_passes: int = 0
+
+    def any_fired(self) -> list[bool]:
+        """Per sample: did any term apply at any step."""
+        n = len(self.final_sigma) or (len(self.steps[0].sigma) if self.steps else 0)
+        return [any(s.spe[i] or s.dup[i] or s.sim[i] for s in self.steps) for i in range(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass
+class AMGState:
+    """Per-call state: trace, G_dup hold counters and sticky captions, caption UNet requests."""
+
+    batch_size: int
+    num_train_timesteps: int
+    trace: AMGTrace
+    hold: list[int]
+    caption: list[str | None]
+    planned: list[str | None]
+
+
+def _list(x: torch.Tensor) -> list:
+    return x.detach().cpu().tolist()
+
+
+class AntiMemorizationGuidance:
+    """Anti-Memorization Guidance for diffusers pipelines.
+
+    Args:
+        detector (`MemorizationDetector`): backend + neighbour index + threshold schedule.
+        config (`AMGConfig`, *optional*): defaults to the detector's.
+
+    Example:
+
+    ```py
+    >>> from pipeline.amg import AMGConfig, AntiMemorizationGuidance, MemorizationDetector, SSCDBackend
+    >>> backend = SSCDBackend.from_file("sscd_disc_mixup.torchscript.pt")
+    >>> config = AMGConfig.preset("reference", "sscd")
+    >>> amg = AntiMemorizationGuidance(MemorizationDetector(backend, bundle_index, config))
+    >>> out = pipe("Ann Graham Lotz", amg=amg)  # an AMGStableDiffusionPipeline
+    >>> out.amg_trace.final_memorized
+    ```
+    """
+
+    def __init__(self, detector: MemorizationDetector, config: AMGConfig | None = None):
+        self.detector = detector
+        self.config = config if config is not None else detector.config
+
+    # ------------------------------------------------------------------ per call
+    def begin(self, batch_size: int, num_train_timesteps: int) -> AMGState:
+        """Fresh state for a pipeline call over ``batch_size`` samples."""
+        return AMGState(
+            batch_size=batch_size,
+            num_train_timesteps=num_train_timesteps,
+            trace=AMGTrace(config=self.config.to_dict()),
+            hold=[0] * batch_size,
+            caption=[None] * batch_size,
+            planned=[None] * batch_size,
+        )
+
+    def planned_captions(self, state: AMGState) -> list[str | None]:
+        """Per sample, the y_N whose ε the pipeline should add to this step's CFG batch (or None).
+
+        Per-term gating: samples inside a G_dup hold (G_dup will apply whatever σ is). Shared gate:
+        samples for which G_dup applied at the previous step (a guess; a wrong guess costs nothing
+        but the extra batch rows, a missing one costs a separate UNet pass).
+        """
+        if not (self.config.enabled and self.config.use_dup):
+            return [None] * state.batch_size
+        return list(state.planned)
+
+    @torch.no_grad()
+    def finish(self, state: AMGState, images: torch.Tensor | None) -> AMGTrace:
+        """Score the output images (``(B, 3, H, W)`` in [−1, 1]) and close the trace."""
+        if images is not None and self.config.enabled:
+            det = self.detector.detect(images)
+            state.trace.detections += 1
+            state.trace.final_sigma = _list(det.sigma)
+            state.trace.final_neighbour = _list(det.row_ids)
+            state.trace.final_memorized = _list(self.detector.memorized(det.sigma))
+        return state.trace
+
+    # ------------------------------------------------------------------ helpers
+    def _detect(self, state: AMGState, x_t, eps, alpha_bar, to_pixels: ToPixels) -> Detection:
+        state.trace.detections += 1
+        return self.detector.detect(to_pixels(terms.predict_x0(x_t, eps, alpha_bar)))
+
+    def sigma_and_gradient(
+        self, x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, to_pixels: ToPixels,
+        detection: Detection,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """σ and ∇_{x_t}σ through x̂0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ (ε̂ held fixed), ``to_pixels`` and the backend.
+
+        n0 (``detection``'s neighbours) is held constant; the UNet is not differentiated.
+        """
+        with torch.enable_grad():
+            x = x_t.detach().clone().requires_grad_(True)
+            x0 = terms.predict_x0(x, eps.detach(), alpha_bar)
+            sigma = self.detector.similarity(to_pixels(x0), detection)
+            (grad,) = torch.autograd.grad(sigma.sum(), x)
+        return sigma.detach(), grad.detach()
+
+    def _g_sim(self, state, x_t, eps, alpha_bar, to_pixels, detection, gate, sigma, t):
+        """G_sim for the samples where ``gate`` is open (zero elsewhere), and c3 per sample."""
+        g_sim = torch.zeros_like(eps)
+        c3 = torch.zeros_like(sigma)
+        rows = gate.nonzero().flatten()
+        if len(rows) == 0:
+            return g_sim, c3
+        _, grad = self.sigma_and_gradient(
+            x_t[rows], eps[rows], alpha_bar, to_pixels, detection.select(rows.cpu())
+        )
+        state.trace.gradients += 1
+        c3_rows = terms.dissimilarity_scale(sigma[rows], t, self.config)
+        c3[rows] = c3_rows
+        g_sim[rows] = terms.dissimilarity_guidance(grad.to(eps.dtype), alpha_bar, c3_rows.to(eps.dtype))
+        return g_sim, c3
+
+    # ------------------------------------------------------------------ text-conditional step
+    @torch.no_grad()
+    def guide(
+        self,
+        state: AMGState,
+        *,
+        step: int,
+        t: torch.Tensor | int,
+        x_t: torch.Tensor,
+        alpha_bar: torch.Tensor,
+        eps: torch.Tensor,
+        to_pixels: ToPixels,
+        eps_uncond: torch.Tensor | None = None,
+        eps_cond: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        caption_eps: CaptionEps | None = None,
+        cached_caption_eps: dict[int, tuple[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The guided noise prediction for one denoising step.
+
+        Args:
+            state (`AMGState`): from :meth:`begin`.
+            step (`int`): loop index.
+            t (`int` or `torch.Tensor`): scheduler timestep.
+            x_t (`torch.Tensor`): current sample (latents for latent models), ``(B, C, H, W)``.
+            alpha_bar (`torch.Tensor`): ᾱ_t.
+            eps (`torch.Tensor`): the pipeline's ε̂ (after CFG for text-conditional models).
+            to_pixels (`Callable`): x̂0 -> images in [−1, 1] (the VAE decoder, or the identity).
+            eps_uncond (`torch.Tensor`, *optional*): ε(x_t), needed for G_spe and G_dup.
+            eps_cond (`torch.Tensor`, *optional*): ε(x_t, y), needed for G_spe.
+            guidance_scale (`float`, *optional*, defaults to 1.0): the CFG scale used for ``eps``; G_spe
+                and G_dup need CFG (scale > 1) and are skipped without it.
+            caption_eps (`Callable`, *optional*): ε(x_t[rows], y_N) on demand, for G_dup.
+            cached_caption_eps (`dict`, *optional*): row -> (caption, ε) computed in the CFG batch.
+        """
+        cfg = self.config
+        if not cfg.enabled:
+            return eps
+        t_int = int(t)
+        T = state.num_train_timesteps
+        lam = self.detector.threshold(t_int, T)
+        det = self._detect(state, x_t, eps, alpha_bar, to_pixels)
+        sigma = det.sigma.to(x_t.device)
+        B = sigma.shape[0]
+        zeros = torch.zeros_like(sigma)
+        fired = sigma > lam
+        text = eps_uncond is not None and eps_cond is not None and guidance_scale > 1
+        s0 = float(cfg.s0 if cfg.s0 is not None else guidance_scale)
+        sigma_s = sigma - cfg.scale_sigma_offset
+        shared = cfg.gate == "shared"
+
+        # G_spe
+        spe_on = torch.full_like(fired, bool(text and cfg.use_spe))
+        if shared:
+            spe_on &= fired
+        s1 = torch.where(spe_on, terms.despecification_scale(sigma_s, cfg.c1, s0), zeros) if text else zeros
+
+        # y_N and G_dup
+        found = [c.caption for c in det.captions]
+        if cfg.dup_sticky_caption and not shared:
+            for i in range(B):
+                if state.caption[i] is None:
+                    state.caption[i] = found[i]
+            y_n = list(state.caption)
+        else:
+            y_n = found
+        has_yn = torch.tensor([c is not None for c in y_n], device=sigma.device)
+        dup_on = has_yn & bool(text and cfg.use_dup)
+        if shared:
+            dup_on &= fired
+        else:
+            trigger = dup_on & fired
+            held = dup_on & torch.tensor([h > 0 for h in state.hold], device=sigma.device)
+            dup_on = trigger | held
+            state.hold = [cfg.dup_hold_steps if trig else max(h - 1, 0)
+                          for trig, h in zip(trigger.tolist(), state.hold)]
+        if cfg.c2_saturation is not None:
+            c2 = terms.reference_c2(s0, s1, cfg.c2_saturation)
+        else:
+            c2 = cfg.c2
+        s2 = torch.where(dup_on, terms.caption_dedup_scale(sigma_s, c2, s0, s1), zeros) if text else zeros
+        dup_on = dup_on & (s2 > 0)
+
+        guided = eps
+        if text and bool((s1 > 0).any()):
+            guided = guided + terms.despecification_guidance(eps_cond, eps_uncond, s1.to(eps.dtype))
+        if bool(dup_on.any()):
+            rows = dup_on.nonzero().flatten()
+            eps_caption = torch.zeros_like(eps)
+            cached = cached_caption_eps or {}
+            missing = [int(r) for r in rows.tolist() if r not in cached or cached[r][0] != y_n[r]]
+            for r in rows.tolist():
+                if r in cached and cached[r][0] == y_n[r]:
+                    eps_caption[r] = cached[r][1]
+            if missing:
+                if caption_eps is None:
+                    raise ValueError("G_dup needs caption_eps to evaluate the UNet on y_N")
+                idx = torch.tensor(missing, device=eps.device)
+                eps_caption[idx] = caption_eps(idx, [y_n[r] for r in missing]).to(eps.dtype)
+                state.trace.caption_passes += 1
+            g_dup = terms.caption_dedup_guidance(eps_caption, eps_uncond, s2.to(eps.dtype))
+            guided = guided + torch.where(dup_on.view(-1, *([1] * (eps.ndim - 1))), g_dup, torch.zeros_like(g_dup))
+        # What to batch with the next step's CFG pass.
+        if shared:
+            state.planned = [y_n[i] if bool(dup_on[i]) else None for i in range(B)]
+        else:
+            state.planned = [y_n[i] if (state.hold[i] > 0 and y_n[i] is not None) else None for i in range(B)]
+
+        # G_sim
+        recheck: list[float | None] = [None] * B
+        if shared:
+            sim_det, sim_sigma, sim_eps = det, sigma, eps
+            sim_on = fired & cfg.use_sim
+        else:
+            changed = (s1 > 0) | dup_on
+            sim_det, sim_sigma, sim_eps = det, sigma, guided
+            if cfg.recheck_sigma and bool(changed.any()):
+                det2 = self._detect(state, x_t, guided, alpha_bar, to_pixels)
+                sim_det = det2
+                sim_sigma = det2.sigma.to(sigma.device)
+                recheck = [float(v) if c else None for v, c in zip(_list(sim_sigma), changed.tolist())]
+            sim_on = (sim_sigma > lam) & cfg.use_sim
+        g_sim, c3 = self._g_sim(state, x_t, sim_eps, alpha_bar, to_pixels, sim_det, sim_on, sim_sigma, t_int)
+        if bool(sim_on.any()):
+            guided = guided + g_sim
+
+        state.trace.steps.append(AMGStep(
+            step=step, timestep=t_int, threshold=float(lam), sigma=_list(sigma), neighbour=_list(det.row_ids),
+            fired=_list(fired), spe=_list(s1 > 0), dup=_list(dup_on), sim=_list(sim_on), s1=_list(s1),
+            s2=_list(torch.where(dup_on, s2, zeros)), c3=_list(c3), sigma_recheck=recheck,
+            dup_caption=[y_n[i] if bool(dup_on[i]) else None for i in range(B)],
+        ))
+        return guided

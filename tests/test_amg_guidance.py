@@ -1,0 +1,179 @@
+"""The AMG step composed from its terms: gates, scales, G_dup hold, σ re-check, on scripted detections."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.amg.config import AMGConfig
+from pipeline.amg.detector import Detection
+from pipeline.amg.guidance import AntiMemorizationGuidance
+from pipeline.neighbours import DuplicateCaption
+
+B, SHAPE = 3, (3, 2, 4, 4)
+ALPHA_BAR = torch.tensor(0.64, dtype=torch.float64)
+LAMBDA = 0.3
+S0 = 7.5
+
+
+class ScriptedDetector:
+    """Returns the σ values it is given, in order; σ(images) = Σ images·w for gradients (∇ = w)."""
+
+    def __init__(self, sigmas: list[list[float]], captions: list[str | None], config: AMGConfig):
+        self.sigmas = list(sigmas)
+        self.captions = [DuplicateCaption(c, 5 if c else 1) for c in captions]
+        self.config = config
+        self.w = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        self.calls = 0
+
+    def threshold(self, t, T):
+        return LAMBDA
+
+    def detect(self, images):
+        self.calls += 1
+        sigma = torch.tensor(self.sigmas.pop(0), dtype=torch.float64)
+        return Detection(sigma, torch.arange(B), self.w.flatten(1)[:, None, :], list(self.captions))
+
+    def similarity(self, images, detection):
+        return (images.flatten(1) * detection.neighbours[:, 0]).sum(-1)
+
+    def memorized(self, sigma):
+        return sigma > 0.5
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x_t, eps_u, eps_c, eps_n = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(4))
+    eps = eps_u + S0 * (eps_c - eps_u)
+    return x_t, eps_u, eps_c, eps_n, eps
+
+
+def _step(amg, state, det, step, seed):
+    x_t, eps_u, eps_c, eps_n, eps = _inputs(seed)
+    calls = []
+
+    def caption_eps(rows, captions):
+        calls.append((rows.tolist(), captions))
+        return eps_n[rows]
+
+    out = amg.guide(state, step=step, t=500, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z,
+                    eps_uncond=eps_u, eps_cond=eps_c, guidance_scale=S0, caption_eps=caption_eps)
+    return out, (x_t, eps_u, eps_c, eps_n, eps), calls
+
+
+def test_shared_gate_applies_all_three_terms_above_lambda_only():
+    cfg = AMGConfig.preset("paper", "sscd", c1=13.0, c2=13.0, c3=2.0, threshold="constant", lambda_start=LAMBDA)
+    det = ScriptedDetector([[0.2, 0.45, 0.8]], ["dup caption", "dup caption", None], cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    out, (x_t, eps_u, eps_c, eps_n, eps), calls = _step(amg, state, det, 0, seed=1)
+
+    grad = det.w / math.sqrt(0.64)  # ∂σ/∂x_t through x̂0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ
+    expected = eps.clone()
+    for i, sigma in enumerate([0.2, 0.45, 0.8]):
+        if sigma <= LAMBDA:
+            continue
+        s1 = max(min(13 * sigma, S0 - 1), 0)
+        s2 = max(min(13 * sigma, S0 - s1 - 1), 0) if i < 2 else 0.0
+        expected[i] += -s1 * (eps_c[i] - eps_u[i]) - s2 * (eps_n[i] - eps_u[i])
+        expected[i] += 2.0 * math.sqrt(1 - 0.64) * grad[i]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    rec = state.trace.steps[0]
+    assert rec.fired == [False, True, True] and rec.spe == [False, True, True] and rec.sim == [False, True, True]
+    assert rec.dup == [False, True, False]  # sample 2: s1 = s0 − 1 leaves no budget for s2
+    assert rec.s1 == pytest.approx([0.0, 5.85, 6.5]) and rec.s2 == pytest.approx([0.0, 0.65, 0.0])
+    assert calls == [([1], ["dup caption"])] and det.calls == 1  # one detection: no re-check in paper mode
+    assert state.planned == [None, "dup caption", None]  # batched with the next CFG pass
+
+
+def test_nothing_detected_returns_the_input_tensor_itself():
+    cfg = AMGConfig.preset("paper", "sscd", threshold="constant", lambda_start=LAMBDA)
+    det = ScriptedDetector([[0.1, 0.2, 0.29]], ["a", "b", "c"], cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    x_t, eps_u, eps_c, _, eps = _inputs(0)
+    out = amg.guide(state, step=0, t=10, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z,
+                    eps_uncond=eps_u, eps_cond=eps_c, guidance_scale=S0)
+    assert out is eps and state.trace.gradients == 0 and state.trace.detections == 1
+
+
+def test_disabled_config_does_nothing():
+    cfg = AMGConfig.preset("reference", "sscd", enabled=False)
+    det = ScriptedDetector([], [None] * B, cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    x_t, eps_u, eps_c, _, eps = _inputs(0)
+    assert amg.guide(state, step=0, t=10, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z,
+                     eps_uncond=eps_u, eps_cond=eps_c, guidance_scale=S0) is eps
+    assert det.calls == 0 and state.trace.steps == []
+
+
+def test_reference_gates_hold_and_recheck():
+    cfg = AMGConfig.preset("reference", "sscd", threshold="constant", lambda_start=LAMBDA, dup_hold_steps=2)
+    # Per step: σ1 for the 3 samples, then σ2 (re-check after G_spe/G_dup).
+    script = [
+        [0.2, 0.35, -0.1], [0.25, 0.32, -0.1],  # step 0: sample 1 triggers G_dup; σ2 of sample 1 > λ -> G_sim
+        [0.1, 0.1, -0.1], [0.1, 0.29, -0.1],    # step 1: no trigger, sample 1 held; σ2 below λ
+        [0.1, 0.1, -0.1], [0.1, 0.1, -0.1],     # step 2: still held (2 steps after the trigger)
+        [0.1, 0.1, -0.1], [0.1, 0.1, -0.1],     # step 3: hold over
+    ]
+    det = ScriptedDetector(script, ["cap0", "cap1", None], cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    grad = det.w / math.sqrt(0.64)
+    for step in range(4):
+        sig1, sig2 = script[2 * step], script[2 * step + 1]
+        out, (x_t, eps_u, eps_c, eps_n, eps), calls = _step(amg, state, det, step, seed=10 + step)
+        expected = eps.clone()
+        for i in range(B):
+            s1 = max(min(13 * sig1[i], 6.5), 0)  # G_spe: no threshold, zero for σ <= 0
+            held = i == 1 and step in (1, 2)
+            dup = i == 1 and (sig1[i] > LAMBDA or held)
+            s2 = max(min((6.5 - s1) / 0.3 * sig1[i], 6.5 - s1), 0) if dup else 0.0
+            expected[i] += -s1 * (eps_c[i] - eps_u[i]) - s2 * (eps_n[i] - eps_u[i])
+            if sig2[i] > LAMBDA:
+                c3 = 100 * (sig2[i] - 0.3) * math.exp((1000 - 500) / 170)
+                expected[i] += c3 * math.sqrt(1 - 0.64) * grad[i]
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-9)
+        rec = state.trace.steps[-1]
+        assert rec.dup == [False, step < 3, False], step
+        assert rec.sim == [False, step == 0, False]
+        assert rec.spe == [True, True, False]
+        assert rec.sigma_recheck[2] is None and rec.sigma_recheck[0] == pytest.approx(sig2[0])
+    assert det.calls == 8  # two detections per step: σ1, then σ2 after G_spe changed ε̂
+    assert state.trace.steps[0].dup_caption == [None, "cap1", None]
+
+
+def test_reference_caption_is_sticky():
+    cfg = AMGConfig.preset("reference", "sscd", threshold="constant", lambda_start=LAMBDA, use_spe=False)
+    det = ScriptedDetector([[0.4, 0.0, 0.0], [0.1, 0.0, 0.0], [0.4, 0.0, 0.0], [0.1, 0.0, 0.0]],
+                           ["first", None, None], cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    _step(amg, state, det, 0, seed=1)
+    det.captions = [DuplicateCaption("second", 9)] * B  # n0 changes; the reference keeps the first y_N
+    _step(amg, state, det, 1, seed=2)
+    assert state.trace.steps[0].dup_caption[0] == "first" and state.trace.steps[1].dup_caption[0] == "first"
+
+
+def test_unconditional_uses_g_sim_only():
+    cfg = AMGConfig.preset("reference", "nl2", threshold="constant", lambda_start=-1.6, c3=7.0)
+    det = ScriptedDetector([[-1.0, -1.9, -0.5]], [None] * B, cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    cfg_threshold = -1.6
+    det.threshold = lambda t, T: cfg_threshold
+    x_t, _, _, _, eps = _inputs(3)
+    out = amg.guide(state, step=0, t=100, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z)
+    grad = det.w / math.sqrt(0.64)
+    expected = eps.clone()
+    for i, sigma in enumerate([-1.0, -1.9, -0.5]):
+        if sigma > cfg_threshold:
+            expected[i] += 7.0 * math.sqrt(1 - 0.64) * grad[i]
+    torch.testing.assert_close(out, expected)
+    rec = state.trace.steps[0]
+    assert rec.spe == [False] * 3 and rec.dup == [False] * 3 and rec.sim == [True, False, True]
+    assert np.allclose(rec.c3, [7.0, 0.0, 7.0])
