@@ -55,7 +55,7 @@ class DownloadConfig:
         False, "store the downloaded bytes as-is when no resize is needed and the format already matches"
     )
     extra_columns: str | None = option(
-        None, "comma-separated input columns kept in the shards (default: all other scalar ones; '': none)"
+        None, "comma-separated input columns kept in the shards (default: all JSON-storable ones; '': none)"
     )
     number_sample_per_shard: int = option(10_000, "samples per output shard")
     processes_count: int = option(1, "download processes (multiprocessing distributor only)")

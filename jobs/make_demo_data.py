@@ -1,0 +1,22 @@
+"""Write the demo dataset: real photographs with planted duplicates, a URL list and its ground truth.
+
+    python jobs/make_demo_data.py --out demo-output
+
+Writes DIR/images/ (files to serve over HTTP), DIR/urls_relative.parquet (url relative to images/,
+caption, demo_kind, demo_group) and DIR/truth.parquet (every row's planted relationship). The same
+options give byte-identical files. pipeline.demo_data.download_demo then serves and downloads them.
+"""
+
+from _bootstrap import run_job
+
+from pipeline.cli import build_parser, parse_config
+from pipeline.demo_data import make_demo_data
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(build_parser(__doc__, main="demo", extra=()), argv)
+    return make_demo_data(cfg.demo)
+
+
+if __name__ == "__main__":
+    run_job(main)
