@@ -91,7 +91,7 @@ class EmbedConfig:
     pretrained: str | None = option(None, "open_clip pretrained tag (fetched from the hub on clusters)")
     checkpoint: str | None = option(None, "local open_clip checkpoint file instead of a pretrained tag")
     batch_size: int = option(64, "images per model batch (batches are padded to this size)")
-    precision: str = option("auto", "model precision on GPU: auto (fp16), fp16, bf16 or fp32; CPU is always fp32")
+    precision: str = option("auto", "precision on GPU: auto (fp16), fp16, bf16 or fp32; CPU is always fp32")
     num_actors: int | None = option(None, "model actors (default: one per GPU, else all CPUs but one)")
     decode_batch_size: int = option(64, "images per decode/preprocess batch")
     decode_num_cpus: float = option(
@@ -100,7 +100,7 @@ class EmbedConfig:
     max_image_pixels: int = option(
         89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
     )
-    sscd_checkpoint: str | None = option(None, "SSCD TorchScript file: also write sscd_emb/ copy-detection descriptors")
+    sscd_checkpoint: str | None = option(None, "SSCD TorchScript file: also write sscd_emb/ copy descriptors")
     sscd_image_size: int = option(320, "side of the square SSCD input (SSCD's 'skew 320' resize)")
     log_every_s: float = option(10.0, "seconds between progress log lines (images/s, ETA)")
 

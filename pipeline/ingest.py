@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -29,6 +27,7 @@ from tqdm import tqdm
 
 from pipeline.config import IngestConfig
 from pipeline.decode import decode_image, reason_of
+from pipeline.partitions import PartitionAssembler
 from pipeline.shards import Shard, list_shards, read_shard
 from pipeline.storage import DoneMarkers, atomic_write_json, atomic_write_table, fingerprint
 
@@ -89,31 +88,14 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
     }
 
 
-class ShardAssembler:
+class ShardAssembler(PartitionAssembler):
     """Writer: buffers decoded rows per shard and writes each shard once all its rows arrived."""
 
     def __init__(self, parts_dir: Path, markers: DoneMarkers, shards: dict[str, Shard]):
+        super().__init__(self.write)
         self.parts_dir = parts_dir
         self.markers = markers
         self.shards = shards
-        self.pending: dict[str, list[pa.Table]] = defaultdict(list)
-        self.received: Counter[str] = Counter()
-        self.expected: dict[str, int] = {}
-        self.finished: list[str] = []
-
-    def add(self, batch: pa.Table) -> list[str]:
-        """Take one batch of decoded rows; return the shards this batch completed."""
-        completed = []
-        for shard, expected in zip(*_first_per_shard(batch)):
-            self.expected[shard] = expected
-        for shard in set(batch.column("shard").to_pylist()):
-            rows = batch.filter(pc.equal(batch.column("shard"), shard))
-            self.pending[shard].append(rows)
-            self.received[shard] += rows.num_rows
-            if self.received[shard] == self.expected[shard]:
-                self.write(shard, pa.concat_tables(self.pending.pop(shard)))
-                completed.append(shard)
-        return completed
 
     def write(self, shard: str, rows: pa.Table | None) -> dict[str, Any]:
         table = _to_samples_table(rows)
@@ -121,25 +103,7 @@ class ShardAssembler:
         atomic_write_table(self.parts_dir / f"{shard}.parquet", table)
         info = {"shard": shard, **shard_counts(table), "source": self.shards[shard].signature()}
         self.markers.write(shard, info)
-        self.finished.append(shard)
         return info
-
-    def finish_empty(self, todo: Iterable[str]) -> None:
-        """Shards that produced no rows at all (empty tars) still get a part and a marker."""
-        for shard in todo:
-            if shard not in self.finished:
-                if self.received[shard]:
-                    raise RuntimeError(f"shard {shard}: {self.received[shard]} rows arrived, expected more")
-                self.write(shard, None)
-
-
-def _first_per_shard(batch: pa.Table) -> tuple[list[str], list[int]]:
-    shards = batch.column("shard").to_pylist()
-    expected = batch.column("shard_rows").to_pylist()
-    seen: dict[str, int] = {}
-    for shard, count in zip(shards, expected):
-        seen.setdefault(shard, count)
-    return list(seen), list(seen.values())
 
 
 def _to_samples_table(rows: pa.Table | None) -> pa.Table:
