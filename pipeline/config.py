@@ -111,8 +111,21 @@ class CaptionDedupConfig:
 
     input: str = option("", "parquet file or folder of parquet files with captions (LAION metadata works)", True)
     out: str = option("", "output folder for caption_duplicates.parquet", True)
-    caption_col: str | None = option(None, "caption column (default: detected, e.g. caption or TEXT)")
+    caption_col: str | None = option(None, "caption column (default: detected: caption, TEXT or text)")
     key_col: str | None = option(None, "key column (default: key, else the row number)")
+    threshold: float = option(0.7, "Jaccard similarity of shingle sets at which two captions are duplicates")
+    shingle_size: int = option(3, "characters per shingle (character n-grams of the normalised caption)")
+    num_perm: int = option(128, "MinHash permutations (datasketch's num_perm)")
+    seed: int = option(1, "MinHash seed (datasketch's seed; same seed, same signatures)")
+    minhash_scheme: str = option("affine32", "datasketch permutation scheme: affine32 (datasketch 2.x) or legacy")
+    fp_weight: float = option(0.5, "LSH false-positive weight for datasketch's (bands, rows) choice")
+    fn_weight: float = option(0.5, "LSH false-negative weight for datasketch's (bands, rows) choice")
+    word_guard: bool = option(
+        True, "reject pairs where a word is replaced by a different word (not a one-letter typo)"
+    )
+    bucket_window: int = option(64, "LSH bucket members each caption is paired with (bounds huge buckets)")
+    ray_min_rows: int = option(100_000, "inputs with fewer rows run in-process; larger ones on Ray tasks")
+    batch_size: int = option(50_000, "captions per Ray task (normalisation, MinHash)")
 
 
 @dataclass(frozen=True)

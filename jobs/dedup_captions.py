@@ -1,0 +1,26 @@
+"""Find duplicate captions (normalise, exact hash, MinHash LSH, Jaccard check, union-find).
+
+Runs on any parquet with a caption column, LAION metadata (URL, TEXT) included; no images needed.
+Writes OUT/caption_duplicates.parquet (key, group_id, group_size, normalized_caption; one row per
+input row, in input order) and OUT/caption_dedup_summary.json. Inputs with fewer than
+--ray-min-rows rows run in-process without starting Ray; larger ones run as Ray tasks.
+
+    python jobs/dedup_captions.py --input PARQUET_OR_DIR --out DIR [--caption-col TEXT --key-col key]
+    ray job submit --working-dir . -- python jobs/dedup_captions.py --input DATA --out OUT
+"""
+
+from _bootstrap import run_job
+
+from pipeline.caption_dedup import run_caption_dedup
+from pipeline.cli import build_parser, parse_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(build_parser(__doc__, main="caption_dedup"), argv)
+    summary = run_caption_dedup(cfg.caption_dedup, cfg.ray)
+    summary.pop("stage_seconds")  # kept in caption_dedup_summary.json; the stdout line stays short
+    return summary
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,615 @@
+"""Caption duplicates: normalise -> exact hash -> MinHash LSH -> Jaccard verification -> union-find.
+
+Works on any parquet with a caption column (LAION metadata with only ``URL``/``TEXT`` is enough; no
+images are needed). Output ``caption_duplicates.parquet`` has one row per input row, in input
+order (files sorted by name, rows in file order):
+
+=====================  ========  ===========================================================
+column                 type      meaning
+=====================  ========  ===========================================================
+key                    input's   the key column (default ``key``), else the row number
+group_id               int64     row number (0-based, input order) of the group's first row
+group_size             int64     rows in the group; 1 for a caption with no duplicate
+normalized_caption     string    the caption after :mod:`pipeline.text_normalize`
+=====================  ========  ===========================================================
+
+So ``group_id == row number`` marks the row to keep, and ``group_size > 1`` the duplicated rows.
+Every input row is in the output; a singleton is its own group of size 1.
+
+Stages:
+
+1. **Normalise** every caption (:func:`pipeline.text_normalize.normalize_captions`).
+2. **Exact pass**: rows whose normalised captions are equal form one node (an Arrow hash table on
+   the whole string, so there are no hash collisions). Null and empty captions are never grouped,
+   not even with each other: each is a group of its own, counted as ``empty_captions``.
+3. **MinHash** (:mod:`pipeline.minhash`, datasketch-identical signatures) over the character
+   ``shingle_size``-grams of each *distinct* normalised caption only.
+4. **LSH banding** with datasketch's (bands, rows) for ``threshold``/``num_perm``. Within each band,
+   captions sharing a bucket become candidate pairs; a bucket is sorted by node id and each member
+   is paired with its next ``bucket_window`` members (all pairs for buckets up to
+   ``bucket_window + 1`` members; larger buckets are linked as a chain of overlapping windows so
+   they cost linear, not quadratic, pairs).
+5. **Verification** of each distinct candidate pair: the exact Jaccard similarity of the two shingle
+   sets (sets of the 32-bit shingle hashes MinHash sees) must be >= ``threshold``; and, with
+   ``word_guard``, the pair must not *replace a word by a different word*: words present on one
+   side only must each be a typo (one insertion, deletion, substitution or swap of neighbours in a
+   word of four letters or more, no digits) of a word on the other side, or be on one side only
+   (an inserted or dropped word). Thus "a red car parked on the street" and "a blue car parked on
+   the street" stay apart, while "a red car parked on the stret" joins "a red car parked on the
+   street". Spacing-only differences ("t shirt" / "tshirt") always pass the guard.
+6. **Union-find** (:func:`pipeline.union_find.connected_components`) over verified pairs.
+
+Ray: with at least ``ray_min_rows`` input rows (and a Ray session up), stages 1, 3, 4 and 5 run as
+Ray tasks: normalisation and MinHash over row chunks of ``batch_size``; banding partitioned by
+band groups (each task reads only its bands' bucket keys from every chunk); verification over
+chunks of candidate pairs. The driver keeps the keys and normalised captions, runs the exact pass
+(Arrow's C++ hash table) and the union-find over verified pairs. Below ``ray_min_rows`` everything
+runs in-process, which is faster for small inputs (no task start-up or serialisation); both paths
+compute the same function and give identical output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import CaptionDedupConfig, RayConfig
+from pipeline.minhash import SCHEMES, MinHasher, band_hashes, char_shingles, lsh_params, shingle_hashes
+from pipeline.storage import atomic_write_json, atomic_write_table
+from pipeline.text_normalize import normalize_captions
+from pipeline.union_find import component_sizes, connected_components
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAME = "caption_duplicates.parquet"
+SUMMARY_NAME = "caption_dedup_summary.json"
+CAPTION_COLUMNS = ("caption", "TEXT", "text")
+KEY_COLUMN = "key"
+
+# Candidate pairs verified per vectorised Jaccard step (bounds its memory to ~100 MB).
+_VERIFY_CHUNK_TOKENS = 4_000_000
+
+
+# ----------------------------------------------------------------------------------------------
+# Input.
+# ----------------------------------------------------------------------------------------------
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """The parquet file itself, or every ``*.parquet`` under a folder (recursive, sorted, no hidden)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"caption input {path} does not exist")
+    files = sorted(
+        p
+        for p in path.rglob("*.parquet")
+        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {path}")
+    return files
+
+
+def detect_caption_column(names: list[str], requested: str | None = None, where: str = "input") -> str:
+    """``requested`` if present, else the first of :data:`CAPTION_COLUMNS` present; clear error otherwise."""
+    if requested:
+        if requested not in names:
+            raise ValueError(f"caption column {requested!r} not in {where}; columns are: {', '.join(names)}")
+        return requested
+    for name in CAPTION_COLUMNS:
+        if name in names:
+            return name
+    raise ValueError(
+        f"no caption column in {where}: looked for {', '.join(CAPTION_COLUMNS)}; "
+        f"columns are: {', '.join(names)} (name one with --caption-col)"
+    )
+
+
+def read_captions(
+    path: str | Path, caption_col: str | None = None, key_col: str | None = None
+) -> tuple[pa.ChunkedArray, pa.ChunkedArray, dict[str, Any]]:
+    """(keys, captions, info) from a parquet file or folder, reading only those two columns.
+
+    Keys are ``key_col`` if given (it must exist), else ``key`` when every file has it, else the
+    row number (int64).
+    """
+    files = parquet_files(path)
+    schemas = [pq.read_schema(f) for f in files]
+    first_names = list(schemas[0].names)
+    caption = detect_caption_column(first_names, caption_col, where=str(files[0]))
+    for f, schema in zip(files, schemas):
+        detect_caption_column(list(schema.names), caption, where=str(f))
+    if key_col:
+        for f, schema in zip(files, schemas):
+            if key_col not in schema.names:
+                raise ValueError(f"key column {key_col!r} not in {f}; columns are: {', '.join(schema.names)}")
+        key = key_col
+    else:
+        key = KEY_COLUMN if all(KEY_COLUMN in s.names for s in schemas) else None
+    columns = [caption] + ([key] if key and key != caption else [])
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    captions = table.column(caption)
+    keys = (
+        table.column(key) if key else pa.chunked_array([pa.array(np.arange(table.num_rows, dtype=np.int64))])
+    )
+    info = {"files": len(files), "caption_col": caption, "key_col": key or "(row number)"}
+    return keys, captions, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage functions (pure; used in-process and inside Ray tasks).
+# ----------------------------------------------------------------------------------------------
+
+
+def _gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + l)`` for every (s, l), without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+@dataclass
+class ChunkSketch:
+    """MinHash output of one chunk of distinct captions: band keys and shingle-hash sets."""
+
+    band_keys: list[np.ndarray]  # per band group: (n, bands_in_group) uint64
+    tokens: np.ndarray  # uint32 shingle hashes, text i owns tokens[offsets[i]:offsets[i + 1]]
+    offsets: np.ndarray  # int64
+
+
+def sketch_chunk(texts: pa.Array, hasher: MinHasher, bands: int, rows: int, band_groups: int) -> ChunkSketch:
+    """Shingle, hash, MinHash and band one chunk of (non-empty, distinct) normalised captions."""
+    sh = char_shingles(texts, hasher.shingle_size)
+    tokens = shingle_hashes(sh)
+    sig = hasher.signatures_from_hashes(tokens, sh.offsets, transposed=True)
+    keys = band_hashes(sig, bands, rows, transposed=True)
+    groups = np.array_split(np.arange(bands), band_groups)
+    return ChunkSketch([keys[:, g] for g in groups], tokens, sh.offsets)
+
+
+def bucket_pairs(band_keys: np.ndarray, window: int) -> np.ndarray:
+    """Candidate pairs (i < j) of rows that share a bucket key in any column of ``band_keys``.
+
+    Within a bucket (rows sorted by index) each row is paired with its next ``window`` rows.
+    """
+    band_keys = np.asarray(band_keys)
+    n = band_keys.shape[0]
+    out: list[np.ndarray] = []
+    ids = np.arange(n, dtype=np.int64)
+    for j in range(band_keys.shape[1]):
+        col = band_keys[:, j]
+        order = np.lexsort((ids, col))
+        sk = col[order]
+        same = sk[1:] == sk[:-1]
+        if not same.any():
+            continue
+        # Keep only rows in buckets of two or more, then compare neighbours d apart.
+        in_bucket = np.zeros(n, dtype=bool)
+        in_bucket[1:] |= same
+        in_bucket[:-1] |= same
+        sk, so = sk[in_bucket], order[in_bucket]
+        for d in range(1, window + 1):
+            if d >= len(sk):
+                break
+            hit = np.flatnonzero(sk[d:] == sk[:-d])
+            if len(hit) == 0:
+                break
+            out.append(np.stack([so[hit], so[hit + d]], axis=1))
+    if not out:
+        return np.zeros((0, 2), dtype=np.int64)
+    return unique_pairs(np.concatenate(out))
+
+
+def unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """Distinct unordered pairs as (lo, hi) rows, sorted."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if len(pairs) == 0:
+        return pairs
+    lo, hi = pairs.min(axis=1), pairs.max(axis=1)
+    packed = np.unique((lo.astype(np.uint64) << np.uint64(32)) | hi.astype(np.uint64))
+    return np.stack(
+        [(packed >> np.uint64(32)).astype(np.int64), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)], 1
+    )
+
+
+def pair_jaccard(tokens: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Exact Jaccard similarity of the token *sets* of each pair of texts (float64), vectorised.
+
+    The distinct tokens of every text in a pair are sorted once under keys ``(text << 32) | token``;
+    each token of a pair's smaller set is then looked up in the other text's keys by binary search.
+    """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    out = np.zeros(len(pairs), dtype=np.float64)
+    if len(pairs) == 0:
+        return out
+    rows = np.unique(pairs)
+    counts = offsets[rows + 1] - offsets[rows]
+    local = np.repeat(np.arange(len(rows), dtype=np.uint64), counts)
+    keys = (local << np.uint64(32)) | tokens[_gather_ranges(offsets[rows], counts)].astype(np.uint64)
+    keys.sort()
+    if len(keys):
+        keys = keys[np.r_[True, keys[1:] != keys[:-1]]]
+    set_off = np.searchsorted(keys, np.arange(len(rows) + 1, dtype=np.uint64) << np.uint64(32))
+    a = np.searchsorted(rows, pairs[:, 0])
+    b = np.searchsorted(rows, pairs[:, 1])
+    la = set_off[a + 1] - set_off[a]
+    lb = set_off[b + 1] - set_off[b]
+    small = np.where(la <= lb, a, b)
+    other = np.where(la <= lb, b, a).astype(np.uint64)
+    ls = np.minimum(la, lb)
+    bounds = np.searchsorted(np.cumsum(ls), np.arange(0, int(ls.sum()), _VERIFY_CHUNK_TOKENS), side="right")
+    bounds = np.unique(np.r_[bounds, len(pairs)])
+    inter = np.zeros(len(pairs), dtype=np.int64)
+    lo = 0
+    for hi in bounds:
+        if hi <= lo:
+            continue
+        idx = _gather_ranges(set_off[small[lo:hi]], ls[lo:hi])
+        owner = np.repeat(np.arange(lo, hi), ls[lo:hi])
+        query = (other[owner] << np.uint64(32)) | (keys[idx] & np.uint64(0xFFFFFFFF))
+        pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+        inter[lo:hi] = np.bincount(owner[keys[pos] == query] - lo, minlength=hi - lo)
+        lo = hi
+    union = la + lb - inter
+    np.divide(inter, union, out=out, where=union > 0)
+    return out
+
+
+def _typo_of(a: str, b: str) -> bool:
+    """True when ``a`` and ``b`` are one edit apart (Damerau) and read as a typo, not a new word:
+    letters only, and the longer word has four letters or more."""
+    la, lb = len(a), len(b)
+    if la < lb:
+        a, b, la, lb = b, a, lb, la
+    if la < 4 or la - lb > 1 or not (a.isalpha() and b.isalpha()):
+        return False
+    i = 0
+    while i < lb and a[i] == b[i]:
+        i += 1
+    if la != lb:  # one insertion / deletion
+        return a[i + 1 :] == b[i:]
+    if i == la:
+        return False  # equal words are not on one side only
+    if a[i + 1 :] == b[i + 1 :]:  # one substitution
+        return True
+    return i + 1 < la and a[i] == b[i + 1] and a[i + 1] == b[i] and a[i + 2 :] == b[i + 2 :]
+
+
+def replaces_a_word(a: str, b: str) -> bool:
+    """The word guard: does one caption replace some word of the other by a different word?
+
+    Words on one side only are matched against the other side's by :func:`_typo_of`. A word left
+    unmatched on *both* sides is a substitution (a different colour, object, number...). Only
+    insertions or deletions (unmatched words on one side) and typos do not count.
+    """
+    if a == b:
+        return False
+    sa, sb = set(a.split(" ")), set(b.split(" "))
+    da, db = sa - sb, sb - sa
+    if not da or not db or a.replace(" ", "") == b.replace(" ", ""):
+        return False
+    if len(da) * len(db) > 256:
+        return True
+    matched_b: set[str] = set()
+    unmatched_a = False
+    for w in da:
+        hit = False
+        for v in db:
+            if _typo_of(w, v):
+                matched_b.add(v)
+                hit = True
+        unmatched_a = unmatched_a or not hit
+    return unmatched_a and len(matched_b) < len(db)
+
+
+@dataclass
+class Verdicts:
+    keep: np.ndarray  # bool per pair
+    below_threshold: int = 0
+    word_substitutions: int = 0
+
+
+def verify_pairs(
+    pairs: np.ndarray,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    texts: pa.Array | None,
+    threshold: float,
+    word_guard: bool,
+) -> Verdicts:
+    """Which candidate pairs are duplicates: Jaccard >= threshold, then (optionally) the word guard."""
+    jac = pair_jaccard(tokens, offsets, pairs)
+    keep = jac >= threshold - 1e-12
+    verdicts = Verdicts(keep=keep, below_threshold=int((~keep).sum()))
+    if word_guard and keep.any():
+        idx = np.flatnonzero(keep)
+        a = pc.take(texts, pa.array(pairs[idx, 0])).to_pylist()
+        b = pc.take(texts, pa.array(pairs[idx, 1])).to_pylist()
+        bad = np.fromiter((replaces_a_word(x, y) for x, y in zip(a, b)), dtype=bool, count=len(idx))
+        keep[idx[bad]] = False
+        verdicts.word_substitutions = int(bad.sum())
+    return verdicts
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray tasks.
+# ----------------------------------------------------------------------------------------------
+
+
+def _ray_tasks():
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def normalize_task(texts: pa.Array) -> pa.Array:
+        return normalize_captions(texts)
+
+    @ray.remote(num_cpus=1)
+    def sketch_task(texts: pa.Array, hasher: MinHasher, bands: int, rows: int, band_groups: int):
+        s = sketch_chunk(texts, hasher, bands, rows, band_groups)
+        return (*s.band_keys, (s.tokens, s.offsets))
+
+    @ray.remote(num_cpus=1)
+    def band_group_task(window: int, *chunk_keys: np.ndarray) -> np.ndarray:
+        # Chunks are consecutive node ranges, so stacking them gives global node ids.
+        return bucket_pairs(np.concatenate(chunk_keys), window)
+
+    @ray.remote(num_cpus=1)
+    def verify_task(pairs, texts, threshold, word_guard, *token_chunks):
+        tokens = np.concatenate([t for t, _ in token_chunks])
+        bases = np.cumsum([0] + [len(t) for t, _ in token_chunks[:-1]])
+        offsets = np.concatenate(
+            [o[:-1] + b for (_, o), b in zip(token_chunks, bases)] + [np.array([len(tokens)], np.int64)]
+        )
+        v = verify_pairs(pairs, tokens, offsets, texts, threshold, word_guard)
+        return v.keep, v.below_threshold, v.word_substitutions
+
+    return normalize_task, sketch_task, band_group_task, verify_task
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole stage.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionDedupResult:
+    table: pa.Table  # key, group_id, group_size, normalized_caption (input order)
+    stats: dict[str, Any] = field(default_factory=dict)
+    labels: np.ndarray | None = None  # group_id per row, as numpy
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    size = max(1, size)
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def check_config(cfg: CaptionDedupConfig) -> None:
+    """Clear errors for option values the stage cannot run with."""
+    if not 0.0 < cfg.threshold <= 1.0:
+        raise ValueError(f"caption_dedup.threshold must be in (0, 1], got {cfg.threshold}")
+    if not 1 <= cfg.shingle_size <= 13:
+        raise ValueError(f"caption_dedup.shingle_size must be 1..13 characters, got {cfg.shingle_size}")
+    if cfg.num_perm < 2:
+        raise ValueError(f"caption_dedup.num_perm must be at least 2, got {cfg.num_perm}")
+    if cfg.minhash_scheme not in SCHEMES:
+        raise ValueError(
+            f"caption_dedup.minhash_scheme must be one of {', '.join(SCHEMES)}, got {cfg.minhash_scheme!r}"
+        )
+    if cfg.bucket_window < 1 or cfg.batch_size < 1:
+        raise ValueError("caption_dedup.bucket_window and caption_dedup.batch_size must be at least 1")
+
+
+def find_caption_duplicates(
+    captions: pa.Array | pa.ChunkedArray | list[str | None],
+    cfg: CaptionDedupConfig | None = None,
+    keys: pa.Array | pa.ChunkedArray | None = None,
+    use_ray: bool | None = None,
+) -> CaptionDedupResult:
+    """Group duplicate captions. ``use_ray=None`` decides by ``cfg.ray_min_rows`` (and whether Ray is up)."""
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.monotonic()
+        timings[name] = round(now - since, 3)
+        return now
+
+    cfg = cfg or CaptionDedupConfig()
+    check_config(cfg)
+    if isinstance(captions, list):
+        captions = pa.array(captions, type=pa.string())
+    if isinstance(captions, pa.ChunkedArray):
+        captions = captions.combine_chunks() if captions.num_chunks != 1 else captions.chunk(0)
+    n = len(captions)
+    if keys is None:
+        keys = pa.array(np.arange(n, dtype=np.int64))
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} captions")
+    if use_ray is None:
+        import ray
+
+        use_ray = n >= cfg.ray_min_rows and ray.is_initialized()
+    if use_ray:
+        normalize_task, sketch_task, band_group_task, verify_task = _ray_tasks()
+        import ray
+
+        cpus = _cluster_cpus()
+
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
+    hasher = MinHasher(
+        num_perm=cfg.num_perm, seed=cfg.seed, shingle_size=cfg.shingle_size, scheme=cfg.minhash_scheme
+    )
+
+    # 1. Normalise.
+    t = time.monotonic()
+    if use_ray and n:
+        refs = [normalize_task.remote(captions.slice(lo, hi - lo)) for lo, hi in _chunks(n, cfg.batch_size)]
+        normalized = pa.concat_arrays(ray.get(refs))
+    else:
+        normalized = normalize_captions(captions) if n else pa.array([], pa.string())
+    t = lap("normalize", t)
+
+    # 2. Exact pass: distinct non-empty normalised captions are the nodes.
+    empty = pc.fill_null(pc.equal(pc.utf8_length(normalized), 0), True).to_numpy(zero_copy_only=False)
+    nonempty_rows = np.flatnonzero(~empty)
+    encoded = pc.dictionary_encode(normalized.take(pa.array(nonempty_rows))) if len(nonempty_rows) else None
+    if encoded is not None:
+        node_of_row = encoded.indices.to_numpy().astype(np.int64)
+        texts = encoded.dictionary
+    else:
+        node_of_row = np.zeros(0, np.int64)
+        texts = pa.array([], pa.string())
+    n_nodes = len(texts)
+    t = lap("exact", t)
+
+    # 3-4. MinHash and LSH banding over distinct captions.
+    band_groups = 1
+    if use_ray and n_nodes:
+        chunks = _chunks(n_nodes, cfg.batch_size)
+        band_groups = max(1, min(bands, cpus))
+        texts_ref = ray.put(texts)
+        sketches = [
+            sketch_task.options(num_returns=band_groups + 1).remote(
+                texts.slice(lo, hi - lo), hasher, bands, rows, band_groups
+            )
+            for lo, hi in chunks
+        ]
+        pair_refs = [
+            band_group_task.remote(cfg.bucket_window, *[s[g] for s in sketches]) for g in range(band_groups)
+        ]
+        candidates = (
+            unique_pairs(np.concatenate(ray.get(pair_refs))) if pair_refs else np.zeros((0, 2), np.int64)
+        )
+        token_refs = [s[band_groups] for s in sketches]
+        t = lap("minhash_lsh", t)
+        parts = np.array_split(candidates, max(1, min(len(candidates) // 5000 + 1, 4 * cpus)))
+        results = ray.get(
+            [
+                verify_task.remote(p, texts_ref, cfg.threshold, cfg.word_guard, *token_refs)
+                for p in parts
+                if len(p)
+            ]
+        )
+        keep = np.concatenate([r[0] for r in results]) if results else np.zeros(0, bool)
+        below = sum(r[1] for r in results)
+        substitutions = sum(r[2] for r in results)
+    elif n_nodes:
+        sketch = sketch_chunk(texts, hasher, bands, rows, 1)
+        candidates = bucket_pairs(sketch.band_keys[0], cfg.bucket_window)
+        t = lap("minhash_lsh", t)
+        v = verify_pairs(candidates, sketch.tokens, sketch.offsets, texts, cfg.threshold, cfg.word_guard)
+        keep, below, substitutions = v.keep, v.below_threshold, v.word_substitutions
+    else:
+        candidates, keep, below, substitutions = np.zeros((0, 2), np.int64), np.zeros(0, bool), 0, 0
+        t = lap("minhash_lsh", t)
+    verified = candidates[keep]
+    t = lap("verify", t)
+
+    # 5. Union-find over nodes, then back to rows; empty rows stay alone.
+    node_label = connected_components(n_nodes, verified)
+    row_label = np.arange(n, dtype=np.int64)  # empty rows: their own group
+    if len(nonempty_rows):
+        # Group id = first row (input order) of each node component.
+        first_row_of_node = np.full(n_nodes, n, dtype=np.int64)
+        np.minimum.at(first_row_of_node, node_of_row, nonempty_rows)
+        first_row_of_comp = np.full(n_nodes, n, dtype=np.int64)
+        np.minimum.at(first_row_of_comp, node_label, first_row_of_node)
+        row_label[nonempty_rows] = first_row_of_comp[node_label[node_of_row]]
+    sizes = component_sizes(row_label)
+    t = lap("union_find", t)
+
+    table = pa.table(
+        {
+            "key": keys,
+            "group_id": pa.array(row_label, pa.int64()),
+            "group_size": pa.array(sizes, pa.int64()),
+            "normalized_caption": normalized.cast(pa.string()),
+        }
+    )
+    n_groups = len(np.unique(row_label)) if n else 0
+    dup_rows = int((sizes > 1).sum())
+    stats = {
+        "rows": n,
+        "empty_captions": int(empty.sum()),
+        "distinct_normalized": n_nodes,
+        "exact_duplicate_rows": int(len(nonempty_rows) - n_nodes),
+        "candidate_pairs": len(candidates),
+        "verified_pairs": len(verified),
+        "rejected_below_threshold": int(below),
+        "rejected_word_substitution": int(substitutions),
+        "groups": n_groups,
+        "duplicate_groups": len(np.unique(row_label[sizes > 1])),
+        "rows_in_duplicate_groups": dup_rows,
+        "removable_rows": n - n_groups,
+        "lsh_bands": bands,
+        "lsh_rows": rows,
+        "mode": "ray" if use_ray else "in-process",
+        "seconds": round(time.monotonic() - t_start, 3),
+        "stage_seconds": timings,
+    }
+    return CaptionDedupResult(table=table, stats=stats, labels=row_label)
+
+
+def run_caption_dedup(
+    cfg: CaptionDedupConfig, ray_cfg: RayConfig | None = None, use_ray: bool | None = None
+) -> dict[str, Any]:
+    """Read ``cfg.input``, find duplicate captions, write ``caption_duplicates.parquet`` + summary.
+
+    With ``use_ray=None`` the input size decides: at least ``cfg.ray_min_rows`` rows run on Ray
+    (joining or starting it through :func:`pipeline.ray_runtime.ray_session` with ``ray_cfg``),
+    fewer run in-process without starting Ray at all.
+    """
+    started = time.monotonic()
+    keys, captions, info = read_captions(cfg.input, cfg.caption_col, cfg.key_col)
+    log.info(
+        "caption dedup: %d rows from %d file(s), caption column %s",
+        len(captions),
+        info["files"],
+        info["caption_col"],
+    )
+    if use_ray is None:
+        use_ray = len(captions) >= cfg.ray_min_rows
+    if use_ray:
+        from pipeline.ray_runtime import ray_session
+
+        with ray_session(ray_cfg or RayConfig()):
+            result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=True)
+    else:
+        result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=False)
+    out = Path(cfg.out)
+    atomic_write_table(out / OUTPUT_NAME, result.table)
+    summary = {
+        "job": "dedup_captions",
+        "output": str(out / OUTPUT_NAME),
+        **info,
+        **result.stats,
+        "threshold": cfg.threshold,
+        "num_perm": cfg.num_perm,
+        "shingle_size": cfg.shingle_size,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    atomic_write_json(out / SUMMARY_NAME, summary)
+    return summary
