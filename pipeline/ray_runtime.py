@@ -37,6 +37,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(
+            address="local",  # never attach to a stale `ray start` left on this machine
             num_cpus=local_cpu_count(cfg),
             object_store_memory=cfg.object_store_mb * 1024 * 1024,
             include_dashboard=False,

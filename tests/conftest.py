@@ -31,7 +31,7 @@ def ray_local():
     from pipeline.ray_runtime import configure_data_context
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)
     configure_data_context(RayConfig(progress_bars=False))
     yield ray
     ray.shutdown()

@@ -6,8 +6,10 @@ import json
 import os
 import secrets
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,8 +46,11 @@ def wait_for(url: str, seconds: float) -> None:
 @pytest.fixture()
 def ray_head(tmp_path: Path):
     """`ray start --head --block` in its own process group; stopping it leaves other Ray sessions alone."""
+    # Its own short temp dir (socket paths are length-limited), so it leaves no ray_current_cluster
+    # file in /tmp/ray for a later local ray.init() to trip over.
+    ray_tmp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     head = subprocess.Popen(
@@ -64,6 +69,7 @@ def ray_head(tmp_path: Path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
