@@ -88,10 +88,11 @@ class _CosineBackend(SimilarityBackend):
         return self.encoder(pixels)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (images.float() + 1) / 2  # [−1, 1] -> [0, 1]
+        dtype = self.mean.dtype  # float32, or float64 after ``.double()``
+        pixels = (images.to(dtype) + 1) / 2  # [−1, 1] -> [0, 1]
         pixels = resize_square(pixels, self.image_size)
         pixels = (pixels - self.mean) / self.std
-        return F.normalize(self._encode(pixels).float(), dim=-1)
+        return F.normalize(self._encode(pixels).to(dtype), dim=-1)
 
     def score(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         return (queries * neighbours[:, 0].to(queries)).sum(-1)
@@ -174,7 +175,7 @@ class NormalizedL2Backend(SimilarityBackend):
         self.alpha = float(alpha)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (images.float() + 1) / 2
+        pixels = (images.to(torch.float64 if images.dtype == torch.float64 else torch.float32) + 1) / 2
         return resize_square(pixels, self.image_size).reshape(images.shape[0], -1)
 
     def distances(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
