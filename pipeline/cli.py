@@ -46,14 +46,14 @@ def build_parser(description: str, main: str, extra: Sequence[str] = ("ray",)) -
                 kwargs["type"] = kind
                 kwargs["metavar"] = f.name.upper()
             group.add_argument(_flag(section, f.name, main), **kwargs)
-    parser.set_defaults(_main_section=main, _sections=(main, *extra))
+    parser.set_defaults(_main_section=main)
     return parser
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> PipelineConfig:
     """Parse ``argv`` into a :class:`PipelineConfig`; missing required options exit with a clear error."""
     args = vars(parser.parse_args(argv))
-    main, sections = args.pop("_main_section"), args.pop("_sections")
+    main = args.pop("_main_section")
     try:
         cfg = load_config(args.pop("config", None))
     except (OSError, ValueError) as exc:
@@ -63,11 +63,10 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = N
         section, name = dest.split(".", 1)
         overrides.setdefault(section, {})[name] = value
     cfg = with_overrides(cfg, overrides)
-    types_ = section_types()
-    for section in sections:
-        for f in dataclasses.fields(types_[section]):
-            if f.metadata.get("required") and getattr(getattr(cfg, section), f.name) in ("", None):
-                parser.error(f"{_flag(section, f.name, main)} is required (or set {section}.{f.name} in --config)")
+    # Only the main section's paths are the user's to give; a job fills in its other sections' paths.
+    for f in dataclasses.fields(section_types()[main]):
+        if f.metadata.get("required") and getattr(getattr(cfg, main), f.name) in ("", None):
+            parser.error(f"{_flag(main, f.name, main)} is required (or set {main}.{f.name} in --config)")
     return cfg
 
 
