@@ -129,6 +129,75 @@ class CaptionDedupConfig:
 
 
 @dataclass(frozen=True)
+class ImageDedupConfig:
+    """Image duplicates: exact (sha256), pixel-level (pHash Hamming) and semantic (CLIP cosine) passes."""
+
+    embeddings: str = option("", "embedding folder in LAION layout (img_emb/, metadata/ with sha256, phash)", True)
+    out: str = option("", "output folder for image_duplicates.parquet and image_dedup_summary.json", True)
+    exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
+    phash: bool = option(True, "pixel-level pass: pHash Hamming distance through a FAISS binary index")
+    phash_max_distance: int = option(
+        10, "largest Hamming distance (of 64 bits) between two pHashes of duplicates (measured: BENCHMARKS.md)"
+    )
+    phash_exhaustive_max_n: int = option(
+        500_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"
+    )
+    semantic: str = option(
+        "auto", "semantic pass: auto (only for embeddings of a semantic model, never random weights), on, off"
+    )
+    semantic_threshold: float = option(
+        0.95, "cosine of L2-normalised image embeddings at or above which two images are duplicates"
+    )
+    semantic_k: int = option(32, "neighbours examined per image in the semantic pass (caps pairs per image)")
+    search: str = option("auto", "semantic search: auto (flat up to exact_max_n, else ivf), flat, ivf or hnsw")
+    exact_max_n: int = option(100_000, "auto search: exact flat search up to this many embeddings")
+    nlist: int | None = option(None, "IVF lists (default: about 2*sqrt(N), a power of two)")
+    nprobe: int = option(8, "IVF lists visited per query in the semantic pass")
+    hnsw_m: int = option(32, "HNSW links per node")
+    ef_search: int = option(64, "HNSW search depth in the semantic pass")
+    train_size: int = option(65_536, "most vectors an IVF quantizer is trained on (a seeded sample)")
+    query_batch: int = option(16_384, "query rows per search batch (bounds memory)")
+    use_gpu: bool = option(True, "search on GPU when FAISS sees one (k-NN; range search has no GPU kernel)")
+    seed: int = option(0, "seed of sampling and training")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The similarity index over image embeddings that AMG and the audits search."""
+
+    embeddings: str = option("", "embedding folder in LAION layout (img_emb/ + metadata/)", True)
+    out: str = option("", "output folder for image.index, index_rows.parquet and index_info.json", True)
+    kind: str = option("auto", "index type: auto (from N and memory_budget_mb), flat, hnsw, ivf_flat, ivf_pq")
+    memory_budget_mb: int = option(4096, "memory the index may take when searched (RAM or mmap page cache)")
+    flat_max_n: int = option(100_000, "auto: exact flat index up to this many vectors")
+    hnsw_max_n: int = option(2_000_000, "auto: HNSW (when it fits the budget) up to this many vectors")
+    hnsw_m: int = option(32, "HNSW links per node")
+    ef_construction: int = option(80, "HNSW build depth")
+    nlist: int | None = option(None, "IVF lists (default: 4*sqrt(N) below 1M vectors, 2^16 above; power of two)")
+    pq_m: int | None = option(None, "PQ bytes per vector for ivf_pq (default: the largest that fits the budget)")
+    train_size: int = option(131_072, "most vectors IVF/PQ/OPQ training sees (a seeded sample)")
+    target_recall: float = option(0.95, "nprobe/efSearch are raised until the self-check recall@k reaches this")
+    recall_sample: int = option(1_000, "queries (a seeded sample of the indexed rows) for the recall self-check")
+    recall_k: int = option(10, "k of the recall@k self-check against exact search")
+    duplicates_subindex: bool = option(True, "also write dup_image.index over images that have duplicates")
+    use_gpu: bool = option(True, "build (and self-check) on GPU when FAISS sees one; saved for CPU")
+    seed: int = option(0, "seed of sampling and training")
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """The versioned artifact bundle AMG and the audits open: ingest -> embed -> dedup -> index -> tables."""
+
+    shards: str = option("", "folder of img2dataset shards", True)
+    out: str = option("", "bundle folder (manifest.json, samples.parquet, embeddings/, tables, index)", True)
+    knn_k: int = option(1000, "neighbours counted for each row's dominant caption (capped at N; authors: 1000)")
+    duplicate_caption_min_count: int = option(
+        21, "y_N needs its caption at least this often among the k neighbours (21: the authors' 'more than 20')"
+    )
+    verify_checksums: bool = option(True, "check every file's sha256 against the manifest after building")
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The demo dataset: real photographs with planted duplicates, served over local HTTP."""
 
@@ -176,6 +245,9 @@ class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     caption_dedup: CaptionDedupConfig = field(default_factory=CaptionDedupConfig)
+    image_dedup: ImageDedupConfig = field(default_factory=ImageDedupConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    bundle: BundleConfig = field(default_factory=BundleConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     amg: AMGJobConfig = field(default_factory=AMGJobConfig)
 
