@@ -198,6 +198,51 @@ class BundleConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Memorization audit of a text-to-image model: generate per prompt, match against the bundle, flag, report.
+
+    ``bundle`` and ``model`` are required except with ``dry_run`` (which only reads the prompt list).
+    """
+
+    bundle: str = option("", "artifact bundle folder (jobs/build_artifacts.py) to match generations against")
+    prompts: str = option("", "prompt list: .txt, .json, .jsonl, .csv, .tsv or .parquet", True)
+    out: str = option("", "output folder: results.parquet, prompts.parquet, summary.json, report.html", True)
+    model: str = option("", "diffusers text-to-image pipeline folder (StableDiffusionPipeline layout)")
+    prompt_column: str | None = option(None, "prompt column of a tabular prompt list (default: detected)")
+    samples_per_prompt: int = option(4, "generations per prompt and AMG mode (seeds derived from the prompt id)")
+    amg: str = option("both", "generate without AMG (off), with it (on), or both, paired by seed")
+    mode: str = option("reference", "AMG constants: paper or reference (pipeline.amg.AMGConfig.preset)")
+    similarity: str = option("sscd", "similarity of the detection and of AMG: sscd, clip or nl2")
+    memorized_threshold: float | None = option(
+        None, "similarity above which a sample is memorized (default: the AMG preset's; SSCD 0.5)"
+    )
+    sscd_checkpoint: str | None = option(
+        None, "SSCD TorchScript file (default: the one the bundle was embedded with)"
+    )
+    amg_overrides: str | None = option(None, "YAML file of AMGConfig field changes for the 'on' mode")
+    seed: int = option(0, "run seed; a sample's seed is a hash of (seed, prompt id, sample index)")
+    num_inference_steps: int = option(50, "sampling steps (the model's own scheduler)")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale")
+    batch_size: int = option(4, "samples per pipeline call (results do not depend on it)")
+    tile_grid: int = option(4, "Carlini criterion: tiles per side (4: 16 tiles, 128 px at 512 px)")
+    tile_threshold: float = option(
+        0.15, "Carlini criterion: two generations are near-identical when their largest tile RMS distance is below this"
+    )
+    clique_size: int = option(
+        10, "Carlini criterion: flag a prompt when this many generations are pairwise near-identical (capped at N)"
+    )
+    wen_steps: int = option(1, "Wen score: sampling steps averaged (from the first)")
+    wen_samples: int = option(4, "Wen score: seeds averaged (the prompt's first sample seeds)")
+    wen_threshold: float = option(
+        0.0, "pre-screen: prompts whose Wen score is below this are not generated (0: audit every prompt)"
+    )
+    num_actors: int | None = option(None, "generator actors (default: one per GPU, else all CPUs but one)")
+    max_prompts: int | None = option(None, "stop after this many prompts are finished (testing, staged runs)")
+    thumbnail_size: int = option(96, "side of the report's image thumbnails, in pixels")
+    dry_run: bool = option(False, "only read the prompt list and write prompts.parquet")
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The demo dataset: real photographs with planted duplicates, served over local HTTP."""
 
@@ -248,6 +293,7 @@ class PipelineConfig:
     image_dedup: ImageDedupConfig = field(default_factory=ImageDedupConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     amg: AMGJobConfig = field(default_factory=AMGJobConfig)
 

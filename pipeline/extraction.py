@@ -1,0 +1,183 @@
+"""Prompt-level memorization criteria that need no training data: Carlini's clique test and Wen's score.
+
+Both are pure functions of tensors, so they are tested on constructed inputs and reused by the audit.
+
+**Carlini et al. (USENIX Security 2023), extraction without the training set.** A memorized prompt
+makes the model produce the same image from different seeds. For the N generations of one prompt:
+
+1. :func:`tiled_l2`: the distance of two images is the largest, over a ``grid``×``grid`` tiling, of the
+   root-mean-square difference of the corresponding tiles (pixels in [0, 1]). Taking the worst tile
+   means that two images count as near-identical only when *every* region matches, so a shared
+   plain background cannot make two different subjects look alike.
+2. :func:`near_identical_graph`: an edge joins two generations whose distance is below ``threshold``.
+3. :func:`max_clique`: the largest set of pairwise near-identical generations (exact, Bron–Kerbosch
+   with pivoting and a size bound).
+4. :func:`carlini_flag`: the prompt is flagged when that clique has at least ``clique_size`` members
+   (capped at N, so a small audit budget asks for *all* its generations to agree).
+
+Constants (:data:`CARLINI_DEFAULTS`): a 4×4 grid (16 tiles; 128-px tiles at 512 px), edge threshold
+0.15, clique of 10. The paper's verified figure is its extraction cut, (ℓ2, δ = 0.15) between a
+generation and a training image; its tile size, the threshold of the edges between generations and the
+clique size of 10 (out of 500 generations) come from our reading of the paper and could not be
+checked against its text (see ``shared/research/memorization.md`` §1), so all three are settings.
+
+**Wen et al. (ICLR 2024), a cheap detection score.** A memorized prompt pulls the noise prediction
+hard towards its training image: d_t = ‖ε(x_t, c) − ε(x_t, ∅)‖₂ (the two classifier-free-guidance
+branches, flattened per sample) is large. :func:`wen_norms` computes d_t for a batch,
+:func:`wen_score` averages over steps and seeds. Wen et al. report AUC 0.994 at 50 steps × 4
+generations on SD v1.4, and a usable score from the first step alone; its scale depends on the model
+(latent size, text encoder), so a pre-screen threshold is calibrated per model on known negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Default constants of the clique criterion (see the module docstring for where they come from).
+CARLINI_DEFAULTS = {"grid": 4, "threshold": 0.15, "clique_size": 10}
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Images as float64 in [0, 1]; ``(N, C, H, W)``. Inputs in [−1, 1] are recognised by their range."""
+    x = torch.as_tensor(images).detach().to(torch.float64)
+    if x.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(x.shape)}")
+    if x.numel() and float(x.min()) < 0:
+        x = (x + 1) / 2
+    return x.clamp(0, 1)
+
+
+def tiles(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(N, grid*grid, C*h*w)``: each image cut into a ``grid``×``grid`` tiling (edge rows/columns that
+    do not divide evenly are dropped, at most ``grid − 1`` pixels per side)."""
+    if grid < 1:
+        raise ValueError(f"grid must be at least 1, got {grid}")
+    n, c, h, w = images.shape
+    th, tw = h // grid, w // grid
+    if th == 0 or tw == 0:
+        raise ValueError(f"{h}x{w} images cannot be cut into a {grid}x{grid} grid")
+    x = images[:, :, : th * grid, : tw * grid]
+    x = x.reshape(n, c, grid, th, grid, tw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, grid * grid, c * th * tw)
+
+
+def tiled_l2(images: torch.Tensor, grid: int = CARLINI_DEFAULTS["grid"], others: torch.Tensor | None = None
+             ) -> np.ndarray:
+    """Pairwise tiled distance: for each pair, the largest per-tile RMS pixel difference (pixels in [0, 1]).
+
+    Args:
+        images (`torch.Tensor`): ``(N, C, H, W)`` in [0, 1] (or [−1, 1]).
+        grid (`int`, *optional*, defaults to 4): tiles per side.
+        others (`torch.Tensor`, *optional*): ``(M, C, H, W)`` of the same size; default: ``images``.
+
+    Returns:
+        ``(N, M)`` float64 distances; 0 on the diagonal when ``others`` is None.
+    """
+    a = tiles(_to_unit(images), grid)
+    b = a if others is None else tiles(_to_unit(others), grid)
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError("images and others must have the same size")
+    dist = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
+    d = a.shape[-1]
+    for t in range(a.shape[1]):  # one tile at a time: memory stays at N×M plus one tile of every image
+        dist = torch.maximum(dist, torch.cdist(a[:, t], b[:, t]) / d ** 0.5)
+    out = dist.numpy()
+    if others is None:
+        np.fill_diagonal(out, 0.0)
+    return out
+
+
+def near_identical_graph(distances: np.ndarray, threshold: float = CARLINI_DEFAULTS["threshold"]) -> np.ndarray:
+    """Boolean adjacency: i and j (i ≠ j) are joined when their distance is below ``threshold``."""
+    adj = np.asarray(distances) < threshold
+    adj = adj & adj.T
+    np.fill_diagonal(adj, False)
+    return adj
+
+
+def max_clique(adjacency: np.ndarray) -> list[int]:
+    """One largest clique of an undirected graph, as sorted vertex ids (exact).
+
+    Bron–Kerbosch with Tomita pivoting, pruned when the candidates cannot beat the best clique found.
+    A prompt's near-identical generations form one dense block, which this finds without branching.
+    """
+    adj = np.asarray(adjacency, dtype=bool)
+    n = adj.shape[0]
+    if n == 0:
+        return []
+    neighbours = [set(np.flatnonzero(adj[i]).tolist()) for i in range(n)]
+    best: list[int] = [0]
+
+    def expand(clique: list[int], candidates: set[int], excluded: set[int]) -> None:
+        nonlocal best
+        if not candidates and not excluded:
+            if len(clique) > len(best):
+                best = list(clique)
+            return
+        if len(clique) + len(candidates) <= len(best):
+            return
+        pivot = max(candidates | excluded, key=lambda u: len(neighbours[u] & candidates))
+        for v in sorted(candidates - neighbours[pivot]):
+            expand(clique + [v], candidates & neighbours[v], excluded & neighbours[v])
+            candidates = candidates - {v}
+            excluded = excluded | {v}
+            if len(clique) + len(candidates) <= len(best):
+                return
+
+    expand([], set(range(n)), set())
+    return sorted(best)
+
+
+@dataclass(frozen=True)
+class CliqueResult:
+    """Carlini's criterion for one prompt.
+
+    Attributes:
+        clique (`list[int]`): generations in the largest near-identical clique (positions in the input).
+        required (`int`): clique size that flags the prompt (``clique_size`` capped at N, at least 2).
+        flagged (`bool`): ``len(clique) >= required``.
+        median_distance (`float`): median pairwise tiled distance among the generations (NaN if N < 2).
+    """
+
+    clique: list[int]
+    required: int
+    flagged: bool
+    median_distance: float
+
+
+def carlini_flag(images: torch.Tensor, grid: int = CARLINI_DEFAULTS["grid"],
+                 threshold: float = CARLINI_DEFAULTS["threshold"],
+                 clique_size: int = CARLINI_DEFAULTS["clique_size"]) -> CliqueResult:
+    """Flag a prompt whose generations (``(N, C, H, W)``) hold a large clique of near-identical images.
+
+    With fewer than two generations nothing can agree, so nothing is flagged.
+    """
+    n = int(images.shape[0])
+    required = max(2, min(int(clique_size), n))
+    if n < 2:
+        return CliqueResult(list(range(n)), required, False, float("nan"))
+    dist = tiled_l2(images, grid)
+    clique = max_clique(near_identical_graph(dist, threshold))
+    upper = dist[np.triu_indices(n, 1)]
+    return CliqueResult(clique, required, len(clique) >= required, float(np.median(upper)))
+
+
+def wen_norms(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """d_t = ‖ε(x_t, c) − ε(x_t, ∅)‖₂ per sample (all latent channels and positions), float64 ``(B,)``."""
+    if eps_cond.shape != eps_uncond.shape:
+        raise ValueError(f"shapes differ: {tuple(eps_cond.shape)} vs {tuple(eps_uncond.shape)}")
+    diff = (eps_cond.detach().to(torch.float64) - eps_uncond.detach().to(torch.float64)).flatten(1)
+    return diff.norm(dim=1)
+
+
+def wen_score(step_norms: Sequence[torch.Tensor] | torch.Tensor) -> float:
+    """A prompt's score: the mean of d_t over the steps and seeds measured (``(steps, seeds)``)."""
+    values = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in step_norms]) if isinstance(
+        step_norms, (list, tuple)) else torch.as_tensor(step_norms, dtype=torch.float64)
+    if values.numel() == 0:
+        raise ValueError("no Wen norms to average")
+    return float(values.mean())
