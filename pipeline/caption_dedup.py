@@ -30,26 +30,37 @@ Stages:
    ``bucket_window + 1`` members; larger buckets are linked as a chain of overlapping windows so
    they cost linear, not quadratic, pairs).
 5. **Verification** of each distinct candidate pair: the exact Jaccard similarity of the two shingle
-   sets (sets of the 32-bit shingle hashes MinHash sees) must be >= ``threshold``; and, with
-   ``word_guard``, the pair must not *replace a word by a different word*: words present on one
-   side only must each be a typo (one insertion, deletion, substitution or swap of neighbours in a
-   word of four letters or more, no digits) of a word on the other side, or be on one side only
-   (an inserted or dropped word). Thus "a red car parked on the street" and "a blue car parked on
-   the street" stay apart, while "a red car parked on the stret" joins "a red car parked on the
-   street". Spacing-only differences ("t shirt" / "tshirt") always pass the guard.
+   sets (sets of the 32-bit shingle hashes MinHash sees; rows of a sparse binary matrix, so the
+   intersections are computed in C) must be >= ``threshold``; and, with ``word_guard``, the pair
+   must not *replace a word by a different word*: words present on one side only must each be a
+   typo (one insertion, deletion, substitution or swap of neighbours in a word of four letters or
+   more, letters only) of a word on the other side, or be on one side only (an inserted or dropped
+   word). Thus "a red car parked on the street" and "a blue car parked on the street" stay apart,
+   while "a red car parked on the stret" joins "a red car parked on the street", and "tomb raider
+   legend" joins "tomb raider legend psp". Spacing-only differences ("t shirt" / "tshirt") pass.
+   The guard is the only per-pair Python step and runs only on pairs that passed the Jaccard test.
 6. **Union-find** (:func:`pipeline.union_find.connected_components`) over verified pairs.
+
+Why these defaults (character 3-grams, threshold 0.7, word guard on): measured on the planted data
+of :mod:`pipeline.planted_captions` (see BENCHMARKS.md). Word shingles cannot tell a typo from a
+changed word at all (both change one word of the set); longer character shingles make a one-letter
+typo in a short caption cost as much as a changed word. Character 3-grams separate them best, but
+no Jaccard threshold alone keeps one-word hard negatives apart while still joining typo variants
+of short captions: the word guard does that.
 
 Ray: with at least ``ray_min_rows`` input rows (and a Ray session up), stages 1, 3, 4 and 5 run as
 Ray tasks: normalisation and MinHash over row chunks of ``batch_size``; banding partitioned by
 band groups (each task reads only its bands' bucket keys from every chunk); verification over
-chunks of candidate pairs. The driver keeps the keys and normalised captions, runs the exact pass
-(Arrow's C++ hash table) and the union-find over verified pairs. Below ``ray_min_rows`` everything
-runs in-process, which is faster for small inputs (no task start-up or serialisation); both paths
-compute the same function and give identical output.
+chunks of candidate pairs (each task gathers only the shingle sets its pairs touch). The driver
+keeps the keys and normalised captions, runs the exact pass (Arrow's C++ hash table) and the
+union-find over verified pairs, which are few. Below ``ray_min_rows`` the same chunked stages run
+in-process, which is faster for small inputs (no Ray start-up, no serialisation); both paths give
+identical output.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,6 +71,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from scipy.sparse import csr_matrix
 
 from pipeline.config import CaptionDedupConfig, RayConfig
 from pipeline.minhash import SCHEMES, MinHasher, band_hashes, char_shingles, lsh_params, shingle_hashes
@@ -182,6 +194,16 @@ def sketch_chunk(texts: pa.Array, hasher: MinHasher, bands: int, rows: int, band
     return ChunkSketch([keys[:, g] for g in groups], tokens, sh.offsets)
 
 
+@functools.lru_cache(maxsize=256)
+def _window_pairs(size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (i, j), i < j <= i + window, within a bucket of ``size`` sorted members."""
+    if size - 1 <= window:
+        return np.triu_indices(size, k=1)
+    i = np.concatenate([np.arange(size - d) for d in range(1, window + 1)])
+    j = i + np.repeat(np.arange(1, window + 1), [size - d for d in range(1, window + 1)])
+    return i, j
+
+
 def bucket_pairs(band_keys: np.ndarray, window: int) -> np.ndarray:
     """Candidate pairs (i < j) of rows that share a bucket key in any column of ``band_keys``.
 
@@ -191,25 +213,22 @@ def bucket_pairs(band_keys: np.ndarray, window: int) -> np.ndarray:
     n = band_keys.shape[0]
     out: list[np.ndarray] = []
     ids = np.arange(n, dtype=np.int64)
-    for j in range(band_keys.shape[1]):
-        col = band_keys[:, j]
+    for col in band_keys.T:
         order = np.lexsort((ids, col))
         sk = col[order]
-        same = sk[1:] == sk[:-1]
-        if not same.any():
-            continue
-        # Keep only rows in buckets of two or more, then compare neighbours d apart.
-        in_bucket = np.zeros(n, dtype=bool)
-        in_bucket[1:] |= same
-        in_bucket[:-1] |= same
-        sk, so = sk[in_bucket], order[in_bucket]
-        for d in range(1, window + 1):
-            if d >= len(sk):
-                break
-            hit = np.flatnonzero(sk[d:] == sk[:-d])
-            if len(hit) == 0:
-                break
-            out.append(np.stack([so[hit], so[hit + d]], axis=1))
+        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        multi = sizes > 1
+        starts, sizes = starts[multi], sizes[multi]
+        for size in np.unique(sizes):
+            # Buckets of this size side by side, then the same within-bucket positions in each.
+            members = order[starts[sizes == size][:, None] + np.arange(size)[None, :]]
+            i, j = _window_pairs(int(size), window)
+            if size > 2048:  # bound the memory of one very large bucket group
+                for row in members:
+                    out.append(np.stack([row[i], row[j]], axis=1))
+            else:
+                out.append(np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1))
     if not out:
         return np.zeros((0, 2), dtype=np.int64)
     return unique_pairs(np.concatenate(out))
@@ -221,7 +240,8 @@ def unique_pairs(pairs: np.ndarray) -> np.ndarray:
     if len(pairs) == 0:
         return pairs
     lo, hi = pairs.min(axis=1), pairs.max(axis=1)
-    packed = np.unique((lo.astype(np.uint64) << np.uint64(32)) | hi.astype(np.uint64))
+    packed = np.sort((lo.astype(np.uint64) << np.uint64(32)) | hi.astype(np.uint64))
+    packed = packed[np.r_[True, packed[1:] != packed[:-1]]]
     return np.stack(
         [(packed >> np.uint64(32)).astype(np.int64), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)], 1
     )
@@ -230,43 +250,28 @@ def unique_pairs(pairs: np.ndarray) -> np.ndarray:
 def pair_jaccard(tokens: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Exact Jaccard similarity of the token *sets* of each pair of texts (float64), vectorised.
 
-    The distinct tokens of every text in a pair are sorted once under keys ``(text << 32) | token``;
-    each token of a pair's smaller set is then looked up in the other text's keys by binary search.
+    The texts become rows of a binary sparse matrix over token values (duplicates summed away,
+    indices sorted); a pair's intersection is the sum of the element-wise product of its two rows,
+    which scipy computes by merging sorted index lists in C.
     """
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     out = np.zeros(len(pairs), dtype=np.float64)
     if len(pairs) == 0:
         return out
-    rows = np.unique(pairs)
-    counts = offsets[rows + 1] - offsets[rows]
-    local = np.repeat(np.arange(len(rows), dtype=np.uint64), counts)
-    keys = (local << np.uint64(32)) | tokens[_gather_ranges(offsets[rows], counts)].astype(np.uint64)
-    keys.sort()
-    if len(keys):
-        keys = keys[np.r_[True, keys[1:] != keys[:-1]]]
-    set_off = np.searchsorted(keys, np.arange(len(rows) + 1, dtype=np.uint64) << np.uint64(32))
-    a = np.searchsorted(rows, pairs[:, 0])
-    b = np.searchsorted(rows, pairs[:, 1])
-    la = set_off[a + 1] - set_off[a]
-    lb = set_off[b + 1] - set_off[b]
-    small = np.where(la <= lb, a, b)
-    other = np.where(la <= lb, b, a).astype(np.uint64)
-    ls = np.minimum(la, lb)
-    bounds = np.searchsorted(np.cumsum(ls), np.arange(0, int(ls.sum()), _VERIFY_CHUNK_TOKENS), side="right")
-    bounds = np.unique(np.r_[bounds, len(pairs)])
-    inter = np.zeros(len(pairs), dtype=np.int64)
-    lo = 0
-    for hi in bounds:
-        if hi <= lo:
-            continue
-        idx = _gather_ranges(set_off[small[lo:hi]], ls[lo:hi])
-        owner = np.repeat(np.arange(lo, hi), ls[lo:hi])
-        query = (other[owner] << np.uint64(32)) | (keys[idx] & np.uint64(0xFFFFFFFF))
-        pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-        inter[lo:hi] = np.bincount(owner[keys[pos] == query] - lo, minlength=hi - lo)
-        lo = hi
-    union = la + lb - inter
-    np.divide(inter, union, out=out, where=union > 0)
+    n = len(offsets) - 1
+    sets = csr_matrix(
+        (np.ones(len(tokens), np.float32), np.asarray(tokens, dtype=np.int64), np.asarray(offsets, np.int64)),
+        shape=(n, 1 << 32),
+    )
+    sets.sum_duplicates()
+    sets.data[:] = 1.0
+    sizes = np.diff(sets.indptr)
+    step = max(1, _VERIFY_CHUNK_TOKENS // max(1, int(sizes.mean()) if n else 1))
+    for lo in range(0, len(pairs), step):
+        a, b = pairs[lo : lo + step, 0], pairs[lo : lo + step, 1]
+        inter = np.asarray(sets[a].multiply(sets[b]).sum(axis=1), dtype=np.float64).ravel()
+        union = sizes[a] + sizes[b] - inter
+        np.divide(inter, union, out=out[lo : lo + step], where=union > 0)
     return out
 
 
@@ -300,8 +305,15 @@ def replaces_a_word(a: str, b: str) -> bool:
     if a == b:
         return False
     sa, sb = set(a.split(" ")), set(b.split(" "))
-    da, db = sa - sb, sb - sa
-    if not da or not db or a.replace(" ", "") == b.replace(" ", ""):
+    da = sa - sb
+    if not da:
+        return False
+    db = sb - sa
+    if not db:
+        return False
+    if len(da) == 1 and len(db) == 1:  # the common case: one word against one word
+        return not _typo_of(next(iter(da)), next(iter(db)))
+    if a.replace(" ", "") == b.replace(" ", ""):
         return False
     if len(da) * len(db) > 256:
         return True
@@ -315,6 +327,28 @@ def replaces_a_word(a: str, b: str) -> bool:
                 hit = True
         unmatched_a = unmatched_a or not hit
     return unmatched_a and len(matched_b) < len(db)
+
+
+def gather_sets(
+    chunks: tuple[tuple[np.ndarray, np.ndarray], ...], chunk_starts: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, offsets) of the global ``rows`` (sorted), read from per-chunk (tokens, offsets) pairs.
+
+    Chunk c holds global rows ``chunk_starts[c]`` onwards.
+    """
+    which = np.searchsorted(chunk_starts, rows, side="right") - 1
+    parts, lengths = [], []
+    for c in np.unique(which):
+        tokens, offsets = chunks[c]
+        local = rows[which == c] - chunk_starts[c]
+        counts = offsets[local + 1] - offsets[local]
+        parts.append(tokens[_gather_ranges(offsets[local], counts)])
+        lengths.append(counts)
+    if not parts:
+        return np.zeros(0, np.uint32), np.zeros(1, np.int64)
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return np.concatenate(parts), offsets
 
 
 @dataclass
@@ -369,13 +403,12 @@ def _ray_tasks():
         return bucket_pairs(np.concatenate(chunk_keys), window)
 
     @ray.remote(num_cpus=1)
-    def verify_task(pairs, texts, threshold, word_guard, *token_chunks):
-        tokens = np.concatenate([t for t, _ in token_chunks])
-        bases = np.cumsum([0] + [len(t) for t, _ in token_chunks[:-1]])
-        offsets = np.concatenate(
-            [o[:-1] + b for (_, o), b in zip(token_chunks, bases)] + [np.array([len(tokens)], np.int64)]
-        )
-        v = verify_pairs(pairs, tokens, offsets, texts, threshold, word_guard)
+    def verify_task(pairs, texts, threshold, word_guard, chunk_starts, *token_chunks):
+        # Only the texts this task's pairs touch: their token sets, gathered into one small CSR.
+        rows = np.unique(pairs)
+        tokens, offsets = gather_sets(token_chunks, np.asarray(chunk_starts), rows)
+        local = np.searchsorted(rows, pairs)
+        v = verify_pairs(local, tokens, offsets, texts.take(pa.array(rows)), threshold, word_guard)
         return v.keep, v.below_threshold, v.word_substitutions
 
     return normalize_task, sketch_task, band_group_task, verify_task
@@ -504,11 +537,12 @@ def find_caption_duplicates(
             unique_pairs(np.concatenate(ray.get(pair_refs))) if pair_refs else np.zeros((0, 2), np.int64)
         )
         token_refs = [s[band_groups] for s in sketches]
+        starts = [lo for lo, _ in chunks]
         t = lap("minhash_lsh", t)
         parts = np.array_split(candidates, max(1, min(len(candidates) // 5000 + 1, 4 * cpus)))
         results = ray.get(
             [
-                verify_task.remote(p, texts_ref, cfg.threshold, cfg.word_guard, *token_refs)
+                verify_task.remote(p, texts_ref, cfg.threshold, cfg.word_guard, starts, *token_refs)
                 for p in parts
                 if len(p)
             ]
@@ -517,10 +551,24 @@ def find_caption_duplicates(
         below = sum(r[1] for r in results)
         substitutions = sum(r[2] for r in results)
     elif n_nodes:
-        sketch = sketch_chunk(texts, hasher, bands, rows, 1)
-        candidates = bucket_pairs(sketch.band_keys[0], cfg.bucket_window)
+        # Same chunking as on Ray, so memory stays bounded by batch_size: a chunk's signatures are
+        # dropped once its band keys exist.
+        sketches_local = [
+            sketch_chunk(texts.slice(lo, hi - lo), hasher, bands, rows, 1)
+            for lo, hi in _chunks(n_nodes, cfg.batch_size)
+        ]
+        keys_all = np.concatenate([sk.band_keys[0] for sk in sketches_local])
+        candidates = bucket_pairs(keys_all, cfg.bucket_window)
+        del keys_all
         t = lap("minhash_lsh", t)
-        v = verify_pairs(candidates, sketch.tokens, sketch.offsets, texts, cfg.threshold, cfg.word_guard)
+        if len(sketches_local) == 1:
+            tokens, offsets = sketches_local[0].tokens, sketches_local[0].offsets
+        else:
+            starts = np.array([lo for lo, _ in _chunks(n_nodes, cfg.batch_size)])
+            tokens, offsets = gather_sets(
+                tuple((sk.tokens, sk.offsets) for sk in sketches_local), starts, np.arange(n_nodes)
+            )
+        v = verify_pairs(candidates, tokens, offsets, texts, cfg.threshold, cfg.word_guard)
         keep, below, substitutions = v.keep, v.below_threshold, v.word_substitutions
     else:
         candidates, keep, below, substitutions = np.zeros((0, 2), np.int64), np.zeros(0, bool), 0, 0

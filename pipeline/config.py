@@ -124,7 +124,9 @@ class CaptionDedupConfig:
         True, "reject pairs where a word is replaced by a different word (not a one-letter typo)"
     )
     bucket_window: int = option(64, "LSH bucket members each caption is paired with (bounds huge buckets)")
-    ray_min_rows: int = option(100_000, "inputs with fewer rows run in-process; larger ones on Ray tasks")
+    ray_min_rows: int = option(
+        500_000, "inputs with fewer rows run in-process without starting Ray; larger ones on Ray tasks"
+    )
     batch_size: int = option(50_000, "captions per Ray task (normalisation, MinHash)")
 
 

@@ -140,6 +140,18 @@ def test_small_example_groups_and_schema():
     assert result.stats["exact_duplicate_rows"] == 1
 
 
+def test_degenerate_inputs():
+    none = find_caption_duplicates([None, "", " ", "?!"], use_ray=False)
+    assert none.table.column("group_id").to_pylist() == [0, 1, 2, 3]
+    assert none.stats["empty_captions"] == 4 and none.stats["candidate_pairs"] == 0
+    empty = find_caption_duplicates([], use_ray=False)
+    assert empty.table.num_rows == 0 and empty.table.schema.names[0] == "key"
+    with pytest.raises(ValueError, match="threshold must be in"):
+        find_caption_duplicates(["a"], CaptionDedupConfig(threshold=1.5), use_ray=False)
+    with pytest.raises(ValueError, match="shingle_size"):
+        find_caption_duplicates(["a"], CaptionDedupConfig(shingle_size=20), use_ray=False)
+
+
 def test_precision_and_recall_on_planted_duplicates():
     planted = generate(20_000, seed=11)
     assert {"base", "variant", "typo", "negative"} <= set(planted.kind)
@@ -184,7 +196,23 @@ def test_results_do_not_depend_on_batch_size(ray_local):
     planted = generate(3000, seed=8)
     a = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=700, ray_min_rows=0))
     b = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=5000), use_ray=False)
-    assert a.table.equals(b.table)
+    c = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=450), use_ray=False)
+    assert a.stats["mode"] == "ray"
+    assert a.table.equals(b.table) and c.table.equals(b.table)
+
+
+def test_pair_scores_count_like_enumeration():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    truth, predicted = rng.integers(0, 8, 80), rng.integers(0, 6, 80)
+    pairs = list(itertools.combinations(range(80), 2))
+    true_pairs = {(i, j) for i, j in pairs if truth[i] == truth[j]}
+    pred_pairs = {(i, j) for i, j in pairs if predicted[i] == predicted[j]}
+    scores = pair_scores(truth, predicted)
+    assert scores["correct_pairs"] == len(true_pairs & pred_pairs)
+    assert scores["precision"] == pytest.approx(len(true_pairs & pred_pairs) / len(pred_pairs))
+    assert scores["recall"] == pytest.approx(len(true_pairs & pred_pairs) / len(true_pairs))
 
 
 # ------------------------------------------------------------------------------------------------
