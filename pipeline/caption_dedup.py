@@ -37,7 +37,9 @@ Stages:
    more, letters only) of a word on the other side, or be on one side only (an inserted or dropped
    word). Thus "a red car parked on the street" and "a blue car parked on the street" stay apart,
    while "a red car parked on the stret" joins "a red car parked on the street", and "tomb raider
-   legend" joins "tomb raider legend psp". Spacing-only differences ("t shirt" / "tshirt") pass.
+   legend" joins "tomb raider legend psp". Spacing-only differences ("t shirt" / "tshirt") pass,
+   and "words" over 20 characters (unsegmented scripts such as Chinese or Japanese) are left to the
+   Jaccard test alone.
    The guard is the only per-pair Python step and runs only on pairs that passed the Jaccard test.
 6. **Union-find** (:func:`pipeline.union_find.connected_components`) over verified pairs.
 
@@ -86,6 +88,8 @@ SUMMARY_NAME = "caption_dedup_summary.json"
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
 KEY_COLUMN = "key"
 
+# Longer "words" are unsegmented text (no spaces between words), exempt from the word guard.
+UNSEGMENTED_WORD = 20
 # Candidate pairs verified per vectorised Jaccard step (bounds its memory to ~100 MB).
 _VERIFY_CHUNK_TOKENS = 4_000_000
 
@@ -301,6 +305,9 @@ def replaces_a_word(a: str, b: str) -> bool:
     Words on one side only are matched against the other side's by :func:`_typo_of`. A word left
     unmatched on *both* sides is a substitution (a different colour, object, number...). Only
     insertions or deletions (unmatched words on one side) and typos do not count.
+
+    A "word" longer than :data:`UNSEGMENTED_WORD` characters is taken for unsegmented text (Chinese,
+    Japanese, Thai... are written without spaces): such words are left to the Jaccard test alone.
     """
     if a == b:
         return False
@@ -311,6 +318,11 @@ def replaces_a_word(a: str, b: str) -> bool:
     db = sb - sa
     if not db:
         return False
+    if any(len(w) > UNSEGMENTED_WORD for w in da) or any(len(w) > UNSEGMENTED_WORD for w in db):
+        da = {w for w in da if len(w) <= UNSEGMENTED_WORD}
+        db = {w for w in db if len(w) <= UNSEGMENTED_WORD}
+        if not da or not db:
+            return False
     if len(da) == 1 and len(db) == 1:  # the common case: one word against one word
         return not _typo_of(next(iter(da)), next(iter(db)))
     if a.replace(" ", "") == b.replace(" ", ""):

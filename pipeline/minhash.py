@@ -282,7 +282,7 @@ class MinHasher:
 
     num_perm: int = 128
     seed: int = 1
-    shingle_size: int = 5
+    shingle_size: int = 3
     scheme: str = "affine32"
 
     def signatures_from_hashes(

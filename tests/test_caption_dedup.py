@@ -108,6 +108,10 @@ def test_word_guard_keeps_meaningful_changes_apart_and_typos_together():
     assert not replaces_a_word("a red car parked on the street", "a red car parekd on the street")  # swap
     assert not replaces_a_word("tomb raider legend", "tomb raider legend psp")  # an added word
     assert not replaces_a_word("red t shirt", "red tshirt")  # spacing only
+    # Unsegmented scripts: one long "word" per caption is left to the Jaccard test.
+    assert not replaces_a_word(
+        "東京の夜景と赤い車が通りに停まっている写真です", "東京の夜景と赤い車が通りに停まっている写真"
+    )
 
 
 def test_small_example_groups_and_schema():
