@@ -18,8 +18,14 @@ from pipeline.cli import build_parser, parse_config
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="amg", extra=()), argv).amg
     report = train_memorizing_models(
-        cfg.demo_dir, cfg.model_dir, seed=cfg.seed, image_size=cfg.image_size, vae_steps=cfg.vae_steps,
-        unet_steps=cfg.unet_steps, uncond_steps=cfg.uncond_steps, batch_size=cfg.batch_size,
+        cfg.demo_dir,
+        cfg.model_dir,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        vae_steps=cfg.vae_steps,
+        unet_steps=cfg.unet_steps,
+        uncond_steps=cfg.uncond_steps,
+        batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
     )
     return {"job": "train_memorizing_model", "model_dir": cfg.model_dir, **report}

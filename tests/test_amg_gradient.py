@@ -69,7 +69,7 @@ def test_sigma_gradient_matches_finite_differences(name, latent, tmp_path):
     eps = torch.randn(shape, generator=gen, dtype=torch.float64)
     alpha_bar = torch.tensor(0.7, dtype=torch.float64)
     with torch.no_grad():
-        detection = amg.detector.detect(to_pixels((x_t - (0.3 ** 0.5) * eps) / 0.7 ** 0.5))
+        detection = amg.detector.detect(to_pixels((x_t - (0.3**0.5) * eps) / 0.7**0.5))
     sigma, grad = amg.sigma_and_gradient(x_t, eps, alpha_bar, to_pixels, detection)
     assert torch.allclose(sigma, detection.sigma.to(sigma), atol=1e-5)  # same n0, same score
 
@@ -79,7 +79,9 @@ def test_sigma_gradient_matches_finite_differences(name, latent, tmp_path):
             return amg.detector.similarity(to_pixels(x0), detection)
 
     for seed in range(2):
-        direction = torch.randn(shape, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+        direction = torch.randn(
+            shape, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64
+        )
         direction /= direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         h = 1e-5
         fd = (sigma_at(x_t + h * direction) - sigma_at(x_t - h * direction)) / (2 * h)

@@ -59,13 +59,26 @@ def _step(amg, state, det, step, seed):
         calls.append((rows.tolist(), captions))
         return eps_n[rows]
 
-    out = amg.guide(state, step=step, t=500, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z,
-                    eps_uncond=eps_u, eps_cond=eps_c, guidance_scale=S0, caption_eps=caption_eps)
+    out = amg.guide(
+        state,
+        step=step,
+        t=500,
+        x_t=x_t,
+        alpha_bar=ALPHA_BAR,
+        eps=eps,
+        to_pixels=lambda z: z,
+        eps_uncond=eps_u,
+        eps_cond=eps_c,
+        guidance_scale=S0,
+        caption_eps=caption_eps,
+    )
     return out, (x_t, eps_u, eps_c, eps_n, eps), calls
 
 
 def test_shared_gate_applies_all_three_terms_above_lambda_only():
-    cfg = AMGConfig.preset("paper", "sscd", c1=13.0, c2=13.0, c3=2.0, threshold="constant", lambda_start=LAMBDA)
+    cfg = AMGConfig.preset(
+        "paper", "sscd", c1=13.0, c2=13.0, c3=2.0, threshold="constant", lambda_start=LAMBDA
+    )
     det = ScriptedDetector([[0.2, 0.45, 0.8]], ["dup caption", "dup caption", None], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
@@ -82,7 +95,9 @@ def test_shared_gate_applies_all_three_terms_above_lambda_only():
         expected[i] += 2.0 * math.sqrt(1 - 0.64) * grad[i]
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     rec = state.trace.steps[0]
-    assert rec.fired == [False, True, True] and rec.spe == [False, True, True] and rec.sim == [False, True, True]
+    assert (
+        rec.fired == [False, True, True] and rec.spe == [False, True, True] and rec.sim == [False, True, True]
+    )
     assert rec.dup == [False, True, False]  # sample 2: s1 = s0 − 1 leaves no budget for s2
     assert rec.s1 == pytest.approx([0.0, 5.85, 6.5]) and rec.s2 == pytest.approx([0.0, 0.65, 0.0])
     assert calls == [([1], ["dup caption"])] and det.calls == 1  # one detection: no re-check in paper mode
@@ -95,8 +110,18 @@ def test_nothing_detected_returns_the_input_tensor_itself():
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
     x_t, eps_u, eps_c, _, eps = _inputs(0)
-    out = amg.guide(state, step=0, t=10, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z,
-                    eps_uncond=eps_u, eps_cond=eps_c, guidance_scale=S0)
+    out = amg.guide(
+        state,
+        step=0,
+        t=10,
+        x_t=x_t,
+        alpha_bar=ALPHA_BAR,
+        eps=eps,
+        to_pixels=lambda z: z,
+        eps_uncond=eps_u,
+        eps_cond=eps_c,
+        guidance_scale=S0,
+    )
     assert out is eps and state.trace.gradients == 0 and state.trace.detections == 1
 
 
@@ -106,8 +131,21 @@ def test_disabled_config_does_nothing():
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
     x_t, eps_u, eps_c, _, eps = _inputs(0)
-    assert amg.guide(state, step=0, t=10, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z,
-                     eps_uncond=eps_u, eps_cond=eps_c, guidance_scale=S0) is eps
+    assert (
+        amg.guide(
+            state,
+            step=0,
+            t=10,
+            x_t=x_t,
+            alpha_bar=ALPHA_BAR,
+            eps=eps,
+            to_pixels=lambda z: z,
+            eps_uncond=eps_u,
+            eps_cond=eps_c,
+            guidance_scale=S0,
+        )
+        is eps
+    )
     assert det.calls == 0 and state.trace.steps == []
 
 
@@ -115,10 +153,14 @@ def test_reference_gates_hold_and_recheck():
     cfg = AMGConfig.preset("reference", "sscd", threshold="constant", lambda_start=LAMBDA, dup_hold_steps=2)
     # Per step: σ1 for the 3 samples, then σ2 (re-check after G_spe/G_dup).
     script = [
-        [0.2, 0.35, -0.1], [0.25, 0.32, -0.1],  # step 0: sample 1 triggers G_dup; σ2 of sample 1 > λ -> G_sim
-        [0.1, 0.1, -0.1], [0.1, 0.29, -0.1],    # step 1: no trigger, sample 1 held; σ2 below λ
-        [0.1, 0.1, -0.1], [0.1, 0.1, -0.1],     # step 2: still held (2 steps after the trigger)
-        [0.1, 0.1, -0.1], [0.1, 0.1, -0.1],     # step 3: hold over
+        [0.2, 0.35, -0.1],
+        [0.25, 0.32, -0.1],  # step 0: sample 1 triggers G_dup; σ2 of sample 1 > λ -> G_sim
+        [0.1, 0.1, -0.1],
+        [0.1, 0.29, -0.1],  # step 1: no trigger, sample 1 held; σ2 below λ
+        [0.1, 0.1, -0.1],
+        [0.1, 0.1, -0.1],  # step 2: still held (2 steps after the trigger)
+        [0.1, 0.1, -0.1],
+        [0.1, 0.1, -0.1],  # step 3: hold over
     ]
     det = ScriptedDetector(script, ["cap0", "cap1", None], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
@@ -149,8 +191,9 @@ def test_reference_gates_hold_and_recheck():
 
 def test_reference_caption_is_sticky():
     cfg = AMGConfig.preset("reference", "sscd", threshold="constant", lambda_start=LAMBDA, use_spe=False)
-    det = ScriptedDetector([[0.4, 0.0, 0.0], [0.1, 0.0, 0.0], [0.4, 0.0, 0.0], [0.1, 0.0, 0.0]],
-                           ["first", None, None], cfg)
+    det = ScriptedDetector(
+        [[0.4, 0.0, 0.0], [0.1, 0.0, 0.0], [0.4, 0.0, 0.0], [0.1, 0.0, 0.0]], ["first", None, None], cfg
+    )
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
     _step(amg, state, det, 0, seed=1)

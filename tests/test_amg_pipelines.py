@@ -44,8 +44,9 @@ def sscd_index():
 
 
 def _sd(pipe, **kwargs):
-    return pipe(PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np",
-                **kwargs)
+    return pipe(
+        PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np", **kwargs
+    )
 
 
 def _amg(backend, index, mode="reference", **overrides):
@@ -76,8 +77,20 @@ def test_sd_end_to_end_all_terms_fire_and_caption_pass_is_batched(sd_components,
     # Thresholds below any σ: every gate opens (σ − (−1) > 0 keeps s1, s2 positive on random models);
     # n0 is forced to a duplicated-caption row by an index holding only those rows' vectors.
     dup_index = InMemoryNeighbourIndex(index.embeddings(np.arange(3)), [DUP] * 3)
-    amg = _amg(backend, dup_index, mode="reference", lambda_a=-1.0, lambda_b=0.0, c3_sigma_offset=None, c3_time_scale=None, c3=50.0,
-               c1=2.0, c2_saturation=None, c2=2.0, scale_sigma_offset=-1.0)
+    amg = _amg(
+        backend,
+        dup_index,
+        mode="reference",
+        lambda_a=-1.0,
+        lambda_b=0.0,
+        c3_sigma_offset=None,
+        c3_time_scale=None,
+        c3=50.0,
+        c1=2.0,
+        c2_saturation=None,
+        c2=2.0,
+        scale_sigma_offset=-1.0,
+    )
     out = _sd(pipe, amg=amg)
     trace = out.amg_trace
     assert not np.array_equal(out.images, plain) and np.isfinite(out.images).all()
@@ -87,15 +100,39 @@ def test_sd_end_to_end_all_terms_fire_and_caption_pass_is_batched(sd_components,
     # ε(x_t, y_N) ran as a separate pass at the first trigger only; afterwards it rode in the CFG batch.
     assert trace.caption_passes == 1
     # Batched and separate caption passes give the same result (up to batch-size float noise).
-    amg_unbatched = _amg(backend, dup_index, mode="reference", lambda_a=-1.0, lambda_b=0.0, c3_sigma_offset=None, c3_time_scale=None,
-                         c3=50.0, c1=2.0, c2_saturation=None, c2=2.0, scale_sigma_offset=-1.0)
+    amg_unbatched = _amg(
+        backend,
+        dup_index,
+        mode="reference",
+        lambda_a=-1.0,
+        lambda_b=0.0,
+        c3_sigma_offset=None,
+        c3_time_scale=None,
+        c3=50.0,
+        c1=2.0,
+        c2_saturation=None,
+        c2=2.0,
+        scale_sigma_offset=-1.0,
+    )
     amg_unbatched.planned_captions = lambda state: [None] * state.batch_size
     separate = _sd(pipe, amg=amg_unbatched)
     assert separate.amg_trace.caption_passes == 4
     np.testing.assert_allclose(separate.images, out.images, atol=1e-4)
     # Paper mode fires everything from the same σ_t; its trace records the shared gate.
-    paper = _sd(pipe, amg=_amg(backend, dup_index, mode="paper", threshold="constant", lambda_start=-1.0, c3=50.0,
-                               c1=2.0, c2=2.0, scale_sigma_offset=-1.0))
+    paper = _sd(
+        pipe,
+        amg=_amg(
+            backend,
+            dup_index,
+            mode="paper",
+            threshold="constant",
+            lambda_start=-1.0,
+            c3=50.0,
+            c1=2.0,
+            c2=2.0,
+            scale_sigma_offset=-1.0,
+        ),
+    )
     assert all(all(s.fired) and all(s.sim) for s in paper.amg_trace.steps)
     assert paper.amg_trace.detections == 4 + 1  # one per step plus the final image
 
@@ -109,7 +146,8 @@ def test_sd_trace_serialises(sd_components, sscd_index):
     assert data["config"]["mode"] == "reference" and len(data["steps"]) == 4
     assert set(data["steps"][0]) >= {"sigma", "threshold", "spe", "dup", "sim", "s1", "s2", "c3", "neighbour"}
     images, nsfw, trace = AMGStableDiffusionPipeline(**sd_components)(
-        PROMPTS[0], num_inference_steps=2, output_type="np", return_dict=False, amg=_amg(backend, index))
+        PROMPTS[0], num_inference_steps=2, output_type="np", return_dict=False, amg=_amg(backend, index)
+    )
     assert images.shape == (1, 32, 32, 3) and trace.steps
 
 
@@ -129,13 +167,21 @@ def nl2_index():
 def test_pixel_pipelines_with_amg_disabled_or_silent_equal_diffusers(kind, pixel_unet, nl2_index):
     backend, index = nl2_index
     ddpm, ddim = pixel_schedulers()
-    base_cls, amg_cls, scheduler = {"ddpm": (DDPMPipeline, AMGDDPMPipeline, ddpm),
-                                    "ddim": (DDIMPipeline, AMGDDIMPipeline, ddim)}[kind]
+    base_cls, amg_cls, scheduler = {
+        "ddpm": (DDPMPipeline, AMGDDPMPipeline, ddpm),
+        "ddim": (DDIMPipeline, AMGDDIMPipeline, ddim),
+    }[kind]
     extra = {"eta": 0.5} if kind == "ddim" else {}
 
     def run(pipe, **kwargs):
-        return pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=6, output_type="np",
-                    **extra, **kwargs)
+        return pipe(
+            batch_size=2,
+            generator=torch.Generator().manual_seed(5),
+            num_inference_steps=6,
+            output_type="np",
+            **extra,
+            **kwargs,
+        )
 
     plain = run(base_cls(unet=pixel_unet, scheduler=scheduler)).images
     pipe = amg_cls(unet=pixel_unet, scheduler=scheduler)
@@ -166,13 +212,24 @@ def test_class_conditional_unet_runs_with_labels_and_amg(nl2_index):
     expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
     def run(**kwargs):
-        return pipe(batch_size=2, generator=torch.Generator().manual_seed(6), num_inference_steps=5,
-                    output_type="np", class_labels=labels, **kwargs)
+        return pipe(
+            batch_size=2,
+            generator=torch.Generator().manual_seed(6),
+            num_inference_steps=5,
+            output_type="np",
+            class_labels=labels,
+            **kwargs,
+        )
 
     assert np.array_equal(run().images, expected)
     assert np.array_equal(run(amg=_amg(backend, index, enabled=False)).images, expected)
-    other_class = pipe(batch_size=2, generator=torch.Generator().manual_seed(6), num_inference_steps=5,
-                       output_type="np", class_labels=1).images
+    other_class = pipe(
+        batch_size=2,
+        generator=torch.Generator().manual_seed(6),
+        num_inference_steps=5,
+        output_type="np",
+        class_labels=1,
+    ).images
     assert not np.array_equal(other_class, expected)
     guided = run(amg=_amg(backend, index, threshold="constant", lambda_start=-100.0, c3=10.0))
     assert all(all(s.sim) for s in guided.amg_trace.steps) and not np.array_equal(guided.images, expected)

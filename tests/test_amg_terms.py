@@ -22,7 +22,9 @@ def test_predict_x0_is_eq_12():
     x_t, eps = _eps(0), _eps(1)
     ab = 0.37
     expected = (x_t.numpy() - math.sqrt(1 - ab) * eps.numpy()) / math.sqrt(ab)
-    np.testing.assert_allclose(terms.predict_x0(x_t, eps, torch.tensor(ab, dtype=torch.float64)), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        terms.predict_x0(x_t, eps, torch.tensor(ab, dtype=torch.float64)), expected, rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("s0", [7.5, 3.0])
@@ -109,7 +111,13 @@ def test_paper_threshold_is_a_parabola_between_the_reference_endpoints():
 def test_reference_preset_has_the_released_constants():
     cfg = AMGConfig.preset("reference", "sscd")
     assert (cfg.gate, cfg.c1, cfg.c2_saturation, cfg.c3, cfg.c3_sigma_offset, cfg.c3_time_scale) == (
-        "per_term", 13.0, 0.3, 100.0, 0.3, 170.0)
+        "per_term",
+        13.0,
+        0.3,
+        100.0,
+        0.3,
+        170.0,
+    )
     assert (cfg.lambda_a, cfg.lambda_b, cfg.lambda_rate, cfg.dup_hold_steps) == (0.3, 0.1, 0.005, 10)
     assert cfg.s0 is None and cfg.memorized_threshold == 0.5 and cfg.recheck_sigma
     nl2 = AMGConfig.preset("reference", "nl2")

@@ -31,7 +31,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Differentiable bilinear resize to ``size``×``size`` (antialiased when shrinking); a no-op at that size."""
+    """Differentiable bilinear resize to a ``size``-sided square (antialiased when shrinking)."""
     if images.shape[-2:] == (size, size):
         return images
     shrink = images.shape[-1] > size or images.shape[-2] > size
@@ -71,12 +71,20 @@ class _CosineBackend(SimilarityBackend):
 
     metric = "ip"
 
-    def __init__(self, encoder: torch.nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 dim: int | None = None):
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        dim: int | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if dim is None:
             with torch.no_grad():
@@ -102,7 +110,8 @@ class SSCDBackend(_CosineBackend):
     """SSCD copy-detection descriptors from a TorchScript file; σ = dot product of normalised descriptors.
 
     Args:
-        model (`torch.nn.Module`): the descriptor network (e.g. ``torch.jit.load("sscd_disc_mixup.torchscript.pt")``).
+        model (`torch.nn.Module`): the descriptor network, e.g.
+            ``torch.jit.load("sscd_disc_mixup.torchscript.pt")``.
         image_size (`int`, *optional*, defaults to 320): side of the square input (SSCD's "skew 320" resize).
         mean (`tuple`, *optional*, defaults to ImageNet's): input normalisation mean.
         std (`tuple`, *optional*, defaults to ImageNet's): input normalisation std.
@@ -110,13 +119,19 @@ class SSCDBackend(_CosineBackend):
 
     name = "sscd"
 
-    def __init__(self, model: torch.nn.Module, image_size: int = 320, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_size: int = 320,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         super().__init__(model, image_size, mean, std)
 
     @classmethod
-    def from_file(cls, path: str | Path, image_size: int = 320, device: torch.device | str = "cpu",
-                  **kwargs) -> SSCDBackend:
+    def from_file(
+        cls, path: str | Path, image_size: int = 320, device: torch.device | str = "cpu", **kwargs
+    ) -> SSCDBackend:
         """Load a TorchScript descriptor file (SSCD's released ``*.torchscript.pt``)."""
         path = Path(path)
         if not path.is_file():
@@ -137,8 +152,13 @@ class OpenClipBackend(_CosineBackend):
 
     name = "clip"
 
-    def __init__(self, model: torch.nn.Module, image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                 std: Sequence[float] = OPENAI_CLIP_STD):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_size: int,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+    ):
         super().__init__(model, image_size, mean, std)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ def build_clip_tokenizer(num_merges: int = 4000, max_length: int = 32) -> CLIPTo
     from open_clip.tokenizer import bytes_to_unicode
 
     lines = gzip.open(clip_bpe_file(), "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:1 + num_merges]]
+    merges = [tuple(line.split()) for line in lines[1 : 1 + num_merges]]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -51,13 +51,21 @@ def build_clip_tokenizer(num_merges: int = 4000, max_length: int = 32) -> CLIPTo
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> CLIPTextModel:
+def tiny_text_encoder(
+    tokenizer: CLIPTokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0
+) -> CLIPTextModel:
     """A random, frozen CLIP text transformer sized for ``tokenizer``."""
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=hidden_size,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=hidden_size,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -65,47 +73,80 @@ def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32, layers: i
     return model.eval().requires_grad_(False)
 
 
-def tiny_vae(channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, sample_size: int = 64,
-             seed: int = 0) -> AutoencoderKL:
+def tiny_vae(
+    channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, sample_size: int = 64, seed: int = 0
+) -> AutoencoderKL:
     """An [`AutoencoderKL`] downsampling by 2^(len(channels) − 1)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
-            up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels, layers_per_block=1,
-            latent_channels=latent_channels, norm_num_groups=16, sample_size=sample_size,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(channels),
+            up_block_types=("UpDecoderBlock2D",) * len(channels),
+            block_out_channels=channels,
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=16,
+            sample_size=sample_size,
         )
 
 
-def tiny_cond_unet(sample_size: int = 16, in_channels: int = 4, cross_attention_dim: int = 32,
-                   channels: tuple[int, int] = (32, 64), seed: int = 0) -> UNet2DConditionModel:
+def tiny_cond_unet(
+    sample_size: int = 16,
+    in_channels: int = 4,
+    cross_attention_dim: int = 32,
+    channels: tuple[int, int] = (32, 64),
+    seed: int = 0,
+) -> UNet2DConditionModel:
     """A two-level [`UNet2DConditionModel`] with cross-attention at the lower level."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(
-            sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=channels,
-            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-            attention_head_dim=8, norm_num_groups=16,
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=channels,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+            norm_num_groups=16,
         )
 
 
-def tiny_uncond_unet(sample_size: int = 32, channels: tuple[int, ...] = (32, 64, 64), num_class_embeds: int | None = None,
-                     seed: int = 0) -> UNet2DModel:
+def tiny_uncond_unet(
+    sample_size: int = 32,
+    channels: tuple[int, ...] = (32, 64, 64),
+    num_class_embeds: int | None = None,
+    seed: int = 0,
+) -> UNet2DModel:
     """A pixel-space [`UNet2DModel`]; ``num_class_embeds`` makes it class-conditional."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(
-            sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=1,
-            down_block_types=("DownBlock2D",) * len(channels), up_block_types=("UpBlock2D",) * len(channels),
-            norm_num_groups=16, num_class_embeds=num_class_embeds,
+            sample_size=sample_size,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=channels,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",) * len(channels),
+            up_block_types=("UpBlock2D",) * len(channels),
+            norm_num_groups=16,
+            num_class_embeds=num_class_embeds,
         )
 
 
 def sd_schedulers(num_train_timesteps: int = 1000) -> tuple[DDPMScheduler, DDIMScheduler]:
-    """Stable Diffusion v1's noise schedule (scaled-linear β from 0.00085 to 0.012) for training and sampling."""
-    kwargs = dict(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
-                  beta_schedule="scaled_linear", clip_sample=False)
+    """Stable Diffusion v1's noise schedule (scaled-linear β, 0.00085 to 0.012), for training and sampling."""
+    kwargs = dict(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+    )
     return DDPMScheduler(**kwargs), DDIMScheduler(**kwargs, set_alpha_to_one=False, steps_offset=1)
 
 

@@ -39,8 +39,9 @@ class Detection:
     def select(self, rows: torch.Tensor) -> Detection:
         """The detection of the samples ``rows`` (a long tensor of batch positions)."""
         rows_list = rows.tolist()
-        return Detection(self.sigma[rows], self.row_ids[rows], self.neighbours[rows],
-                         [self.captions[i] for i in rows_list])
+        return Detection(
+            self.sigma[rows], self.row_ids[rows], self.neighbours[rows], [self.captions[i] for i in rows_list]
+        )
 
 
 class MemorizationDetector:
@@ -56,7 +57,8 @@ class MemorizationDetector:
     def __init__(self, backend: SimilarityBackend, index: NeighbourIndex, config: AMGConfig | None = None):
         if index.dim != backend.dim:
             raise ValueError(
-                f"the index holds {index.dim}-d vectors but the {backend.name} backend makes {backend.dim}-d ones"
+                f"the index holds {index.dim}-d vectors but the {backend.name} backend makes "
+                f"{backend.dim}-d ones"
             )
         if len(index) == 0:
             raise ValueError("the neighbour index is empty")
@@ -64,7 +66,9 @@ class MemorizationDetector:
         self.index = index
         self.config = config if config is not None else AMGConfig.preset(backend=backend.name)
         if self.config.backend != backend.name:
-            raise ValueError(f"config is for backend {self.config.backend!r} but the backend is {backend.name!r}")
+            raise ValueError(
+                f"config is for backend {self.config.backend!r} but the backend is {backend.name!r}"
+            )
         if backend.name == "nl2":
             backend.neighbours_needed = self.config.nl2_k
             backend.alpha = self.config.nl2_alpha

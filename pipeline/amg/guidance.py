@@ -182,7 +182,11 @@ class AntiMemorizationGuidance:
         return self.detector.detect(to_pixels(terms.predict_x0(x_t, eps, alpha_bar)))
 
     def sigma_and_gradient(
-        self, x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, to_pixels: ToPixels,
+        self,
+        x_t: torch.Tensor,
+        eps: torch.Tensor,
+        alpha_bar: torch.Tensor,
+        to_pixels: ToPixels,
         detection: Detection,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """σ and ∇_{x_t}σ through x̂0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ (ε̂ held fixed), ``to_pixels`` and the backend.
@@ -286,8 +290,9 @@ class AntiMemorizationGuidance:
             trigger = dup_on & fired
             held = dup_on & torch.tensor([h > 0 for h in state.hold], device=sigma.device)
             dup_on = trigger | held
-            state.hold = [cfg.dup_hold_steps if trig else max(h - 1, 0)
-                          for trig, h in zip(trigger.tolist(), state.hold)]
+            state.hold = [
+                cfg.dup_hold_steps if trig else max(h - 1, 0) for trig, h in zip(trigger.tolist(), state.hold)
+            ]
         if cfg.c2_saturation is not None:
             c2 = terms.reference_c2(s0, s1, cfg.c2_saturation)
         else:
@@ -313,7 +318,9 @@ class AntiMemorizationGuidance:
                 eps_caption[idx] = caption_eps(idx, [y_n[r] for r in missing]).to(eps.dtype)
                 state.trace.caption_passes += 1
             g_dup = terms.caption_dedup_guidance(eps_caption, eps_uncond, s2.to(eps.dtype))
-            guided = guided + torch.where(dup_on.view(-1, *([1] * (eps.ndim - 1))), g_dup, torch.zeros_like(g_dup))
+            guided = guided + torch.where(
+                dup_on.view(-1, *([1] * (eps.ndim - 1))), g_dup, torch.zeros_like(g_dup)
+            )
         # What to batch with the next step's CFG pass.
         if shared:
             state.planned = [y_n[i] if bool(dup_on[i]) else None for i in range(B)]
@@ -338,10 +345,22 @@ class AntiMemorizationGuidance:
         if bool(sim_on.any()):
             guided = guided + g_sim
 
-        state.trace.steps.append(AMGStep(
-            step=step, timestep=t_int, threshold=float(lam), sigma=_list(sigma), neighbour=_list(det.row_ids),
-            fired=_list(fired), spe=_list(s1 > 0), dup=_list(dup_on), sim=_list(sim_on), s1=_list(s1),
-            s2=_list(torch.where(dup_on, s2, zeros)), c3=_list(c3), sigma_recheck=recheck,
-            dup_caption=[y_n[i] if bool(dup_on[i]) else None for i in range(B)],
-        ))
+        state.trace.steps.append(
+            AMGStep(
+                step=step,
+                timestep=t_int,
+                threshold=float(lam),
+                sigma=_list(sigma),
+                neighbour=_list(det.row_ids),
+                fired=_list(fired),
+                spe=_list(s1 > 0),
+                dup=_list(dup_on),
+                sim=_list(sim_on),
+                s1=_list(s1),
+                s2=_list(torch.where(dup_on, s2, zeros)),
+                c3=_list(c3),
+                sigma_recheck=recheck,
+                dup_caption=[y_n[i] if bool(dup_on[i]) else None for i in range(B)],
+            )
+        )
         return guided

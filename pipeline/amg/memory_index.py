@@ -56,7 +56,9 @@ class InMemoryNeighbourIndex:
         self.min_count = int(min_count)
         self._keys = list(keys) if keys is not None else [str(i) for i in range(len(vectors))]
         self._extra = list(extra) if extra is not None else [{} for _ in range(len(vectors))]
-        self._index = faiss.IndexFlatIP(vectors.shape[1]) if metric == "ip" else faiss.IndexFlatL2(vectors.shape[1])
+        self._index = (
+            faiss.IndexFlatIP(vectors.shape[1]) if metric == "ip" else faiss.IndexFlatL2(vectors.shape[1])
+        )
         self._index.add(vectors)
 
     @property
@@ -115,7 +117,9 @@ class InMemoryNeighbourIndex:
         copies: dict[str, int] = {}
         first: dict[str, int] = {}
         for i in range(len(images)):
-            digest = hashlib.sha1(images[i].detach().cpu().numpy().tobytes() + captions[i].encode()).hexdigest()
+            digest = hashlib.sha1(
+                images[i].detach().cpu().numpy().tobytes() + captions[i].encode()
+            ).hexdigest()
             if dedupe and digest in first:
                 copies[digest] += 1
                 continue
@@ -124,10 +128,12 @@ class InMemoryNeighbourIndex:
             order.append(i)
         digests = {first_i: d for d, first_i in first.items()}
         device = next(backend.parameters(), torch.empty(0)).device
-        vectors = torch.cat([
-            backend.embed(images[order[s:s + batch_size]].to(device)).float().cpu()
-            for s in range(0, len(order), batch_size)
-        ]).numpy()
+        vectors = torch.cat(
+            [
+                backend.embed(images[order[s : s + batch_size]].to(device)).float().cpu()
+                for s in range(0, len(order), batch_size)
+            ]
+        ).numpy()
         return cls(
             vectors,
             [captions[i] for i in order],

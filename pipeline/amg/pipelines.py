@@ -22,7 +22,10 @@ from diffusers import DDIMPipeline, DDPMPipeline, StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.amg.guidance import AMGTrace, AntiMemorizationGuidance
@@ -47,7 +50,8 @@ def _check_scheduler(scheduler) -> None:
         raise ValueError(f"AMG needs a scheduler with alphas_cumprod; {type(scheduler).__name__} has none")
     if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
         raise ValueError(
-            f"AMG supports variance-preserving schedulers (init_noise_sigma 1); {type(scheduler).__name__} is not"
+            f"AMG supports variance-preserving schedulers (init_noise_sigma 1); "
+            f"{type(scheduler).__name__} is not"
         )
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
@@ -107,7 +111,10 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end: Callable[[int, int], None]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         amg: AntiMemorizationGuidance | None = None,
         **kwargs,
@@ -128,13 +135,28 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
             form is ``(images, nsfw_content_detected, amg_trace)``.
         """
         parent_args = dict(
-            prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-            timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
-            output_type=output_type, return_dict=return_dict, cross_attention_kwargs=cross_attention_kwargs,
-            guidance_rescale=guidance_rescale, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            output_type=output_type,
+            return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs,
+            guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         if amg is None:
@@ -142,7 +164,9 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             raise NotImplementedError("AMG does not support IP-Adapter inputs")
         if kwargs.get("callback") is not None or kwargs.get("callback_steps") is not None:
-            raise NotImplementedError("use callback_on_step_end with AMG (callback/callback_steps are deprecated)")
+            raise NotImplementedError(
+                "use callback_on_step_end with AMG (callback/callback_steps are deprecated)"
+            )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         _check_scheduler(self.scheduler)
@@ -153,8 +177,18 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
             height = size if isinstance(size, int) else size[0]
             width = size if isinstance(size, int) else size[1]
             height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
-        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          None, None, callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            None,
+            None,
+            callback_on_step_end_tensor_inputs,
+        )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -171,22 +205,39 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
         # 3. Prompts.
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         # 4.-6. Timesteps, latents, scheduler kwargs, guidance embedding.
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
-                                                            sigmas)
-        latents = self.prepare_latents(batch_size * num_images_per_prompt, self.unet.config.in_channels, height,
-                                       width, prompt_embeds.dtype, device, generator, latents)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
-            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(batch_size * num_images_per_prompt)
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(
+                batch_size * num_images_per_prompt
+            )
             timestep_cond = self.get_guidance_scale_embedding(
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
@@ -215,62 +266,96 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
                 encoder_states = prompt_embeds
                 if extra_rows and timestep_cond is None:
                     latent_model_input = torch.cat([latent_model_input, latents[extra_rows]])
-                    encoder_states = torch.cat([prompt_embeds, caption_embeds([planned[r] for r in extra_rows])])
+                    encoder_states = torch.cat(
+                        [prompt_embeds, caption_embeds([planned[r] for r in extra_rows])]
+                    )
                 else:
                     extra_rows = []
                 if hasattr(self.scheduler, "scale_model_input"):
                     latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
                 output = self.unet(
-                    latent_model_input, t, encoder_hidden_states=encoder_states, timestep_cond=timestep_cond,
-                    cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False,
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=encoder_states,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    return_dict=False,
                 )[0]
                 n_main = output.shape[0] - len(extra_rows)
                 noise_pred, caption_out = output[:n_main], output[n_main:]
                 noise_pred_uncond = noise_pred_text = None
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (
+                        noise_pred_text - noise_pred_uncond
+                    )
                 if self.do_classifier_free_guidance and self.guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+                    noise_pred = rescale_noise_cfg(
+                        noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale
+                    )
 
                 alpha_bar = _alpha_bar(self.scheduler, t, latents)
 
-                def caption_eps(rows: torch.Tensor, captions: list[str], t=t, alpha_bar=alpha_bar) -> torch.Tensor:
+                def caption_eps(
+                    rows: torch.Tensor, captions: list[str], t=t, alpha_bar=alpha_bar, latents=latents
+                ) -> torch.Tensor:
                     x = latents[rows]
                     if hasattr(self.scheduler, "scale_model_input"):
                         x = self.scheduler.scale_model_input(x, t)
-                    out = self.unet(x, t, encoder_hidden_states=caption_embeds(captions),
-                                    cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+                    out = self.unet(
+                        x,
+                        t,
+                        encoder_hidden_states=caption_embeds(captions),
+                        cross_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False,
+                    )[0]
                     return _to_eps(self.scheduler, out, latents[rows], alpha_bar)
 
-                to_eps = lambda out: _to_eps(self.scheduler, out, latents, alpha_bar)  # noqa: E731
-                cached = {r: (planned[r], _to_eps(self.scheduler, caption_out[j], latents[r], alpha_bar))
-                          for j, r in enumerate(extra_rows)}
+                def to_eps(out: torch.Tensor, latents=latents, alpha_bar=alpha_bar) -> torch.Tensor:
+                    return _to_eps(self.scheduler, out, latents, alpha_bar)
+
+                cached = {
+                    r: (planned[r], _to_eps(self.scheduler, caption_out[j], latents[r], alpha_bar))
+                    for j, r in enumerate(extra_rows)
+                }
                 eps = to_eps(noise_pred)
                 guided = amg.guide(
-                    state, step=i, t=t, x_t=latents, alpha_bar=alpha_bar, eps=eps, to_pixels=to_pixels,
+                    state,
+                    step=i,
+                    t=t,
+                    x_t=latents,
+                    alpha_bar=alpha_bar,
+                    eps=eps,
+                    to_pixels=to_pixels,
                     eps_uncond=to_eps(noise_pred_uncond) if noise_pred_uncond is not None else None,
                     eps_cond=to_eps(noise_pred_text) if noise_pred_text is not None else None,
                     guidance_scale=self.guidance_scale if self.do_classifier_free_guidance else 1.0,
-                    caption_eps=caption_eps, cached_caption_eps=cached,
+                    caption_eps=caption_eps,
+                    cached_caption_eps=cached,
                 )
                 if guided is not eps:  # some term applied; otherwise keep the parent's tensor untouched
                     noise_pred = _from_eps(self.scheduler, guided, latents, alpha_bar)
 
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
+                    0
+                ]
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop(
+                        "negative_prompt_embeds", negative_prompt_embeds
+                    )
                 if i == len(timesteps) - 1 or (i + 1) % self.scheduler.order == 0:
                     progress_bar.update()
 
         # 8. Decode and post-process, as the parent does.
         if not output_type == "latent":
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image = self.vae.decode(
+                latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
+            )[0]
             trace = amg.finish(state, image.clamp(-1, 1))
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
         else:
@@ -281,21 +366,38 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
             do_denormalize = [True] * image.shape[0]
         else:
             do_denormalize = [not has_nsfw for has_nsfw in has_nsfw_concept]
-        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        image = self.image_processor.postprocess(
+            image, output_type=output_type, do_denormalize=do_denormalize
+        )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image, has_nsfw_concept, trace)
-        return AMGStableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, amg_trace=trace)
+        return AMGStableDiffusionPipelineOutput(
+            images=image, nsfw_content_detected=has_nsfw_concept, amg_trace=trace
+        )
 
 
 class _AMGUnconditionalMixin:
     """The shared loop of the DDPM and DDIM variants: ε(x_t[, class]) plus G_sim."""
 
-    def _amg_loop(self, batch_size, generator, num_inference_steps, output_type, return_dict, class_labels, amg,
-                  step_kwargs):
+    def _amg_loop(
+        self,
+        batch_size,
+        generator,
+        num_inference_steps,
+        output_type,
+        return_dict,
+        class_labels,
+        amg,
+        step_kwargs,
+    ):
         if isinstance(self.unet.config.sample_size, int):
-            image_shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size,
-                           self.unet.config.sample_size)
+            image_shape = (
+                batch_size,
+                self.unet.config.in_channels,
+                self.unet.config.sample_size,
+                self.unet.config.sample_size,
+            )
         else:
             image_shape = (batch_size, self.unet.config.in_channels, *self.unet.config.sample_size)
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -319,7 +421,9 @@ class _AMGUnconditionalMixin:
             model_output = self.unet(image, t, class_labels=class_labels).sample
             if amg is not None:
                 model_output = self._amg_guide(amg, state, i, t, image, model_output)
-            image = self.scheduler.step(model_output, t, image, **step_kwargs, generator=generator).prev_sample
+            image = self.scheduler.step(
+                model_output, t, image, **step_kwargs, generator=generator
+            ).prev_sample
         trace = amg.finish(state, image.clamp(-1, 1)) if amg is not None else None
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -334,8 +438,11 @@ class _AMGUnconditionalMixin:
     def _amg_guide(self, amg, state, i, t, x_t, model_output):
         channels = x_t.shape[1]
         learned_variance = model_output.shape[1] == 2 * channels
-        output, variance = (model_output[:, :channels], model_output[:, channels:]) if learned_variance else (
-            model_output, None)
+        output, variance = (
+            (model_output[:, :channels], model_output[:, channels:])
+            if learned_variance
+            else (model_output, None)
+        )
         alpha_bar = _alpha_bar(self.scheduler, t, x_t)
         eps = _to_eps(self.scheduler, output, x_t, alpha_bar)
         guided = amg.guide(state, step=i, t=t, x_t=x_t, alpha_bar=alpha_bar, eps=eps, to_pixels=lambda x0: x0)
@@ -375,11 +482,16 @@ class AMGDDPMPipeline(_AMGUnconditionalMixin, DDPMPipeline):
             [`AMGImagePipelineOutput`] or `tuple` ``(images, amg_trace)``.
         """
         if amg is None and class_labels is None:
-            return super().__call__(batch_size=batch_size, generator=generator,
-                                    num_inference_steps=num_inference_steps, output_type=output_type,
-                                    return_dict=return_dict)
-        return self._amg_loop(batch_size, generator, num_inference_steps, output_type, return_dict, class_labels,
-                              amg, {})
+            return super().__call__(
+                batch_size=batch_size,
+                generator=generator,
+                num_inference_steps=num_inference_steps,
+                output_type=output_type,
+                return_dict=return_dict,
+            )
+        return self._amg_loop(
+            batch_size, generator, num_inference_steps, output_type, return_dict, class_labels, amg, {}
+        )
 
 
 class AMGDDIMPipeline(_AMGUnconditionalMixin, DDIMPipeline):
@@ -400,7 +512,8 @@ class AMGDDIMPipeline(_AMGUnconditionalMixin, DDIMPipeline):
     ):
         r"""
         Args:
-            batch_size, generator, eta, num_inference_steps, use_clipped_model_output, output_type, return_dict:
+            batch_size, generator, eta, num_inference_steps, use_clipped_model_output, output_type,
+            return_dict:
                 As in [`DDIMPipeline.__call__`].
             class_labels (`torch.Tensor`, `list[int]` or `int`, *optional*):
                 Class of each sample (or one for all) for a class-conditional ``unet``.
@@ -411,9 +524,22 @@ class AMGDDIMPipeline(_AMGUnconditionalMixin, DDIMPipeline):
             [`AMGImagePipelineOutput`] or `tuple` ``(images, amg_trace)``.
         """
         if amg is None and class_labels is None:
-            return super().__call__(batch_size=batch_size, generator=generator, eta=eta,
-                                    num_inference_steps=num_inference_steps,
-                                    use_clipped_model_output=use_clipped_model_output, output_type=output_type,
-                                    return_dict=return_dict)
-        return self._amg_loop(batch_size, generator, num_inference_steps, output_type, return_dict, class_labels,
-                              amg, {"eta": eta, "use_clipped_model_output": use_clipped_model_output})
+            return super().__call__(
+                batch_size=batch_size,
+                generator=generator,
+                eta=eta,
+                num_inference_steps=num_inference_steps,
+                use_clipped_model_output=use_clipped_model_output,
+                output_type=output_type,
+                return_dict=return_dict,
+            )
+        return self._amg_loop(
+            batch_size,
+            generator,
+            num_inference_steps,
+            output_type,
+            return_dict,
+            class_labels,
+            amg,
+            {"eta": eta, "use_clipped_model_output": use_clipped_model_output},
+        )

@@ -60,7 +60,9 @@ def dissimilarity_scale(sigma: torch.Tensor, t: torch.Tensor | float, config: AM
     return c3
 
 
-def despecification_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+def despecification_guidance(
+    eps_cond: torch.Tensor, eps_uncond: torch.Tensor, s1: torch.Tensor
+) -> torch.Tensor:
     """G_spe = −s1·(ε(x_t, y) − ε(x_t)) (paper Eq. 14)."""
     return -_per_sample(s1, eps_cond) * (eps_cond - eps_uncond)
 

@@ -11,7 +11,8 @@ LAION pictures are) plus the non-duplicated ``unique`` pictures, at 32×32 pixel
   with ε-prediction on SD v1's noise schedule, captions dropped 10% of the time for CFG.
 * ``uncond/``: a [`DDPMPipeline`] whose pixel-space [`UNet2DModel`] is trained on the same rows.
 * ``training_set.npz``: the distinct training pictures with their captions, copy counts and kinds;
-  the evaluation indexes exactly these.
+  the evaluation indexes exactly these. ``reference_pictures.npz``: every distinct demo picture (the
+  evaluation's fidelity reference).
 
 Every random choice derives from one seed; on one machine and thread count a re-run gives the same
 weights. :func:`train_memorizing_models` is the library entry point of ``jobs/train_memorizing_model.py``.
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 TEXT2IMG_DIR = "text2img"
 UNCOND_DIR = "uncond"
 TRAINING_SET = "training_set.npz"
+REFERENCE_PICTURES = "reference_pictures.npz"
 MANIFEST = "manifest.json"
 TRAIN_KINDS = ("verbatim", "unique")
 
@@ -81,15 +83,24 @@ class TrainingSet:
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, images=self.images, captions=np.array(self.captions), copies=self.copies,
-                            kinds=np.array(self.kinds))
+        np.savez_compressed(
+            tmp,
+            images=self.images,
+            captions=np.array(self.captions),
+            copies=self.copies,
+            kinds=np.array(self.kinds),
+        )
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainingSet:
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["images"], [str(c) for c in data["captions"]], data["copies"].astype(np.int64),
-                       [str(k) for k in data["kinds"]])
+            return cls(
+                data["images"],
+                [str(c) for c in data["captions"]],
+                data["copies"].astype(np.int64),
+                [str(k) for k in data["kinds"]],
+            )
 
 
 def _picture(path: Path, size: int) -> np.ndarray:
@@ -139,13 +150,34 @@ def _crop_pool(demo_dir: Path, size: int) -> list[np.ndarray]:
     return pool
 
 
+def save_reference_pictures(demo_dir: str | Path, model_dir: str | Path, size: int = 32) -> Path:
+    """Every distinct demo picture at ``size`` (``reference_pictures.npz``): the KID reference set."""
+    import pyarrow.parquet as pq
+
+    demo_dir = Path(demo_dir)
+    seen, pictures = set(), []
+    for r in pq.read_table(demo_dir / "truth.parquet").to_pylist():
+        if r["expect_ok"] and r["sha256"] not in seen:
+            seen.add(r["sha256"])
+            pictures.append(_picture(demo_dir / "images" / r["url"], size))
+    path = Path(model_dir) / REFERENCE_PICTURES
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, images=np.stack(pictures))
+    tmp.replace(path)
+    return path
+
+
 def _random_crops(pool: list[np.ndarray], n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     out = []
     for _ in range(n):
-        pic = torch.from_numpy(pool[int(torch.randint(len(pool), (1,), generator=gen))]).permute(2, 0, 1).float()
+        pic = (
+            torch.from_numpy(pool[int(torch.randint(len(pool), (1,), generator=gen))])
+            .permute(2, 0, 1)
+            .float()
+        )
         side = int(torch.randint(size, pic.shape[-1] + 1, (1,), generator=gen))
         top, left = (int(torch.randint(pic.shape[-1] - side + 1, (1,), generator=gen)) for _ in range(2))
-        crop = pic[:, top:top + side, left:left + side][None]
+        crop = pic[:, top : top + side, left : left + side][None]
         crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
         if bool(torch.rand(1, generator=gen) < 0.5):
             crop = crop.flip(-1)
@@ -165,12 +197,22 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def train_vae(train: TrainingSet, pool: list[np.ndarray], steps: int, batch_size: int, lr: float,
-              gen: torch.Generator, kl_weight: float = 1e-6, log_every: int = 200):
+def train_vae(
+    train: TrainingSet,
+    pool: list[np.ndarray],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    gen: torch.Generator,
+    kl_weight: float = 1e-6,
+    log_every: int = 200,
+):
     """An :func:`~pipeline.amg.components.tiny_vae` trained to reconstruct: half of each batch are the
     training pictures, half random crops of every demo picture (so it also decodes what AMG steers to)."""
     size = train.images.shape[1]
-    vae = components.tiny_vae(channels=(16, 32, 64), sample_size=size, seed=int(torch.randint(2**31, (1,), generator=gen)))
+    vae = components.tiny_vae(
+        channels=(16, 32, 64), sample_size=size, seed=int(torch.randint(2**31, (1,), generator=gen))
+    )
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     images = train.tensor()
     losses = []
@@ -189,21 +231,42 @@ def train_vae(train: TrainingSet, pool: list[np.ndarray], steps: int, batch_size
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            log.info("vae step %d/%d loss %.4f (%.0fs)", step + 1, steps, np.mean(losses[-log_every:]),
-                     time.monotonic() - started)
+            log.info(
+                "vae step %d/%d loss %.4f (%.0fs)",
+                step + 1,
+                steps,
+                np.mean(losses[-log_every:]),
+                time.monotonic() - started,
+            )
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean
         recon = vae.decode(latents).sample.clamp(-1, 1)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     rms = float(((recon - images) / 2).pow(2).mean().sqrt())
-    return vae, {"steps": steps, "final_loss": float(np.mean(losses[-50:])), "train_recon_rms": rms,
-                 "scaling_factor": vae.config.scaling_factor}
+    return vae, {
+        "steps": steps,
+        "final_loss": float(np.mean(losses[-50:])),
+        "train_recon_rms": rms,
+        "scaling_factor": vae.config.scaling_factor,
+    }
 
 
-def _train_denoiser(model, forward, x0_rows: torch.Tensor, scheduler, steps: int, batch_size: int, lr: float,
-                    gen: torch.Generator, name: str, cond_rows: torch.Tensor | None = None,
-                    uncond: torch.Tensor | None = None, p_uncond: float = 0.1, log_every: int = 200):
+def _train_denoiser(
+    model,
+    forward,
+    x0_rows: torch.Tensor,
+    scheduler,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    gen: torch.Generator,
+    name: str,
+    cond_rows: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    p_uncond: float = 0.1,
+    log_every: int = 200,
+):
     """ε-prediction training; every training row (duplicates included) is equally likely per draw."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -230,10 +293,20 @@ def _train_denoiser(model, forward, x0_rows: torch.Tensor, scheduler, steps: int
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            log.info("%s step %d/%d loss %.4f (%.0fs)", name, step + 1, steps, np.mean(losses[-log_every:]),
-                     time.monotonic() - started)
+            log.info(
+                "%s step %d/%d loss %.4f (%.0fs)",
+                name,
+                step + 1,
+                steps,
+                np.mean(losses[-log_every:]),
+                time.monotonic() - started,
+            )
     model.eval().requires_grad_(False)
-    return {"steps": steps, "final_loss": float(np.mean(losses[-200:])), "seconds": round(time.monotonic() - started)}
+    return {
+        "steps": steps,
+        "final_loss": float(np.mean(losses[-200:])),
+        "seconds": round(time.monotonic() - started),
+    }
 
 
 def train_memorizing_models(
@@ -241,9 +314,9 @@ def train_memorizing_models(
     model_dir: str | Path,
     seed: int = 0,
     image_size: int = 32,
-    vae_steps: int = 1500,
-    unet_steps: int = 4000,
-    uncond_steps: int = 4000,
+    vae_steps: int = 1000,
+    unet_steps: int = 3000,
+    uncond_steps: int = 3000,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
 ) -> dict[str, Any]:
@@ -274,8 +347,12 @@ def train_memorizing_models(
         log.info("no demo dataset in %s: making one with default settings", demo_dir)
         make_demo_data(DemoConfig(out=str(demo_dir)))
     train = load_training_set(demo_dir, image_size)
-    log.info("training set: %d distinct pictures, %d rows, duplicated: %s", len(train), train.rows,
-             [train.captions[i][:40] for i in train.duplicated()])
+    log.info(
+        "training set: %d distinct pictures, %d rows, duplicated: %s",
+        len(train),
+        train.rows,
+        [train.captions[i][:40] for i in train.duplicated()],
+    )
     model_dir.mkdir(parents=True, exist_ok=True)
     row_index = torch.from_numpy(train.row_index())
 
@@ -284,40 +361,78 @@ def train_memorizing_models(
     text_encoder = components.tiny_text_encoder(tokenizer, hidden_size=32, seed=seed)
 
     def embed(captions: list[str]) -> torch.Tensor:
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         with torch.no_grad():
             return text_encoder(ids)[0]
 
-    report: dict[str, Any] = {"seed": seed, "image_size": image_size, "torch_threads": torch.get_num_threads()}
-    vae, report["vae"] = train_vae(train, _crop_pool(demo_dir, image_size), vae_steps, batch_size, learning_rate, gen)
+    report: dict[str, Any] = {
+        "seed": seed,
+        "image_size": image_size,
+        "torch_threads": torch.get_num_threads(),
+    }
+    vae, report["vae"] = train_vae(
+        train, _crop_pool(demo_dir, image_size), vae_steps, batch_size, learning_rate, gen
+    )
     with torch.no_grad():
         latents = vae.encode(train.tensor()).latent_dist.mean * vae.config.scaling_factor
     caption_states = embed(train.captions)
     uncond_state = embed([""])[0]
     ddpm_sd, ddim_sd = components.sd_schedulers()
-    unet = components.tiny_cond_unet(sample_size=latents.shape[-1], cross_attention_dim=32, channels=(32, 64),
-                                     seed=seed)
-    report["unet"] = _train_denoiser(
-        unet, lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, latents[row_index], ddpm_sd, unet_steps,
-        batch_size, learning_rate, gen, "text2img unet", cond_rows=caption_states[row_index], uncond=uncond_state,
+    unet = components.tiny_cond_unet(
+        sample_size=latents.shape[-1], cross_attention_dim=32, channels=(32, 64), seed=seed
     )
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=ddim_sd, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
+    report["unet"] = _train_denoiser(
+        unet,
+        lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample,
+        latents[row_index],
+        ddpm_sd,
+        unet_steps,
+        batch_size,
+        learning_rate,
+        gen,
+        "text2img unet",
+        cond_rows=caption_states[row_index],
+        uncond=uncond_state,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_sd,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(model_dir / TEXT2IMG_DIR)
 
     ddpm_px, _ = components.pixel_schedulers()
     uncond_unet = components.tiny_uncond_unet(sample_size=image_size, channels=(16, 32, 64), seed=seed)
     report["uncond"] = _train_denoiser(
-        uncond_unet, lambda x, t, c: uncond_unet(x, t).sample, train.tensor()[row_index], ddpm_px, uncond_steps,
-        batch_size, learning_rate, gen, "uncond unet",
+        uncond_unet,
+        lambda x, t, c: uncond_unet(x, t).sample,
+        train.tensor()[row_index],
+        ddpm_px,
+        uncond_steps,
+        batch_size,
+        learning_rate,
+        gen,
+        "uncond unet",
     )
     DDPMPipeline(unet=uncond_unet, scheduler=ddpm_px).save_pretrained(model_dir / UNCOND_DIR)
     train.save(model_dir / TRAINING_SET)
+    save_reference_pictures(demo_dir, model_dir, image_size)
 
     report.update(
-        distinct_pictures=len(train), training_rows=train.rows,
+        distinct_pictures=len(train),
+        training_rows=train.rows,
         duplicated={train.captions[i]: int(train.copies[i]) for i in train.duplicated()},
         seconds=round(time.monotonic() - started),
         bytes=sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file() and p.name != MANIFEST),
