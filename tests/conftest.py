@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,3 +53,58 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is not present beside this checkout")
     return path
+
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer (401 under token auth) means the dashboard is up
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds}s")
+
+
+@pytest.fixture()
+def ray_head(tmp_path: Path):
+    """`ray start --head --block` in its own process group; stopping it leaves other Ray sessions alone.
+
+    Yields ``(dashboard address, environment)``; submit with ``ray job submit --address ADDRESS`` under
+    that environment (token authentication, the head's own temp dir).
+    """
+    # Its own short temp dir (socket paths are length-limited), so it leaves no ray_current_cluster
+    # file in /tmp/ray for a later local ray.init() to trip over.
+    ray_tmp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         "--object-store-memory=300000000", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for(f"{address}/api/version", 90)
+        yield address, env
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
