@@ -1,0 +1,27 @@
+"""Memorization audit of a text-to-image model against a training-set bundle, with and without AMG.
+
+    python jobs/audit.py --bundle DIR --prompts FILE --out DIR --model PATH \
+        [--samples-per-prompt N] [--amg off|on|both] [--mode paper|reference] [--seed S] [--dry-run]
+
+Generates --samples-per-prompt images per prompt (seeded per prompt id and sample index) on a Ray
+actor pool, matches each against its nearest training image through the bundle, applies Carlini's
+clique criterion per prompt and Wen's score as a pre-screen, and writes results.parquet,
+prompts.parquet, summary.json, report.html and the images under --out. Idempotent and resumable: a
+re-run continues the same run id (model + bundle + settings) and generates only what is missing.
+--dry-run only reads the prompt list and writes prompts.parquet.
+"""
+
+from _bootstrap import run_job
+
+from pipeline.audit import run_audit
+from pipeline.cli import build_parser, parse_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(build_parser(__doc__, main="audit", extra=("ray",)), argv)
+    # Ray starts (or is joined) only when there is something to generate, after every check passed.
+    return run_audit(cfg.audit, cfg.ray)
+
+
+if __name__ == "__main__":
+    run_job(main)
