@@ -11,6 +11,9 @@ sampling and AMG ``paper`` / ``reference`` on two groups of prompts:
   has no λ-gate and still changes ε̂ (it scales with σ > 0), so the released behaviour also measures
   σ a second time per step even here.
 
+``paper_detect_every_4`` is paper mode with ``AMGConfig.detect_every = 4`` (detection every 4th step
+while nothing is detected, every step once a gate opens).
+
 Runs are interleaved (plain, paper, reference, plain, ...) and the median of ``--repeats`` is
 reported, with the number of UNet passes, detections and gradients per image from the AMG trace,
 and a per-operation breakdown (one CFG UNet pass, one detection, one σ gradient). Prints a Markdown
@@ -89,7 +92,8 @@ def main() -> None:
         n_images = len(prompts) * args.batch
         amgs: dict[str, AntiMemorizationGuidance | None] = {"plain": None}
         for mode in ("paper", "reference"):
-            amgs[mode] = _amg(mode, "sscd", indexes, {mode: overrides.get(mode, {})} if overrides else {})
+            amgs[mode] = _amg(mode, "sscd", indexes, overrides)
+        amgs["paper_detect_every_4"] = _amg("paper", "sscd", indexes, overrides, detect_every=4)
         times: dict[str, list[float]] = {k: [] for k in amgs}
         counts: dict[str, dict] = {}
         run(prompts[:1], amgs["paper"])  # warm-up

@@ -220,3 +220,20 @@ def test_unconditional_uses_g_sim_only():
     rec = state.trace.steps[0]
     assert rec.spe == [False] * 3 and rec.dup == [False] * 3 and rec.sim == [True, False, True]
     assert np.allclose(rec.c3, [7.0, 0.0, 7.0])
+
+
+def test_detect_every_skips_quiet_steps_only():
+    cfg = AMGConfig.preset("paper", "sscd", threshold="constant", lambda_start=LAMBDA, detect_every=3, c3=1.0)
+    quiet, loud = [0.1, 0.1, 0.1], [0.1, 0.5, 0.1]
+    # Detections at steps 0 and 3 (quiet), 6 and 7 (fires: every step), 8 (quiet again), then 11.
+    det = ScriptedDetector([quiet, quiet, loud, loud, quiet], ["a", "b", "c"], cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    changed = []
+    for step in range(11):
+        out, (*_, eps), _ = _step(amg, state, det, step, seed=step)
+        changed.append(out is not eps)
+    assert [s.step for s in state.trace.steps] == [0, 3, 6, 7, 8]
+    assert changed == [False] * 6 + [True, True] + [False] * 3
+    with pytest.raises(ValueError, match="detect_every"):
+        AMGConfig(detect_every=0)

@@ -107,6 +107,11 @@ class AMGConfig:
             Carlini's nL2: α in nL2 = ℓ2(x, n0)/(α·mean ℓ2(x, S)).
         memorized_threshold (`float`, *optional*, defaults to 0.5):
             σ above which a final image counts as memorized (SSCD 0.5; nl2: −1.4, i.e. nL2 < 1.4).
+        detect_every (`int`, *optional*, defaults to 1):
+            A cost option, not in the paper: while no gated term (shared gate, G_dup or G_sim) applied at
+            the last detection and no G_dup hold runs, run the detector only every n-th step and leave
+            ε̂ untouched on the steps in between (no G_spe either). Once a gate opens, detection runs
+            at every step again. 1 reproduces the paper and the released code.
     """
 
     mode: str = _opt("reference", "paper (one gate) or reference (the authors' released behaviour)")
@@ -138,6 +143,7 @@ class AMGConfig:
     nl2_k: int = _opt(50, "nL2 neighbour-set size k")
     nl2_alpha: float = _opt(0.5, "nL2 α")
     memorized_threshold: float = _opt(0.5, "σ above which an image counts as memorized")
+    detect_every: int = _opt(1, "while no gated term is active, detect only every n-th step (1: every step)")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -154,6 +160,8 @@ class AMGConfig:
             raise ValueError("AMGConfig.c2_saturation must be positive")
         if self.c3_time_scale is not None and self.c3_time_scale <= 0:
             raise ValueError("AMGConfig.c3_time_scale must be positive")
+        if self.detect_every < 1:
+            raise ValueError("AMGConfig.detect_every must be at least 1")
         if self.dup_hold_steps < 0 or self.dup_min_count < 1 or self.nl2_k < 1 or self.nl2_alpha <= 0:
             raise ValueError("AMGConfig: dup_hold_steps >= 0, dup_min_count >= 1, nl2_k >= 1, nl2_alpha > 0")
 

@@ -55,19 +55,21 @@ log = logging.getLogger(__name__)
 
 NL2_COPY = 1.4
 DESCRIPTOR_COPY = 0.5
-#: Rows of the text-to-image table: (mode, backend, use_spe, use_dup, use_sim); None: plain sampling.
-TEXT2IMG_MODES: dict[str, tuple[str, str, bool, bool, bool] | None] = {
+#: Rows of the text-to-image table: (mode, backend, use_spe, use_dup, use_sim, other AMGConfig changes);
+#: None is plain sampling.
+TEXT2IMG_MODES: dict[str, tuple[str, str, bool, bool, bool, dict] | None] = {
     "off": None,
-    "paper": ("paper", "sscd", True, True, True),
-    "reference": ("reference", "sscd", True, True, True),
-    "paper_nl2": ("paper", "nl2", True, True, True),
-    "reference_nl2": ("reference", "nl2", True, True, True),
-    "paper_no_sim": ("paper", "sscd", True, True, False),
-    "paper_no_spe": ("paper", "sscd", False, True, True),
-    "paper_no_dup": ("paper", "sscd", True, False, True),
-    "reference_no_sim": ("reference", "sscd", True, True, False),
-    "reference_no_spe": ("reference", "sscd", False, True, True),
-    "reference_no_dup": ("reference", "sscd", True, False, True),
+    "paper": ("paper", "sscd", True, True, True, {}),
+    "reference": ("reference", "sscd", True, True, True, {}),
+    "paper_nl2": ("paper", "nl2", True, True, True, {}),
+    "reference_nl2": ("reference", "nl2", True, True, True, {}),
+    "paper_detect_every_4": ("paper", "sscd", True, True, True, {"detect_every": 4}),
+    "paper_no_sim": ("paper", "sscd", True, True, False, {}),
+    "paper_no_spe": ("paper", "sscd", False, True, True, {}),
+    "paper_no_dup": ("paper", "sscd", True, False, True, {}),
+    "reference_no_sim": ("reference", "sscd", True, True, False, {}),
+    "reference_no_spe": ("reference", "sscd", False, True, True, {}),
+    "reference_no_dup": ("reference", "sscd", True, False, True, {}),
 }
 UNCOND_MODES = {"off": None, "paper": "paper", "reference": "reference"}
 
@@ -245,7 +247,7 @@ def sample_text2img(
 
 
 def _amg(mode: str, backend_name: str, indexes, overrides: dict[str, dict[str, Any]], **switches):
-    cfg = AMGConfig.preset(mode, backend_name, **overrides.get(mode, {}), **switches)
+    cfg = AMGConfig.preset(mode, backend_name, **{**overrides.get(mode, {}), **switches})
     backend, index = indexes[backend_name]
     return AntiMemorizationGuidance(MemorizationDetector(backend, index, cfg))
 
@@ -301,7 +303,7 @@ def evaluate(
     settings: EvalSettings,
     sscd_checkpoint: str | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
-    modes: dict[str, tuple[str, str, bool, bool, bool] | None] | None = None,
+    modes: dict[str, tuple[str, str, bool, bool, bool, dict] | None] | None = None,
     on_mode: str = "reference",
 ) -> dict[str, Any]:
     """Run the comparison and write ``summary.json``, ``table.md`` and sample grids under ``out``."""
@@ -341,11 +343,10 @@ def evaluate(
     grids: dict[str, torch.Tensor] = {}
     for name, spec in modes.items():
         t0 = time.monotonic()
-        amg = (
-            None
-            if spec is None
-            else _amg(spec[0], spec[1], indexes, overrides, use_spe=spec[2], use_dup=spec[3], use_sim=spec[4])
-        )
+        amg = None
+        if spec is not None:
+            mode, backend, spe, dup_term, sim, extra = spec
+            amg = _amg(mode, backend, indexes, overrides, use_spe=spe, use_dup=dup_term, use_sim=sim, **extra)
         images, traces = sample_text2img(
             pipe,
             [train.captions[i] for i in dup],

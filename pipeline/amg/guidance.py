@@ -113,6 +113,8 @@ class AMGState:
     hold: list[int]
     caption: list[str | None]
     planned: list[str | None]
+    last_detection: int | None = None
+    active: bool = False
 
 
 def _list(x: torch.Tensor) -> list:
@@ -254,6 +256,14 @@ class AntiMemorizationGuidance:
         cfg = self.config
         if not cfg.enabled:
             return eps
+        if (
+            cfg.detect_every > 1
+            and not state.active
+            and state.last_detection is not None
+            and step - state.last_detection < cfg.detect_every
+        ):
+            return eps  # quiet: skip this step's detection (see AMGConfig.detect_every)
+        state.last_detection = step
         t_int = int(t)
         T = state.num_train_timesteps
         lam = self.detector.threshold(t_int, T)
@@ -345,6 +355,7 @@ class AntiMemorizationGuidance:
         if bool(sim_on.any()):
             guided = guided + g_sim
 
+        state.active = bool(fired.any() or dup_on.any() or sim_on.any() or any(state.hold))
         state.trace.steps.append(
             AMGStep(
                 step=step,
