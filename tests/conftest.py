@@ -77,6 +77,23 @@ def wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds}s")
 
 
+def submit_job(address: str, env: dict[str, str], entrypoint: list[str], timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+    """``ray job submit`` of ``entrypoint`` from the repository root, with runtime_env.yaml.
+
+    A fresh head's dashboard answers before its job agent is up ("No available agent to submit
+    job"); that answer is retried for up to a minute, any other outcome is returned as it is.
+    """
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "runtime_env.yaml",
+           "--", *entrypoint]
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
 @pytest.fixture()
 def ray_head(tmp_path: Path):
     """`ray start --head --block` in its own process group; stopping it leaves other Ray sessions alone.

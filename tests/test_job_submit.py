@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from conftest import submit_job
 from shard_factory import encode, random_photo, sample, write_shard
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
@@ -22,9 +18,7 @@ def test_ray_job_submit_runs_ingest_on_a_real_cluster(ray_head, tmp_path: Path):
     shards = tmp_path / "shards"
     write_shard(shards, 0, [sample(f"{i:09d}", encode(random_photo(i))) for i in range(5)] + [sample("000000009", b"")])
     out = tmp_path / "out"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "runtime_env.yaml", "--",
-           "python", "jobs/ingest.py", "--shards", str(shards), "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = submit_job(address, env, ["python", "jobs/ingest.py", "--shards", str(shards), "--out", str(out)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary_lines = [line for line in done.stdout.splitlines() if line.startswith('{"job": "ingest"')]
     assert summary_lines, done.stdout[-3000:]
