@@ -177,11 +177,14 @@ class IndexConfig:
     ef_construction: int = option(80, "HNSW build depth")
     nlist: int | None = option(None, "IVF lists (default: 4*sqrt(N) below 1M vectors, 2^16 above; power of two)")
     pq_m: int | None = option(None, "PQ bytes per vector for ivf_pq (default: the largest that fits the budget)")
+    opq: bool = option(False, "ivf_pq: OPQ rotation before PQ (autofaiss does; its training is slow on CPU)")
     train_size: int = option(131_072, "most vectors IVF/PQ/OPQ training sees (a seeded sample)")
     target_recall: float = option(0.95, "nprobe/efSearch are raised until the self-check recall@k reaches this")
     recall_sample: int = option(1_000, "queries (a seeded sample of the indexed rows) for the recall self-check")
     recall_k: int = option(10, "k of the recall@k self-check against exact search")
-    duplicates_subindex: bool = option(True, "also write dup_image.index over images that have duplicates")
+    duplicates: str | None = option(
+        None, "image_duplicates.parquet: also write dup_image.index over the images in duplicate groups"
+    )
     use_gpu: bool = option(True, "build (and self-check) on GPU when FAISS sees one; saved for CPU")
     seed: int = option(0, "seed of sampling and training")
 

@@ -1,0 +1,34 @@
+"""Build the artifact bundle AMG and the audits open: ingest -> embed -> dedup -> index -> G_dup tables.
+
+    python jobs/build_artifacts.py --shards DIR --out BUNDLE
+    python jobs/build_artifacts.py --shards DIR --out BUNDLE --embed-model ViT-B-32 \
+        --embed-pretrained laion2b_s34b_b79k --duplicate-caption-min-count 21
+    ray job submit --working-dir . -- python jobs/build_artifacts.py --shards DIR --out BUNDLE
+
+Writes BUNDLE/manifest.json (format and code version, model, thresholds, counts, every file's size
+and sha256, table schemas), samples.parquet, embeddings/ (LAION layout), image_duplicates.parquet,
+caption_duplicates.parquet, caption_dedup_table.parquet and index/. Every step is resumable: a
+re-run skips the steps whose inputs and options are unchanged (and does nothing when all are).
+Open the result with pipeline.bundle.open_bundle(BUNDLE). Options of each stage are flags with the
+stage's prefix (--embed-..., --image-dedup-..., --caption-dedup-..., --index-..., --ingest-...).
+"""
+
+from _bootstrap import run_job
+
+from pipeline.bundle import BundleError, build_bundle
+from pipeline.cli import build_parser, parse_config
+from pipeline.ray_runtime import ray_session
+
+
+def main(argv: list[str] | None = None) -> dict:
+    extra = ("ray", "ingest", "embed", "image_dedup", "caption_dedup", "index")
+    cfg = parse_config(build_parser(__doc__, main="bundle", extra=extra), argv)
+    with ray_session(cfg.ray):
+        try:
+            return build_bundle(cfg)
+        except BundleError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    run_job(main)

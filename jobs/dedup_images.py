@@ -1,0 +1,30 @@
+"""Find duplicate images in an embedding folder (LAION layout): exact sha256, pHash, CLIP cosine.
+
+    python jobs/dedup_images.py --embeddings DIR --out DIR
+    python jobs/dedup_images.py --embeddings DIR --out DIR --phash-max-distance 8 --semantic on
+    ray job submit --working-dir . -- python jobs/dedup_images.py --embeddings DIR --out DIR
+
+Writes OUT/image_duplicates.parquet (key, row_id, group_id, group_size, representative_key,
+is_representative, similarity, hamming_distance, method, linked_by: one row per image in a group of
+two or more) and OUT/image_dedup_summary.json. On a cluster with GPUs the search runs in a Ray task
+holding one GPU. A re-run with the same options over unchanged inputs does nothing.
+"""
+
+from _bootstrap import run_job
+
+from pipeline.cli import build_parser, parse_config
+from pipeline.faiss_index import on_gpu_worker
+from pipeline.image_dedup import run_image_dedup
+from pipeline.ray_runtime import ray_session
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(build_parser(__doc__, main="image_dedup"), argv)
+    with ray_session(cfg.ray):
+        summary = on_gpu_worker(run_image_dedup, cfg.image_dedup)
+    summary.pop("passes", None)  # kept in image_dedup_summary.json; the stdout line stays short
+    return summary
+
+
+if __name__ == "__main__":
+    run_job(main)
