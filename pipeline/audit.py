@@ -567,8 +567,6 @@ def check_config(cfg: AuditConfig) -> None:
 
 def _plan_actors(cfg: AuditConfig, work: int) -> tuple[int, dict[str, Any], str, int | None]:
     """(actors, Ray options, device, torch threads per actor): one actor per GPU, else a CPU pool."""
-    import ray
-
     from pipeline.ray_runtime import cluster_gpus, cpu_actor_pool_size
 
     gpus = cluster_gpus()
@@ -576,10 +574,10 @@ def _plan_actors(cfg: AuditConfig, work: int) -> tuple[int, dict[str, Any], str,
         n = min(cfg.num_actors or gpus, gpus, work)
         return max(1, n), {"num_gpus": 1}, "cuda", None
     n = max(1, min(cfg.num_actors or cpu_actor_pool_size(), work))
-    # The audit has no CPU stage besides the actors (the driver only writes files), so each actor's
-    # torch may use the cores the pool leaves, rather than Ray's one thread per reserved CPU.
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n)
-    return n, {"num_cpus": 1}, "cpu", threads
+    # One torch thread per actor, the one CPU it reserves: small diffusion models gain nothing from
+    # intra-op threads, and on a loaded 2-core machine two threads ran the demo model 10-30x slower
+    # (OpenMP workers spinning against each other and other processes); see BENCHMARKS.md.
+    return n, {"num_cpus": 1}, "cpu", 1
 
 
 def _write_prompts_only(cfg: AuditConfig, table: pa.Table, started: float) -> dict[str, Any]:
