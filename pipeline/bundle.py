@@ -9,6 +9,8 @@ Built by ``jobs/build_artifacts.py`` (:func:`build_bundle`) from img2dataset sha
    ``image_duplicates.parquet``;
 4. ``caption_dedup``: near-duplicate captions (:mod:`pipeline.caption_dedup`) -> ``caption_duplicates.parquet``;
 5. ``index``: the FAISS index over image embeddings (:mod:`pipeline.faiss_index`) -> ``index/``;
+   ``sscd_index``: when the embed stage wrote SSCD copy descriptors (``--embed-sscd-checkpoint``), an
+   index over them too (``index/sscd.index``), so audits and AMG can search by copy similarity;
 6. ``tables``: the G_dup table (:mod:`pipeline.dedup_tables`) -> ``caption_dedup_table.parquet``;
 7. ``manifest.json``, written last: format version, code version, model, thresholds, counts, and
    every file's path, size and sha256 (plus schemas of the tables).
@@ -25,6 +27,8 @@ Layout::
     index/dup_image.index           FAISS IDMap over the images that have duplicates (ids = row ids)
     index/index_rows.parquet        row_id -> key, caption, partition, partition_row
     index/index_info.json           index plan, search settings, recall self-check
+    index/sscd.index                FAISS index over sscd_emb (only with --embed-sscd-checkpoint)
+    index/sscd_index_info.json      its plan, search settings and recall self-check
     _work/                          resume state (stage outputs, step markers); not part of the bundle
 
 Row ids number the embedded (ok) rows in partition order; the index, the tables and
@@ -40,7 +44,8 @@ costs a rebuild.
 Consumers call :func:`open_bundle`, which checks the format version (a bundle of another version is
 refused, naming the supported one) and, unless ``verify=False``, every file's sha256 against the
 manifest (reading everything: for a LAION-scale bundle pass ``verify=False`` and check once with
-:meth:`Bundle.verify`). The returned :class:`Bundle` implements :class:`pipeline.neighbours.NeighbourIndex`.
+:meth:`Bundle.verify`). The returned :class:`Bundle` implements :class:`pipeline.neighbours.NeighbourIndex`;
+``kind`` picks the vectors it searches: ``img_emb`` (open_clip, the default) or ``sscd_emb``.
 """
 
 from __future__ import annotations
@@ -62,12 +67,13 @@ import pyarrow.parquet as pq
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.dedup_tables import OUTPUT_NAME as TABLE_NAME
 from pipeline.dedup_tables import build_dedup_table, rows_with_duplicate_caption
-from pipeline.embeddings_io import IMG_EMB, list_partitions, load_metadata
+from pipeline.embeddings_io import IMG_EMB, SSCD_EMB, list_partitions, load_metadata
 from pipeline.faiss_index import (
     DUP_INDEX_NAME,
     INDEX_NAME,
     INFO_NAME,
     ROWS_NAME,
+    compute_index,
     load_index,
     normalize,
     on_gpu_worker,
@@ -77,7 +83,14 @@ from pipeline.faiss_index import (
 from pipeline.image_dedup import OUTPUT_NAME as IMAGE_DUPLICATES
 from pipeline.image_dedup import load_unit_embeddings, run_image_dedup
 from pipeline.neighbours import DuplicateCaption
-from pipeline.storage import DoneMarkers, atomic_write_json, atomic_write_table, fingerprint, sha256_file
+from pipeline.storage import (
+    DoneMarkers,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_table,
+    fingerprint,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +102,11 @@ SAMPLES = "samples.parquet"
 EMBEDDINGS = "embeddings"
 CAPTION_DUPLICATES = "caption_duplicates.parquet"
 INDEX_DIR = "index"
-STEPS = ("ingest", "embed", "image_dedup", "caption_dedup", "index", "tables")
+STEPS = ("ingest", "embed", "image_dedup", "caption_dedup", "index", "sscd_index", "tables")
+SSCD_INDEX_NAME = "sscd.index"
+SSCD_INFO_NAME = "sscd_index_info.json"
+#: Embedding kinds a bundle can be searched by -> (index file, info file) under ``index/``.
+INDEXED_KINDS = {IMG_EMB: (INDEX_NAME, INFO_NAME), SSCD_EMB: (SSCD_INDEX_NAME, SSCD_INFO_NAME)}
 
 
 class BundleError(RuntimeError):
@@ -293,6 +310,36 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
             _publish(work / "index" / name, root / INDEX_DIR / name)
         steps.finish("index", fp_index, summary)
 
+    # 5b. the index over SSCD copy descriptors, when the embed stage made them
+    fp_sscd = None
+    if cfg.embed.sscd_checkpoint:
+        fp_sscd = fingerprint({"index": index_options, "embed": fp_embed, "kind": SSCD_EMB})
+        sscd_files = (SSCD_INDEX_NAME, SSCD_INFO_NAME)
+        if not steps.done("sscd_index", fp_sscd, [root / INDEX_DIR / name for name in sscd_files]):
+            t0 = time.monotonic()
+            sscd_cfg = dataclasses.replace(index_cfg, duplicates=None)
+            built = on_gpu_worker(compute_index, sscd_cfg, load_unit_embeddings(emb_dir, SSCD_EMB))
+            info = {
+                **built.info,
+                "file": SSCD_INDEX_NAME,
+                "embedding_kind": SSCD_EMB,
+                "embedding_model": {
+                    "sscd_checkpoint": cfg.embed.sscd_checkpoint,
+                    "sscd_image_size": cfg.embed.sscd_image_size,
+                },
+            }
+            atomic_write_bytes(work / "index" / SSCD_INDEX_NAME, built.index_bytes.tobytes())
+            atomic_write_json(work / "index" / SSCD_INFO_NAME, info)
+            for name in sscd_files:
+                _publish(work / "index" / name, root / INDEX_DIR / name)
+            summary = {
+                "rows": info["index"]["ntotal"],
+                "factory": info["plan"]["factory"],
+                "recall_at_k": info["self_check"]["recall_at_k"],
+                "seconds": round(time.monotonic() - t0, 3),
+            }
+            steps.finish("sscd_index", fp_sscd, summary)
+
     # 6. the G_dup table
     fp_tables = fingerprint(
         {"knn_k": b.knn_k, "index": fp_index, "image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": 1}
@@ -326,7 +373,8 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     fp_manifest = fingerprint(
         {
             "format": BUNDLE_FORMAT_VERSION,
-            "steps": [fp_ingest, fp_embed, fp_dedup, fp_caption, fp_index, fp_tables],
+            "steps": [fp_ingest, fp_embed, fp_dedup, fp_caption, fp_index, fp_tables]
+            + ([fp_sscd] if fp_sscd else []),
             "min_count": b.duplicate_caption_min_count,
         }
     )
@@ -460,6 +508,7 @@ def _manifest(root: Path, cfg: PipelineConfig, steps: _Steps, fp: str) -> dict[s
             "target_recall": check["target_recall"],
             "duplicates_subindex_rows": index_info.get("duplicates_subindex", {}).get("rows"),
         },
+        "indexes": _indexed_kinds(root, cfg),
         "config": {
             name: to_dict(getattr(cfg, name))
             for name in ("ingest", "embed", "image_dedup", "caption_dedup", "index", "bundle")
@@ -491,6 +540,25 @@ def _manifest(root: Path, cfg: PipelineConfig, steps: _Steps, fp: str) -> dict[s
         },
         "files": files,
     }
+
+
+def _indexed_kinds(root: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """The manifest's ``indexes``: each embedding kind the bundle can be searched by, its index file and,
+    for SSCD, the descriptor model (TorchScript file, its sha256, input size) queries must be made with."""
+    out: dict[str, Any] = {}
+    for kind, (index_name, info_name) in INDEXED_KINDS.items():
+        if not (root / INDEX_DIR / index_name).is_file():
+            continue
+        entry: dict[str, Any] = {"index": f"{INDEX_DIR}/{index_name}", "info": f"{INDEX_DIR}/{info_name}"}
+        if kind == SSCD_EMB:
+            checkpoint = cfg.embed.sscd_checkpoint
+            entry["model"] = {
+                "checkpoint": checkpoint,
+                "sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+                "image_size": cfg.embed.sscd_image_size,
+            }
+        out[kind] = entry
+    return out
 
 
 def verify_files(root: str | Path, manifest: dict[str, Any]) -> None:
@@ -528,22 +596,33 @@ class Bundle:
         path (`Path`): the bundle folder.
         manifest (`dict`): the parsed ``manifest.json``.
         min_count (`int`): the y_N minimum count (``thresholds.duplicate_caption_min_count``).
+        kind (`str`): the vectors searched and returned: ``img_emb`` or ``sscd_emb``.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True):
+    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True, kind: str = IMG_EMB):
+        if kind not in INDEXED_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(INDEXED_KINDS)}, got {kind!r}")
+        index_name, info_name = INDEXED_KINDS[kind]
+        if not (path / INDEX_DIR / index_name).is_file():
+            raise BundleError(
+                f"bundle {path} has no {kind} index ({INDEX_DIR}/{index_name}); "
+                f"SSCD descriptors are indexed when the bundle is built with --embed-sscd-checkpoint FILE"
+            )
         self.path = path
         self.manifest = manifest
+        self.kind = kind
         self.min_count = int(manifest["thresholds"]["duplicate_caption_min_count"])
-        self.index = load_index(path / INDEX_DIR / INDEX_NAME, mmap=mmap)
-        info = json.loads((path / INDEX_DIR / INFO_NAME).read_text())
+        self.index = load_index(path / INDEX_DIR / index_name, mmap=mmap)
+        info = json.loads((path / INDEX_DIR / info_name).read_text())
         _apply_search_params(self.index, info)
-        dup_path = path / INDEX_DIR / DUP_INDEX_NAME
-        self.duplicates_index = load_index(dup_path, mmap=False) if dup_path.is_file() else None
+        dup_path = path / INDEX_DIR / DUP_INDEX_NAME  # over img_emb: searched with CLIP vectors only
+        has_dup = dup_path.is_file() and kind == IMG_EMB
+        self.duplicates_index = load_index(dup_path, mmap=False) if has_dup else None
         self.table = pq.read_table(path / TABLE_NAME)
         self._knn_caption = self.table.column("knn_caption")
         self._knn_count = self.table.column("knn_caption_count").to_numpy()
         self._key_to_row: dict[str, int] | None = None
-        self._parts = [p.embeddings(IMG_EMB, mmap=True) for p in list_partitions(path / EMBEDDINGS)]
+        self._parts = [p.embeddings(kind, mmap=True) for p in list_partitions(path / EMBEDDINGS)]
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
         counts = {
             "index": int(self.index.ntotal),
@@ -593,7 +672,7 @@ class Bundle:
         return row_ids
 
     def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
-        """Stored image embeddings of ``row_ids`` (any shape), L2-normalised float32, shape ``(*ids, dim)``."""
+        """Stored vectors (of :attr:`kind`) of ``row_ids`` (any shape), L2-normalised float32, ``(*ids, dim)``."""
         row_ids = self._check_rows(row_ids)
         flat = row_ids.reshape(-1)
         part = np.searchsorted(self._starts, flat, side="right") - 1
@@ -632,7 +711,7 @@ class Bundle:
         verify_files(self.path, self.manifest)
 
 
-def open_bundle(path: str | Path, verify: bool = True, mmap: bool = True) -> Bundle:
+def open_bundle(path: str | Path, verify: bool = True, mmap: bool = True, kind: str = IMG_EMB) -> Bundle:
     """Open a bundle written by :func:`build_bundle`.
 
     Args:
@@ -640,6 +719,8 @@ def open_bundle(path: str | Path, verify: bool = True, mmap: bool = True) -> Bun
         verify (`bool`): check every file's size and sha256 against the manifest first. This reads
             the whole bundle; for very large bundles pass False and call :meth:`Bundle.verify` once.
         mmap (`bool`): memory-map the index (and the embeddings, always mapped).
+        kind (`str`): vectors to search: ``img_emb`` (open_clip image embeddings) or ``sscd_emb``
+            (SSCD copy descriptors; the bundle must have been built with ``--embed-sscd-checkpoint``).
 
     Raises:
         BundleError: no readable manifest, or inconsistent contents.
@@ -663,4 +744,4 @@ def open_bundle(path: str | Path, verify: bool = True, mmap: bool = True) -> Bun
         )
     if verify:
         verify_files(path, manifest)
-    return Bundle(path, manifest, mmap=mmap)
+    return Bundle(path, manifest, mmap=mmap, kind=kind)

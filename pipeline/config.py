@@ -139,7 +139,7 @@ class ImageDedupConfig:
     exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
     phash: bool = option(True, "pixel-level pass: pHash Hamming distance through a FAISS binary index")
     phash_max_distance: int = option(
-        10, "largest Hamming distance (of 64 bits) between two pHashes of duplicates (measured: BENCHMARKS.md)"
+        12, "largest Hamming distance (of 64 bits) between two pHashes of duplicates (measured: BENCHMARKS.md)"
     )
     phash_exhaustive_max_n: int = option(
         500_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"

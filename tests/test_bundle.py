@@ -1,0 +1,254 @@
+"""The artifact bundle: build from shards on a real Ray, manifest checksums, open_bundle lookups, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_image_dedup import VERBATIM_CAPTION, planted_images
+
+from pipeline.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST,
+    WORK,
+    BundleChecksumError,
+    BundleError,
+    BundleFormatError,
+    build_bundle,
+    open_bundle,
+)
+from pipeline.config import BundleConfig, EmbedConfig, PipelineConfig
+from pipeline.dedup_tables import SCHEMA as TABLE_SCHEMA
+from pipeline.faiss_index import exact_search, tie_aware_recall
+from pipeline.image_dedup import SCHEMA as DUPLICATES_SCHEMA
+from pipeline.neighbours import DuplicateCaption, NeighbourIndex
+from pipeline.storage import sha256_file
+
+REPO = Path(__file__).resolve().parent.parent
+VERBATIM_COPIES = 6
+KNN_K = 8
+MIN_COUNT = 4
+
+
+def bundle_config(root: Path, **bundle: object) -> PipelineConfig:
+    options = {
+        "shards": str(root / "shards"),
+        "out": str(root / "bundle"),
+        "knn_k": KNN_K,
+        "duplicate_caption_min_count": MIN_COUNT,
+        **bundle,
+    }
+    return dataclasses.replace(
+        PipelineConfig(), bundle=BundleConfig(**options), embed=EmbedConfig(log_every_s=600)
+    )
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    truth = planted_images(root / "shards", verbatim_copies=VERBATIM_COPIES)
+    cfg = bundle_config(root)
+    summary = build_bundle(cfg)
+    return root, cfg, summary, truth
+
+
+def bundle_files(path: Path) -> set[str]:
+    return {
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and p.relative_to(path).parts[0] != WORK and p.name != MANIFEST
+    }
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    """A real copy (the bundle's files are hard links into _work/: tampering must not reach them)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(WORK))
+    return dst
+
+
+def test_build_runs_every_step_and_the_manifest_matches_the_files(built):
+    root, _, summary, truth = built
+    assert summary["steps_run"] == ["ingest", "embed", "image_dedup", "caption_dedup", "index", "tables"]
+    path = root / "bundle"
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["format_version"] == BUNDLE_FORMAT_VERSION
+    assert set(manifest["files"]) == bundle_files(path)
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(path / rel) == entry["sha256"] and (path / rel).stat().st_size == entry["bytes"]
+    artifacts = manifest["artifacts"]
+    for name in (
+        "samples",
+        "image_duplicates",
+        "caption_duplicates",
+        "caption_dedup_table",
+        "index",
+        "index_rows",
+    ):
+        assert manifest["files"][artifacts[name]["path"]]["sha256"] == artifacts[name]["sha256"]
+    assert artifacts["image_duplicates"]["schema"] == [
+        {"name": f.name, "type": str(f.type)} for f in DUPLICATES_SCHEMA
+    ]
+    assert artifacts["caption_dedup_table"]["schema"] == [
+        {"name": f.name, "type": str(f.type)} for f in TABLE_SCHEMA
+    ]
+    counts = manifest["counts"]
+    assert counts["rows"] == counts["samples_ok"] == len(truth) and counts["samples_rejected"] == 0
+    assert counts["image_duplicate_groups"] == 9  # 8 photographs with copies + the verbatim picture
+    assert manifest["model"]["name"] == "tiny-random-seed0" and manifest["model"]["semantic"] is False
+    thresholds = manifest["thresholds"]
+    assert thresholds["duplicate_caption_min_count"] == MIN_COUNT and thresholds["knn_k"] == KNN_K
+    assert thresholds["image_phash_max_distance"] == 12 and thresholds["image_semantic_ran"] is False
+    assert manifest["index"]["kind"] == "flat" and manifest["index"]["recall_at_k"] == 1.0
+    assert len(manifest["code_version"]["git_commit"]) == 40
+    assert sorted(artifacts["embeddings"]["partitions"]) == ["00000", "00001"]
+
+
+def test_open_bundle_searches_with_brute_force_recall(built):
+    root, _, _, _ = built
+    bundle = open_bundle(root / "bundle")
+    assert isinstance(bundle, NeighbourIndex)
+    n = len(bundle)
+    vectors = bundle.embeddings(np.arange(n))
+    assert vectors.shape == (n, bundle.dim) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    rng = np.random.default_rng(0)
+    queries = (
+        vectors[rng.choice(n, 30, replace=False)]
+        + rng.normal(size=(30, bundle.dim)).astype(np.float32) * 0.05
+    )
+    scores, ids = bundle.search_embeddings(queries, 10)
+    assert scores.shape == ids.shape == (30, 10) and ids.dtype == np.int64
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    queries_n = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    true_scores, _ = exact_search(vectors, queries_n, 10)
+    assert tie_aware_recall(vectors, queries_n, ids, true_scores, 10) >= 0.95
+    # More neighbours than rows: padded with -1, as FAISS does.
+    _, all_ids = bundle.search_embeddings(queries[:1], n + 5)
+    assert (all_ids[0, n:] == -1).all() and sorted(all_ids[0, :n]) == list(range(n))
+    with pytest.raises(ValueError, match="shape"):
+        bundle.search_embeddings(np.zeros((2, bundle.dim + 1)), 3)
+
+
+def test_row_lookups_and_duplicates_subindex(built):
+    root, _, _, truth = built
+    bundle = open_bundle(root / "bundle", verify=False)
+    rows = pq.read_table(root / "bundle" / "index" / "index_rows.parquet").to_pylist()
+    for r in rows[:: max(1, len(rows) // 10)]:
+        row = bundle.row(r["row_id"])
+        assert row["key"] == r["key"] and row["caption"] == r["caption"] and row["row_id"] == r["row_id"]
+        assert bundle.row_of_key(r["key"]) == r["row_id"]
+        assert truth[row["key"]]  # every bundle row is a planted sample
+    with pytest.raises(IndexError):
+        bundle.row(len(bundle))
+    dups = pq.read_table(root / "bundle" / "image_duplicates.parquet")
+    member = dups.column("row_id").to_pylist()[0]
+    _, ids = bundle.search_duplicates(bundle.embeddings(np.array([member])), 1)
+    assert ids[0, 0] in set(dups.column("row_id").to_pylist())
+
+
+def test_duplicate_caption_lookup_for_verbatim_rows_and_below_the_minimum(built):
+    root, _, _, _truth = built
+    bundle = open_bundle(root / "bundle", verify=False)
+    table = bundle.table.to_pylist()
+    verbatim = [r for r in table if r["caption"] == VERBATIM_CAPTION]
+    assert len(verbatim) == VERBATIM_COPIES
+    for r in verbatim:
+        assert r["image_group_size"] == VERBATIM_COPIES and r["group_caption"] == VERBATIM_CAPTION
+        assert r["group_caption_count"] == VERBATIM_COPIES and r["caption_group_size"] == VERBATIM_COPIES
+        y_n = bundle.duplicate_caption(r["row_id"])
+        assert y_n == DuplicateCaption(caption=VERBATIM_CAPTION, count=VERBATIM_COPIES)
+    below = [r for r in table if r["knn_caption_count"] < MIN_COUNT]
+    assert below, "some row has no caption repeated MIN_COUNT times among its neighbours"
+    for r in below[:5]:
+        y_n = bundle.duplicate_caption(r["row_id"])
+        assert y_n.caption is None and y_n.count == r["knn_caption_count"]
+    assert all(r["knn_k"] == KNN_K for r in table)
+
+
+def test_tampered_or_missing_file_fails_the_checksum(built, tmp_path):
+    root, _, _, _ = built
+    copy = copy_bundle(root / "bundle", tmp_path / "copy")
+    open_bundle(copy)  # the copy verifies
+    target = copy / "caption_dedup_table.parquet"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleChecksumError, match="caption_dedup_table.parquet"):
+        open_bundle(copy)
+    (copy / "index" / "dup_image.index").unlink()
+    with pytest.raises(BundleChecksumError, match="dup_image.index .missing"):
+        open_bundle(copy)
+
+
+def test_unknown_format_version_and_non_bundles_are_refused_clearly(built, tmp_path):
+    root, _, _, _ = built
+    copy = copy_bundle(root / "bundle", tmp_path / "copy")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(
+        BundleFormatError, match=rf"format version 99.*reads format version {BUNDLE_FORMAT_VERSION}"
+    ):
+        open_bundle(copy, verify=False)
+    with pytest.raises(BundleError, match="not a bundle"):
+        open_bundle(tmp_path / "nothing-here")
+    (copy / MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        open_bundle(copy)
+
+
+def test_rerun_is_a_no_op(built):
+    root, cfg, _, _ = built
+    path = root / "bundle"
+    before = {rel: (path / rel).stat().st_mtime_ns for rel in bundle_files(path) | {MANIFEST}}
+    summary = build_bundle(cfg)
+    assert summary["steps_run"] == [] and summary["manifest_written"] is False
+    assert len(summary["steps_skipped"]) == 6
+    assert {rel: (path / rel).stat().st_mtime_ns for rel in before} == before
+
+
+def test_job_cli_resumes_only_what_changed(built, tmp_path):
+    root, _, _, _ = built
+    work = tmp_path / "resume"
+    shutil.copytree(root / "bundle", work / "bundle")  # with _work/: a resumable copy
+    (work / "shards").symlink_to(root / "shards")
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import build_artifacts
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+
+    def args(*extra: str, min_count: int = MIN_COUNT) -> list[str]:
+        return [
+            "--shards",
+            str(work / "shards"),
+            "--out",
+            str(work / "bundle"),
+            "--knn-k",
+            str(KNN_K),
+            "--duplicate-caption-min-count",
+            str(min_count),
+            *extra,
+        ]
+
+    assert build_artifacts.main(args())["steps_run"] == []
+    # A lost output: only its step runs again, and the manifest is rewritten.
+    (work / "bundle" / "caption_dedup_table.parquet").unlink()
+    summary = build_artifacts.main(args())
+    assert summary["steps_run"] == ["tables"] and summary["manifest_written"] is True
+    open_bundle(work / "bundle")
+    # A changed option: the steps it affects run, the others are kept.
+    summary = build_artifacts.main(args("--index-kind", "hnsw"))
+    assert summary["steps_run"] == ["index", "tables"] and summary["index"] == "HNSW32,Flat"
+    bundle = open_bundle(work / "bundle")
+    assert bundle.manifest["index"]["kind"] == "hnsw" and bundle.manifest["index"]["recall_at_k"] >= 0.95
+    # Only the y_N threshold changed: nothing recomputes, the manifest records the new one.
+    summary = build_artifacts.main(args("--index-kind", "hnsw", min_count=2))
+    assert summary["steps_run"] == [] and summary["manifest_written"] is True
+    assert open_bundle(work / "bundle").manifest["thresholds"]["duplicate_caption_min_count"] == 2

@@ -1,0 +1,269 @@
+"""FAISS index: choice from N and a memory budget, recall against brute force, mmap loading, the index stage."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import IndexConfig
+from pipeline.embeddings_io import METADATA_SCHEMA, embedding_path, metadata_path
+from pipeline.faiss_index import (
+    DUP_INDEX_NAME,
+    INDEX_NAME,
+    INFO_NAME,
+    ROWS_NAME,
+    build_index,
+    default_nlist,
+    exact_search,
+    index_description,
+    load_index,
+    normalize,
+    plan_index,
+    run_build_index,
+    save_index,
+    search_params,
+    tie_aware_recall,
+    tune_search,
+)
+from pipeline.storage import atomic_write_bytes, atomic_write_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clustered(n: int, d: int, seed: int = 0, clusters: int = 100) -> np.ndarray:
+    """L2-normalised float32 vectors around random centres (embeddings are clustered, not uniform)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d))
+    x = centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, d)) * 0.7
+    return normalize(x.astype(np.float16))
+
+
+def brute_force_recall(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    true_scores, _ = exact_search(x, queries, k)
+    _, found = index.search(queries, k)
+    return tie_aware_recall(x, queries, found, true_scores, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choice.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_auto_choice_follows_n_and_the_memory_budget():
+    assert plan_index(50_000, 512).kind == "flat"
+    assert plan_index(500_000, 512, memory_budget_mb=4096).kind == "hnsw"
+    # Too many for HNSW (hnsw_max_n) but the full vectors fit: IVF-Flat.
+    assert plan_index(3_000_000, 512, memory_budget_mb=8192).kind == "ivf_flat"
+    # LAION scale: only PQ codes fit; the largest code that fits the budget is chosen.
+    laion = plan_index(2_000_000_000, 768, memory_budget_mb=100_000)
+    assert laion.kind == "ivf_pq" and laion.factory == "IVF262144_HNSW32,PQ32x8"
+    assert laion.estimated_bytes <= 100_000 * 2**20
+    assert plan_index(2_000_000_000, 768, memory_budget_mb=200_000).pq_m == 96
+    # A flat index that does not fit the budget is not chosen even for small N.
+    assert plan_index(90_000, 512, memory_budget_mb=100).kind != "flat"
+
+
+def test_forced_kinds_nlist_and_errors():
+    assert plan_index(20_000, 64, kind="ivf_pq").factory == "IVF512,PQ32x8"
+    assert plan_index(20_000, 64, kind="ivf_pq", pq_m=8, opq=True).factory == "OPQ8,IVF512,PQ8x8"
+    assert plan_index(20_000, 64, kind="hnsw", hnsw_m=16).factory == "HNSW16,Flat"
+    assert plan_index(1_000, 64, kind="ivf_flat", nlist=4096).nlist == 25  # at most N/39 lists
+    assert default_nlist(1_000_000) == 16_384 and default_nlist(250_000) == 2048
+    with pytest.raises(ValueError, match="unknown index kind"):
+        plan_index(10, 8, kind="lsh")
+    with pytest.raises(ValueError, match="must divide"):
+        plan_index(20_000, 64, kind="ivf_pq", pq_m=7)
+    with pytest.raises(ValueError, match="fits memory_budget_mb"):
+        plan_index(10**10, 768, memory_budget_mb=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recall against brute force, and tuning.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
+def test_recall_at_10_against_brute_force(kind):
+    data = clustered(20_300, 64, seed=1)
+    x, queries = data[:20_000], data[20_000:]
+    plan = plan_index(len(x), x.shape[1], kind=kind)
+    index = build_index(x, plan, seed=0)
+    check = tune_search(index, x, k=10, sample=300, target_recall=0.95)
+    assert check["target_reached"] and check["recall_at_k"] >= 0.95
+    # Held-out queries (not indexed rows) reach the same recall with the tuned settings.
+    assert brute_force_recall(index, x, queries) >= 0.95
+    if kind == "flat":
+        assert check["param"] is None and check["recall_at_k"] == 1.0
+    else:
+        assert check["param"] in ("nprobe", "ef_search") and check["tried"][-1]["value"] == check["value"]
+
+
+@pytest.fixture()
+def one_thread():
+    """PQ training runs 256-centroid k-means in 4-dimensional subspaces; on a busy 2-core machine
+    OpenMP's second thread makes that several times slower, so this test trains on one."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def test_ivf_pq_is_built_and_its_recall_is_measured(one_thread):
+    x = clustered(4_000, 32, seed=2)
+    plan = plan_index(len(x), 32, kind="ivf_pq", pq_m=8, nlist=32)
+    index = build_index(x, plan, train_size=4_000)
+    check = tune_search(index, x, k=10, sample=200, target_recall=0.99)
+    assert 0.3 < check["recall_at_k"] <= 1.0  # PQ codes are lossy; the self-check says by how much
+    assert search_params(index)["nprobe"] == check["value"]
+
+
+def test_recall_is_tie_aware_for_identical_vectors():
+    # 12 identical vectors (a byte-identical image): any 10 of them are the right answer.
+    x = normalize(np.vstack([np.ones((12, 8)), np.eye(8)]).astype(np.float32))
+    q = x[:1]
+    true_scores, _ = exact_search(x, q, 10)
+    other_ten = np.arange(2, 12)[None, :]
+    assert tie_aware_recall(x, q, other_ten, true_scores, 10) == 1.0
+    wrong = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 12, 13]])
+    assert tie_aware_recall(x, q, wrong, true_scores, 10) == 0.8
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and memory-mapped loading.
+# ----------------------------------------------------------------------------------------------
+
+
+def _anon_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("RssAnon:")[1].split()[0])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
+def test_mmap_loading_gives_the_same_answers(tmp_path, kind):
+    x = clustered(5_000, 32, seed=3)
+    index = build_index(x, plan_index(len(x), 32, kind=kind))
+    tune_search(index, x, sample=100)
+    save_index(index, tmp_path / "i.index")
+    assert not list(tmp_path.glob(".*"))  # the temporary name is gone
+    mapped = load_index(tmp_path / "i.index", mmap=True)
+    loaded = load_index(tmp_path / "i.index", mmap=False)
+    queries = x[:50]
+    for other in (mapped, loaded):
+        assert np.array_equal(other.search(queries, 5)[1], index.search(queries, 5)[1])
+        assert index_description(other) == index_description(index)
+
+
+def test_mmap_keeps_the_vectors_out_of_the_heap(tmp_path):
+    x = clustered(100_000, 128, seed=4)  # 51 MB of float32
+    index = faiss.IndexFlatIP(128)
+    index.add(x)
+    save_index(index, tmp_path / "big.index")
+    del index
+    before = _anon_kb()
+    mapped = load_index(tmp_path / "big.index", mmap=True)
+    mapped_growth = _anon_kb() - before
+    before = _anon_kb()
+    loaded = load_index(tmp_path / "big.index", mmap=False)
+    loaded_growth = _anon_kb() - before
+    assert mapped.ntotal == loaded.ntotal == 100_000
+    assert loaded_growth > 40_000  # KiB: the whole matrix was read into memory
+    assert mapped_growth < 10_000
+
+
+def test_missing_index_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index file"):
+        load_index(tmp_path / "nope.index")
+
+
+# ----------------------------------------------------------------------------------------------
+# The index stage over an embedding folder.
+# ----------------------------------------------------------------------------------------------
+
+
+def write_embedding_folder(folder: Path, parts: list[np.ndarray]) -> list[str]:
+    """A LAION-layout folder (img_emb + metadata per partition), float16 like the embed stage's."""
+    keys = []
+    for p, x in enumerate(parts):
+        name = f"{p:05d}"
+        buf = io.BytesIO()
+        np.save(buf, x.astype(np.float16))
+        atomic_write_bytes(embedding_path(folder, "img_emb", name), buf.getvalue())
+        part_keys = [f"{name}{i:04d}" for i in range(len(x))]
+        keys += part_keys
+        n = len(x)
+        table = pa.table(
+            {
+                "key": part_keys,
+                "caption": [f"caption {k}" for k in part_keys],
+                "url": [""] * n,
+                "sha256": [""] * n,
+                "width": pa.array([64] * n, pa.int32()),
+                "height": pa.array([64] * n, pa.int32()),
+                "shard": [name] * n,
+                "phash": pa.array([0] * n, pa.uint64()),
+            },
+            schema=METADATA_SCHEMA,
+        )
+        atomic_write_table(metadata_path(folder, name), table)
+    return keys
+
+
+def test_index_stage_writes_index_rows_info_and_duplicates_subindex(tmp_path):
+    x = clustered(3_000, 32, seed=5)
+    keys = write_embedding_folder(tmp_path / "emb", [x[:1_000], x[1_000:]])
+    dup_rows = np.array([5, 6, 1_500, 2_999])
+    atomic_write_table(tmp_path / "dups.parquet", pa.table({"row_id": pa.array(dup_rows, pa.int64())}))
+    cfg = IndexConfig(
+        embeddings=str(tmp_path / "emb"),
+        out=str(tmp_path / "index"),
+        kind="hnsw",
+        duplicates=str(tmp_path / "dups.parquet"),
+    )
+    summary = run_build_index(cfg)
+    assert summary["kind"] == "hnsw" and summary["rows"] == 3_000 and summary["recall_at_k"] >= 0.95
+    out = tmp_path / "index"
+    info = json.loads((out / INFO_NAME).read_text())
+    assert info["self_check"]["target_reached"] and info["plan"]["factory"] == "HNSW32,Flat"
+    rows = pq.read_table(out / ROWS_NAME)
+    assert rows.column("key").to_pylist() == keys
+    assert rows.column("row_id").to_pylist() == list(range(3_000))
+    assert rows.column("partition_row").to_pylist()[1_000] == 0
+    index = load_index(out / INDEX_NAME)
+    assert index.ntotal == 3_000 and search_params(index)["ef_search"] == info["index"]["ef_search"]
+    # Stored float16 vectors, normalised again, are what the index holds.
+    stored = normalize(np.load(tmp_path / "emb" / "img_emb" / "img_emb_00001.npy"))
+    assert index.search(stored[:3], 1)[1][:, 0].tolist() == [1_000, 1_001, 1_002]
+    sub = load_index(out / DUP_INDEX_NAME)
+    assert sub.ntotal == 4
+    _, ids = sub.search(stored[500:501], 1)
+    assert ids[0, 0] == 1_500  # ids of the sub-index are bundle row ids
+    # A re-run with the same options is a no-op; a changed option rebuilds.
+    mtime = (out / INDEX_NAME).stat().st_mtime_ns
+    assert run_build_index(cfg)["skipped"] is True
+    assert (out / INDEX_NAME).stat().st_mtime_ns == mtime
+    again = run_build_index(IndexConfig(embeddings=cfg.embeddings, out=cfg.out, kind="flat"))
+    assert again["skipped"] is False and again["kind"] == "flat"
+
+
+def test_build_index_job_cli(tmp_path, ray_local):
+    x = clustered(500, 16, seed=6)
+    write_embedding_folder(tmp_path / "emb", [x])
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import build_index
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    summary = build_index.main(
+        ["--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--kind", "ivf_flat"]
+    )
+    assert (
+        summary["job"] == "build_index" and summary["kind"] == "ivf_flat" and summary["recall_at_k"] >= 0.95
+    )

@@ -1,0 +1,415 @@
+"""Image duplicates: the passes, the grouping, and precision/recall on planted real-photo duplicates."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageEnhance
+from shard_factory import sample, write_shard
+
+from pipeline.config import EmbedConfig, ImageDedupConfig
+from pipeline.image_dedup import (
+    OUTPUT_NAME,
+    exact_pairs,
+    find_image_duplicates,
+    phash_pairs,
+    representatives,
+    run_image_dedup,
+    semantic_pairs,
+)
+from pipeline.phash import hamming_distance
+
+REPO = Path(__file__).resolve().parent.parent
+SIDE = 192
+
+# ----------------------------------------------------------------------------------------------
+# Planted data: real photographs (scikit-image's bundled samples) with edited copies.
+# ----------------------------------------------------------------------------------------------
+
+#: Photographs that get copies; each copy must land in its photograph's group.
+BASES = ("astronaut", "coffee", "rocket", "coins", "camera", "clock", "horse", "chelsea")
+#: Copies per photograph: re-encodes, resizes, a crop, a brightness change, a byte-identical copy.
+EDITS = ("jpeg_q12", "down_up_0.35", "resized_128", "center_crop_0.95", "brightness", "byte_copy")
+#: Unique pictures, and hard negatives that must stay apart: a stereo pair (two photos of one
+#: scene), disjoint and half-overlapping crops of one photo, three textures.
+UNIQUE = ("page", "text", "immunohistochemistry", "microaneurysms", "colorwheel", "logo")
+HARD_NEGATIVES = {
+    "stereo": (("stereo_motorcycle", 0, None), ("stereo_motorcycle", 1, None)),
+    "hubble_crops": (
+        ("hubble_deep_field", None, (0, 0, 400)),
+        ("hubble_deep_field", None, (0, 200, 400)),  # overlaps the first by half
+        ("hubble_deep_field", None, (400, 400, 400)),
+    ),
+    "retina_crops": (("retina", None, (255, 255, 300)), ("retina", None, (555, 555, 300))),
+    "textures": (("grass", None, None), ("gravel", None, None), ("brick", None, None)),
+}
+
+
+def _rgb(pixels: np.ndarray) -> Image.Image:
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    elif pixels.dtype != np.uint8:
+        pixels = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    if pixels.ndim == 2:
+        return Image.fromarray(pixels, "L").convert("RGB")
+    if pixels.shape[-1] == 4:
+        return Image.alpha_composite(
+            Image.new("RGBA", pixels.shape[1::-1], "white"), Image.fromarray(pixels, "RGBA")
+        ).convert("RGB")
+    return Image.fromarray(pixels[..., :3], "RGB")
+
+
+def photo(name: str, part: int | None = None, box: tuple[int, int, int] | None = None) -> Image.Image:
+    """A square picture from ``skimage.data.<name>`` (centred, or ``box`` = top, left, side)."""
+    from skimage import data
+
+    pixels = getattr(data, name)()
+    if part is not None:
+        pixels = pixels[part]
+    image = _rgb(np.asarray(pixels))
+    if box is None:
+        side = min(image.size)
+        top, left = (image.height - side) // 2, (image.width - side) // 2
+    else:
+        top, left, side = box
+    return image.crop((left, top, left + side, top + side)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def edited(image: Image.Image, edit: str, original: bytes, i: int) -> bytes:
+    if edit == "jpeg_q12":
+        return jpeg(image, 12)
+    if edit == "down_up_0.35":
+        small = round(SIDE * 0.35)
+        return jpeg(
+            image.resize((small, small), Image.Resampling.BILINEAR).resize(
+                (SIDE, SIDE), Image.Resampling.BICUBIC
+            )
+        )
+    if edit == "resized_128":
+        return jpeg(image.resize((128, 128), Image.Resampling.LANCZOS))
+    if edit == "center_crop_0.95":
+        side = round(SIDE * 0.95)
+        off = (SIDE - side) // 2
+        return jpeg(
+            image.crop((off, off, off + side, off + side)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+        )
+    if edit == "brightness":
+        return jpeg(ImageEnhance.Brightness(image).enhance(0.75 if i % 2 else 1.25))
+    if edit == "byte_copy":
+        return original
+    raise ValueError(edit)
+
+
+VERBATIM_CAPTION = "Microscope image of a single round cell, on a gray background"
+
+
+def planted_images(folder: Path, shards: int = 2, verbatim_copies: int = 0) -> dict[str, str]:
+    """Write img2dataset shards of planted duplicates; return key -> true group (unique keys: own group).
+
+    With ``verbatim_copies``, one more picture is repeated byte for byte with one identical caption
+    (what diffusion models memorise). Rows are dealt round-robin over the shards in a seeded order,
+    so groups span shards.
+    """
+    rows: list[tuple[str, bytes, str, str]] = []  # (group, bytes, caption, label)
+    if verbatim_copies:
+        data = jpeg(photo("cell"))
+        rows += [("dup:verbatim", data, VERBATIM_CAPTION, "verbatim")] * verbatim_copies
+    for i, name in enumerate(BASES):
+        image = photo(name)
+        original = jpeg(image)
+        rows.append((f"dup:{name}", original, f"a photo of {name}", "original"))
+        for edit in EDITS:
+            rows.append((f"dup:{name}", edited(image, edit, original, i), f"{name} picture, {edit}", edit))
+    for name in UNIQUE:
+        rows.append((f"unique:{name}", jpeg(photo(name)), f"unique {name}", "unique"))
+    for group, parts in HARD_NEGATIVES.items():
+        for j, (name, part, box) in enumerate(parts):
+            rows.append(
+                (f"negative:{group}:{j}", jpeg(photo(name, part, box)), f"{group} {j}", "hard_negative")
+            )
+    order = np.random.default_rng(0).permutation(len(rows))
+    truth, per_shard = {}, [[] for _ in range(shards)]
+    for position, index in enumerate(order):
+        group, data, caption, _ = rows[int(index)]
+        shard = position % shards
+        key = f"{shard:05d}{len(per_shard[shard]):04d}"
+        per_shard[shard].append(sample(key, data, caption=caption))
+        truth[key] = group
+    for shard, samples in enumerate(per_shard):
+        write_shard(folder, shard, samples)
+    return truth
+
+
+def pairs_of(groups: dict[str, str]) -> set[tuple[str, str]]:
+    """Every unordered pair of keys sharing a group label."""
+    by_group: dict[str, list[str]] = {}
+    for key, group in groups.items():
+        by_group.setdefault(group, []).append(key)
+    return {tuple(sorted(p)) for members in by_group.values() for p in itertools.combinations(members, 2)}
+
+
+def precision_recall(predicted: set, true: set) -> tuple[float, float]:
+    hits = len(predicted & true)
+    return (hits / len(predicted) if predicted else 1.0), (hits / len(true) if true else 1.0)
+
+
+@pytest.fixture(scope="module")
+def planted(ray_local, tmp_path_factory):
+    """Planted shards, embedded by the real embed stage (tiny offline model) on the session's Ray."""
+    from pipeline.embed import run_embed
+
+    root = tmp_path_factory.mktemp("planted_images")
+    truth = planted_images(root / "shards")
+    run_embed(EmbedConfig(shards=str(root / "shards"), out=str(root / "emb"), log_every_s=600))
+    return root, truth
+
+
+def predicted_groups(dup_table: pa.Table, keys: list[str]) -> dict[str, str]:
+    groups = {key: f"alone:{key}" for key in keys}
+    for key, group in zip(dup_table.column("key").to_pylist(), dup_table.column("group_id").to_pylist()):
+        groups[key] = f"group:{group}"
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on planted photographs.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_planted_duplicates_precision_and_recall(planted):
+    root, truth = planted
+    summary = run_image_dedup(ImageDedupConfig(embeddings=str(root / "emb"), out=str(root / "dedup")))
+    assert summary["rows"] == len(truth)
+    # The tiny model has random weights: the semantic pass must not run on its embeddings.
+    assert summary["semantic_model"] is False
+    assert "skipped" in summary["passes"]["semantic"]
+    table = pq.read_table(root / "dedup" / OUTPUT_NAME)
+    predicted = pairs_of(predicted_groups(table, list(truth)))
+    true = pairs_of(
+        {k: g for k, g in truth.items() if g.startswith("dup:")}
+        | {k: k for k, g in truth.items() if not g.startswith("dup:")}
+    )
+    precision, recall = precision_recall(predicted, true)
+    print(
+        f"\nplanted image duplicates: {len(true)} true pairs, {len(predicted)} found, precision {precision:.3f}, recall {recall:.3f}"
+    )
+    assert precision >= 0.95
+    assert recall >= 0.90
+    # No hard negative (stereo pair, crops of one photo, textures) is grouped with anything.
+    grouped = set(table.column("key").to_pylist())
+    negatives = [k for k, g in truth.items() if g.startswith(("negative:", "unique:"))]
+    assert not grouped & set(negatives)
+
+
+def test_planted_groups_schema_representative_and_methods(planted):
+    root, _truth = planted
+    run_image_dedup(ImageDedupConfig(embeddings=str(root / "emb"), out=str(root / "dedup")))
+    table = pq.read_table(root / "dedup" / OUTPUT_NAME)
+    assert table.schema.names == [
+        "key",
+        "row_id",
+        "group_id",
+        "group_size",
+        "representative_key",
+        "is_representative",
+        "similarity",
+        "hamming_distance",
+        "method",
+        "linked_by",
+    ]
+    rows = table.to_pylist()
+    meta = {r["key"]: r for r in pq.read_table(root / "emb" / "metadata").to_pylist()}
+    for group_id, members in itertools.groupby(rows, key=lambda r: r["group_id"]):
+        members = list(members)
+        reps = [m for m in members if m["is_representative"]]
+        assert len(reps) == 1 and reps[0]["row_id"] == group_id and members[0] is reps[0]
+        assert all(m["group_size"] == len(members) for m in members)
+        assert all(m["representative_key"] == reps[0]["key"] for m in members)
+        # The representative has the most pixels, ties broken by the smallest key.
+        best = min(members, key=lambda m: (-meta[m["key"]]["width"] * meta[m["key"]]["height"], m["key"]))
+        assert reps[0]["key"] == best["key"]
+        assert reps[0]["method"] == "representative" and reps[0]["similarity"] == pytest.approx(1.0)
+    by_method = {r["method"] for r in rows}
+    assert {"representative", "exact", "phash"} <= by_method
+    # Byte copies are linked by sha256 and carry the exact method when next to their original.
+    for r in rows:
+        if r["method"] == "exact":
+            assert meta[r["key"]]["sha256"] == meta[r["representative_key"]]["sha256"]
+        if r["method"] == "phash":
+            assert r["hamming_distance"] <= 12
+
+
+def test_rerun_is_skipped_and_option_change_recomputes(planted):
+    root, _ = planted
+    cfg = ImageDedupConfig(embeddings=str(root / "emb"), out=str(root / "dedup_rerun"))
+    first = run_image_dedup(cfg)
+    assert first["skipped"] is False
+    mtime = (root / "dedup_rerun" / OUTPUT_NAME).stat().st_mtime_ns
+    assert run_image_dedup(cfg)["skipped"] is True
+    assert (root / "dedup_rerun" / OUTPUT_NAME).stat().st_mtime_ns == mtime
+    stricter = ImageDedupConfig(
+        embeddings=str(root / "emb"), out=str(root / "dedup_rerun"), phash_max_distance=0
+    )
+    again = run_image_dedup(stricter)
+    assert again["skipped"] is False and again["rows_in_groups"] <= first["rows_in_groups"]
+
+
+def test_forced_semantic_pass_on_random_weights_is_measured_not_trusted(planted):
+    """The random-weight model's cosines group unrelated pictures: that is why 'auto' skips it."""
+    root, truth = planted
+    cfg = ImageDedupConfig(
+        embeddings=str(root / "emb"), out=str(root / "dedup_semantic"), semantic="on", semantic_threshold=0.99
+    )
+    summary = run_image_dedup(cfg)
+    assert summary["passes"]["semantic"]["search"] == "flat"
+    table = pq.read_table(root / "dedup_semantic" / OUTPUT_NAME)
+    predicted = pairs_of(predicted_groups(table, list(truth)))
+    true = pairs_of({k: (g if g.startswith("dup:") else k) for k, g in truth.items()})
+    precision, recall = precision_recall(predicted, true)
+    print(f"\nrandom-weight semantic pass at cosine 0.99: precision {precision:.3f}, recall {recall:.3f}")
+    assert recall >= 0.90  # it adds links; precision is what it costs (see BENCHMARKS.md)
+
+
+def test_job_cli(planted, capsys):
+    root, _ = planted
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import dedup_images
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    summary = dedup_images.main(
+        ["--embeddings", str(root / "emb"), "--out", str(root / "dedup_cli"), "--phash-max-distance", "8"]
+    )
+    assert summary["job"] == "dedup_images" and (root / "dedup_cli" / OUTPUT_NAME).is_file()
+    assert "passes" not in summary  # kept in the summary file; the stdout line stays short
+
+
+# ----------------------------------------------------------------------------------------------
+# The passes, alone.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_exact_pairs_link_identical_hashes_only():
+    pairs = exact_pairs(["a", "b", "a", None, "", "a", "b", ""])
+    assert pairs.tolist() == [[0, 2], [0, 5], [1, 6]]
+    assert exact_pairs([]).shape == (0, 2)
+
+
+def test_phash_radius_is_inclusive_and_flat_hashes_are_left_out():
+    base = np.uint64(0x0123456789ABCDEF)
+    three = base ^ np.uint64(0b111)
+    four = base ^ np.uint64(0b1111 << 20)
+    hashes = np.array([base, three, four, 0, 0], dtype=np.uint64)
+    pairs, dist, info = phash_pairs(hashes, 3)
+    assert pairs.tolist() == [[0, 1]] and dist.tolist() == [3]
+    assert info["flat_hashes_skipped"] == 2  # two flat images (hash 0) do not pair with each other
+    pairs, _, _ = phash_pairs(hashes, 4)
+    assert pairs.tolist() == [[0, 1], [0, 2]]  # 1 and 2 differ in 7 bits
+    pairs, _, _ = phash_pairs(hashes, 4, valid=np.array([True, False, True, True, True]))
+    assert pairs.tolist() == [[0, 2]]
+
+
+def test_phash_multi_index_hashing_finds_exactly_the_brute_force_pairs():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**63, size=3000, dtype=np.uint64)
+    copies = base[:600].copy()
+    for i in range(len(copies)):  # 0..12 random bit flips
+        for bit in rng.choice(64, size=int(rng.integers(0, 13)), replace=False):
+            copies[i] ^= np.uint64(1) << np.uint64(bit)
+    hashes = np.concatenate([base, copies])
+    for radius in (4, 10, 12):
+        flat, d_flat, info_flat = phash_pairs(hashes, radius, exhaustive_max_n=10**9)
+        multi, d_multi, info_multi = phash_pairs(hashes, radius, exhaustive_max_n=0, batch=1000)
+        assert info_flat["index"] == "IndexBinaryFlat" and "MultiHash" in info_multi["index"]
+        assert np.array_equal(flat, multi) and np.array_equal(d_flat, d_multi)
+        assert len(flat) >= 1
+        assert (hamming_distance(hashes[flat[:, 0]], hashes[flat[:, 1]]) <= radius).all()
+
+
+def clustered(
+    n: int, d: int, dup_fraction: float, seed: int, noise: float = 0.02
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors around 50 centres, plus near-copies of the first rows; returns (vectors, copy_of)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, d))
+    base = centres[rng.integers(0, 50, n)] + rng.normal(size=(n, d)) * 0.9
+    n_dup = int(n * dup_fraction)
+    copies = base[:n_dup] + rng.normal(size=(n_dup, d)) * noise * np.linalg.norm(
+        base[:n_dup], axis=1, keepdims=True
+    ) / np.sqrt(d)
+    x = np.concatenate([base, copies]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, np.concatenate([np.full(n, -1), np.arange(n_dup)])
+
+
+@pytest.mark.parametrize("search", ["ivf", "hnsw"])
+def test_semantic_pass_approximate_search_recovers_the_exact_pairs(search):
+    x, _ = clustered(6000, 32, 0.2, seed=1)
+    exact, cos_exact, info = semantic_pairs(x, 0.95, k=8, search="flat")
+    approx, _, info_a = semantic_pairs(x, 0.95, k=8, search=search, nprobe=8, nlist=64)
+    assert len(exact) >= 1200  # the planted copies (cosine ~0.9998)
+    assert (cos_exact >= 0.95).all()
+    found = {tuple(p) for p in approx.tolist()}
+    recall = sum(tuple(p) in found for p in exact.tolist()) / len(exact)
+    assert recall >= 0.98, (search, recall)
+    assert info["saturated_rows"] == 0 and info_a["search"] == search
+
+
+def test_groups_are_transitive_across_passes_and_zero_vectors_never_pair():
+    # rows 0-1 share a sha256, 1-2 share a pHash, 2-3 are close embeddings, 4 is alone, 5 is a zero vector
+    hashes = np.array([1, 0xF0F0F0F0F0F0F0F0, 0xF0F0F0F0F0F0F0F1, 7 << 40, 99, 12345], dtype=np.uint64)
+    x = np.eye(6, 8, dtype=np.float32)
+    x[3] = x[2] + 0.01
+    x[3] /= np.linalg.norm(x[3])
+    x[5] = 0
+    meta = pa.table(
+        {
+            "key": [f"k{i}" for i in range(6)],
+            "caption": [""] * 6,
+            "sha256": ["s", "s", "a", "b", "c", "d"],
+            "width": [10, 20, 10, 10, 10, 10],
+            "height": [10, 20, 10, 10, 10, 10],
+            "phash": pa.array(hashes, pa.uint64()),
+        }
+    )
+    result = find_image_duplicates(
+        meta, x, ImageDedupConfig(embeddings="x", out="y", semantic="on", phash_max_distance=2)
+    )
+    assert result.group_id.tolist() == [1, 1, 1, 1, 4, 5]
+    rows = {r["key"]: r for r in result.table.to_pylist()}
+    assert rows["k1"]["method"] == "representative"  # most pixels
+    assert rows["k0"]["method"] == "exact" and rows["k0"]["linked_by"] == "exact"
+    assert rows["k2"]["method"] == "phash" and rows["k2"]["linked_by"] == "phash|semantic"
+    assert rows["k3"]["method"] == "transitive" and rows["k3"]["linked_by"] == "semantic"
+    assert result.stats["groups"] == 1 and result.stats["removable_rows"] == 3
+
+
+def test_representative_ties_go_to_the_smallest_key():
+    labels = np.array([0, 0, 0, 3, 3])
+    reps = representatives(labels, np.array([4, 9, 9, 1, 1]), ["c", "b", "a", "z", "y"])
+    assert reps.tolist() == [2, 2, 2, 4, 4]
+
+
+def test_bad_options_are_refused():
+    meta = pa.table({"key": ["a"], "sha256": ["x"], "width": [1], "height": [1]})
+    for bad in (
+        {"semantic": "maybe"},
+        {"phash_max_distance": 64},
+        {"search": "lsh"},
+        {"semantic_threshold": 2.0},
+    ):
+        with pytest.raises(ValueError):
+            find_image_duplicates(meta, None, ImageDedupConfig(embeddings="x", out="y", **bad))
