@@ -318,7 +318,9 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
         if not steps.done("sscd_index", fp_sscd, [root / INDEX_DIR / name for name in sscd_files]):
             t0 = time.monotonic()
             sscd_cfg = dataclasses.replace(index_cfg, duplicates=None)
-            built = on_gpu_worker(compute_index, sscd_cfg, load_unit_embeddings(emb_dir, SSCD_EMB))
+            built = on_gpu_worker(
+                compute_index, sscd_cfg, load_unit_embeddings(emb_dir, SSCD_EMB), None, SSCD_EMB
+            )
             info = {
                 **built.info,
                 "file": SSCD_INDEX_NAME,

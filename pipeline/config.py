@@ -142,7 +142,7 @@ class ImageDedupConfig:
         12, "largest Hamming distance (of 64 bits) between two pHashes of duplicates (measured: BENCHMARKS.md)"
     )
     phash_exhaustive_max_n: int = option(
-        500_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"
+        10_000_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"
     )
     semantic: str = option(
         "auto", "semantic pass: auto (only for embeddings of a semantic model, never random weights), on, off"

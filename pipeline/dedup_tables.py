@@ -210,6 +210,9 @@ def build_dedup_table(
     started = time.monotonic()
     if isinstance(captions, list):
         captions = pa.array(captions, pa.string())
+    if isinstance(captions, pa.ChunkedArray):
+        captions = captions.combine_chunks() if captions.num_chunks else pa.array([], pa.string())
+    captions = captions.cast(pa.string())
     n = len(vectors)
     ids, texts = caption_ids(captions)
     if len(ids) != n:
@@ -224,9 +227,7 @@ def build_dedup_table(
         {
             "row_id": pa.array(np.arange(n), pa.int64()),
             "key": pa.array(keys if not isinstance(keys, pa.ChunkedArray) else keys.to_pylist(), pa.string()),
-            "caption": captions.cast(pa.string())
-            if not isinstance(captions, pa.ChunkedArray)
-            else captions.cast(pa.string()).combine_chunks(),
+            "caption": captions,
             "image_group_id": pa.array(image_group_id, pa.int64()),
             "image_group_size": pa.array(image_group_size, pa.int64()),
             "group_caption": pa.array(text_arr[group_mode].tolist(), pa.string()),

@@ -554,9 +554,22 @@ def on_gpu_worker(fn: Any, *args: Any) -> Any:
 
 
 INDEX_NAME = "image.index"
+SSCD_INDEX_NAME = "sscd.index"
 DUP_INDEX_NAME = "dup_image.index"
 ROWS_NAME = "index_rows.parquet"
 INFO_NAME = "index_info.json"
+SSCD_INFO_NAME = "sscd_index_info.json"
+
+
+def index_files(embedding_kind: str = "img_emb") -> tuple[str, str]:
+    """(index file, info file) of the index over ``embedding_kind`` (img_emb or sscd_emb)."""
+    if embedding_kind == "img_emb":
+        return INDEX_NAME, INFO_NAME
+    if embedding_kind == "sscd_emb":
+        return SSCD_INDEX_NAME, SSCD_INFO_NAME
+    raise ValueError(f"no index for embedding kind {embedding_kind!r}; known: img_emb, sscd_emb")
+
+
 INDEX_SCHEMA_VERSION = 1
 ROWS_SCHEMA = pa.schema(
     [
@@ -604,21 +617,25 @@ def row_mapping(folder: str | Path) -> pa.Table:
 
 
 def compute_index(
-    cfg: Any, vectors: np.ndarray | None = None, duplicate_rows: np.ndarray | None = None
+    cfg: Any,
+    vectors: np.ndarray | None = None,
+    duplicate_rows: np.ndarray | None = None,
+    embedding_kind: str = "img_emb",
 ) -> BuiltIndex:
     """Plan, build, tune and self-check the index of ``cfg.embeddings`` (and the duplicates sub-index).
 
     Args:
         cfg (`IndexConfig`): the stage's options.
-        vectors (`np.ndarray`, *optional*): the folder's L2-normalised image embeddings, if already loaded.
+        vectors (`np.ndarray`, *optional*): the folder's L2-normalised embeddings, if already loaded.
         duplicate_rows (`np.ndarray`, *optional*): row ids for the sub-index; default: the rows of
-            ``cfg.duplicates`` when set.
+            ``cfg.duplicates`` when set (image embeddings only).
+        embedding_kind (`str`): ``img_emb`` (CLIP image embeddings) or ``sscd_emb`` (SSCD descriptors).
     """
     from pipeline.image_dedup import embedding_model, load_unit_embeddings
 
     started = time.monotonic()
     if vectors is None:
-        vectors = load_unit_embeddings(cfg.embeddings)
+        vectors = load_unit_embeddings(cfg.embeddings, embedding_kind)
     n, d = vectors.shape
     plan = plan_index(
         n,
@@ -653,7 +670,8 @@ def compute_index(
     )
     info: dict[str, Any] = {
         "schema": INDEX_SCHEMA_VERSION,
-        "file": INDEX_NAME,
+        "file": index_files(embedding_kind)[0],
+        "embedding_kind": embedding_kind,
         "rows_file": ROWS_NAME,
         "plan": plan.to_dict(),
         "index": index_description(index),
@@ -663,7 +681,7 @@ def compute_index(
         "gpu": gpu_count(cfg.use_gpu) > 0,
     }
     dup_bytes = None
-    if duplicate_rows is None and cfg.duplicates:
+    if duplicate_rows is None and cfg.duplicates and embedding_kind == "img_emb":
         import pyarrow.parquet as pq
 
         duplicate_rows = pq.read_table(cfg.duplicates, columns=["row_id"]).column("row_id").to_numpy()
@@ -704,7 +722,7 @@ def index_fingerprint(cfg: Any) -> str:
     )
 
 
-def run_build_index(cfg: Any) -> dict[str, Any]:
+def run_build_index(cfg: Any, embedding_kind: str = "img_emb") -> dict[str, Any]:
     """The index stage: build ``cfg.out/image.index`` (+ rows, info, optional sub-index); resumable.
 
     Heavy work runs on a GPU worker when the cluster has one (:func:`on_gpu_worker`); the files are
@@ -714,24 +732,28 @@ def run_build_index(cfg: Any) -> dict[str, Any]:
 
     started = time.monotonic()
     out = Path(cfg.out)
+    index_name, info_name = index_files(embedding_kind)
+    with_dups = bool(cfg.duplicates) and embedding_kind == "img_emb"
     markers = DoneMarkers(out, index_fingerprint(cfg))
-    marker = markers.read("index")
-    needed = [out / INDEX_NAME, out / ROWS_NAME, out / INFO_NAME] + (
-        [out / DUP_INDEX_NAME] if cfg.duplicates else []
+    marker_name = "index" if embedding_kind == "img_emb" else f"index_{embedding_kind}"
+    marker = markers.read(marker_name)
+    needed = [out / index_name, out / ROWS_NAME, out / info_name] + (
+        [out / DUP_INDEX_NAME] if with_dups else []
     )
     if marker is not None and all(p.is_file() for p in needed):
-        log.info("index: %s is up to date", out / INDEX_NAME)
+        log.info("index: %s is up to date", out / index_name)
         return {**marker["summary"], "skipped": True}
-    built = on_gpu_worker(compute_index, cfg)
-    atomic_write_bytes(out / INDEX_NAME, built.index_bytes.tobytes())
+    built = on_gpu_worker(compute_index, cfg, None, None, embedding_kind)
+    atomic_write_bytes(out / index_name, built.index_bytes.tobytes())
     if built.dup_index_bytes is not None:
         atomic_write_bytes(out / DUP_INDEX_NAME, built.dup_index_bytes.tobytes())
     atomic_write_table(out / ROWS_NAME, row_mapping(cfg.embeddings))
-    atomic_write_json(out / INFO_NAME, built.info)
+    atomic_write_json(out / info_name, built.info)
     check = built.info["self_check"]
     summary = {
         "job": "build_index",
-        "out": str(out / INDEX_NAME),
+        "out": str(out / index_name),
+        "embedding_kind": embedding_kind,
         "rows": built.info["index"]["ntotal"],
         "kind": built.info["plan"]["kind"],
         "factory": built.info["plan"]["factory"],
@@ -742,5 +764,5 @@ def run_build_index(cfg: Any) -> dict[str, Any]:
         "seconds": round(time.monotonic() - started, 3),
         "skipped": False,
     }
-    markers.write("index", {"summary": summary})
+    markers.write(marker_name, {"summary": summary})
     return summary

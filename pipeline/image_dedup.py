@@ -9,8 +9,10 @@ uses). Three passes each produce verified pairs of rows:
   found by a FAISS binary range search: brute force (``IndexBinaryFlat``) up to
   ``phash_exhaustive_max_n`` rows, above that multi-index hashing (``IndexBinaryMultiHash``: 4 tables
   of 16 bits, probing every code within ``phash_max_distance // 4`` flipped bits), which by the
-  pigeonhole principle finds exactly the same pairs. A hash of 0 (every DCT coefficient tied: a flat
-  image) carries no structure and is left out of this pass;
+  pigeonhole principle finds exactly the same pairs. On CPU, multi-index hashing at radius 12 measured
+  12-14x *slower* than brute force at 25k-100k hashes (BENCHMARKS.md), so the default keeps brute
+  force up to 10M rows. A hash of 0 (every DCT coefficient tied: a flat image) carries no structure
+  and is left out of this pass;
 * **semantic**: cosine of L2-normalised image embeddings >= ``semantic_threshold`` among each row's
   ``semantic_k`` nearest neighbours, searched exactly (flat) up to ``exact_max_n`` rows and with an
   IVF (or HNSW) index above; on GPU when FAISS sees one. With ``semantic='auto'`` the pass runs only

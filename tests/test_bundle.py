@@ -252,3 +252,62 @@ def test_job_cli_resumes_only_what_changed(built, tmp_path):
     summary = build_artifacts.main(args("--index-kind", "hnsw", min_count=2))
     assert summary["steps_run"] == [] and summary["manifest_written"] is True
     assert open_bundle(work / "bundle").manifest["thresholds"]["duplicate_caption_min_count"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The G_dup table's counting, alone.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_row_modes_count_nonnegative_values_and_break_ties_by_rank():
+    from pipeline.dedup_tables import row_modes
+
+    mode, count = row_modes(
+        np.array([[3, 1, 1, 3, -1], [-1, -1, -1, -1, -1], [5, 2, 2, 5, 5], [7, 8, 9, 10, 11]])
+    )
+    assert mode.tolist() == [3, -1, 5, 7] and count.tolist() == [2, 0, 3, 1]
+
+
+def test_caption_ids_count_normalised_captions_and_keep_the_common_spelling():
+    from pipeline.dedup_tables import caption_ids, group_modes
+
+    ids, texts = caption_ids(["A cat!", "a cat", "a cat", "Dog", None, "", "dog - Stock Photo"])
+    assert ids.tolist() == [0, 0, 0, 1, -1, -1, 1]
+    assert texts == ["a cat", "Dog"]  # the most frequent raw spelling; ties go to the first seen
+    mode, count = group_modes(np.array([0, 0, 0, 3, 3, 5, 5]), ids)
+    assert mode.tolist() == [0, 0, 0, 1, 1, 1, 1] and count.tolist() == [3, 3, 3, 1, 1, 1, 1]
+
+
+def test_knn_caption_is_the_dominant_caption_among_neighbours():
+    import faiss
+
+    from pipeline.dedup_tables import build_dedup_table
+
+    # Rows 0-4: one picture with one caption (verbatim); rows 5-9: unrelated pictures.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 16)).astype(np.float32)
+    x[1:5] = x[0]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(16)
+    index.add(x)
+    captions = ["memorised caption"] * 5 + [f"caption {i}" for i in range(5)]
+    table, stats = build_dedup_table(
+        [f"k{i}" for i in range(10)],
+        captions,
+        np.r_[[0] * 5, np.arange(5, 10)],
+        np.r_[[5] * 5, [1] * 5],
+        index=index,
+        vectors=x,
+        knn_k=6,
+    )
+    rows = table.to_pylist()
+    assert all(r["knn_caption"] == "memorised caption" and r["knn_caption_count"] == 5 for r in rows[:5])
+    assert all(r["group_caption"] == "memorised caption" and r["group_caption_count"] == 5 for r in rows[:5])
+    assert all(r["group_caption"] == r["caption"] and r["group_caption_count"] == 1 for r in rows[5:])
+    assert stats["knn_k"] == 6 and table.schema == TABLE_SCHEMA
+    assert (
+        build_dedup_table(["a"], ["x"], np.array([0]), np.array([1]), index=index, vectors=x[:1], knn_k=1000)[
+            1
+        ]["knn_k"]
+        == 1
+    )
