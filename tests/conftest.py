@@ -111,7 +111,11 @@ def ray_head(tmp_path: Path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         "--object-store-memory=300000000", "--disable-usage-stats"],
+         "--object-store-memory=300000000", "--disable-usage-stats",
+         # Ports of its own: a session's local Ray (ray_local) may hold the defaults, and a head whose
+         # dashboard agent cannot bind never accepts a job ("No available agent").
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"

@@ -1,0 +1,215 @@
+"""The audit on a real local Ray against a real bundle: outputs, resume, incremental lists, run ids,
+an interrupted job, and `ray job submit` of the job to a `ray start --head` cluster.
+
+World: a bundle built from 10 small pictures (SSCD stand-in descriptors indexed), and a tiny random
+Stable Diffusion pipeline (32×32 images, 3 DDIM steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import submit_job
+from pipeline.amg.components import tiny_sd_components
+from pipeline.amg.descriptors import save_stand_in_sscd
+from pipeline.amg.pipelines import AMGStableDiffusionPipeline
+from pipeline.audit import PROMPTS_SCHEMA, RESULTS_SCHEMA, run_audit
+from pipeline.bundle import build_bundle, open_bundle
+from pipeline.config import AuditConfig, BundleConfig, EmbedConfig, PipelineConfig
+from pipeline.prompts import prompt_id
+from shard_factory import encode, random_photo, sample, write_shard
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["a photo of a cat", "a red bicycle", "an oft repeated caption", "a bowl of fruit"]
+SAMPLES = 2
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("audit_world")
+    samples = [sample(f"{i:09d}", encode(random_photo(i)), caption=f"picture number {i}") for i in range(8)]
+    samples += [sample(f"{i:09d}", encode(random_photo(99)), caption="an oft repeated caption") for i in (8, 9)]
+    write_shard(root / "shards", 0, samples)
+    sscd = save_stand_in_sscd(root / "sscd.pt")
+    cfg = dataclasses.replace(
+        PipelineConfig(),
+        bundle=BundleConfig(shards=str(root / "shards"), out=str(root / "bundle"), knn_k=10,
+                            duplicate_caption_min_count=2),
+        embed=EmbedConfig(sscd_checkpoint=str(sscd), log_every_s=600),
+    )
+    summary = build_bundle(cfg)
+    assert "sscd_index" in summary["steps_run"]
+    model = root / "model"
+    AMGStableDiffusionPipeline(**tiny_sd_components(seed=0)).save_pretrained(model / "text2img")
+    return {"root": root, "bundle": root / "bundle", "model": model, "sscd": sscd}
+
+
+def prompt_file(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(p + "\n" for p in prompts))
+    return path
+
+
+def config(world, out: Path, prompts: Path, **changes) -> AuditConfig:
+    return AuditConfig(bundle=str(world["bundle"]), prompts=str(prompts), out=str(out), model=str(world["model"]),
+                       samples_per_prompt=SAMPLES, num_inference_steps=3, batch_size=2, **changes)
+
+
+def part_files(out: Path, run_id: str) -> dict[str, int]:
+    """mtime (ns) of every partition file and image of a run."""
+    root = out / "runs" / run_id
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and p.suffix in (".parquet", ".png")}
+
+
+def test_bundle_searches_sscd_descriptors(world):
+    bundle = open_bundle(world["bundle"], kind="sscd_emb")
+    model = bundle.manifest["indexes"]["sscd_emb"]["model"]
+    assert model["checkpoint"] == str(world["sscd"]) and model["image_size"] == 320
+    assert len(bundle) == 10 and bundle.dim != open_bundle(world["bundle"]).dim
+    scores, ids = bundle.search_embeddings(bundle.embeddings(ids_ := __import__("numpy").arange(3)), 1)
+    assert ids[:, 0].tolist() == ids_.tolist() and (scores[:, 0] > 0.999).all()
+
+
+def test_audit_outputs_resume_and_incremental_lists(world, tmp_path: Path):
+    out = tmp_path / "audit"
+    three = prompt_file(tmp_path / "three.txt", PROMPTS[:3])
+
+    # 1. Stopped after 2 of 3 prompts (the runner's own stop, as a killed run leaves it).
+    first = run_audit(config(world, out, three, max_prompts=2))
+    assert not first["complete"] and first["prompts_pending"] == 1
+    assert first["samples_generated_now"] == 2 * SAMPLES * 2
+    run_id = first["run_id"]
+    before = part_files(out, run_id)
+    assert len([f for f in before if f.endswith(".parquet")]) == 4 and len(before) == 4 + 2 * SAMPLES * 2
+
+    # 2. Resumed: only the third prompt is generated; finished files are not touched.
+    second = run_audit(config(world, out, three))
+    assert second["run_id"] == run_id and second["complete"]
+    assert second["prompts_audited_now"] == 1 and second["samples_generated_now"] == SAMPLES * 2
+    after = part_files(out, run_id)
+    assert {k: after[k] for k in before} == before and len(after) == len(before) * 3 // 2
+
+    # 3. Outputs: one row per sample, one per prompt, both AMG modes in the summary, the report.
+    results = pq.read_table(out / "results.parquet")
+    assert results.schema.equals(RESULTS_SCHEMA) and results.num_rows == 3 * SAMPLES * 2
+    rows = results.to_pylist()
+    assert {(r["prompt_id"], r["amg_mode"], r["sample_index"]) for r in rows} == {
+        (prompt_id(p), m, k) for p in PROMPTS[:3] for m in ("off", "on") for k in range(SAMPLES)}
+    assert all((out / r["image"]).is_file() and r["similarity_kind"] == "sscd" for r in rows)
+    assert all(r["matched_key"] in {f"{i:09d}" for i in range(10)} for r in rows)
+    prompts = pq.read_table(out / "prompts.parquet")
+    assert prompts.schema.equals(PROMPTS_SCHEMA) and prompts.num_rows == 3
+    assert all(p["audited"] and p["wen_score"] > 0 and p["off_n_samples"] == SAMPLES for p in prompts.to_pylist())
+    summary = json.loads((out / "summary.json").read_text())
+    for mode in ("off", "on"):
+        block = summary[mode]
+        assert block["n_samples"] == 3 * SAMPLES and 0 <= block["frac_memorized"] <= 1
+        assert block["top1"] >= block["top5pct"] and block["n_prompts"] == 3
+    prov = summary["provenance"]
+    assert prov["bundle_checksum"] == __import__("pipeline.storage", fromlist=["x"]).sha256_file(
+        world["bundle"] / "manifest.json")
+    assert prov["prompts_checksum"] and prov["model_checksum"] and prov["config"]["samples_per_prompt"] == SAMPLES
+    html = (out / "report.html").read_text()
+    assert "a red bicycle" in html and "<svg" in html and "http://" not in html.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+
+    # 4. Nothing to do: no generation (and no Ray actors).
+    third = run_audit(config(world, out, three))
+    assert third["samples_generated_now"] == 0 and part_files(out, run_id) == after
+
+    # 5. A longer list: same run id, only the new prompt is generated.
+    four = prompt_file(tmp_path / "four.txt", PROMPTS)
+    longer = run_audit(config(world, out, four))
+    assert longer["run_id"] == run_id and longer["samples_generated_now"] == SAMPLES * 2
+    assert pq.read_table(out / "results.parquet").num_rows == 4 * SAMPLES * 2
+
+    # 6. Only AMG off asked for: reuses the same partitions; summary has no 'on' block.
+    off_only = run_audit(config(world, out, four, amg="off"))
+    assert off_only["run_id"] == run_id and off_only["samples_generated_now"] == 0 and "on" not in off_only
+
+
+def test_changed_config_or_model_starts_a_new_run(world, tmp_path: Path):
+    out = tmp_path / "audit"
+    one = prompt_file(tmp_path / "one.txt", PROMPTS[:1])
+    base = run_audit(config(world, out, one, amg="off"))
+    reseeded = run_audit(config(world, out, one, amg="off", seed=1))
+    assert reseeded["run_id"] != base["run_id"] and reseeded["samples_generated_now"] == SAMPLES
+    a = pq.read_table(out / "runs" / base["run_id"] / "parts" / prompt_id(PROMPTS[0]) / "off.parquet")
+    b = pq.read_table(out / "runs" / reseeded["run_id"] / "parts" / prompt_id(PROMPTS[0]) / "off.parquet")
+    assert a.column("seed").to_pylist() != b.column("seed").to_pylist()
+    # The model's files changed (a retrained model): a new run id as well.
+    model = tmp_path / "model"
+    AMGStableDiffusionPipeline(**tiny_sd_components(seed=1)).save_pretrained(model / "text2img")
+    retrained = run_audit(dataclasses.replace(config(world, out, one, amg="off"), model=str(model)))
+    assert retrained["run_id"] not in (base["run_id"], reseeded["run_id"])
+
+
+def test_wen_prescreen_skips_prompts_below_the_threshold(world, tmp_path: Path):
+    out = tmp_path / "audit"
+    two = prompt_file(tmp_path / "two.txt", PROMPTS[:2])
+    summary = run_audit(config(world, out, two, amg="off", wen_threshold=1e9))
+    assert summary["samples_generated_now"] == 0 and summary["complete"]
+    prompts = pq.read_table(out / "prompts.parquet").to_pylist()
+    assert all(p["prescreen_skipped"] and not p["audited"] and p["wen_score"] > 0 for p in prompts)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["prompts"]["prescreen_skipped"] == 2 and saved["off"]["n_samples"] == 0
+
+
+def _job_args(world, out: Path, prompts: Path) -> list[str]:
+    return ["jobs/audit.py", "--bundle", str(world["bundle"]), "--prompts", str(prompts), "--out", str(out),
+            "--model", str(world["model"]), "--samples-per-prompt", str(SAMPLES), "--num-inference-steps", "3",
+            "--amg", "both", "--mode", "reference", "--seed", "0"]
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_without_regenerating_finished_prompts(world, tmp_path: Path):
+    out = tmp_path / "audit"
+    prompts = prompt_file(tmp_path / "many.txt", [f"prompt number {i}" for i in range(12)])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    job = subprocess.Popen([sys.executable, *_job_args(world, out, prompts), "--ray-num-cpus", "2"], cwd=REPO,
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(list(out.glob("runs/*/parts/*/on.done.json"))) < 2:
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the driver, its local Ray and the actor: a hard stop
+        job.wait(timeout=60)
+    done = {p.parent.name for p in out.glob("runs/*/parts/*/on.done.json")}
+    assert 2 <= len(done) < 12, "the job finished or never started before the kill"
+    run_id = next(out.glob("runs/*")).name
+    before = {k: v for k, v in part_files(out, run_id).items() if k.split("/")[1] in done}
+    resumed = subprocess.run([sys.executable, *_job_args(world, out, prompts)], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["run_id"] == run_id and summary["complete"]
+    assert summary["prompts_audited_now"] <= 12 - len(done)
+    after = part_files(out, run_id)
+    assert {k: after[k] for k in before} == before
+    assert pq.read_table(out / "results.parquet").num_rows == 12 * SAMPLES * 2
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_audit_on_a_real_cluster(world, ray_head, tmp_path: Path):
+    address, env = ray_head
+    out = tmp_path / "audit"
+    prompts = prompt_file(tmp_path / "p.txt", PROMPTS[:2])
+    done = submit_job(address, env, ["python", *_job_args(world, out, prompts)], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"bundle_checksum"')
+             or line.startswith('{"') and '"job": "audit"' in line]
+    assert lines, done.stdout[-3000:]
+    summary = json.loads(lines[-1])
+    assert summary["complete"] and summary["samples_generated_now"] == 2 * SAMPLES * 2
+    assert (out / "report.html").is_file() and pq.read_table(out / "results.parquet").num_rows == 2 * SAMPLES * 2
