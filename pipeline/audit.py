@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +161,11 @@ def tree_checksum(folder: str | Path, cache: Path | None = None) -> str:
         files = [folder]
         base = folder.parent
     else:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(folder).parts))
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
         base = folder
     known: dict[str, Any] = {}
     if cache is not None and cache.is_file():
@@ -187,12 +190,31 @@ def tree_checksum(folder: str | Path, cache: Path | None = None) -> str:
 
 
 #: Settings that do not change any sample, flag or aggregate: left out of the run id.
-RUN_ID_EXCLUDED = ("bundle", "prompts", "out", "model", "prompt_column", "amg", "batch_size", "num_actors",
-                   "max_prompts", "thumbnail_size", "dry_run", "sscd_checkpoint", "amg_overrides")
+RUN_ID_EXCLUDED = (
+    "bundle",
+    "prompts",
+    "out",
+    "model",
+    "prompt_column",
+    "amg",
+    "batch_size",
+    "num_actors",
+    "max_prompts",
+    "thumbnail_size",
+    "dry_run",
+    "sscd_checkpoint",
+    "amg_overrides",
+)
 
 
-def run_identity(cfg: AuditConfig, model_checksum: str, bundle_checksum: str, amg_on: dict[str, Any],
-                 detection: dict[str, Any], descriptor_checksum: str | None) -> dict[str, Any]:
+def run_identity(
+    cfg: AuditConfig,
+    model_checksum: str,
+    bundle_checksum: str,
+    amg_on: dict[str, Any],
+    detection: dict[str, Any],
+    descriptor_checksum: str | None,
+) -> dict[str, Any]:
     """What the run id fingerprints: model and bundle content, descriptor, and the audit settings that
     decide a sample or a flag (the AMG constants included). The prompt list and the AMG selection are
     not part of it: a longer list, or ``--amg both`` after ``--amg off``, adds to the same run."""
@@ -232,7 +254,9 @@ def bundle_checksum(bundle: str | Path) -> str:
     """The bundle's version: SHA-256 of its ``manifest.json`` (which lists every file's SHA-256)."""
     manifest = Path(bundle) / "manifest.json"
     if not manifest.is_file():
-        raise FileNotFoundError(f"bundle {bundle} has no manifest.json (build it with jobs/build_artifacts.py)")
+        raise FileNotFoundError(
+            f"bundle {bundle} has no manifest.json (build it with jobs/build_artifacts.py)"
+        )
     return sha256_file(manifest)
 
 
@@ -287,8 +311,10 @@ class TrainingImages:
         for i in order:
             decoded = decode_image(self(i), 89_478_485)
             if decoded.image is None:
-                raise FileNotFoundError(f"training image of bundle row {i} (key {self.keys[i]}) not found in "
-                                        f"{self.folder}; nl2 needs the shards the bundle was built from")
+                raise FileNotFoundError(
+                    f"training image of bundle row {i} (key {self.keys[i]}) not found in "
+                    f"{self.folder}; nl2 needs the shards the bundle was built from"
+                )
             arr = np.asarray(decoded.image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
             out[i] = arr.transpose(2, 0, 1) / 127.5 - 1
         return out
@@ -335,8 +361,13 @@ def _embed_config(manifest: dict[str, Any]):
     return EmbedConfig(**{k: v for k, v in manifest.get("config", {}).get("embed", {}).items() if k in known})
 
 
-def open_matcher(bundle: str | Path, similarity: str, sscd_checkpoint: str | None = None, device: str = "cpu",
-                 pixel_size: int = 32) -> Matcher:
+def open_matcher(
+    bundle: str | Path,
+    similarity: str,
+    sscd_checkpoint: str | None = None,
+    device: str = "cpu",
+    pixel_size: int = 32,
+) -> Matcher:
     """The backend and bundle index for ``similarity``, so that queries are made like the bundle's vectors.
 
     * ``sscd``: the bundle's ``sscd_emb`` index and the SSCD TorchScript file it was embedded with (the
@@ -356,11 +387,14 @@ def open_matcher(bundle: str | Path, similarity: str, sscd_checkpoint: str | Non
         if not path or not Path(path).is_file():
             raise FileNotFoundError(
                 f"the SSCD model the bundle was embedded with ({model.get('checkpoint')}) is not here; "
-                f"pass --sscd-checkpoint FILE (sha256 {model.get('sha256')})")
+                f"pass --sscd-checkpoint FILE (sha256 {model.get('sha256')})"
+            )
         digest = sha256_file(path)
         if model.get("sha256") and digest != model["sha256"]:
-            raise ValueError(f"--sscd-checkpoint {path} is not the model the bundle's SSCD descriptors were made "
-                             f"with (sha256 {digest[:12]}..., bundle {model['sha256'][:12]}...)")
+            raise ValueError(
+                f"--sscd-checkpoint {path} is not the model the bundle's SSCD descriptors were made "
+                f"with (sha256 {digest[:12]}..., bundle {model['sha256'][:12]}...)"
+            )
         backend = SSCDBackend.from_file(path, image_size=int(model.get("image_size") or 320), device=device)
         descriptor = f"SSCD {path}"
     elif similarity == "clip":
@@ -374,8 +408,10 @@ def open_matcher(bundle: str | Path, similarity: str, sscd_checkpoint: str | Non
     elif similarity == "nl2":
         base = open_bundle(bundle, verify=False, kind=IMG_EMB)
         if len(base) > NL2_MAX_ROWS:
-            raise ValueError(f"nl2 compares pixels with every training image in RAM; the bundle has {len(base)} "
-                             f"rows (at most {NL2_MAX_ROWS}): use --similarity sscd or clip")
+            raise ValueError(
+                f"nl2 compares pixels with every training image in RAM; the bundle has {len(base)} "
+                f"rows (at most {NL2_MAX_ROWS}): use --similarity sscd or clip"
+            )
         images = TrainingImages(base)
         index = PixelIndex(base, images.pixels(pixel_size))
         backend = NormalizedL2Backend(image_size=pixel_size)
@@ -388,8 +424,9 @@ def open_matcher(bundle: str | Path, similarity: str, sscd_checkpoint: str | Non
 
 
 # ----------------------------------------------------------------------------- Wen pre-screen
-def wen_prescreen(pipe, prompt: str, seeds: Sequence[int], num_inference_steps: int, guidance_scale: float,
-                  steps: int = 1) -> tuple[float, list[list[float]]]:
+def wen_prescreen(
+    pipe, prompt: str, seeds: Sequence[int], num_inference_steps: int, guidance_scale: float, steps: int = 1
+) -> tuple[float, list[list[float]]]:
     """Wen et al.'s score of ``prompt``: mean over the first ``steps`` sampling steps and the ``seeds`` of
     ‖ε(x_t, c) − ε(x_t, ∅)‖₂, following the CFG trajectory the full generation takes from the same seeds.
 
@@ -466,7 +503,12 @@ class GeneratorActor:
     def __init__(self, spec: WorkerSpec, device: str = "cpu"):
         import torch
 
-        from pipeline.amg import AMGConfig, AMGStableDiffusionPipeline, AntiMemorizationGuidance, MemorizationDetector
+        from pipeline.amg import (
+            AMGConfig,
+            AMGStableDiffusionPipeline,
+            AntiMemorizationGuidance,
+            MemorizationDetector,
+        )
 
         if spec.torch_threads:
             torch.set_num_threads(int(spec.torch_threads))
@@ -475,7 +517,9 @@ class GeneratorActor:
         self.pipe = AMGStableDiffusionPipeline.from_pretrained(spec.model_dir).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.matcher = open_matcher(spec.bundle, spec.similarity, spec.sscd_checkpoint, device, pixel_size=size)
+        self.matcher = open_matcher(
+            spec.bundle, spec.similarity, spec.sscd_checkpoint, device, pixel_size=size
+        )
         backend, index = self.matcher.backend, self.matcher.index
         self.detector = MemorizationDetector(backend, index, AMGConfig(**spec.detection))
         self.amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, AMGConfig(**spec.amg_on)))
@@ -483,17 +527,33 @@ class GeneratorActor:
     def ping(self) -> str:
         return f"{os.getpid()}:{self.device}"
 
-    def audit_prompt(self, prompt_id: str, prompt: str, modes: Sequence[str], need_wen: bool = True,
-                     wen: dict[str, Any] | None = None) -> dict[str, Any]:
+    def audit_prompt(
+        self,
+        prompt_id: str,
+        prompt: str,
+        modes: Sequence[str],
+        need_wen: bool = True,
+        wen: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Wen's score, then (unless pre-screened out) every sample of ``modes`` with its match and flags."""
         spec = self.spec
         seeds = [sample_seed(spec.seed, prompt_id, k) for k in range(spec.samples_per_prompt)]
         if wen is None:
             t0 = time.monotonic()
-            score, norms = wen_prescreen(self.pipe, prompt, seeds[: max(1, spec.wen_samples)],
-                                         spec.num_inference_steps, spec.guidance_scale, spec.wen_steps)
-            wen = {"wen_score": score, "wen_norms": norms, "seconds": time.monotonic() - t0,
-                   "skipped": bool(spec.wen_threshold > 0 and score < spec.wen_threshold)}
+            score, norms = wen_prescreen(
+                self.pipe,
+                prompt,
+                seeds[: max(1, spec.wen_samples)],
+                spec.num_inference_steps,
+                spec.guidance_scale,
+                spec.wen_steps,
+            )
+            wen = {
+                "wen_score": score,
+                "wen_norms": norms,
+                "seconds": time.monotonic() - t0,
+                "skipped": bool(spec.wen_threshold > 0 and score < spec.wen_threshold),
+            }
         result: dict[str, Any] = {"prompt_id": prompt_id, "wen": wen, "modes": {}}
         if wen["skipped"]:
             return result
@@ -511,10 +571,11 @@ class GeneratorActor:
         amg = self.amg if mode == "on" else None
         images, rows, pngs = [], [], []
         for start in range(0, len(seeds), spec.batch_size):
-            chunk = seeds[start:start + spec.batch_size]
+            chunk = seeds[start : start + spec.batch_size]
             t0 = time.monotonic()
-            batch, traces = sample_text2img(self.pipe, [prompt], chunk, amg, spec.num_inference_steps,
-                                            spec.guidance_scale)
+            batch, traces = sample_text2img(
+                self.pipe, [prompt], chunk, amg, spec.num_inference_steps, spec.guidance_scale
+            )
             det = self.detector.detect(batch)
             seconds = (time.monotonic() - t0) / len(chunk)
             trace = traces[0]
@@ -526,14 +587,24 @@ class GeneratorActor:
                 fired_steps = None
                 if trace is not None:
                     fired_steps = sum(bool(s.spe[j] or s.dup[j] or s.sim[j]) for s in trace.steps)
-                rows.append({
-                    "prompt_id": prompt_id, "sample_index": start + j, "seed": int(seed), "amg_mode": mode,
-                    "similarity": float(det.sigma[j]), "similarity_kind": spec.similarity,
-                    "matched_row": row_id, "matched_key": str(meta.get("key")),
-                    "matched_caption": meta.get("caption"), "matched_caption_count": int(dup.count),
-                    "memorized": bool(self.detector.memorized(det.sigma[j:j + 1])[0]),
-                    "amg_fired": fired[j], "amg_fired_steps": fired_steps, "seconds": seconds,
-                })
+                rows.append(
+                    {
+                        "prompt_id": prompt_id,
+                        "sample_index": start + j,
+                        "seed": int(seed),
+                        "amg_mode": mode,
+                        "similarity": float(det.sigma[j]),
+                        "similarity_kind": spec.similarity,
+                        "matched_row": row_id,
+                        "matched_key": str(meta.get("key")),
+                        "matched_caption": meta.get("caption"),
+                        "matched_caption_count": int(dup.count),
+                        "memorized": bool(self.detector.memorized(det.sigma[j : j + 1])[0]),
+                        "amg_fired": fired[j],
+                        "amg_fired_steps": fired_steps,
+                        "seconds": seconds,
+                    }
+                )
             images.append(batch.cpu())
             pngs += [_png(img) for img in batch]
         stack = torch.cat(images)
@@ -589,8 +660,14 @@ class RunStore:
                 atomic_write_bytes(self.out / rel, png)
                 rows.append({**row, "run_id": self.run_id, "image": rel})
             atomic_write_table(self.part_path(pid, mode), pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
-            markers.write(mode, {"samples": len(rows), "clique": part["clique"],
-                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            markers.write(
+                mode,
+                {
+                    "samples": len(rows),
+                    "clique": part["clique"],
+                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                },
+            )
 
     def read_rows(self, prompt_id: str, mode: str) -> list[dict[str, Any]]:
         return pq.read_table(self.part_path(prompt_id, mode)).to_pylist()
@@ -601,8 +678,13 @@ def _quantile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
-def prompt_row(prompt: dict[str, Any], wen: dict[str, Any] | None, per_mode: dict[str, list[dict[str, Any]]],
-               cliques: dict[str, dict[str, Any]], modes: Sequence[str]) -> dict[str, Any]:
+def prompt_row(
+    prompt: dict[str, Any],
+    wen: dict[str, Any] | None,
+    per_mode: dict[str, list[dict[str, Any]]],
+    cliques: dict[str, dict[str, Any]],
+    modes: Sequence[str],
+) -> dict[str, Any]:
     """One row of ``prompts.parquet``: the prompt, its Wen score and, per AMG mode, aggregates and flags.
 
     A prompt is flagged in a mode when one of its samples matches a training image above the threshold
@@ -624,22 +706,32 @@ def prompt_row(prompt: dict[str, Any], wen: dict[str, Any] | None, per_mode: dic
         clique = cliques.get(mode, {})
         n_mem = sum(bool(r["memorized"]) for r in rows)
         clique_flagged = bool(clique.get("flagged"))
-        row.update({
-            f"{mode}_n_samples": len(rows), f"{mode}_n_memorized": n_mem, f"{mode}_frac_memorized": n_mem / len(rows),
-            f"{mode}_max_similarity": max(sims), f"{mode}_mean_similarity": float(np.mean(sims)),
-            f"{mode}_largest_clique": len(clique.get("clique", [])), f"{mode}_clique_required": clique.get("required"),
-            f"{mode}_clique_flagged": clique_flagged,
-            f"{mode}_median_tiled_l2": None if clique.get("median_distance") is None or math.isnan(
-                clique["median_distance"]) else clique["median_distance"],
-            f"{mode}_flagged": n_mem > 0,
-            f"{mode}_seconds": float(sum(r["seconds"] for r in rows)),
-        })
+        row.update(
+            {
+                f"{mode}_n_samples": len(rows),
+                f"{mode}_n_memorized": n_mem,
+                f"{mode}_frac_memorized": n_mem / len(rows),
+                f"{mode}_max_similarity": max(sims),
+                f"{mode}_mean_similarity": float(np.mean(sims)),
+                f"{mode}_largest_clique": len(clique.get("clique", [])),
+                f"{mode}_clique_required": clique.get("required"),
+                f"{mode}_clique_flagged": clique_flagged,
+                f"{mode}_median_tiled_l2": None
+                if clique.get("median_distance") is None or math.isnan(clique["median_distance"])
+                else clique["median_distance"],
+                f"{mode}_flagged": n_mem > 0,
+                f"{mode}_seconds": float(sum(r["seconds"] for r in rows)),
+            }
+        )
         top = max(rows, key=lambda r: r["similarity"])
         if best is None:  # the first mode (off when it ran) names the matched training image
             best = top
     if best is not None:
-        row.update(matched_key=best["matched_key"], matched_caption=best["matched_caption"],
-                   matched_similarity=best["similarity"])
+        row.update(
+            matched_key=best["matched_key"],
+            matched_caption=best["matched_caption"],
+            matched_similarity=best["similarity"],
+        )
     first = next((m for m in modes if per_mode.get(m)), None)
     row["flagged"] = bool(first and row.get(f"{first}_flagged"))
     return row
@@ -686,8 +778,13 @@ def amg_configs(cfg: AuditConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.memorized_threshold is not None:
         overrides["memorized_threshold"] = cfg.memorized_threshold
     on = AMGConfig.preset(cfg.mode, cfg.similarity, **overrides)
-    detection = AMGConfig.preset(cfg.mode, cfg.similarity, memorized_threshold=on.memorized_threshold,
-                                 nl2_k=on.nl2_k, nl2_alpha=on.nl2_alpha)
+    detection = AMGConfig.preset(
+        cfg.mode,
+        cfg.similarity,
+        memorized_threshold=on.memorized_threshold,
+        nl2_k=on.nl2_k,
+        nl2_alpha=on.nl2_alpha,
+    )
     return on.to_dict(), detection.to_dict()
 
 
@@ -702,7 +799,9 @@ def check_config(cfg: AuditConfig) -> None:
     if cfg.samples_per_prompt < 1 or cfg.batch_size < 1 or cfg.num_inference_steps < 1:
         raise ValueError("--samples-per-prompt, --batch-size and --num-inference-steps must be at least 1")
     if cfg.wen_steps < 1 or cfg.wen_samples < 1 or cfg.tile_grid < 1 or cfg.clique_size < 2:
-        raise ValueError("--wen-steps, --wen-samples and --tile-grid must be at least 1, --clique-size at least 2")
+        raise ValueError(
+            "--wen-steps, --wen-samples and --tile-grid must be at least 1, --clique-size at least 2"
+        )
     if not cfg.dry_run:
         missing = [flag for flag, value in (("--bundle", cfg.bundle), ("--model", cfg.model)) if not value]
         if missing:
@@ -719,17 +818,23 @@ def _plan_actors(cfg: AuditConfig, work: int) -> tuple[int, dict[str, Any], str,
         return max(1, n), {"num_gpus": 1}, "cuda", None
     n = max(1, min(cfg.num_actors or cpu_actor_pool_size(), work))
     # One torch thread per actor, the one CPU it reserves: small diffusion models gain nothing from
-    # intra-op threads, and on a loaded 2-core machine two threads ran the demo model 10-30x slower
-    # (OpenMP workers spinning against each other and other processes); see BENCHMARKS.md.
+    # intra-op threads, and on a loaded 2-core machine two threads ran the demo model 6-30x slower
+    # (2.5 s instead of 15-45 s for a prompt's 8 samples; OpenMP workers contending for the cores).
     return n, {"num_cpus": 1}, "cpu", 1
 
 
 def _write_prompts_only(cfg: AuditConfig, table: pa.Table, started: float) -> dict[str, Any]:
     out = Path(cfg.out)
     atomic_write_table(out / PROMPTS, table)
-    return {"job": "audit", "dry_run": True, "out": str(out), "prompts": table.num_rows,
-            "prompt_lines": int(sum(table.column("occurrences").to_pylist())),
-            "prompts_checksum": sha256_file(cfg.prompts), "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "job": "audit",
+        "dry_run": True,
+        "out": str(out),
+        "prompts": table.num_rows,
+        "prompt_lines": int(sum(table.column("occurrences").to_pylist())),
+        "prompts_checksum": sha256_file(cfg.prompts),
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
@@ -761,22 +866,33 @@ def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, A
     run_id = fingerprint(identity)
     store = RunStore(out, run_id)
     if not (store.root / "run.json").is_file():
-        atomic_write_json(store.root / "run.json", {"run_id": run_id, **identity,
-                                                    "model": str(model_dir), "bundle": str(cfg.bundle)})
+        atomic_write_json(
+            store.root / "run.json",
+            {"run_id": run_id, **identity, "model": str(model_dir), "bundle": str(cfg.bundle)},
+        )
     prompts = prompts_table.to_pylist()
     todo = [(p, store.todo_modes(p["prompt_id"], modes)) for p in prompts]
     todo = [(p, m) for p, m in todo if m]
     limited = todo[: cfg.max_prompts] if cfg.max_prompts is not None else todo
-    log.info("audit run %s: %d prompts, %d finished, %d to audit now (modes %s)", run_id, len(prompts),
-             len(prompts) - len(todo), len(limited), ",".join(modes))
+    log.info(
+        "audit run %s: %d prompts, %d finished, %d to audit now (modes %s)",
+        run_id,
+        len(prompts),
+        len(prompts) - len(todo),
+        len(limited),
+        ",".join(modes),
+    )
     generated = 0
     if limited:
         with ray_session(ray_cfg or RayConfig()):
             generated = _generate_all(cfg, store, model_dir, amg_on, detection, limited)
     summary = aggregate(cfg, store, prompts, modes, identity, model_dir, bundle_sum, model_sum)
     summary.update(
-        prompts_total=len(prompts), prompts_audited_now=len(limited), samples_generated_now=generated,
-        prompts_pending=len(todo) - len(limited), complete=len(todo) == len(limited),
+        prompts_total=len(prompts),
+        prompts_audited_now=len(limited),
+        samples_generated_now=generated,
+        prompts_pending=len(todo) - len(limited),
+        complete=len(todo) == len(limited),
         seconds=round(time.monotonic() - started, 3),
     )
     atomic_write_json(out / SUMMARY, summary)
@@ -785,32 +901,62 @@ def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, A
 
 def job_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """The job's one-line summary: ``summary.json`` without the criteria texts and the full provenance."""
-    keep = ("job", "run_id", "out", "report", "complete", "prompts_total", "prompts_audited_now",
-            "samples_generated_now", "prompts_pending", "seconds")
+    keep = (
+        "job",
+        "run_id",
+        "out",
+        "report",
+        "complete",
+        "prompts_total",
+        "prompts_audited_now",
+        "samples_generated_now",
+        "prompts_pending",
+        "seconds",
+    )
     short = {k: summary[k] for k in keep if k in summary}
     prov = summary.get("provenance", {})
-    short.update(bundle_checksum=prov.get("bundle_checksum"), model_checksum=prov.get("model_checksum"),
-                 prompts_checksum=prov.get("prompts_checksum"))
+    short.update(
+        bundle_checksum=prov.get("bundle_checksum"),
+        model_checksum=prov.get("model_checksum"),
+        prompts_checksum=prov.get("prompts_checksum"),
+    )
     for mode in ("off", "on"):
         if mode in summary:
             short[mode] = {k: v for k, v in summary[mode].items() if k != "seconds_per_sample"}
     return short
 
 
-def _generate_all(cfg: AuditConfig, store: RunStore, model_dir: Path, amg_on: dict[str, Any],
-                  detection: dict[str, Any], todo: list[tuple[dict[str, Any], list[str]]]) -> int:
+def _generate_all(
+    cfg: AuditConfig,
+    store: RunStore,
+    model_dir: Path,
+    amg_on: dict[str, Any],
+    detection: dict[str, Any],
+    todo: list[tuple[dict[str, Any], list[str]]],
+) -> int:
     """Run the work on an actor pool; the driver writes each prompt's result as it arrives."""
     import ray
     from ray.util import ActorPool
 
     n, options, device, threads = _plan_actors(cfg, len(todo))
     spec = WorkerSpec(
-        model_dir=str(model_dir.resolve()), bundle=str(Path(cfg.bundle).resolve()), similarity=cfg.similarity,
+        model_dir=str(model_dir.resolve()),
+        bundle=str(Path(cfg.bundle).resolve()),
+        similarity=cfg.similarity,
         sscd_checkpoint=str(Path(cfg.sscd_checkpoint).resolve()) if cfg.sscd_checkpoint else None,
-        amg_on=amg_on, detection=detection, samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
-        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
-        tile_grid=cfg.tile_grid, tile_threshold=cfg.tile_threshold, clique_size=cfg.clique_size,
-        wen_steps=cfg.wen_steps, wen_samples=cfg.wen_samples, wen_threshold=cfg.wen_threshold,
+        amg_on=amg_on,
+        detection=detection,
+        samples_per_prompt=cfg.samples_per_prompt,
+        seed=cfg.seed,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        batch_size=cfg.batch_size,
+        tile_grid=cfg.tile_grid,
+        tile_threshold=cfg.tile_threshold,
+        clique_size=cfg.clique_size,
+        wen_steps=cfg.wen_steps,
+        wen_samples=cfg.wen_samples,
+        wen_threshold=cfg.wen_threshold,
         torch_threads=threads,
     )
     log.info("audit: %d %s actor(s)%s", n, device, f", {threads} torch thread(s) each" if threads else "")
@@ -823,24 +969,38 @@ def _generate_all(cfg: AuditConfig, store: RunStore, model_dir: Path, amg_on: di
 
     def submit(actor, item):
         prompt, modes = item
-        return actor.audit_prompt.remote(prompt["prompt_id"], prompt["prompt"], modes,
-                                         wen=store.wen(prompt["prompt_id"]))
+        return actor.audit_prompt.remote(
+            prompt["prompt_id"], prompt["prompt"], modes, wen=store.wen(prompt["prompt_id"])
+        )
 
     try:
         for result in pool.map_unordered(submit, todo):
             store.write(result)
             done += 1
             generated += sum(len(part["rows"]) for part in result["modes"].values())
-            log.info("audit: %d/%d prompts (%s), %.1fs", done, len(todo), result["prompt_id"],
-                     time.monotonic() - t0)
+            log.info(
+                "audit: %d/%d prompts (%s), %.1fs",
+                done,
+                len(todo),
+                result["prompt_id"],
+                time.monotonic() - t0,
+            )
     finally:
         for actor in actors:
             ray.kill(actor)
     return generated
 
 
-def aggregate(cfg: AuditConfig, store: RunStore, prompts: list[dict[str, Any]], modes: Sequence[str],
-              identity: dict[str, Any], model_dir: Path, bundle_sum: str, model_sum: str) -> dict[str, Any]:
+def aggregate(
+    cfg: AuditConfig,
+    store: RunStore,
+    prompts: list[dict[str, Any]],
+    modes: Sequence[str],
+    identity: dict[str, Any],
+    model_dir: Path,
+    bundle_sum: str,
+    model_sum: str,
+) -> dict[str, Any]:
     """Collect the finished partitions of the listed prompts into the output tables, summary and report."""
     out = store.out
     results: list[dict[str, Any]] = []
@@ -880,7 +1040,7 @@ def aggregate(cfg: AuditConfig, store: RunStore, prompts: list[dict[str, Any]], 
             "descriptor_checksum": identity["descriptor_checksum"],
             "config": to_dict(cfg),
             "amg_on_config": identity["amg_on"],
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
         },
         "prompts": {
             "listed": len(prompts),
@@ -908,20 +1068,25 @@ def criteria(cfg: AuditConfig, detection: dict[str, Any]) -> dict[str, Any]:
         "wen_samples": cfg.wen_samples,
         "wen_threshold": cfg.wen_threshold,
         "memorized_rule": f"a sample is memorized when its {cfg.similarity} similarity to the nearest training "
-                          f"image in the bundle exceeds {detection['memorized_threshold']}",
+        f"image in the bundle exceeds {detection['memorized_threshold']}",
         "carlini_rule": f"a prompt's generations hold a Carlini clique when at least {required} of them are "
-                        f"pairwise within {cfg.tile_threshold} tiled L2 (largest per-tile RMS pixel difference "
-                        f"on a {cfg.tile_grid}x{cfg.tile_grid} grid, pixels in [0, 1])",
+        f"pairwise within {cfg.tile_threshold} tiled L2 (largest per-tile RMS pixel difference "
+        f"on a {cfg.tile_grid}x{cfg.tile_grid} grid, pixels in [0, 1])",
         "flag_rule": "a prompt is flagged in a mode when one of its samples is memorized; a Carlini clique is "
-                     "reported beside it (candidates without training data, confirmed by the bundle match)",
+        "reported beside it (candidates without training data, confirmed by the bundle match)",
         "wen_rule": f"Wen score: mean of |eps(x_t, c) - eps(x_t, 0)|_2 over the first {cfg.wen_steps} step(s) and "
-                    f"{cfg.wen_samples} seed(s); prompts below {cfg.wen_threshold} are not generated"
-                    + (" (pre-screen off)" if cfg.wen_threshold <= 0 else ""),
+        f"{cfg.wen_samples} seed(s); prompts below {cfg.wen_threshold} are not generated"
+        + (" (pre-screen off)" if cfg.wen_threshold <= 0 else ""),
     }
 
 
-def write_report(cfg: AuditConfig, store: RunStore, summary: dict[str, Any], prompt_rows: list[dict[str, Any]],
-                 results: list[dict[str, Any]]) -> Path:
+def write_report(
+    cfg: AuditConfig,
+    store: RunStore,
+    summary: dict[str, Any],
+    prompt_rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+) -> Path:
     """``report.html``: images of flagged prompts and their matched training images, inlined."""
     from pipeline.report import render_report, thumbnail_png
 
@@ -934,7 +1099,8 @@ def write_report(cfg: AuditConfig, store: RunStore, summary: dict[str, Any], pro
             path = store.out / r["image"]
             if path.is_file():
                 sample_images[(r["prompt_id"], r["amg_mode"], r["sample_index"])] = thumbnail_png(
-                    path.read_bytes(), size)
+                    path.read_bytes(), size
+                )
     training_images: dict[str, bytes] = {}
     wanted = {p["matched_key"]: p for p in prompt_rows if p["prompt_id"] in flagged and p.get("matched_key")}
     if wanted:
@@ -956,6 +1122,6 @@ def training_image_reader(cfg: AuditConfig) -> Callable[[int], bytes | None] | N
 
     try:
         return TrainingImages(open_bundle(cfg.bundle, verify=False))
-    except Exception as exc:  # the report still renders, with a placeholder
+    except (OSError, ValueError, RuntimeError) as exc:  # the report still renders, with placeholders
         log.warning("no training images for the report: %s", exc)
         return None

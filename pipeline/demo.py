@@ -13,8 +13,9 @@ Steps, each resumable (a re-run finds the previous outputs and skips their work)
    plus some non-duplicated training captions, against the bundle, by SSCD similarity.
 
 Everything lands under ``cfg.demo.out`` (``demo-output/`` by default); the audit's ``summary.json`` and
-``report.html`` are in ``audit/``. (The AMG evaluation, ``jobs/evaluate_amg.py``, belongs in
-``amg_eval/``: :func:`amg_eval_config` points it there.)
+``report.html`` are in ``audit/``, which is the audit's alone: the AMG evaluation (paper-style tables,
+ablations; ``jobs/evaluate_amg.py``, about 10 minutes more on 2 cores, so not a demo step) goes to
+``amg_eval/`` (``--out demo-output/amg_eval``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import AMGJobConfig, PipelineConfig
+from pipeline.config import PipelineConfig
 from pipeline.demo_data import TRUTH, download_demo, make_demo_data
 from pipeline.ingest import run_ingest
 from pipeline.storage import atomic_write_bytes, atomic_write_json
@@ -37,7 +38,6 @@ SHARDS = "shards"
 INGEST = "ingest"
 BUNDLE = "bundle"
 AUDIT = "audit"
-AMG_EVAL = "amg_eval"
 SSCD_STAND_IN = "sscd_stand_in.torchscript.pt"
 AUDIT_PROMPTS = "audit_prompts.jsonl"
 #: Non-duplicated training captions added to the audit's prompt list, beside every duplicated one.
@@ -45,13 +45,6 @@ AUDIT_UNIQUE_PROMPTS = 4
 #: y_N (G_dup) needs its caption this often among a row's neighbours. The authors' 21 of 1000 is for
 #: LAION; the demo's 119 rows repeat each verbatim caption 12 times.
 DEMO_DUPLICATE_CAPTION_MIN_COUNT = 5
-
-
-def amg_eval_config(cfg: PipelineConfig) -> AMGJobConfig:
-    """The AMG evaluation's settings for the demo: its tables go to ``amg_eval/``, since ``audit/`` is
-    the audit job's (both write a ``summary.json``)."""
-    out = Path(cfg.demo.out)
-    return dataclasses.replace(cfg.amg, demo_dir=str(out), out=str(out / AMG_EVAL))
 
 
 def write_audit_prompts(demo_dir: Path, path: Path, unique: int = AUDIT_UNIQUE_PROMPTS) -> Path:

@@ -20,6 +20,10 @@ Constants (:data:`CARLINI_DEFAULTS`): a 4×4 grid (16 tiles; 128-px tiles at 512
 generation and a training image; its tile size, the threshold of the edges between generations and the
 clique size of 10 (out of 500 generations) come from our reading of the paper and could not be
 checked against its text (see ``shared/research/memorization.md`` §1), so all three are settings.
+On the demo's memorizing model (32×32 images, 4 seeds per prompt, 50 DDIM steps), the generations of
+each of its 8 audited training prompts are 0.003–0.089 apart without AMG (median 0.017; every prompt
+a full clique), and 0.074–0.635 apart with AMG (median 0.30; 17% of pairs under 0.15, one prompt whose
+4 guided samples agree with each other, yet none matches a training image).
 
 **Wen et al. (ICLR 2024), a cheap detection score.** A memorized prompt pulls the noise prediction
 hard towards its training image: d_t = ‖ε(x_t, c) − ε(x_t, ∅)‖₂ (the two classifier-free-guidance
@@ -65,8 +69,9 @@ def tiles(images: torch.Tensor, grid: int) -> torch.Tensor:
     return x.reshape(n, grid * grid, c * th * tw)
 
 
-def tiled_l2(images: torch.Tensor, grid: int = CARLINI_DEFAULTS["grid"], others: torch.Tensor | None = None
-             ) -> np.ndarray:
+def tiled_l2(
+    images: torch.Tensor, grid: int = CARLINI_DEFAULTS["grid"], others: torch.Tensor | None = None
+) -> np.ndarray:
     """Pairwise tiled distance: for each pair, the largest per-tile RMS pixel difference (pixels in [0, 1]).
 
     Args:
@@ -84,14 +89,16 @@ def tiled_l2(images: torch.Tensor, grid: int = CARLINI_DEFAULTS["grid"], others:
     dist = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
     d = a.shape[-1]
     for t in range(a.shape[1]):  # one tile at a time: memory stays at N×M plus one tile of every image
-        dist = torch.maximum(dist, torch.cdist(a[:, t], b[:, t]) / d ** 0.5)
+        dist = torch.maximum(dist, torch.cdist(a[:, t], b[:, t]) / d**0.5)
     out = dist.numpy()
     if others is None:
         np.fill_diagonal(out, 0.0)
     return out
 
 
-def near_identical_graph(distances: np.ndarray, threshold: float = CARLINI_DEFAULTS["threshold"]) -> np.ndarray:
+def near_identical_graph(
+    distances: np.ndarray, threshold: float = CARLINI_DEFAULTS["threshold"]
+) -> np.ndarray:
     """Boolean adjacency: i and j (i ≠ j) are joined when their distance is below ``threshold``."""
     adj = np.asarray(distances) < threshold
     adj = adj & adj.T
@@ -149,9 +156,12 @@ class CliqueResult:
     median_distance: float
 
 
-def carlini_flag(images: torch.Tensor, grid: int = CARLINI_DEFAULTS["grid"],
-                 threshold: float = CARLINI_DEFAULTS["threshold"],
-                 clique_size: int = CARLINI_DEFAULTS["clique_size"]) -> CliqueResult:
+def carlini_flag(
+    images: torch.Tensor,
+    grid: int = CARLINI_DEFAULTS["grid"],
+    threshold: float = CARLINI_DEFAULTS["threshold"],
+    clique_size: int = CARLINI_DEFAULTS["clique_size"],
+) -> CliqueResult:
     """Flag a prompt whose generations (``(N, C, H, W)``) hold a large clique of near-identical images.
 
     With fewer than two generations nothing can agree, so nothing is flagged.
@@ -176,8 +186,11 @@ def wen_norms(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
 
 def wen_score(step_norms: Sequence[torch.Tensor] | torch.Tensor) -> float:
     """A prompt's score: the mean of d_t over the steps and seeds measured (``(steps, seeds)``)."""
-    values = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in step_norms]) if isinstance(
-        step_norms, (list, tuple)) else torch.as_tensor(step_norms, dtype=torch.float64)
+    values = (
+        torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in step_norms])
+        if isinstance(step_norms, (list, tuple))
+        else torch.as_tensor(step_norms, dtype=torch.float64)
+    )
     if values.numel() == 0:
         raise ValueError("no Wen norms to average")
     return float(values.mean())

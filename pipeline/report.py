@@ -104,10 +104,18 @@ def _sort_value(value: Any) -> str:
     return str(value)
 
 
-def histogram_svg(values: Mapping[str, Sequence[float]], threshold: float | None, label: str, bins: int = 30,
-                  width: int = 640, height: int = 240) -> str:
+def histogram_svg(
+    values: Mapping[str, Sequence[float]],
+    threshold: float | None,
+    label: str,
+    bins: int = 30,
+    width: int = 640,
+    height: int = 240,
+) -> str:
     """An inline SVG histogram, one translucent bar series per key of ``values`` (AMG mode)."""
-    finite = {k: [float(x) for x in v if x is not None and math.isfinite(float(x))] for k, v in values.items()}
+    finite = {
+        k: [float(x) for x in v if x is not None and math.isfinite(float(x))] for k, v in values.items()
+    }
     everything = [x for v in finite.values() for x in v] + ([threshold] if threshold is not None else [])
     if not any(finite.values()):
         return '<p class="sub">No samples.</p>'
@@ -131,36 +139,52 @@ def histogram_svg(values: Mapping[str, Sequence[float]], threshold: float | None
     def sy(c: float) -> float:
         return upper + ph - c / top * ph
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(label)} histogram">',
-             f'<rect x="{left}" y="{upper}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>']
+    parts = [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(label)} histogram">'
+        ),
+        f'<rect x="{left}" y="{upper}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>',
+    ]
     for k, c in counts.items():
         colour = MODE_COLOURS.get(k, "#777")
         for i, n in enumerate(c):
             if n:
                 x0, x1 = sx(lo + i * step), sx(lo + (i + 1) * step)
-                parts.append(f'<rect x="{x0:.1f}" y="{sy(n):.1f}" width="{max(0.5, x1 - x0 - 1):.1f}" '
-                             f'height="{ph + upper - sy(n):.1f}" fill="{colour}" fill-opacity="0.55">'
-                             f'<title>{html.escape(MODE_LABELS.get(k, k))}: {n} in [{lo + i * step:.3f}, '
-                             f'{lo + (i + 1) * step:.3f})</title></rect>')
+                parts.append(
+                    f'<rect x="{x0:.1f}" y="{sy(n):.1f}" width="{max(0.5, x1 - x0 - 1):.1f}" '
+                    f'height="{ph + upper - sy(n):.1f}" fill="{colour}" fill-opacity="0.55">'
+                    f"<title>{html.escape(MODE_LABELS.get(k, k))}: {n} in [{lo + i * step:.3f}, "
+                    f"{lo + (i + 1) * step:.3f})</title></rect>"
+                )
     for j in range(6):  # x ticks
         x = lo + j * (hi - lo) / 5
-        parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{upper + ph}" y2="{upper + ph + 4}" stroke="#666"/>'
-                     f'<text x="{sx(x):.1f}" y="{upper + ph + 16}" font-size="11" text-anchor="middle">{x:.2f}</text>')
+        parts.append(
+            f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{upper + ph}" y2="{upper + ph + 4}" stroke="#666"/>'
+            f'<text x="{sx(x):.1f}" y="{upper + ph + 16}" font-size="11" text-anchor="middle">{x:.2f}</text>'
+        )
     for c in sorted({round(top * j / 2) for j in range(3)}):  # y ticks, whole counts
-        parts.append(f'<text x="{left - 6}" y="{sy(c) + 4:.1f}" font-size="11" text-anchor="end">{c:.0f}</text>')
+        parts.append(
+            f'<text x="{left - 6}" y="{sy(c) + 4:.1f}" font-size="11" text-anchor="end">{c:.0f}</text>'
+        )
     if threshold is not None:
-        parts.append(f'<line x1="{sx(threshold):.1f}" x2="{sx(threshold):.1f}" y1="{upper}" y2="{upper + ph}" '
-                     f'stroke="#000" stroke-dasharray="4 3"/><text x="{sx(threshold) + 4:.1f}" y="{upper + 12}" '
-                     f'font-size="11">threshold {threshold:g}</text>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 4}" font-size="12" text-anchor="middle">'
-                 f'{html.escape(label)}</text>')
+        parts.append(
+            f'<line x1="{sx(threshold):.1f}" x2="{sx(threshold):.1f}" y1="{upper}" y2="{upper + ph}" '
+            f'stroke="#000" stroke-dasharray="4 3"/><text x="{sx(threshold) + 4:.1f}" y="{upper + 12}" '
+            f'font-size="11">threshold {threshold:g}</text>'
+        )
+    parts.append(
+        f'<text x="{left + pw / 2:.1f}" y="{height - 4}" font-size="12" text-anchor="middle">'
+        f"{html.escape(label)}</text>"
+    )
     x = left
     for k in counts:  # legend, top
         colour = MODE_COLOURS.get(k, "#777")
         name = f"{MODE_LABELS.get(k, k)} (n={len(finite[k])})"
-        parts.append(f'<rect x="{x}" y="6" width="12" height="12" fill="{colour}" fill-opacity="0.55"/>'
-                     f'<text x="{x + 16}" y="16" font-size="12">{html.escape(name)}</text>')
+        parts.append(
+            f'<rect x="{x}" y="6" width="12" height="12" fill="{colour}" fill-opacity="0.55"/>'
+            f'<text x="{x + 16}" y="16" font-size="12">{html.escape(name)}</text>'
+        )
         x += 30 + 7 * len(name)
     parts.append("</svg>")
     return "".join(parts)
@@ -199,9 +223,11 @@ def _prompt_table(prompts: Sequence[Mapping[str, Any]], modes: Sequence[str]) ->
             text = _fmt(v, digits) if digits is not None else _fmt(v)
             cells.append(f'<td{css} data-v="{html.escape(_sort_value(v))}">{html.escape(text)}</td>')
         flagged = any(p.get(f"{m}_flagged") for m in modes)
-        rows.append(f'<tr{" class=flag" if flagged else ""}>{"".join(cells)}</tr>')
-    return (f'<div class="scroll"><table class="sortable" id="prompts"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+        rows.append(f"<tr{' class=flag' if flagged else ''}>{''.join(cells)}</tr>")
+    return (
+        f'<div class="scroll"><table class="sortable" id="prompts"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
 
 
 def _cards(summary: Mapping[str, Any], modes: Sequence[str]) -> str:
@@ -211,18 +237,29 @@ def _cards(summary: Mapping[str, Any], modes: Sequence[str]) -> str:
         cards.append(
             f'<div class="card" id="card-{m}"><h3 style="color:{MODE_COLOURS.get(m, "#333")}">{MODE_LABELS.get(m, m)}</h3>'
             f'<div class="big">{100 * s.get("frac_memorized", 0):.1f}% memorized</div>'
-            f'<div>{s.get("n_memorized", 0)} of {s.get("n_samples", 0)} samples; '
-            f'<b>{s.get("n_prompts_flagged", 0)}</b> of {s.get("n_prompts", 0)} prompts flagged</div>'
-            f'<div>Top-5%: {_fmt(s.get("top5pct"))} · Top-1: {_fmt(s.get("top1"))}</div>'
-            f'<div>Carlini cliques: {s.get("n_prompts_clique", 0)} prompts</div></div>')
+            f"<div>{s.get('n_memorized', 0)} of {s.get('n_samples', 0)} samples; "
+            f"<b>{s.get('n_prompts_flagged', 0)}</b> of {s.get('n_prompts', 0)} prompts flagged</div>"
+            f"<div>Top-5%: {_fmt(s.get('top5pct'))} · Top-1: {_fmt(s.get('top1'))}</div>"
+            f"<div>Carlini cliques: {s.get('n_prompts_clique', 0)} prompts</div></div>"
+        )
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
 def _provenance(summary: Mapping[str, Any]) -> str:
     prov = summary.get("provenance", {})
     rows = []
-    for key in ("run_id", "model", "model_checksum", "bundle", "bundle_checksum", "prompts", "prompts_checksum",
-                "similarity", "descriptor", "created"):
+    for key in (
+        "run_id",
+        "model",
+        "model_checksum",
+        "bundle",
+        "bundle_checksum",
+        "prompts",
+        "prompts_checksum",
+        "similarity",
+        "descriptor",
+        "created",
+    ):
         if key in prov:
             rows.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(prov[key]))}</td></tr>")
     if "config" in prov:
@@ -231,9 +268,14 @@ def _provenance(summary: Mapping[str, Any]) -> str:
     return f'<table class="prov">{"".join(rows)}</table>'
 
 
-def _gallery(flagged: Sequence[Mapping[str, Any]], samples: Sequence[Mapping[str, Any]], modes: Sequence[str],
-             sample_images: Mapping[tuple[str, str, int], bytes], training_images: Mapping[str, bytes],
-             size: int) -> str:
+def _gallery(
+    flagged: Sequence[Mapping[str, Any]],
+    samples: Sequence[Mapping[str, Any]],
+    modes: Sequence[str],
+    sample_images: Mapping[tuple[str, str, int], bytes],
+    training_images: Mapping[str, bytes],
+    size: int,
+) -> str:
     if not flagged:
         return '<p class="sub">No prompt is flagged.</p>'
     by_prompt: dict[str, list[Mapping[str, Any]]] = {}
@@ -244,29 +286,42 @@ def _gallery(flagged: Sequence[Mapping[str, Any]], samples: Sequence[Mapping[str
         pid = p["prompt_id"]
         rows = sorted(by_prompt.get(pid, []), key=lambda r: (r["amg_mode"], r["sample_index"]))
         key = p.get("matched_key")
-        cols = [f'<div class="col"><span class="lab">matched training image</span><figure>'
-                f'{_img(training_images.get(key) if key else None, size, f"training {key}")}'
-                f'<figcaption>key {html.escape(str(key))}</figcaption></figure></div>']
+        training = _img(training_images.get(key) if key else None, size, f"training {key}")
+        label = f"<figcaption>key {html.escape(str(key))}</figcaption>"
+        cols = [
+            f'<div class="col"><span class="lab">matched training image</span><figure>{training}{label}</figure></div>'
+        ]
         for m in modes:
             strip = []
             for r in (r for r in rows if r["amg_mode"] == m):
                 css = "mem" if r.get("memorized") else "ok"
-                strip.append(f'<figure class="{css}">{_img(sample_images.get((pid, m, r["sample_index"])), size, "sample")}'
-                             f'<figcaption>{_fmt(r.get("similarity"))}</figcaption></figure>')
+                strip.append(
+                    f'<figure class="{css}">{_img(sample_images.get((pid, m, r["sample_index"])), size, "sample")}'
+                    f"<figcaption>{_fmt(r.get('similarity'))}</figcaption></figure>"
+                )
             verdict = "flagged" if p.get(f"{m}_flagged") else "not flagged"
-            cols.append(f'<div class="col"><span class="lab">{MODE_LABELS.get(m, m)} — {verdict}</span>'
-                        f'<div class="strip">{"".join(strip) or "<span class=sub>not generated</span>"}</div></div>')
+            cols.append(
+                f'<div class="col"><span class="lab">{MODE_LABELS.get(m, m)} — {verdict}</span>'
+                f'<div class="strip">{"".join(strip) or "<span class=sub>not generated</span>"}</div></div>'
+            )
         caption = p.get("matched_caption")
-        out.append(f'<div class="prompt" id="p-{html.escape(pid)}">{html.escape(p["prompt"])}</div>'
-                   f'<div class="sub">{html.escape(pid)}'
-                   f'{" · training caption: " + html.escape(caption) if caption else ""}</div>'
-                   f'<div class="pair">{"".join(cols)}</div>')
+        out.append(
+            f'<div class="prompt" id="p-{html.escape(pid)}">{html.escape(p["prompt"])}</div>'
+            f'<div class="sub">{html.escape(pid)}'
+            f"{' · training caption: ' + html.escape(caption) if caption else ''}</div>"
+            f'<div class="pair">{"".join(cols)}</div>'
+        )
     return "".join(out)
 
 
-def render_report(summary: Mapping[str, Any], prompts: Sequence[Mapping[str, Any]],
-                  samples: Sequence[Mapping[str, Any]], sample_images: Mapping[tuple[str, str, int], bytes],
-                  training_images: Mapping[str, bytes], thumbnail_size: int = 96) -> str:
+def render_report(
+    summary: Mapping[str, Any],
+    prompts: Sequence[Mapping[str, Any]],
+    samples: Sequence[Mapping[str, Any]],
+    sample_images: Mapping[tuple[str, str, int], bytes],
+    training_images: Mapping[str, bytes],
+    thumbnail_size: int = 96,
+) -> str:
     """The report's HTML.
 
     Args:
@@ -280,25 +335,31 @@ def render_report(summary: Mapping[str, Any], prompts: Sequence[Mapping[str, Any
     modes = [m for m in ("off", "on") if summary.get(m)]
     threshold = summary.get("criteria", {}).get("memorized_threshold")
     similarity = summary.get("provenance", {}).get("similarity", "similarity")
-    hist = histogram_svg({m: [s["similarity"] for s in samples if s["amg_mode"] == m] for m in modes}, threshold,
-                         f"{similarity} similarity to the nearest training image")
+    hist = histogram_svg(
+        {m: [s["similarity"] for s in samples if s["amg_mode"] == m] for m in modes},
+        threshold,
+        f"{similarity} similarity to the nearest training image",
+    )
     flagged = [p for p in prompts if any(p.get(f"{m}_flagged") for m in modes)]
     criteria = summary.get("criteria", {})
-    crit = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
-                   for k, v in criteria.items() if k.endswith("_rule"))
+    crit = "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
+        for k, v in criteria.items()
+        if k.endswith("_rule")
+    )
     run_id = summary.get("provenance", {}).get("run_id", "")
     title = "Memorization audit"
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title} {html.escape(run_id)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head><body>'
         f'<h1>{title}</h1><div class="sub">run {html.escape(run_id)} · {len(prompts)} prompts · '
-        f'{len(samples)} samples · {html.escape(str(summary.get("provenance", {}).get("created", "")))}</div>'
+        f"{len(samples)} samples · {html.escape(str(summary.get('provenance', {}).get('created', '')))}</div>"
         f'{_cards(summary, modes)}<ul class="sub">{crit}</ul>'
-        f'<h2>Similarity to the nearest training image</h2>{hist}'
+        f"<h2>Similarity to the nearest training image</h2>{hist}"
         f'<h2>Prompts</h2><p class="sub">Click a column header to sort.</p>{_prompt_table(prompts, modes)}'
         f'<h2>Flagged prompts ({len(flagged)})</h2><p class="sub">Each column of a strip is one seed, shared by '
-        f'AMG off and on; red frame: memorized (similarity above the threshold), green: not.</p>'
-        f'{_gallery(flagged, samples, modes, sample_images, training_images, thumbnail_size)}'
-        f'<h2>Provenance</h2>{_provenance(summary)}'
-        f'<script>{_SCRIPT}</script></body></html>\n'
+        f"AMG off and on; red frame: memorized (similarity above the threshold), green: not.</p>"
+        f"{_gallery(flagged, samples, modes, sample_images, training_images, thumbnail_size)}"
+        f"<h2>Provenance</h2>{_provenance(summary)}"
+        f"<script>{_SCRIPT}</script></body></html>\n"
     )

@@ -17,7 +17,7 @@ def _audit_args(command: str) -> list[str]:
     """The arguments after ``jobs/audit.py`` in a shell command line."""
     words = shlex.split(command.replace("\\%", "%"))
     start = next(i for i, w in enumerate(words) if w.endswith("jobs/audit.py"))
-    return words[start + 1:]
+    return words[start + 1 :]
 
 
 def _check(args: list[str]) -> None:
@@ -27,8 +27,11 @@ def _check(args: list[str]) -> None:
 
 
 def test_crontab_example_submits_the_audit():
-    lines = [line for line in (DEPLOY / "crontab.example").read_text().splitlines()
-             if line.strip() and not line.startswith("#") and "=" not in line.split()[0]]
+    lines = [
+        line
+        for line in (DEPLOY / "crontab.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and "=" not in line.split()[0]
+    ]
     assert len(lines) == 1
     fields = lines[0].split(None, 5)
     assert len(fields) == 6 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields[:5])

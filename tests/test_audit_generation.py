@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.audit as audit
+from pipeline import audit
 from pipeline.amg import InMemoryNeighbourIndex, SSCDBackend
 from pipeline.amg.components import tiny_sd_components
 from pipeline.amg.descriptors import ThumbnailCopyDescriptor
@@ -49,12 +49,29 @@ def in_memory_matcher(monkeypatch):
 
 
 def _spec(model: str, **changes) -> audit.WorkerSpec:
-    cfg = AuditConfig(prompts="p", out="o", samples_per_prompt=3, num_inference_steps=3, memorized_threshold=0.3)
+    cfg = AuditConfig(
+        prompts="p", out="o", samples_per_prompt=3, num_inference_steps=3, memorized_threshold=0.3
+    )
     on, detection = audit.amg_configs(cfg)
     spec = audit.WorkerSpec(
-        model_dir=model, bundle="", similarity="sscd", sscd_checkpoint=None, amg_on=on, detection=detection,
-        samples_per_prompt=3, seed=0, num_inference_steps=3, guidance_scale=7.5, batch_size=3, tile_grid=4,
-        tile_threshold=0.15, clique_size=10, wen_steps=2, wen_samples=2, wen_threshold=0.0, torch_threads=1,
+        model_dir=model,
+        bundle="",
+        similarity="sscd",
+        sscd_checkpoint=None,
+        amg_on=on,
+        detection=detection,
+        samples_per_prompt=3,
+        seed=0,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        batch_size=3,
+        tile_grid=4,
+        tile_threshold=0.15,
+        clique_size=10,
+        wen_steps=2,
+        wen_samples=2,
+        wen_threshold=0.0,
+        torch_threads=1,
     )
     return dataclasses.replace(spec, **changes)
 
@@ -72,8 +89,11 @@ def test_samples_do_not_depend_on_batch_size(tiny_model, in_memory_matcher):
     assert one["wen"]["wen_score"] == pytest.approx(three["wen"]["wen_score"], rel=1e-5)
     for mode in ("off", "on"):
         rows1, rows3 = one["modes"][mode]["rows"], three["modes"][mode]["rows"]
-        assert [r["seed"] for r in rows1] == [r["seed"] for r in rows3] == [
-            audit.sample_seed(0, "p1", k) for k in range(3)]
+        assert (
+            [r["seed"] for r in rows1]
+            == [r["seed"] for r in rows3]
+            == [audit.sample_seed(0, "p1", k) for k in range(3)]
+        )
         assert [r["matched_key"] for r in rows1] == [r["matched_key"] for r in rows3]
         assert [r["memorized"] for r in rows1] == [r["memorized"] for r in rows3]
         assert np.allclose([r["similarity"] for r in rows1], [r["similarity"] for r in rows3], atol=1e-4)

@@ -20,8 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _job(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "jobs/audit.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "jobs/audit.py", *args],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_dry_run_reads_a_published_list_and_writes_prompts_parquet(shared_data: Path, tmp_path: Path):
@@ -33,7 +39,10 @@ def test_dry_run_reads_a_published_list_and_writes_prompts_parquet(shared_data: 
     table = pq.read_table(tmp_path / "out" / "prompts.parquet")
     assert table.num_rows == 500 and table.column_names[:2] == ["prompt_id", "prompt"]
     first = table.slice(0, 1).to_pylist()[0]
-    assert first["prompt_id"] == prompt_id(first["prompt"]) and json.loads(first["extra"])["type"] in ("VM", "TM")
+    assert first["prompt_id"] == prompt_id(first["prompt"]) and json.loads(first["extra"])["type"] in (
+        "VM",
+        "TM",
+    )
 
 
 def test_dry_run_of_every_shared_list(shared_data: Path, tmp_path: Path):
@@ -73,7 +82,8 @@ def test_sample_seeds_are_stable_distinct_and_independent_of_order():
     assert sample_seed(1, "a", 3) != seeds[("a", 3)]
     # A fixed value: the seed of a sample is part of the audit's contract (results name it).
     assert sample_seed(0, "0123456789abcdef", 0) == int.from_bytes(
-        __import__("hashlib").sha256(b"0:0123456789abcdef:0").digest()[:8], "big") & (2**63 - 1)
+        __import__("hashlib").sha256(b"0:0123456789abcdef:0").digest()[:8], "big"
+    ) & (2**63 - 1)
 
 
 def test_run_identity_covers_generation_settings_but_not_the_prompt_list_or_batching():
@@ -82,13 +92,23 @@ def test_run_identity_covers_generation_settings_but_not_the_prompt_list_or_batc
     def run_id(cfg: AuditConfig, model: str = "m1", bundle: str = "b1") -> str:
         return fingerprint(run_identity(cfg, model, bundle, {"c3": 1.0}, {"t": 0.5}, None))
 
-    same = [dataclasses.replace(base, prompts="longer.txt"), dataclasses.replace(base, batch_size=1),
-            dataclasses.replace(base, amg="off"), dataclasses.replace(base, num_actors=3),
-            dataclasses.replace(base, max_prompts=2), dataclasses.replace(base, out="elsewhere")]
+    same = [
+        dataclasses.replace(base, prompts="longer.txt"),
+        dataclasses.replace(base, batch_size=1),
+        dataclasses.replace(base, amg="off"),
+        dataclasses.replace(base, num_actors=3),
+        dataclasses.replace(base, max_prompts=2),
+        dataclasses.replace(base, out="elsewhere"),
+    ]
     assert {run_id(c) for c in same} == {run_id(base)}
-    changed = [dataclasses.replace(base, seed=1), dataclasses.replace(base, samples_per_prompt=8),
-               dataclasses.replace(base, mode="paper"), dataclasses.replace(base, num_inference_steps=20),
-               dataclasses.replace(base, tile_threshold=0.1), dataclasses.replace(base, similarity="clip")]
+    changed = [
+        dataclasses.replace(base, seed=1),
+        dataclasses.replace(base, samples_per_prompt=8),
+        dataclasses.replace(base, mode="paper"),
+        dataclasses.replace(base, num_inference_steps=20),
+        dataclasses.replace(base, tile_threshold=0.1),
+        dataclasses.replace(base, similarity="clip"),
+    ]
     ids = {run_id(c) for c in changed} | {run_id(base, model="m2"), run_id(base, bundle="b2")}
     assert len(ids) == len(changed) + 2 and run_id(base) not in ids
     assert set(RUN_ID_EXCLUDED) <= set(to_dict(base))

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import submit_job
+from shard_factory import encode, random_photo, sample, write_shard
+
 from pipeline.amg.components import tiny_sd_components
 from pipeline.amg.descriptors import save_stand_in_sscd
 from pipeline.amg.pipelines import AMGStableDiffusionPipeline
@@ -27,7 +28,6 @@ from pipeline.audit import PROMPTS_SCHEMA, RESULTS_SCHEMA, run_audit
 from pipeline.bundle import build_bundle, open_bundle
 from pipeline.config import AuditConfig, BundleConfig, EmbedConfig, PipelineConfig
 from pipeline.prompts import prompt_id
-from shard_factory import encode, random_photo, sample, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of a cat", "a red bicycle", "an oft repeated caption", "a bowl of fruit"]
@@ -38,13 +38,16 @@ SAMPLES = 2
 def world(ray_local, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("audit_world")
     samples = [sample(f"{i:09d}", encode(random_photo(i)), caption=f"picture number {i}") for i in range(8)]
-    samples += [sample(f"{i:09d}", encode(random_photo(99)), caption="an oft repeated caption") for i in (8, 9)]
+    samples += [
+        sample(f"{i:09d}", encode(random_photo(99)), caption="an oft repeated caption") for i in (8, 9)
+    ]
     write_shard(root / "shards", 0, samples)
     sscd = save_stand_in_sscd(root / "sscd.pt")
     cfg = dataclasses.replace(
         PipelineConfig(),
-        bundle=BundleConfig(shards=str(root / "shards"), out=str(root / "bundle"), knn_k=10,
-                            duplicate_caption_min_count=2),
+        bundle=BundleConfig(
+            shards=str(root / "shards"), out=str(root / "bundle"), knn_k=10, duplicate_caption_min_count=2
+        ),
         embed=EmbedConfig(sscd_checkpoint=str(sscd), log_every_s=600),
     )
     summary = build_bundle(cfg)
@@ -60,15 +63,26 @@ def prompt_file(path: Path, prompts: list[str]) -> Path:
 
 
 def config(world, out: Path, prompts: Path, **changes) -> AuditConfig:
-    return AuditConfig(bundle=str(world["bundle"]), prompts=str(prompts), out=str(out), model=str(world["model"]),
-                       samples_per_prompt=SAMPLES, num_inference_steps=3, batch_size=2, **changes)
+    return AuditConfig(
+        bundle=str(world["bundle"]),
+        prompts=str(prompts),
+        out=str(out),
+        model=str(world["model"]),
+        samples_per_prompt=SAMPLES,
+        num_inference_steps=3,
+        batch_size=2,
+        **changes,
+    )
 
 
 def part_files(out: Path, run_id: str) -> dict[str, int]:
     """mtime (ns) of every partition file and image of a run."""
     root = out / "runs" / run_id
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if p.is_file() and p.suffix in (".parquet", ".png")}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in (".parquet", ".png")
+    }
 
 
 def test_bundle_searches_sscd_descriptors(world):
@@ -104,12 +118,15 @@ def test_audit_outputs_resume_and_incremental_lists(world, tmp_path: Path):
     assert results.schema.equals(RESULTS_SCHEMA) and results.num_rows == 3 * SAMPLES * 2
     rows = results.to_pylist()
     assert {(r["prompt_id"], r["amg_mode"], r["sample_index"]) for r in rows} == {
-        (prompt_id(p), m, k) for p in PROMPTS[:3] for m in ("off", "on") for k in range(SAMPLES)}
+        (prompt_id(p), m, k) for p in PROMPTS[:3] for m in ("off", "on") for k in range(SAMPLES)
+    }
     assert all((out / r["image"]).is_file() and r["similarity_kind"] == "sscd" for r in rows)
     assert all(r["matched_key"] in {f"{i:09d}" for i in range(10)} for r in rows)
     prompts = pq.read_table(out / "prompts.parquet")
     assert prompts.schema.equals(PROMPTS_SCHEMA) and prompts.num_rows == 3
-    assert all(p["audited"] and p["wen_score"] > 0 and p["off_n_samples"] == SAMPLES for p in prompts.to_pylist())
+    assert all(
+        p["audited"] and p["wen_score"] > 0 and p["off_n_samples"] == SAMPLES for p in prompts.to_pylist()
+    )
     summary = json.loads((out / "summary.json").read_text())
     for mode in ("off", "on"):
         block = summary[mode]
@@ -117,11 +134,19 @@ def test_audit_outputs_resume_and_incremental_lists(world, tmp_path: Path):
         assert block["top1"] >= block["top5pct"] and block["n_prompts"] == 3
     prov = summary["provenance"]
     assert prov["bundle_checksum"] == __import__("pipeline.storage", fromlist=["x"]).sha256_file(
-        world["bundle"] / "manifest.json")
-    assert prov["prompts_checksum"] and prov["model_checksum"] and prov["config"]["samples_per_prompt"] == SAMPLES
+        world["bundle"] / "manifest.json"
+    )
+    assert (
+        prov["prompts_checksum"]
+        and prov["model_checksum"]
+        and prov["config"]["samples_per_prompt"] == SAMPLES
+    )
     html = (out / "report.html").read_text()
-    assert "a red bicycle" in html and "<svg" in html and "http://" not in html.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert (
+        "a red bicycle" in html
+        and "<svg" in html
+        and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    )
 
     # 4. Nothing to do: no generation (and no Ray actors).
     third = run_audit(config(world, out, three))
@@ -166,9 +191,27 @@ def test_wen_prescreen_skips_prompts_below_the_threshold(world, tmp_path: Path):
 
 
 def _job_args(world, out: Path, prompts: Path) -> list[str]:
-    return ["jobs/audit.py", "--bundle", str(world["bundle"]), "--prompts", str(prompts), "--out", str(out),
-            "--model", str(world["model"]), "--samples-per-prompt", str(SAMPLES), "--num-inference-steps", "3",
-            "--amg", "both", "--mode", "reference", "--seed", "0"]
+    return [
+        "jobs/audit.py",
+        "--bundle",
+        str(world["bundle"]),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--model",
+        str(world["model"]),
+        "--samples-per-prompt",
+        str(SAMPLES),
+        "--num-inference-steps",
+        "3",
+        "--amg",
+        "both",
+        "--mode",
+        "reference",
+        "--seed",
+        "0",
+    ]
 
 
 @pytest.mark.slow
@@ -176,8 +219,14 @@ def test_killed_job_resumes_without_regenerating_finished_prompts(world, tmp_pat
     out = tmp_path / "audit"
     prompts = prompt_file(tmp_path / "many.txt", [f"prompt number {i}" for i in range(12)])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    job = subprocess.Popen([sys.executable, *_job_args(world, out, prompts), "--ray-num-cpus", "2"], cwd=REPO,
-                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        [sys.executable, *_job_args(world, out, prompts), "--ray-num-cpus", "2"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and len(list(out.glob("runs/*/parts/*/on.done.json"))) < 2:
@@ -189,8 +238,14 @@ def test_killed_job_resumes_without_regenerating_finished_prompts(world, tmp_pat
     assert 2 <= len(done) < 12, "the job finished or never started before the kill"
     run_id = next(out.glob("runs/*")).name
     before = {k: v for k, v in part_files(out, run_id).items() if k.split("/")[1] in done}
-    resumed = subprocess.run([sys.executable, *_job_args(world, out, prompts)], cwd=REPO, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, *_job_args(world, out, prompts)],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["run_id"] == run_id and summary["complete"]
@@ -207,9 +262,14 @@ def test_ray_job_submit_runs_the_audit_on_a_real_cluster(world, ray_head, tmp_pa
     prompts = prompt_file(tmp_path / "p.txt", PROMPTS[:2])
     done = submit_job(address, env, ["python", *_job_args(world, out, prompts)], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith('{"bundle_checksum"')
-             or line.startswith('{"') and '"job": "audit"' in line]
+    lines = [
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith('{"bundle_checksum"') or line.startswith('{"') and '"job": "audit"' in line
+    ]
     assert lines, done.stdout[-3000:]
     summary = json.loads(lines[-1])
     assert summary["complete"] and summary["samples_generated_now"] == 2 * SAMPLES * 2
-    assert (out / "report.html").is_file() and pq.read_table(out / "results.parquet").num_rows == 2 * SAMPLES * 2
+    assert (out / "report.html").is_file() and pq.read_table(
+        out / "results.parquet"
+    ).num_rows == 2 * SAMPLES * 2
