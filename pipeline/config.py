@@ -139,7 +139,7 @@ class ImageDedupConfig:
     exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
     phash: bool = option(True, "pixel-level pass: pHash Hamming distance through a FAISS binary index")
     phash_max_distance: int = option(
-        12, "largest Hamming distance (of 64 bits) between two pHashes of duplicates (measured: BENCHMARKS.md)"
+        12, "largest Hamming distance (of 64 bits) between duplicate pHashes (measured: BENCHMARKS.md; use <= 8 above 10M images)"
     )
     phash_exhaustive_max_n: int = option(
         10_000_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"

@@ -261,6 +261,18 @@ def phash_pairs(
     return pairs, distances, info
 
 
+def chance_partners(n: int, max_distance: int) -> float:
+    """Expected images within ``max_distance`` bits of a given one among ``n``, for independent uniform bits.
+
+    A floor on pHash false pairs (real hashes are more alike than random bits). Union-find chains
+    unrelated images into large groups once this nears 1, so the radius must shrink as N grows:
+    at r=12 it is 0.23 for 1M images and 23 for 100M; at r=8, 0.0003 and 0.03.
+    """
+    from math import comb
+
+    return (n - 1) * sum(comb(HASH_BITS, k) for k in range(max_distance + 1)) / 2.0**HASH_BITS
+
+
 def semantic_pairs(
     vectors: np.ndarray,
     threshold: float,
@@ -413,7 +425,21 @@ def find_image_duplicates(
                 batch=cfg.query_batch,
             )
             pairs[METHOD_PHASH] = p
-            stats["passes"][METHOD_PHASH] = {"pairs": len(p), **info, "seconds": _since(started)}
+            chance = chance_partners(int(has_hash.sum()), cfg.phash_max_distance)
+            stats["passes"][METHOD_PHASH] = {
+                "pairs": len(p),
+                **info,
+                "chance_partners_per_image": round(chance, 6),
+                "seconds": _since(started),
+            }
+            if chance > 0.1:
+                log.warning(
+                    "pHash radius %d over %d images: ~%.2f chance partners per image if bits were random; "
+                    "connected components may chain unrelated images (lower --phash-max-distance)",
+                    cfg.phash_max_distance,
+                    int(has_hash.sum()),
+                    chance,
+                )
     run_semantic = cfg.semantic == "on" or (cfg.semantic == "auto" and semantic_model)
     if cfg.semantic != "off" and not run_semantic:
         stats["passes"][METHOD_SEMANTIC] = {
