@@ -25,6 +25,15 @@ from pipeline.amg.descriptors import ThumbnailCopyDescriptor
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script/load deprecation notices
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from a second OpenMP thread, which spin-waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_open_clip() -> torch.nn.Module:
     torch.manual_seed(0)
     return open_clip.CLIP(

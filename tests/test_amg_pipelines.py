@@ -29,6 +29,15 @@ PROMPTS = ["a photo of a cat", "a red bicycle"]
 DUP = "an oft repeated caption"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from a second OpenMP thread, which spin-waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sd_components():
     return tiny_sd_components(seed=0)
