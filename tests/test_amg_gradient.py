@@ -22,16 +22,10 @@ from pipeline.amg import (
 from pipeline.amg.components import tiny_vae
 from pipeline.amg.descriptors import ThumbnailCopyDescriptor
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script/load deprecation notices
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from a second OpenMP thread, which spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),  # torch.jit.script/load deprecation notices
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _tiny_open_clip() -> torch.nn.Module:

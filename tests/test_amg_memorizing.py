@@ -22,18 +22,12 @@ STEPS = 50  # as in the evaluation
 SEEDS = [0, 1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from a second OpenMP thread, which spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.skipif(
-    not (MODEL_DIR / "training_set.npz").is_file(), reason="models/amg-memorizing is not in this checkout"
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(
+        not (MODEL_DIR / "training_set.npz").is_file(), reason="models/amg-memorizing is not in this checkout"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

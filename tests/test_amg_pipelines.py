@@ -28,14 +28,7 @@ from pipeline.amg.descriptors import ThumbnailCopyDescriptor
 PROMPTS = ["a photo of a cat", "a red bicycle"]
 DUP = "an oft repeated caption"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from a second OpenMP thread, which spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
