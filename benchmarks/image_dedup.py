@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -67,7 +68,9 @@ def synthetic_embeddings(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndar
     chunk = 100_000
     for lo in range(0, n_base, chunk):
         hi = min(lo + chunk, n_base)
-        block = centres[rng.integers(0, clusters, hi - lo)] + 1.2 * rng.standard_normal((hi - lo, d), dtype=np.float32)
+        block = centres[rng.integers(0, clusters, hi - lo)] + 1.2 * rng.standard_normal(
+            (hi - lo, d), dtype=np.float32
+        )
         out[lo:hi] = block / np.linalg.norm(block, axis=1, keepdims=True)
     source = rng.choice(n_base, n_copy, replace=False)
     noise = rng.standard_normal((n_copy, d), dtype=np.float32)
@@ -147,7 +150,9 @@ def perf_one(
 
     # pHash: synthetic hashes with planted near-copies.
     hrng = np.random.default_rng(seed + 2)
-    hashes = hrng.integers(0, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + hrng.integers(0, 2, n, dtype=np.uint64)
+    hashes = hrng.integers(0, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + hrng.integers(
+        0, 2, n, dtype=np.uint64
+    )
     n_copy = n // 20
     src = hrng.choice(n - n_copy, n_copy, replace=False)
     flips = np.zeros(n_copy, dtype=np.uint64)
@@ -193,7 +198,9 @@ def perf_one(
                     missing += 1
         result["phash_multihash_equals_brute"] = missing == 0
     result["phash_pairs"] = len(multi)
-    result["speedup_phash_brute_over_multihash"] = round(result["phash_brute_seconds"] / result["phash_multihash_seconds"], 2)
+    result["speedup_phash_brute_over_multihash"] = round(
+        result["phash_brute_seconds"] / result["phash_multihash_seconds"], 2
+    )
     return result
 
 
@@ -202,11 +209,15 @@ def run_perf(args: argparse.Namespace) -> dict:
     runs = []
     for n in sizes:
         started = time.monotonic()
-        runs.append(perf_one(n, args.d, args.sample, args.full_exact_max, args.seed, args.nprobe, args.multihash_max))
+        runs.append(
+            perf_one(n, args.d, args.sample, args.full_exact_max, args.seed, args.nprobe, args.multihash_max)
+        )
         runs[-1]["wall_seconds"] = round(time.monotonic() - started, 1)
         print(json.dumps(runs[-1]), flush=True)
-    for a, b in zip(runs, runs[1:]):
-        b["ivf_time_growth_exponent"] = round(np.log(b["ivf_seconds"] / a["ivf_seconds"]) / np.log(b["n"] / a["n"]), 2)
+    for a, b in itertools.pairwise(runs):
+        b["ivf_time_growth_exponent"] = round(
+            np.log(b["ivf_seconds"] / a["ivf_seconds"]) / np.log(b["n"] / a["n"]), 2
+        )
     return {"machine": machine(), "runs": runs}
 
 
@@ -254,7 +265,9 @@ def evaluate(emb_dir: Path, true_groups: dict[str, str], label: str) -> dict:
         return score(find_image_duplicates(meta, vectors, cfg, semantic_model=False).table, keys, true_groups)
 
     out["exact_only"] = run(phash=False, semantic="off")
-    out["phash_sweep"] = {r: run(phash_max_distance=r, semantic="off") for r in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18)}
+    out["phash_sweep"] = {
+        r: run(phash_max_distance=r, semantic="off") for r in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18)
+    }
     out["random_semantic"] = {
         t: run(semantic="on", semantic_threshold=t, phash_max_distance=12) for t in (0.95, 0.99, 0.999)
     }
@@ -267,7 +280,10 @@ def evaluate(emb_dir: Path, true_groups: dict[str, str], label: str) -> dict:
     all_d = hamming_distance(hashes[iu[0]], hashes[iu[1]])
     same = np.array([(keys[i], keys[j]) in true or (keys[j], keys[i]) in true for i, j in zip(*iu)])
     cos = np.einsum("ij,ij->i", vectors[iu[0]], vectors[iu[1]])
-    out["hamming_duplicate_pairs"] = {"max": max(dup_d) if dup_d else None, "p90": float(np.percentile(dup_d, 90))}
+    out["hamming_duplicate_pairs"] = {
+        "max": max(dup_d) if dup_d else None,
+        "p90": float(np.percentile(dup_d, 90)),
+    }
     out["hamming_different_pictures_min"] = int(all_d[~same].min())
     out["random_cosine_duplicate_pairs_min"] = round(float(cos[same].min()), 4)
     out["random_cosine_different_pictures_max"] = round(float(cos[~same].max()), 4)
@@ -287,7 +303,11 @@ def run_quality(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp, ray_session(RayConfig(num_cpus=2, progress_bars=False)):
         tmp = Path(tmp)
         truth = planted_images(tmp / "planted" / "shards")
-        run_embed(EmbedConfig(shards=str(tmp / "planted" / "shards"), out=str(tmp / "planted" / "emb"), log_every_s=600))
+        run_embed(
+            EmbedConfig(
+                shards=str(tmp / "planted" / "shards"), out=str(tmp / "planted" / "emb"), log_every_s=600
+            )
+        )
         groups = {k: (g if g.startswith("dup:") else k) for k, g in truth.items()}
         results.append(evaluate(tmp / "planted" / "emb", groups, "tests/test_image_dedup.py planted set"))
 
@@ -320,15 +340,21 @@ def machine() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     perf = sub.add_parser("perf")
     perf.add_argument("--sizes", default="25000,100000,400000,1000000")
     perf.add_argument("--d", type=int, default=512)
-    perf.add_argument("--sample", type=int, default=5000, help="query rows for exact search above --full-exact-max")
+    perf.add_argument(
+        "--sample", type=int, default=5000, help="query rows for exact search above --full-exact-max"
+    )
     perf.add_argument("--full-exact-max", type=int, default=100_000)
     perf.add_argument("--nprobe", type=int, default=8)
-    perf.add_argument("--multihash-max", type=int, default=100_000, help="time pHash multi-index hashing up to this N")
+    perf.add_argument(
+        "--multihash-max", type=int, default=100_000, help="time pHash multi-index hashing up to this N"
+    )
     perf.add_argument("--seed", type=int, default=0)
     perf.add_argument("--json")
     quality = sub.add_parser("quality")
