@@ -1,6 +1,6 @@
 """Evaluate Anti-Memorization Guidance on the memorizing demo models (the paper's Tables 1, 2 and 4).
 
-    python jobs/evaluate_amg.py --out demo-output/audit
+    python jobs/evaluate_amg.py --out demo-output/amg_eval
 
 Samples the text-to-image model on its duplicated (and some non-duplicated) training captions with
 plain sampling, AMG 'paper', AMG 'reference' and each term ablated, and the unconditional model

@@ -271,7 +271,7 @@ class AMGJobConfig:
 
     demo_dir: str = option("demo-output", "demo dataset folder (images/ + truth.parquet); made if missing")
     model_dir: str = option("models/amg-memorizing", "folder of the memorizing models (written by training)")
-    out: str = option("demo-output/audit", "evaluation output: summary.json, table.md, samples")
+    out: str = option("demo-output/amg_eval", "evaluation output: summary.json, table.md, samples")
     seed: int = option(0, "seed of every random choice (training and sampling)")
     image_size: int = option(32, "training resolution, in pixels")
     vae_steps: int = option(1000, "autoencoder training steps")
