@@ -167,6 +167,8 @@ class RandomFeatures(torch.nn.Module):
 
 def kid(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD² with the kernel (xᵀy/d + 1)³ (Bińkowski et al. 2018), features z-scored on ``y``."""
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")  # the unbiased estimate needs two samples on each side
     mean, std = y.mean(0, keepdims=True), y.std(0, keepdims=True) + 1e-6
     x, y = (x - mean) / std, (y - mean) / std
     d = x.shape[1]
@@ -457,9 +459,20 @@ def evaluate(
     _grid([grids["uncond_" + n] for n in UNCOND_MODES], out / "samples_uncond.png")
     (out / "table.md").write_text(markdown_table(summary), encoding="utf-8")
     tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_finite(summary), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(out / "summary.json")
     return summary
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None, so ``summary.json`` is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _reference_pictures(model_dir: Path, train: TrainingSet) -> torch.Tensor:
