@@ -237,3 +237,12 @@ def test_detect_every_skips_quiet_steps_only():
     assert changed == [False] * 6 + [True, True] + [False] * 3
     with pytest.raises(ValueError, match="detect_every"):
         AMGConfig(detect_every=0)
+
+
+def test_dup_min_count_filters_y_n():
+    cfg = AMGConfig.preset("paper", "sscd", threshold="constant", lambda_start=LAMBDA, dup_min_count=6)
+    det = ScriptedDetector([[0.45, 0.45, 0.45]], ["five copies", "five copies", None], cfg)  # count 5 < 6
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    _, _, calls = _step(amg, state, det, 0, seed=4)
+    assert calls == [] and state.trace.steps[0].dup == [False] * 3

@@ -99,7 +99,8 @@ class AMGConfig:
         dup_sticky_caption (`bool`, *optional*, defaults to `True`):
             Keep the first duplicated caption y_N found for the rest of the trajectory (reference).
         dup_min_count (`int`, *optional*, defaults to 2):
-            y_N is used only when n0's caption occurs at least this often in the training set.
+            y_N is used only when n0's caption occurs at least this often in the training set (on top
+            of the index's own table, which returns no caption below its minimum count).
         nl2_k (`int`, *optional*, defaults to 50):
             Carlini's nL2: size of the neighbour set the distance is normalised by (capped at the
             index size).

@@ -284,7 +284,7 @@ class AntiMemorizationGuidance:
         s1 = torch.where(spe_on, terms.despecification_scale(sigma_s, cfg.c1, s0), zeros) if text else zeros
 
         # y_N and G_dup
-        found = [c.caption for c in det.captions]
+        found = [c.caption if c.count >= cfg.dup_min_count else None for c in det.captions]
         if cfg.dup_sticky_caption and not shared:
             for i in range(B):
                 if state.caption[i] is None:
