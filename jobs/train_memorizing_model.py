@@ -11,23 +11,13 @@ made by this job with its defaults. See pipeline.amg.training.
 
 from _bootstrap import run_job
 
-from pipeline.amg.training import train_memorizing_models
+from pipeline.amg.training import train_from_config
 from pipeline.cli import build_parser, parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="amg", extra=()), argv).amg
-    report = train_memorizing_models(
-        cfg.demo_dir,
-        cfg.model_dir,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-        vae_steps=cfg.vae_steps,
-        unet_steps=cfg.unet_steps,
-        uncond_steps=cfg.uncond_steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-    )
+    report = train_from_config(cfg)
     return {"job": "train_memorizing_model", "model_dir": cfg.model_dir, **report}
 
 

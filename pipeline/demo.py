@@ -63,15 +63,13 @@ def write_audit_prompts(demo_dir: Path, path: Path, unique: int = AUDIT_UNIQUE_P
 
 def memorizing_model(cfg: PipelineConfig) -> Path:
     """The memorizing demo model folder: ``cfg.amg.model_dir`` (trained first when it holds no model)."""
-    from pipeline.amg.training import TEXT2IMG_DIR, train_memorizing_models
+    from pipeline.amg.training import TEXT2IMG_DIR, train_from_config
 
     a = cfg.amg
     model_dir = Path(a.model_dir)
     if not (model_dir / TEXT2IMG_DIR / "model_index.json").is_file():
         log.info("demo: no memorizing model in %s; training one (a few minutes)", model_dir)
-        train_memorizing_models(cfg.demo.out, model_dir, seed=a.seed, image_size=a.image_size,
-                                vae_steps=a.vae_steps, unet_steps=a.unet_steps, uncond_steps=a.uncond_steps,
-                                batch_size=a.batch_size, learning_rate=a.learning_rate)
+        train_from_config(a, demo_dir=cfg.demo.out)
     return model_dir
 
 

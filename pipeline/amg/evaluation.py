@@ -549,20 +549,10 @@ def run_amg_evaluation(cfg) -> dict[str, Any]:
     """
     import yaml
 
-    from pipeline.amg.training import train_memorizing_models
+    from pipeline.amg.training import train_from_config
 
     if not (Path(cfg.model_dir) / TRAINING_SET).is_file():
-        train_memorizing_models(
-            cfg.demo_dir,
-            cfg.model_dir,
-            seed=cfg.seed,
-            image_size=cfg.image_size,
-            vae_steps=cfg.vae_steps,
-            unet_steps=cfg.unet_steps,
-            uncond_steps=cfg.uncond_steps,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-        )
+        train_from_config(cfg)
     overrides = {}
     if cfg.overrides:
         overrides = yaml.safe_load(Path(cfg.overrides).read_text(encoding="utf-8")) or {}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.amg import components
+from pipeline.config import AMGJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -439,3 +440,23 @@ def train_memorizing_models(
     )
     (model_dir / MANIFEST).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return report
+def train_from_config(cfg: AMGJobConfig, demo_dir: str | Path | None = None) -> dict[str, Any]:
+    """:func:`train_memorizing_models` with the settings of an ``amg`` config section.
+
+    Args:
+        cfg (`AMGJobConfig`): the ``amg`` section (model folder, seed, sizes, steps, optimiser).
+        demo_dir (`str` or `Path`, *optional*): the demo dataset; defaults to ``cfg.demo_dir``.
+    """
+    return train_memorizing_models(
+        cfg.demo_dir if demo_dir is None else demo_dir,
+        cfg.model_dir,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        vae_steps=cfg.vae_steps,
+        unet_steps=cfg.unet_steps,
+        uncond_steps=cfg.uncond_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+    )
+
+
