@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pipeline.amg.evaluation import _amg, load_models, training_indexes  # noqa: E402
+from demo.memorizing.evaluation import _amg, load_models, training_indexes  # noqa: E402
 from pipeline.amg.guidance import AntiMemorizationGuidance  # noqa: E402
 
 NOVEL_PROMPTS = [

@@ -1,10 +1,10 @@
 """Caption dedup throughput and quality: this project's pipeline vs datasketch used the plain way.
 
 Both sides get the same synthetic captions with planted duplicates and hard negatives
-(:mod:`pipeline.planted_captions`), the same normaliser, shingles (character n-grams), threshold,
+(:mod:`fixtures.planted_captions`), the same normaliser, shingles (character n-grams), threshold,
 ``num_perm`` and seed, and are scored with pairwise precision/recall against the planted truth.
 
-* **ours**: :func:`pipeline.caption_dedup.find_caption_duplicates` end to end (normalise, exact
+* **ours**: :func:`pipeline.dedup.caption.find_caption_duplicates` end to end (normalise, exact
   pass, vectorised MinHash over distinct captions, banding, Jaccard + word-guard verification,
   union-find), in-process; with ``--ray`` also on a local Ray (timed after Ray is up and warm).
 * **plain datasketch**: normalise, then one ``datasketch.MinHash`` per caption updated shingle by
@@ -31,12 +31,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.caption_dedup import find_caption_duplicates
-from pipeline.config import CaptionDedupConfig
-from pipeline.minhash import lsh_params
-from pipeline.planted_captions import generate, pair_scores
-from pipeline.text_normalize import normalize_captions
-from pipeline.union_find import connected_components
+from fixtures.planted_captions import generate, pair_scores
+
+from pipeline.core.config import CaptionDedupConfig
+from pipeline.dedup.caption import find_caption_duplicates
+from pipeline.dedup.minhash import lsh_params
+from pipeline.dedup.text_normalize import normalize_captions
+from pipeline.dedup.union_find import connected_components
 
 
 def machine() -> dict:

@@ -33,19 +33,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # shard_factory: img2dataset-style shards
+sys.path.insert(0, str(ROOT / "tests"))  # fixtures.shard_factory: img2dataset-style shards
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+from fixtures.shard_factory import encode, sample, write_shard  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.clip_models import clip_spec, load_clip  # noqa: E402
-from pipeline.config import EmbedConfig, RayConfig  # noqa: E402
-from pipeline.embed import DecodePlan, prepare_batch, read_rows, run_embed  # noqa: E402
-from pipeline.ray_runtime import ray_session  # noqa: E402
-from pipeline.shards import list_shards  # noqa: E402
-from shard_factory import encode, sample, write_shard  # noqa: E402
+from pipeline.core.config import EmbedConfig, RayConfig  # noqa: E402
+from pipeline.core.ray_runtime import ray_session  # noqa: E402
+from pipeline.embed.clip_models import clip_spec, load_clip  # noqa: E402
+from pipeline.embed.embed import DecodePlan, prepare_batch, read_rows, run_embed  # noqa: E402
+from pipeline.io.shards import list_shards  # noqa: E402
 
 SIDE = 256
 

@@ -19,7 +19,7 @@ source, as re-encodes give). For each N it times, in the same run,
 
 ``quality``: precision and recall of duplicate *pairs* (every pair inside a predicted group against
 every pair inside a planted group) on the project's planted data: the test set of
-``tests/test_image_dedup.py`` and the demo dataset (``pipeline.demo_data``), both embedded by the real
+``tests/test_image_dedup.py`` and the demo dataset (``demo.data``), both embedded by the real
 embed stage with the offline tiny model; pHash radius swept, and the random-weight semantic pass shown
 for what it is.
 """
@@ -45,8 +45,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import faiss
 
-from pipeline.faiss_index import normalize
-from pipeline.image_dedup import phash_pairs, semantic_pairs
+from pipeline.dedup.image import phash_pairs, semantic_pairs
+from pipeline.io.embeddings import normalize
 
 THRESHOLD = 0.95
 K = 32
@@ -250,10 +250,10 @@ def score(table, keys: list[str], true_groups: dict[str, str]) -> dict:
 
 
 def evaluate(emb_dir: Path, true_groups: dict[str, str], label: str) -> dict:
-    from pipeline.config import ImageDedupConfig
-    from pipeline.embeddings_io import load_metadata
-    from pipeline.image_dedup import META_COLUMNS, find_image_duplicates, load_unit_embeddings
-    from pipeline.phash import hamming_distance
+    from pipeline.core.config import ImageDedupConfig
+    from pipeline.dedup.image import META_COLUMNS, find_image_duplicates
+    from pipeline.embed.phash import hamming_distance
+    from pipeline.io.embeddings import load_metadata, load_unit_embeddings
 
     meta = load_metadata(emb_dir, META_COLUMNS)
     vectors = load_unit_embeddings(emb_dir)
@@ -294,10 +294,10 @@ def run_quality(args: argparse.Namespace) -> dict:
     import pyarrow.parquet as pq
     from test_image_dedup import planted_images
 
-    from pipeline.config import DemoConfig, DownloadConfig, EmbedConfig, RayConfig
-    from pipeline.demo_data import download_demo, make_demo_data
-    from pipeline.embed import run_embed
-    from pipeline.ray_runtime import ray_session
+    from demo.data import download_demo, make_demo_data
+    from pipeline.core.config import DemoConfig, DownloadConfig, EmbedConfig, RayConfig
+    from pipeline.core.ray_runtime import ray_session
+    from pipeline.embed.embed import run_embed
 
     results = []
     with tempfile.TemporaryDirectory() as tmp, ray_session(RayConfig(num_cpus=2, progress_bars=False)):
@@ -322,7 +322,7 @@ def run_quality(args: argparse.Namespace) -> dict:
             t = by_name[row["url"].rsplit("/", 1)[-1]]
             dup = t["demo_kind"] in ("near_duplicate", "verbatim")
             groups[row["key"]] = t["demo_group"] if dup else row["key"]
-        results.append(evaluate(demo / "emb", groups, "demo dataset (pipeline.demo_data)"))
+        results.append(evaluate(demo / "emb", groups, "demo dataset (demo.data)"))
     return {"machine": machine(), "results": results}
 
 

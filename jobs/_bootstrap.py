@@ -27,7 +27,7 @@ for _name, _value in {
 
 def run_job(main: Callable[[list[str] | None], dict]) -> None:
     """Run a job's ``main`` and print its summary as the last stdout line; errors exit non-zero."""
-    from pipeline.cli import emit_summary
+    from pipeline.core.cli import emit_summary
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -13,8 +13,8 @@ re-run continues the same run id (model + bundle + settings) and generates only 
 
 from _bootstrap import run_job
 
-from pipeline.audit import run_audit
-from pipeline.cli import build_parser, parse_config
+from pipeline.audit.runner import run_audit
+from pipeline.core.cli import build_parser, parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:

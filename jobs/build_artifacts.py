@@ -9,15 +9,16 @@ Writes BUNDLE/manifest.json (format and code version, model, thresholds, counts,
 and sha256, table schemas), samples.parquet, embeddings/ (LAION layout), image_duplicates.parquet,
 caption_duplicates.parquet, caption_dedup_table.parquet and index/. Every step is resumable: a
 re-run skips the steps whose inputs and options are unchanged (and does nothing when all are).
-Open the result with pipeline.bundle.open_bundle(BUNDLE). Options of each stage are flags with the
+Open the result with pipeline.bundle.build.open_bundle(BUNDLE). Options of each stage are flags with the
 stage's prefix (--embed-..., --image-dedup-..., --caption-dedup-..., --index-..., --ingest-...).
 """
 
 from _bootstrap import run_job
 
-from pipeline.bundle import BundleError, build_bundle
-from pipeline.cli import build_parser, parse_config
-from pipeline.ray_runtime import ray_session
+from pipeline.bundle.build import build_bundle
+from pipeline.bundle.layout import BundleError
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.ray_runtime import ray_session
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,16 +6,16 @@
 
 The index type follows N and --memory-budget-mb (flat, HNSW, IVF-Flat, OPQ+IVF-PQ; --kind forces
 one); nprobe/efSearch are tuned until recall@k against exact search on a sample reaches
---target-recall. Writes OUT/image.index (load it memory-mapped with pipeline.faiss_index.load_index),
+--target-recall. Writes OUT/image.index (load it memory-mapped with pipeline.index.faiss_index.load_index),
 OUT/index_rows.parquet (row_id -> key, caption, partition, partition_row), OUT/index_info.json (plan,
 self-check) and, with --duplicates, OUT/dup_image.index over the duplicated images only.
 """
 
 from _bootstrap import run_job
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.faiss_index import run_build_index
-from pipeline.ray_runtime import ray_session
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.ray_runtime import ray_session
+from pipeline.index.build import run_build_index
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,8 +11,8 @@ input row, in input order) and OUT/caption_dedup_summary.json. Inputs with fewer
 
 from _bootstrap import run_job
 
-from pipeline.caption_dedup import run_caption_dedup
-from pipeline.cli import build_parser, parse_config
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.dedup.caption import run_caption_dedup
 
 
 def main(argv: list[str] | None = None) -> dict:

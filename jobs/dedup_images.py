@@ -12,10 +12,9 @@ holding one GPU. A re-run with the same options over unchanged inputs does nothi
 
 from _bootstrap import run_job
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.faiss_index import on_gpu_worker
-from pipeline.image_dedup import run_image_dedup
-from pipeline.ray_runtime import ray_session
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.ray_runtime import on_gpu_worker, ray_session
+from pipeline.dedup.image import run_image_dedup
 
 
 def main(argv: list[str] | None = None) -> dict:

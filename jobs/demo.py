@@ -10,9 +10,9 @@ summary, and the audit's report is OUT/audit/report.html (the path is printed at
 
 from _bootstrap import run_job
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.demo import run_demo
-from pipeline.ray_runtime import ray_session
+from demo.run import run_demo
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.ray_runtime import ray_session
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,9 +12,9 @@ from contextlib import nullcontext
 
 from _bootstrap import run_job
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.download import run_download
-from pipeline.ray_runtime import ray_session
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.ray_runtime import ray_session
+from pipeline.download.downloader import run_download
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,9 +8,9 @@
 
 from _bootstrap import run_job
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.embed import run_embed
-from pipeline.ray_runtime import ray_session
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.ray_runtime import ray_session
+from pipeline.embed.embed import run_embed
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,8 +12,8 @@ OUT/table.md and sample grids. Trains the models first if --model-dir holds none
 
 from _bootstrap import run_job
 
-from pipeline.amg.evaluation import run_amg_evaluation
-from pipeline.cli import build_parser, parse_config
+from demo.memorizing.evaluation import run_amg_evaluation
+from pipeline.core.cli import build_parser, parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:

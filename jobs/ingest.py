@@ -6,9 +6,9 @@
 
 from _bootstrap import run_job
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.ingest import run_ingest
-from pipeline.ray_runtime import ray_session
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.ray_runtime import ray_session
+from pipeline.ingest.ingest import run_ingest
 
 
 def main(argv: list[str] | None = None) -> dict:

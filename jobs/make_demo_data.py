@@ -4,13 +4,13 @@
 
 Writes DIR/images/ (files to serve over HTTP), DIR/urls_relative.parquet (url relative to images/,
 caption, demo_kind, demo_group) and DIR/truth.parquet (every row's planted relationship). The same
-options give byte-identical files. pipeline.demo_data.download_demo then serves and downloads them.
+options give byte-identical files. demo.data.download_demo then serves and downloads them.
 """
 
 from _bootstrap import run_job
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.demo_data import make_demo_data
+from demo.data import make_demo_data
+from pipeline.core.cli import build_parser, parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,13 +6,13 @@ Trains, with one fixed seed, a tiny text-to-image latent diffusion model (diffus
 StableDiffusionPipeline format) and a matching unconditional pixel-space DDPM on the demo dataset's
 verbatim-duplicated image+caption pairs plus its non-duplicated pictures, and writes them with the
 exact training set and a manifest under --model-dir. The committed copy in models/amg-memorizing was
-made by this job with its defaults. See pipeline.amg.training.
+made by this job with its defaults. See demo.memorizing.training.
 """
 
 from _bootstrap import run_job
 
-from pipeline.amg.training import train_from_config
-from pipeline.cli import build_parser, parse_config
+from demo.memorizing.training import train_from_config
+from pipeline.core.cli import build_parser, parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:

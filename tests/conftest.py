@@ -36,8 +36,8 @@ def ray_local():
     """A real local Ray (2 CPUs, small object store) shared by every test that needs one."""
     import ray
 
-    from pipeline.config import RayConfig
-    from pipeline.ray_runtime import configure_data_context
+    from pipeline.core.config import RayConfig
+    from pipeline.core.ray_runtime import configure_data_context
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)

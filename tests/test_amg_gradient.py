@@ -10,6 +10,8 @@ import open_clip
 import pytest
 import torch
 
+from demo.memorizing.components import tiny_vae
+from demo.memorizing.descriptors import ThumbnailCopyDescriptor
 from pipeline.amg import (
     AMGConfig,
     AntiMemorizationGuidance,
@@ -19,8 +21,6 @@ from pipeline.amg import (
     OpenClipBackend,
     SSCDBackend,
 )
-from pipeline.amg.components import tiny_vae
-from pipeline.amg.descriptors import ThumbnailCopyDescriptor
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # torch.jit.script/load deprecation notices

@@ -11,7 +11,7 @@ import torch
 from pipeline.amg.config import AMGConfig
 from pipeline.amg.detector import Detection
 from pipeline.amg.guidance import AntiMemorizationGuidance
-from pipeline.neighbours import DuplicateCaption
+from pipeline.core.neighbours import DuplicateCaption
 
 B, SHAPE = 3, (3, 2, 4, 4)
 ALPHA_BAR = torch.tensor(0.64, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """The committed memorizing models copy their training pictures, and AMG stops them; jobs run.
 
-Copy criterion (stated in pipeline.amg.evaluation): Carlini's nL2 < 1.4 against the exact training
+Copy criterion (stated in demo.memorizing.evaluation): Carlini's nL2 < 1.4 against the exact training
 set (k = 50 capped at its 32 pictures, α = 0.5), or the copy descriptor above 0.5.
 """
 
@@ -14,8 +14,15 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, StableDiffusionPipeline
 
-from pipeline.amg.evaluation import EvalSettings, _amg, copy_scores, evaluate, load_models, training_indexes
-from pipeline.amg.training import MANIFEST, TrainingSet, train_memorizing_models
+from demo.memorizing.evaluation import (
+    EvalSettings,
+    _amg,
+    copy_scores,
+    evaluate,
+    load_models,
+    training_indexes,
+)
+from demo.memorizing.training import MANIFEST, TrainingSet, train_memorizing_models
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "amg-memorizing"
 STEPS = 50  # as in the evaluation
@@ -110,8 +117,8 @@ def test_evaluation_writes_the_summary_the_audit_reads(models, tmp_path):
 
 
 def test_training_job_writes_loadable_diffusers_pipelines(tmp_path):
-    from pipeline.config import DemoConfig
-    from pipeline.demo_data import make_demo_data
+    from demo.data import make_demo_data
+    from pipeline.core.config import DemoConfig
 
     make_demo_data(DemoConfig(out=str(tmp_path / "demo"), image_size=32))
     report = train_memorizing_models(

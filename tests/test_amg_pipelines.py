@@ -11,6 +11,8 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline, StableDiffusionPipeline
 
+from demo.memorizing.components import pixel_schedulers, tiny_sd_components, tiny_uncond_unet
+from demo.memorizing.descriptors import ThumbnailCopyDescriptor
 from pipeline.amg import (
     AMGConfig,
     AMGDDIMPipeline,
@@ -22,8 +24,6 @@ from pipeline.amg import (
     NormalizedL2Backend,
     SSCDBackend,
 )
-from pipeline.amg.components import pixel_schedulers, tiny_sd_components, tiny_uncond_unet
-from pipeline.amg.descriptors import ThumbnailCopyDescriptor
 
 PROMPTS = ["a photo of a cat", "a red bicycle"]
 DUP = "an oft repeated caption"

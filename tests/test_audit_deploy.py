@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cli import build_parser, parse_config
+from pipeline.core.cli import build_parser, parse_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

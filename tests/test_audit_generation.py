@@ -14,12 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import audit
+import pipeline.audit.actor as actor_module
+from demo.memorizing.components import tiny_sd_components
+from demo.memorizing.descriptors import ThumbnailCopyDescriptor
 from pipeline.amg import InMemoryNeighbourIndex, SSCDBackend
-from pipeline.amg.components import tiny_sd_components
-from pipeline.amg.descriptors import ThumbnailCopyDescriptor
 from pipeline.amg.pipelines import AMGStableDiffusionPipeline
-from pipeline.config import AuditConfig
+from pipeline.audit.actor import GeneratorActor, WorkerSpec
+from pipeline.audit.identity import sample_seed
+from pipeline.audit.matching import Matcher
+from pipeline.audit.runner import amg_configs
+from pipeline.core.config import AuditConfig
 
 
 @pytest.fixture(autouse=True)
@@ -43,17 +47,17 @@ def in_memory_matcher(monkeypatch):
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
     captions = ["an oft repeated caption"] * 2 + [f"caption {i}" for i in range(4)]
     index = InMemoryNeighbourIndex.from_images(backend, images, captions, keys=[f"k{i}" for i in range(6)])
-    matcher = audit.Matcher(backend, index, "stand-in", None, lambda row: None)
-    monkeypatch.setattr(audit, "open_matcher", lambda *args, **kwargs: matcher)
+    matcher = Matcher(backend, index, "stand-in", None, lambda row: None)
+    monkeypatch.setattr(actor_module, "open_matcher", lambda *args, **kwargs: matcher)
     return matcher
 
 
-def _spec(model: str, **changes) -> audit.WorkerSpec:
+def _spec(model: str, **changes) -> WorkerSpec:
     cfg = AuditConfig(
         prompts="p", out="o", samples_per_prompt=3, num_inference_steps=3, memorized_threshold=0.3
     )
-    on, detection = audit.amg_configs(cfg)
-    spec = audit.WorkerSpec(
+    on, detection = amg_configs(cfg)
+    spec = WorkerSpec(
         model_dir=model,
         bundle="",
         similarity="sscd",
@@ -83,7 +87,7 @@ def _pixels(png: bytes) -> np.ndarray:
 def test_samples_do_not_depend_on_batch_size(tiny_model, in_memory_matcher):
     results = {}
     for batch_size in (1, 3):
-        actor = audit.GeneratorActor(_spec(tiny_model, batch_size=batch_size))
+        actor = GeneratorActor(_spec(tiny_model, batch_size=batch_size))
         results[batch_size] = actor.audit_prompt("p1", "a photo of a cat", ["off", "on"])
     one, three = results[1], results[3]
     assert one["wen"]["wen_score"] == pytest.approx(three["wen"]["wen_score"], rel=1e-5)
@@ -92,7 +96,7 @@ def test_samples_do_not_depend_on_batch_size(tiny_model, in_memory_matcher):
         assert (
             [r["seed"] for r in rows1]
             == [r["seed"] for r in rows3]
-            == [audit.sample_seed(0, "p1", k) for k in range(3)]
+            == [sample_seed(0, "p1", k) for k in range(3)]
         )
         assert [r["matched_key"] for r in rows1] == [r["matched_key"] for r in rows3]
         assert [r["memorized"] for r in rows1] == [r["memorized"] for r in rows3]
@@ -107,7 +111,7 @@ def test_samples_do_not_depend_on_batch_size(tiny_model, in_memory_matcher):
 
 
 def test_sample_rows_carry_the_match_and_flags(tiny_model, in_memory_matcher):
-    actor = audit.GeneratorActor(_spec(tiny_model))
+    actor = GeneratorActor(_spec(tiny_model))
     result = actor.audit_prompt("p2", "a red bicycle", ["off"])
     rows = result["modes"]["off"]["rows"]
     assert [r["sample_index"] for r in rows] == [0, 1, 2]
@@ -120,7 +124,7 @@ def test_sample_rows_carry_the_match_and_flags(tiny_model, in_memory_matcher):
 
 
 def test_wen_prescreen_skips_low_scoring_prompts(tiny_model, in_memory_matcher):
-    actor = audit.GeneratorActor(_spec(tiny_model, wen_threshold=1e9))
+    actor = GeneratorActor(_spec(tiny_model, wen_threshold=1e9))
     result = actor.audit_prompt("p3", "a red bicycle", ["off", "on"])
     assert result["wen"]["skipped"] and result["modes"] == {}
     assert len(result["wen"]["wen_norms"]) == 2 and len(result["wen"]["wen_norms"][0]) == 2

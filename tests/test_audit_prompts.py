@@ -11,10 +11,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.audit import RUN_ID_EXCLUDED, check_config, run_audit, run_identity, sample_seed, tree_checksum
-from pipeline.config import AuditConfig, to_dict
-from pipeline.prompts import PromptListError, prompt_id
-from pipeline.storage import fingerprint
+from pipeline.audit.identity import RUN_ID_EXCLUDED, run_identity, sample_seed, tree_checksum
+from pipeline.audit.runner import check_config, run_audit
+from pipeline.core.config import AuditConfig, to_dict
+from pipeline.core.storage import fingerprint
+from pipeline.io.prompts import PromptListError, prompt_id
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,18 +22,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import submit_job
+from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from PIL import Image
-from shard_factory import encode, random_photo, sample, write_shard
 
+from demo.memorizing.components import tiny_sd_components
+from demo.memorizing.descriptors import save_stand_in_sscd
 from pipeline.amg import AMGConfig, MemorizationDetector
-from pipeline.amg.components import tiny_sd_components
-from pipeline.amg.descriptors import save_stand_in_sscd
 from pipeline.amg.pipelines import AMGStableDiffusionPipeline
-from pipeline.audit import PROMPTS_SCHEMA, RESULTS_SCHEMA, open_matcher, run_audit
-from pipeline.bundle import build_bundle, open_bundle
-from pipeline.config import AuditConfig, BundleConfig, EmbedConfig, PipelineConfig
-from pipeline.prompts import prompt_id
-from pipeline.storage import sha256_file
+from pipeline.audit.layout import PROMPTS_SCHEMA, RESULTS_SCHEMA
+from pipeline.audit.matching import open_matcher
+from pipeline.audit.runner import run_audit
+from pipeline.bundle.build import build_bundle
+from pipeline.bundle.reader import open_bundle
+from pipeline.core.config import AuditConfig, BundleConfig, EmbedConfig, PipelineConfig
+from pipeline.core.storage import sha256_file
+from pipeline.io.prompts import prompt_id
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of a cat", "a red bicycle", "an oft repeated caption", "a bowl of fruit"]

@@ -13,22 +13,22 @@ import pyarrow.parquet as pq
 import pytest
 from test_image_dedup import VERBATIM_CAPTION, planted_images
 
-from pipeline.bundle import (
+from pipeline.bundle.build import build_bundle
+from pipeline.bundle.layout import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST,
     WORK,
     BundleChecksumError,
     BundleError,
     BundleFormatError,
-    build_bundle,
-    open_bundle,
 )
-from pipeline.config import BundleConfig, EmbedConfig, PipelineConfig
-from pipeline.dedup_tables import SCHEMA as TABLE_SCHEMA
-from pipeline.faiss_index import exact_search, tie_aware_recall
-from pipeline.image_dedup import SCHEMA as DUPLICATES_SCHEMA
-from pipeline.neighbours import DuplicateCaption, NeighbourIndex
-from pipeline.storage import sha256_file
+from pipeline.bundle.reader import open_bundle
+from pipeline.bundle.tables import SCHEMA as TABLE_SCHEMA
+from pipeline.core.config import BundleConfig, EmbedConfig, PipelineConfig
+from pipeline.core.neighbours import DuplicateCaption, NeighbourIndex
+from pipeline.core.storage import sha256_file
+from pipeline.dedup.image import SCHEMA as DUPLICATES_SCHEMA
+from pipeline.index.faiss_index import exact_search, tie_aware_recall
 
 REPO = Path(__file__).resolve().parent.parent
 VERBATIM_COPIES = 6
@@ -260,7 +260,7 @@ def test_job_cli_resumes_only_what_changed(built, tmp_path):
 
 
 def test_row_modes_count_nonnegative_values_and_break_ties_by_rank():
-    from pipeline.dedup_tables import row_modes
+    from pipeline.bundle.tables import row_modes
 
     mode, count = row_modes(
         np.array([[3, 1, 1, 3, -1], [-1, -1, -1, -1, -1], [5, 2, 2, 5, 5], [7, 8, 9, 10, 11]])
@@ -269,7 +269,7 @@ def test_row_modes_count_nonnegative_values_and_break_ties_by_rank():
 
 
 def test_caption_ids_count_normalised_captions_and_keep_the_common_spelling():
-    from pipeline.dedup_tables import caption_ids, group_modes
+    from pipeline.bundle.tables import caption_ids, group_modes
 
     ids, texts = caption_ids(["A cat!", "a cat", "a cat", "Dog", None, "", "dog - Stock Photo"])
     assert ids.tolist() == [0, 0, 0, 1, -1, -1, 1]
@@ -281,7 +281,7 @@ def test_caption_ids_count_normalised_captions_and_keep_the_common_spelling():
 def test_knn_caption_is_the_dominant_caption_among_neighbours():
     import faiss
 
-    from pipeline.dedup_tables import build_dedup_table
+    from pipeline.bundle.tables import build_dedup_table
 
     # Rows 0-4: one picture with one caption (verbatim); rows 5-9: unrelated pictures.
     rng = np.random.default_rng(0)

@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures.planted_captions import PLANTED_SUFFIXES, generate, pair_scores
 
-from pipeline.caption_dedup import (
+from pipeline.core.config import CaptionDedupConfig
+from pipeline.dedup.caption import (
     OUTPUT_NAME,
     SUMMARY_NAME,
     find_caption_duplicates,
@@ -19,9 +21,7 @@ from pipeline.caption_dedup import (
     replaces_a_word,
     run_caption_dedup,
 )
-from pipeline.config import CaptionDedupConfig
-from pipeline.planted_captions import PLANTED_SUFFIXES, generate, pair_scores
-from pipeline.text_normalize import STOCK_SUFFIXES, normalize_caption, normalize_captions
+from pipeline.dedup.text_normalize import STOCK_SUFFIXES, normalize_caption, normalize_captions
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import build_parser, parse_config
-from pipeline.config import PipelineConfig, load_config, with_overrides
+from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.config import PipelineConfig, load_config, with_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
+from fixtures.shard_factory import encode, random_photo
 from PIL import Image
 
-from pipeline.decode import decode_image, reason_of
-from shard_factory import encode, random_photo
+from pipeline.io.decode import decode_image, reason_of
 
 MAX = 89_478_485
 

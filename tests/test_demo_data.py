@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import demo_data
-from pipeline.config import DemoConfig, DownloadConfig, IngestConfig
-from pipeline.demo_data import (
+from demo import data as demo_data
+from demo.data import (
     IMAGES_DIR,
     STOCK_SUFFIXES,
     TEMPLATE_CAPTION,
@@ -29,7 +28,8 @@ from pipeline.demo_data import (
     make_demo_data,
     write_url_list,
 )
-from pipeline.ingest import run_ingest
+from pipeline.core.config import DemoConfig, DownloadConfig, IngestConfig
+from pipeline.ingest.ingest import run_ingest
 
 
 @pytest.fixture(scope="module")

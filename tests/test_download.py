@@ -20,12 +20,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from shard_factory import encode, random_photo
+from fixtures.shard_factory import encode, random_photo
 
-from pipeline.config import DownloadConfig
-from pipeline.download import error_kind, inspect_url_list, run_download, validate
-from pipeline.http_server import LocalHTTPServer, serve_directory
-from pipeline.shards import READ_DOWNLOAD_FAILED, list_shards, read_shard
+from demo.http_server import LocalHTTPServer, serve_directory
+from pipeline.core.config import DownloadConfig
+from pipeline.download.downloader import error_kind, inspect_url_list, run_download, validate
+from pipeline.io.shards import READ_DOWNLOAD_FAILED, list_shards, read_shard
 
 HTML_PAGE = b"<!DOCTYPE html><html><body><h1>Image not found</h1></body></html>"
 

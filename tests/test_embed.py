@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tarfile
@@ -14,12 +15,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures.shard_factory import encode, random_photo, sample, write_shard
+from test_clip_models import write_tiny_sscd
+from test_ingest import bad_samples, odd_but_valid_samples
+from test_phash import textured_photo
 
-from pipeline.clip_models import ModelLoadError
-from pipeline.clip_models import load_clip
-from pipeline.config import EmbedConfig, IngestConfig
-from pipeline.decode import decode_image
-from pipeline.embed import (
+from pipeline.core.config import EmbedConfig, IngestConfig
+from pipeline.core.ray_runtime import cluster_gpus
+from pipeline.embed.clip_models import ModelLoadError, load_clip
+from pipeline.embed.embed import (
     NO_ERROR,
     PIXELS,
     DecodePlan,
@@ -30,7 +34,10 @@ from pipeline.embed import (
     read_rows,
     run_embed,
 )
-from pipeline.embeddings_io import (
+from pipeline.embed.phash import phash_images
+from pipeline.ingest.ingest import run_ingest
+from pipeline.io.decode import decode_image
+from pipeline.io.embeddings import (
     EMBEDDING_KINDS,
     IMG_EMB,
     METADATA_SCHEMA,
@@ -40,15 +47,8 @@ from pipeline.embeddings_io import (
     load_embeddings,
     load_metadata,
 )
-from pipeline.ingest import run_ingest
-from pipeline.partitions import PartitionAssembler
-from pipeline.phash import phash_images
-from pipeline.ray_runtime import cluster_gpus
-from pipeline.shards import list_shards
-from shard_factory import encode, random_photo, sample, write_shard
-from test_clip_models import write_tiny_sscd
-from test_ingest import bad_samples, odd_but_valid_samples
-from test_phash import textured_photo
+from pipeline.io.partitions import PartitionAssembler
+from pipeline.io.shards import list_shards
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SHARDS = ("image1", "image2", "image3", "image4")
@@ -165,7 +165,7 @@ def test_actor_embeds_decoded_rows_and_passes_rejected_ones_through(tmp_path: Pa
 
 
 def _tiny_preprocess() -> dict:
-    from pipeline.clip_models import clip_spec
+    from pipeline.embed.clip_models import clip_spec
 
     return clip_spec(EmbedConfig(shards="x", out="x")).preprocess
 
@@ -191,7 +191,7 @@ def test_progress_reports_rate_and_eta(caplog):
         {"shard": ["a"] * 10, "shard_rows": [20] * 10, "error": [NO_ERROR] * 8 + ["empty_file: x"] * 2}
     )
     now[0] = 5.0
-    with caplog.at_level("INFO", logger="pipeline.embed"):
+    with caplog.at_level("INFO", logger="pipeline.embed.embed"):
         progress.update(batch, completed=0)
         assert not caplog.records  # not due yet
         now[0] = 10.0
@@ -362,7 +362,22 @@ def test_resume_after_a_killed_driver_and_a_killed_actor_gives_identical_outputs
     kept = {p: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
     fault = tmp_path / "actor-killed"
 
-    summary = run_embed(dataclasses.replace(run["cfg"], out=str(out)), fault_marker=str(fault))
+    class ActorKilledOnce(EmbedActor):
+        """Kills its own process (``os._exit``: a real worker death) at its second batch, once per run."""
+
+        calls = 0
+
+        def __call__(self, batch):
+            self.calls += 1
+            if self.calls == 2:
+                try:  # O_EXCL: only the first actor to get here, across processes and restarts
+                    os.close(os.open(fault, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    os._exit(1)
+                except FileExistsError:
+                    pass
+            return super().__call__(batch)
+
+    summary = run_embed(dataclasses.replace(run["cfg"], out=str(out)), actor_cls=ActorKilledOnce)
 
     assert fault.exists()  # the actor process did exit mid-run (os._exit), and Ray restarted it
     assert summary["partitions_processed"] == 2 and summary["embedded_this_run"] == 32

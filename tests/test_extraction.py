@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extraction import (
-    carlini_flag,
-    max_clique,
-    near_identical_graph,
-    tiled_l2,
-    tiles,
-    wen_norms,
-    wen_score,
-)
+from pipeline.audit.criteria import carlini_flag, max_clique, near_identical_graph, tiled_l2, tiles
+from pipeline.audit.prescreen import wen_norms, wen_score
 
 
 def test_tiles_cut_each_image_into_a_grid_in_row_major_order():

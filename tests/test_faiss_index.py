@@ -13,27 +13,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import IndexConfig
-from pipeline.embeddings_io import METADATA_SCHEMA, embedding_path, metadata_path
-from pipeline.faiss_index import (
-    DUP_INDEX_NAME,
-    INDEX_NAME,
-    INFO_NAME,
-    ROWS_NAME,
+from pipeline.core.config import IndexConfig
+from pipeline.core.storage import atomic_write_bytes, atomic_write_table
+from pipeline.index.build import DUP_INDEX_NAME, INDEX_NAME, INFO_NAME, ROWS_NAME, run_build_index
+from pipeline.index.faiss_index import (
     build_index,
     default_nlist,
     exact_search,
     index_description,
     load_index,
-    normalize,
     plan_index,
-    run_build_index,
     save_index,
     search_params,
     tie_aware_recall,
     tune_search,
 )
-from pipeline.storage import atomic_write_bytes, atomic_write_table
+from pipeline.io.embeddings import METADATA_SCHEMA, embedding_path, metadata_path, normalize
 
 REPO = Path(__file__).resolve().parent.parent
 

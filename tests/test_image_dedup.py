@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures.shard_factory import sample, write_shard
 from PIL import Image, ImageEnhance
-from shard_factory import sample, write_shard
 
-from pipeline.config import EmbedConfig, ImageDedupConfig
-from pipeline.image_dedup import (
+from pipeline.core.config import EmbedConfig, ImageDedupConfig
+from pipeline.dedup.image import (
     OUTPUT_NAME,
     exact_pairs,
     find_image_duplicates,
@@ -24,7 +24,7 @@ from pipeline.image_dedup import (
     run_image_dedup,
     semantic_pairs,
 )
-from pipeline.phash import hamming_distance
+from pipeline.embed.phash import hamming_distance
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 192
@@ -169,7 +169,7 @@ def precision_recall(predicted: set, true: set) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def planted(ray_local, tmp_path_factory):
     """Planted shards, embedded by the real embed stage (tiny offline model) on the session's Ray."""
-    from pipeline.embed import run_embed
+    from pipeline.embed.embed import run_embed
 
     root = tmp_path_factory.mktemp("planted_images")
     truth = planted_images(root / "shards")

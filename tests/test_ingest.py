@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures.shard_factory import FakeSample, encode, random_photo, sample, write_shard
 from PIL import Image
-
-from pipeline.config import IngestConfig
-from pipeline.ingest import run_ingest
-from pipeline.shards import iter_tar_samples, list_shards, read_shard
-from shard_factory import FakeSample, encode, random_photo, sample, write_shard
 from test_decode import bomb_png
+
+from pipeline.core.config import IngestConfig
+from pipeline.ingest.ingest import run_ingest
+from pipeline.io.shards import iter_tar_samples, list_shards, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import submit_job
-from shard_factory import encode, random_photo, sample, write_shard
+from fixtures.shard_factory import encode, random_photo, sample, write_shard
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 from datasketch.hashfunc import sha1_hash32
 
-from pipeline.caption_dedup import bucket_pairs, pair_jaccard
-from pipeline.minhash import (
+from pipeline.dedup.caption import bucket_pairs, pair_jaccard
+from pipeline.dedup.minhash import (
     SCHEMES,
     MinHasher,
     band_hashes,
@@ -20,7 +20,7 @@ from pipeline.minhash import (
     sha1_hash32_many,
     shingle_hashes,
 )
-from pipeline.union_find import component_sizes, connected_components
+from pipeline.dedup.union_find import component_sizes, connected_components
 
 TEXTS = [
     "a red car parked on the street",
@@ -114,8 +114,9 @@ def test_lsh_params_are_datasketchs():
 
 
 def test_candidate_pairs_equal_datasketch_lsh_query():
-    from pipeline.planted_captions import generate
-    from pipeline.text_normalize import normalize_captions
+    from fixtures.planted_captions import generate
+
+    from pipeline.dedup.text_normalize import normalize_captions
 
     texts = sorted(set(normalize_captions(generate(600, seed=5).captions).to_pylist()) - {""})
     threshold, num_perm, k = 0.6, 64, 3

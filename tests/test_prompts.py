@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.prompts import PromptListError, normalize_prompt, prompt_id, read_prompts
+from pipeline.io.prompts import PromptListError, normalize_prompt, prompt_id, read_prompts
 
 
 def write(path: Path, text: str) -> Path:

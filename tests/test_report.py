@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report import histogram_svg, render_report, thumbnail_png
+from pipeline.audit.report import histogram_svg, render_report, thumbnail_png
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -1,6 +1,6 @@
 """Similarity backends for σ_t: SSCD descriptors, open_clip image embeddings, Carlini's normalised L2.
 
-A backend turns images into the vectors a :class:`~pipeline.neighbours.NeighbourIndex` searches
+A backend turns images into the vectors a :class:`~pipeline.core.neighbours.NeighbourIndex` searches
 (``embed``) and scores a query against the neighbours the search returned (``score``). Both are
 differentiable in the images, which is how G_sim's gradient reaches x_t: x_t → x̂0 → (VAE decoder)
 → ``embed`` → ``score``, with the neighbours held constant.
@@ -166,7 +166,7 @@ class OpenClipBackend(_CosineBackend):
 
     @classmethod
     def from_loaded_clip(cls, loaded) -> OpenClipBackend:
-        """From :class:`pipeline.clip_models.LoadedClip` (the model the bundle's embeddings came from)."""
+        """From :class:`pipeline.embed.clip_models.LoadedClip` (the model the bundle's embeddings came from)."""
         size = loaded.spec.preprocess["size"]
         size = size[0] if isinstance(size, (tuple, list)) else size
         return cls(loaded.model, int(size), loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"])

@@ -1,6 +1,6 @@
 """Memorization detection: nearest training neighbour n0 of an image and its similarity σ.
 
-:class:`MemorizationDetector` joins a similarity backend, a :class:`~pipeline.neighbours.NeighbourIndex`
+:class:`MemorizationDetector` joins a similarity backend, a :class:`~pipeline.core.neighbours.NeighbourIndex`
 over that backend's vectors and the threshold schedule of an :class:`~pipeline.amg.config.AMGConfig`.
 ``detect`` is the cheap path run at every step (one embedding, one index search, no gradient);
 ``similarity`` re-scores images against the neighbours a detection found, differentiably, for G_sim.
@@ -16,7 +16,7 @@ import torch
 from pipeline.amg import terms
 from pipeline.amg.backends import SimilarityBackend
 from pipeline.amg.config import AMGConfig
-from pipeline.neighbours import DuplicateCaption, NeighbourIndex
+from pipeline.core.neighbours import DuplicateCaption, NeighbourIndex
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""An in-memory :class:`~pipeline.neighbours.NeighbourIndex` for tests and small training sets.
+"""An in-memory :class:`~pipeline.core.neighbours.NeighbourIndex` for tests and small training sets.
 
 The production index is the bundle's (FAISS over open_clip or SSCD vectors, a caption-dedup table);
 this one holds everything in RAM on a ``faiss.IndexFlatIP`` (cosine backends, L2-normalised vectors)
@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import torch
 
-from pipeline.neighbours import DuplicateCaption
+from pipeline.core.neighbours import DuplicateCaption
 
 
 class InMemoryNeighbourIndex:

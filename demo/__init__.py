@@ -1,0 +1,1 @@
+"""The demo: real photographs with planted duplicates served over local HTTP, and the full chain run on them."""

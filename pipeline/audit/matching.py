@@ -1,0 +1,206 @@
+"""Similarity through the bundle: the matcher an audit sample is compared with (SSCD, CLIP or nL2), and training images for the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.amg import NormalizedL2Backend, OpenClipBackend, SSCDBackend
+from pipeline.audit.layout import SIMILARITIES
+from pipeline.bundle.reader import open_bundle
+from pipeline.core.config import AuditConfig, EmbedConfig
+from pipeline.core.storage import sha256_file
+from pipeline.embed.clip_models import load_clip
+from pipeline.io.decode import decode_image
+from pipeline.io.embeddings import IMG_EMB, SSCD_EMB, load_metadata
+from pipeline.io.shards import IMAGE_EXTENSIONS, iter_tar_samples
+
+log = logging.getLogger(__name__)
+
+#: Largest bundle the nl2 similarity decodes into RAM (pixels of every training image).
+NL2_MAX_ROWS = 200_000
+
+
+@dataclass
+class Matcher:
+    """The audit's similarity: a backend, the bundle's index over that backend's vectors, and image access.
+
+    Attributes:
+        backend: a :class:`~pipeline.amg.SimilarityBackend` making query vectors like the bundle's.
+        index: the bundle's :class:`~pipeline.core.neighbours.NeighbourIndex` over them.
+        descriptor (`str`): what makes the vectors, for the provenance.
+        descriptor_checksum (`str`, *optional*): checksum of the descriptor model file.
+        training_image (`Callable[[int], bytes | None]`): encoded image of a training row, for the report.
+    """
+
+    backend: Any
+    index: Any
+    descriptor: str
+    descriptor_checksum: str | None
+    training_image: Callable[[int], bytes | None]
+
+
+class TrainingImages:
+    """Encoded training images of bundle rows, read back from the img2dataset shards the bundle was built
+    from (the bundle holds embeddings, not pictures). Shards are found where the manifest says, or in
+    ``shards`` when given; a missing shard folder gives None for every row."""
+
+    def __init__(self, bundle, shards: str | Path | None = None):
+
+        self.folder = Path(shards or bundle.manifest.get("config", {}).get("bundle", {}).get("shards") or "")
+        meta = load_metadata(bundle.path / "embeddings", ["key", "shard"])
+        self.keys = meta.column("key").to_pylist()
+        self.shards = meta.column("shard").to_pylist()
+        self._cache: dict[str, dict[str, bytes]] = {}
+
+    def _shard(self, name: str) -> dict[str, bytes]:
+        if name not in self._cache:
+
+            found: dict[str, bytes] = {}
+            tar = self.folder / f"{name}.tar"
+            if tar.is_file():
+                for sample in iter_tar_samples(tar):
+                    data = next((sample.files[e] for e in IMAGE_EXTENSIONS if e in sample.files), None)
+                    if data:
+                        found[sample.key] = data
+            else:
+                log.warning("training images: shard %s not found (bundle built from %s)", tar, self.folder)
+            self._cache = {name: found}  # one shard at a time: rows are asked for shard by shard
+        return self._cache[name]
+
+    def __call__(self, row_id: int) -> bytes | None:
+        row_id = int(row_id)
+        if not 0 <= row_id < len(self.keys) or not self.shards[row_id]:
+            return None
+        return self._shard(str(self.shards[row_id])).get(str(self.keys[row_id]))
+
+    def pixels(self, size: int) -> np.ndarray:
+        """Every row's image at ``size``×``size`` as ``(N, 3, size, size)`` float32 in [−1, 1] (row order)."""
+        from PIL import Image
+
+        out = np.zeros((len(self.keys), 3, size, size), dtype=np.float32)
+        order = sorted(range(len(self.keys)), key=lambda i: (str(self.shards[i]), i))
+        for i in order:
+            decoded = decode_image(self(i), 89_478_485)
+            if decoded.image is None:
+                raise FileNotFoundError(
+                    f"training image of bundle row {i} (key {self.keys[i]}) not found in "
+                    f"{self.folder}; nl2 needs the shards the bundle was built from"
+                )
+            arr = np.asarray(decoded.image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+            out[i] = arr.transpose(2, 0, 1) / 127.5 - 1
+        return out
+
+
+class PixelIndex:
+    """A :class:`~pipeline.core.neighbours.NeighbourIndex` over training pixels, for the nl2 similarity:
+    exact L2 search (FAISS flat) over every bundle row's image at one size; captions, duplicate
+    captions and row metadata are the bundle's."""
+
+    def __init__(self, bundle, pixels: np.ndarray):
+        import faiss
+
+        self.bundle = bundle
+        self._vectors = np.ascontiguousarray(pixels.reshape(len(pixels), -1).astype(np.float32))
+        self._vectors = (self._vectors + 1) / 2  # NormalizedL2Backend's vectors: pixels in [0, 1]
+        self._index = faiss.IndexFlatL2(self._vectors.shape[1])
+        self._index.add(self._vectors)
+
+    @property
+    def dim(self) -> int:
+        return int(self._vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self._vectors.shape[0])
+
+    def search_embeddings(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), min(int(k), len(self)))
+
+    def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
+        return self._vectors[np.asarray(row_ids, dtype=np.int64)]
+
+    def duplicate_caption(self, row_id: int):
+        return self.bundle.duplicate_caption(row_id)
+
+    def row(self, row_id: int) -> dict:
+        return self.bundle.row(row_id)
+
+
+def _embed_config(manifest: dict[str, Any]):
+
+    known = {f.name for f in dataclasses.fields(EmbedConfig)}
+    return EmbedConfig(**{k: v for k, v in manifest.get("config", {}).get("embed", {}).items() if k in known})
+
+
+def open_matcher(
+    bundle: str | Path,
+    similarity: str,
+    sscd_checkpoint: str | None = None,
+    device: str = "cpu",
+    pixel_size: int = 32,
+) -> Matcher:
+    """The backend and bundle index for ``similarity``, so that queries are made like the bundle's vectors.
+
+    * ``sscd``: the bundle's ``sscd_emb`` index and the SSCD TorchScript file it was embedded with (the
+      manifest's path, or ``sscd_checkpoint``, which must have the manifest's sha256);
+    * ``clip``: the bundle's ``img_emb`` index and the open_clip model of its manifest;
+    * ``nl2``: Carlini's normalised L2 over every training image at ``pixel_size`` (read from the
+      bundle's shards; small bundles only), with the bundle's captions and duplicate counts.
+    """
+
+    if similarity == "sscd":
+        index = open_bundle(bundle, verify=False, kind=SSCD_EMB)
+        model = index.manifest.get("indexes", {}).get(SSCD_EMB, {}).get("model", {})
+        path = sscd_checkpoint or model.get("checkpoint")
+        if not path or not Path(path).is_file():
+            raise FileNotFoundError(
+                f"the SSCD model the bundle was embedded with ({model.get('checkpoint')}) is not here; "
+                f"pass --sscd-checkpoint FILE (sha256 {model.get('sha256')})"
+            )
+        digest = sha256_file(path)
+        if model.get("sha256") and digest != model["sha256"]:
+            raise ValueError(
+                f"--sscd-checkpoint {path} is not the model the bundle's SSCD descriptors were made "
+                f"with (sha256 {digest[:12]}..., bundle {model['sha256'][:12]}...)"
+            )
+        backend = SSCDBackend.from_file(path, image_size=int(model.get("image_size") or 320), device=device)
+        descriptor = f"SSCD {path}"
+    elif similarity == "clip":
+
+        index = open_bundle(bundle, verify=False, kind=IMG_EMB)
+        loaded = load_clip(_embed_config(index.manifest), device)
+        backend = OpenClipBackend.from_loaded_clip(loaded).to(device)
+        digest = None
+        descriptor = f"open_clip {loaded.spec.name}"
+    elif similarity == "nl2":
+        base = open_bundle(bundle, verify=False, kind=IMG_EMB)
+        if len(base) > NL2_MAX_ROWS:
+            raise ValueError(
+                f"nl2 compares pixels with every training image in RAM; the bundle has {len(base)} "
+                f"rows (at most {NL2_MAX_ROWS}): use --similarity sscd or clip"
+            )
+        images = TrainingImages(base)
+        index = PixelIndex(base, images.pixels(pixel_size))
+        backend = NormalizedL2Backend(image_size=pixel_size)
+        digest = None
+        descriptor = f"pixels at {pixel_size}x{pixel_size}"
+        return Matcher(backend, index, descriptor, digest, images)
+    else:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+    return Matcher(backend, index, descriptor, digest, TrainingImages(index))
+
+
+def training_image_reader(cfg: AuditConfig) -> Callable[[int], bytes | None] | None:
+    """Encoded bytes of a bundle row's training image (for the report), or None when they cannot be read."""
+    try:
+        return TrainingImages(open_bundle(cfg.bundle, verify=False))
+    except (OSError, ValueError, RuntimeError) as exc:  # the report still renders, with placeholders
+        log.warning("no training images for the report: %s", exc)
+        return None
+

@@ -1,0 +1,336 @@
+"""Memorization audit: generate for every prompt, match each sample against the training set, flag, report.
+
+Runner (:func:`run_audit`, behind ``jobs/audit.py``):
+
+1. **Prompts.** :func:`pipeline.io.prompts.read_prompts` reads the list (any published layout; an unknown
+   one is a :class:`~pipeline.io.prompts.PromptListError`). ``dry_run`` stops here and writes
+   ``prompts.parquet``.
+2. **Run id.** :func:`run_identity` fingerprints what decides a sample: the model's files, the bundle's
+   manifest, and every audit setting that changes a generation or a flag. Not the prompt list: a longer
+   list under the same run id only adds prompts. Work lives under ``OUT/runs/<run_id>/``.
+3. **Work.** One work item per prompt, covering the AMG modes asked for (``off``, ``on``) that have
+   no done marker yet. Sample ``k`` of a prompt is seeded with :func:`sample_seed` (a hash of the run
+   seed, the prompt id and ``k``; one ``torch.Generator`` per sample), the same seed with and without
+   AMG, so results depend neither on batching nor on which actor or how many actors ran it.
+4. **Generation.** A Ray actor pool of :class:`GeneratorActor` (one per GPU with ``num_gpus=1``, else
+   CPU actors sized by :func:`~pipeline.core.ray_runtime.cpu_actor_pool_size`) loads the pipeline and the
+   detector once. Per prompt: Wen's score (the pre-screen; prompts below ``wen_threshold`` are not
+   generated), then per mode the samples, in batches, each matched to its nearest training image
+   through the bundle (:class:`~pipeline.amg.MemorizationDetector` with the configured similarity;
+   AMG's own detector is the same backend and index, so AMG and the audit agree on what a copy is),
+   then Carlini's clique criterion over the prompt's generations (:mod:`pipeline.audit.criteria`).
+5. **Writer.** The driver writes each (prompt, mode) partition, its images and then its done marker;
+   an interrupted run resumes from the markers, and finished prompts are never generated again.
+6. **Outputs.** ``results.parquet`` (one row per sample), ``prompts.parquet`` (one row per prompt),
+   ``summary.json`` (per mode: memorized fraction, Top-5%, Top-1, counts; provenance) and the
+   self-contained ``report.html`` (:mod:`pipeline.audit.report`), over the prompts of the current list.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.amg import AMGConfig
+from pipeline.audit.actor import GeneratorActor, WorkerSpec
+from pipeline.audit.aggregate import aggregate
+from pipeline.audit.identity import bundle_checksum, resolve_model_dir, run_identity, tree_checksum
+from pipeline.audit.layout import AMG_CHOICES, PROMPTS, SIMILARITIES, SUMMARY
+from pipeline.audit.store import RunStore
+from pipeline.core.config import AuditConfig, RayConfig
+from pipeline.core.ray_runtime import cluster_gpus, cpu_actor_pool_size, ray_session
+from pipeline.core.storage import (
+    atomic_write_json,
+    atomic_write_table,
+    fingerprint,
+    sha256_file,
+)
+from pipeline.io.prompts import read_prompts
+
+log = logging.getLogger(__name__)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def amg_configs(cfg: AuditConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(AMG 'on' config, detection config) as plain dicts.
+
+    Both come from :meth:`AMGConfig.preset` for ``cfg.mode`` and ``cfg.similarity``; ``amg_overrides``
+    (YAML: field -> value, or ``{paper: {...}, reference: {...}}``) changes the 'on' config. Detection
+    uses the same backend and the same memorization threshold (``memorized_threshold`` overrides both).
+    """
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    if cfg.amg_overrides:
+        data = yaml.safe_load(Path(cfg.amg_overrides).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{cfg.amg_overrides}: expected a mapping of AMGConfig fields")
+        overrides = dict(data.get(cfg.mode, {})) if set(data) <= {"paper", "reference"} else data
+    if cfg.memorized_threshold is not None:
+        overrides["memorized_threshold"] = cfg.memorized_threshold
+    on = AMGConfig.preset(cfg.mode, cfg.similarity, **overrides)
+    detection = AMGConfig.preset(
+        cfg.mode,
+        cfg.similarity,
+        memorized_threshold=on.memorized_threshold,
+        nl2_k=on.nl2_k,
+        nl2_alpha=on.nl2_alpha,
+    )
+    return on.to_dict(), detection.to_dict()
+
+
+def check_config(cfg: AuditConfig) -> None:
+    """Clear errors for settings that cannot work, before anything starts."""
+    if cfg.amg not in AMG_CHOICES:
+        raise ValueError(f"--amg must be off, on or both, got {cfg.amg!r}")
+    if cfg.mode not in ("paper", "reference"):
+        raise ValueError(f"--mode must be paper or reference, got {cfg.mode!r}")
+    if cfg.similarity not in SIMILARITIES:
+        raise ValueError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {cfg.similarity!r}")
+    if cfg.samples_per_prompt < 1 or cfg.batch_size < 1 or cfg.num_inference_steps < 1:
+        raise ValueError("--samples-per-prompt, --batch-size and --num-inference-steps must be at least 1")
+    if cfg.wen_steps < 1 or cfg.wen_samples < 1 or cfg.tile_grid < 1 or cfg.clique_size < 2:
+        raise ValueError(
+            "--wen-steps, --wen-samples and --tile-grid must be at least 1, --clique-size at least 2"
+        )
+    if not cfg.dry_run:
+        missing = [flag for flag, value in (("--bundle", cfg.bundle), ("--model", cfg.model)) if not value]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} required (only --dry-run runs without them)")
+
+
+def _plan_actors(cfg: AuditConfig, work: int) -> tuple[int, dict[str, Any], str, int | None]:
+    """(actors, Ray options, device, torch threads per actor): one actor per GPU, else a CPU pool."""
+
+    gpus = cluster_gpus()
+    if gpus > 0:
+        n = min(cfg.num_actors or gpus, gpus, work)
+        return max(1, n), {"num_gpus": 1}, "cuda", None
+    n = max(1, min(cfg.num_actors or cpu_actor_pool_size(), work))
+    # One torch thread per actor, the one CPU it reserves: small diffusion models gain nothing from
+    # intra-op threads, and on a loaded 2-core machine two threads ran the demo model 6-30x slower
+    # (2.5 s instead of 15-45 s for a prompt's 8 samples; OpenMP workers contending for the cores).
+    return n, {"num_cpus": 1}, "cpu", 1
+
+
+def _write_prompts_only(cfg: AuditConfig, table: pa.Table, started: float) -> dict[str, Any]:
+    out = Path(cfg.out)
+    atomic_write_table(out / PROMPTS, table)
+    return {
+        "job": "audit",
+        "dry_run": True,
+        "out": str(out),
+        "prompts": table.num_rows,
+        "prompt_lines": int(sum(table.column("occurrences").to_pylist())),
+        "prompts_checksum": sha256_file(cfg.prompts),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
+    """Audit ``cfg.model`` on ``cfg.prompts`` against ``cfg.bundle``; return the summary (also in ``summary.json``).
+
+    Everything is checked before Ray is touched. Ray is used only when there is something to generate:
+    the session already up, else one joined or started from ``ray_cfg`` for the generation alone (see
+    :func:`pipeline.core.ray_runtime.ray_session`); a re-run of a finished audit only re-aggregates.
+
+    Raises:
+        PromptListError: the prompt list cannot be read (unknown layout, no prompt column, no prompts).
+        FileNotFoundError: the model or the bundle is missing.
+        ValueError: an impossible setting.
+    """
+    started = time.monotonic()
+    check_config(cfg)
+    out = Path(cfg.out)
+    prompts_table = read_prompts(cfg.prompts, cfg.prompt_column)
+    if cfg.dry_run:
+        return _write_prompts_only(cfg, prompts_table, started)
+    modes = AMG_CHOICES[cfg.amg]
+    model_dir = resolve_model_dir(cfg.model)
+    cache = out / ".cache" / "checksums.json"
+    bundle_sum = bundle_checksum(cfg.bundle)
+    model_sum = tree_checksum(model_dir, cache)
+    descriptor_sum = tree_checksum(cfg.sscd_checkpoint, cache) if cfg.sscd_checkpoint else None
+    amg_on, detection = amg_configs(cfg)
+    identity = run_identity(cfg, model_sum, bundle_sum, amg_on, detection, descriptor_sum)
+    run_id = fingerprint(identity)
+    store = RunStore(out, run_id)
+    if not (store.root / "run.json").is_file():
+        atomic_write_json(
+            store.root / "run.json",
+            {"run_id": run_id, **identity, "model": str(model_dir), "bundle": str(cfg.bundle)},
+        )
+    prompts = prompts_table.to_pylist()
+    todo = [(p, store.todo_modes(p["prompt_id"], modes)) for p in prompts]
+    todo = [(p, m) for p, m in todo if m]
+    limited = todo[: cfg.max_prompts] if cfg.max_prompts is not None else todo
+    log.info(
+        "audit run %s: %d prompts, %d finished, %d to audit now (modes %s)",
+        run_id,
+        len(prompts),
+        len(prompts) - len(todo),
+        len(limited),
+        ",".join(modes),
+    )
+    generated = 0
+    if limited:
+        with ray_session(ray_cfg or RayConfig()):
+            generated = _generate_all(cfg, store, model_dir, amg_on, detection, limited)
+    summary = aggregate(cfg, store, prompts, modes, identity, model_dir, bundle_sum, model_sum)
+    summary.update(
+        prompts_total=len(prompts),
+        prompts_audited_now=len(limited),
+        samples_generated_now=generated,
+        prompts_pending=len(todo) - len(limited),
+        complete=len(todo) == len(limited),
+        seconds=round(time.monotonic() - started, 3),
+    )
+    atomic_write_json(out / SUMMARY, summary)
+    return job_summary(summary)
+
+
+def job_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The job's one-line summary: ``summary.json`` without the criteria texts and the full provenance."""
+    keep = (
+        "job",
+        "run_id",
+        "out",
+        "report",
+        "complete",
+        "prompts_total",
+        "prompts_audited_now",
+        "samples_generated_now",
+        "prompts_pending",
+        "seconds",
+    )
+    short = {k: summary[k] for k in keep if k in summary}
+    prov = summary.get("provenance", {})
+    short.update(
+        bundle_checksum=prov.get("bundle_checksum"),
+        model_checksum=prov.get("model_checksum"),
+        prompts_checksum=prov.get("prompts_checksum"),
+    )
+    for mode in ("off", "on"):
+        if mode in summary:
+            short[mode] = {k: v for k, v in summary[mode].items() if k != "seconds_per_sample"}
+    return short
+
+
+def _generate_all(
+    cfg: AuditConfig,
+    store: RunStore,
+    model_dir: Path,
+    amg_on: dict[str, Any],
+    detection: dict[str, Any],
+    todo: list[tuple[dict[str, Any], list[str]]],
+) -> int:
+    """Run the work on an actor pool; the driver writes each prompt's result as it arrives."""
+    import ray
+    from ray.util import ActorPool
+
+    n, options, device, threads = _plan_actors(cfg, len(todo))
+    spec = WorkerSpec(
+        model_dir=str(model_dir.resolve()),
+        bundle=str(Path(cfg.bundle).resolve()),
+        similarity=cfg.similarity,
+        sscd_checkpoint=str(Path(cfg.sscd_checkpoint).resolve()) if cfg.sscd_checkpoint else None,
+        amg_on=amg_on,
+        detection=detection,
+        samples_per_prompt=cfg.samples_per_prompt,
+        seed=cfg.seed,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        batch_size=cfg.batch_size,
+        tile_grid=cfg.tile_grid,
+        tile_threshold=cfg.tile_threshold,
+        clique_size=cfg.clique_size,
+        wen_steps=cfg.wen_steps,
+        wen_samples=cfg.wen_samples,
+        wen_threshold=cfg.wen_threshold,
+        torch_threads=threads,
+    )
+    log.info("audit: %d %s actor(s)%s", n, device, f", {threads} torch thread(s) each" if threads else "")
+    actor_cls = ray.remote(GeneratorActor).options(**options)
+    actors = [actor_cls.remote(spec, device) for _ in range(n)]
+    pool = ActorPool(actors)
+    generated = 0
+    done = 0
+    t0 = time.monotonic()
+
+    def submit(actor, item):
+        prompt, modes = item
+        return actor.audit_prompt.remote(
+            prompt["prompt_id"], prompt["prompt"], modes, wen=store.wen(prompt["prompt_id"])
+        )
+
+    try:
+        for result in pool.map_unordered(submit, todo):
+            store.write(result)
+            done += 1
+            generated += sum(len(part["rows"]) for part in result["modes"].values())
+            log.info(
+                "audit: %d/%d prompts (%s), %.1fs",
+                done,
+                len(todo),
+                result["prompt_id"],
+                time.monotonic() - t0,
+            )
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return generated
+
+
+
+
+
+
+
+

@@ -1,0 +1,71 @@
+"""The run folder: per-(prompt, mode) partitions, their images and done markers, written by the driver."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.audit.layout import IMAGES, PARTS, RESULTS_SCHEMA, RUNS, WEN
+from pipeline.core.storage import DoneMarkers, atomic_write_bytes, atomic_write_table
+
+
+class RunStore:
+    """``OUT/runs/<run_id>/``: per-prompt partitions (``parts/<prompt_id>/<mode>.parquet``), their done
+    markers, Wen scores and images (``images/<prompt_id>/<mode>_<k>.png``)."""
+
+    def __init__(self, out: Path, run_id: str):
+        self.out = out
+        self.run_id = run_id
+        self.root = out / RUNS / run_id
+
+    def markers(self, prompt_id: str) -> DoneMarkers:
+        return DoneMarkers(self.root / PARTS / prompt_id, self.run_id)
+
+    def part_path(self, prompt_id: str, mode: str) -> Path:
+        return self.root / PARTS / prompt_id / f"{mode}.parquet"
+
+    def image_rel(self, prompt_id: str, mode: str, k: int) -> str:
+        return f"{RUNS}/{self.run_id}/{IMAGES}/{prompt_id}/{mode}_{k}.png"
+
+    def wen(self, prompt_id: str) -> dict[str, Any] | None:
+        return self.markers(prompt_id).read(WEN)
+
+    def done(self, prompt_id: str, mode: str) -> dict[str, Any] | None:
+        return self.markers(prompt_id).read(mode)
+
+    def todo_modes(self, prompt_id: str, modes: Sequence[str]) -> list[str]:
+        """Modes of ``prompt_id`` still to generate (none once the pre-screen skipped the prompt)."""
+        wen = self.wen(prompt_id)
+        if wen is not None and wen.get("skipped"):
+            return []
+        return [m for m in modes if self.done(prompt_id, m) is None]
+
+    def write(self, result: dict[str, Any]) -> None:
+        """Images, then partition files, then done markers: a marker always means complete files."""
+        pid = result["prompt_id"]
+        markers = self.markers(pid)
+        if markers.read(WEN) is None:
+            markers.write(WEN, result["wen"])
+        for mode, part in result["modes"].items():
+            rows = []
+            for row, png in zip(part["rows"], part["images"]):
+                rel = self.image_rel(pid, mode, row["sample_index"])
+                atomic_write_bytes(self.out / rel, png)
+                rows.append({**row, "run_id": self.run_id, "image": rel})
+            atomic_write_table(self.part_path(pid, mode), pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
+            markers.write(
+                mode,
+                {
+                    "samples": len(rows),
+                    "clique": part["clique"],
+                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                },
+            )
+
+    def read_rows(self, prompt_id: str, mode: str) -> list[dict[str, Any]]:
+        return pq.read_table(self.part_path(prompt_id, mode)).to_pylist()

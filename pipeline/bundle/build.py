@@ -1,0 +1,553 @@
+"""The artifact bundle: a versioned folder with everything AMG and the audits need, searchable offline.
+
+Built by ``jobs/build_artifacts.py`` (:func:`build_bundle`) from img2dataset shards, in steps:
+
+1. ``ingest``: every row seen (:func:`pipeline.ingest.ingest.run_ingest`) -> ``samples.parquet``;
+2. ``embed``: open_clip image/caption embeddings, pHash (:func:`pipeline.embed.embed.run_embed`) ->
+   ``embeddings/`` in clip-retrieval's layout (written there directly, not copied);
+3. ``image_dedup``: exact / pHash / semantic image groups (:mod:`pipeline.dedup.image`) ->
+   ``image_duplicates.parquet``;
+4. ``caption_dedup``: near-duplicate captions (:mod:`pipeline.dedup.caption`) -> ``caption_duplicates.parquet``;
+5. ``index``: the FAISS index over image embeddings (:mod:`pipeline.index.faiss_index`) -> ``index/``;
+   ``sscd_index``: when the embed stage wrote SSCD copy descriptors (``--embed-sscd-checkpoint``), an
+   index over them too (``index/sscd.index``), so audits and AMG can search by copy similarity;
+6. ``tables``: the G_dup table (:mod:`pipeline.bundle.tables`) -> ``caption_dedup_table.parquet``;
+7. ``manifest.json``, written last: format version, code version, model, thresholds, counts, and
+   every file's path, size and sha256 (plus schemas of the tables).
+
+Layout::
+
+    manifest.json
+    samples.parquet                 ingest: one row per sample seen, rejected ones included
+    embeddings/                     img_emb/, text_emb/, metadata/, done/, embed_summary.json
+    image_duplicates.parquet        pipeline.dedup.image
+    caption_duplicates.parquet      pipeline.dedup.caption (row order = the bundle's row ids)
+    caption_dedup_table.parquet     pipeline.bundle.tables (G_dup)
+    index/image.index               FAISS index over img_emb, row ids = bundle row ids
+    index/dup_image.index           FAISS IDMap over the images that have duplicates (ids = row ids)
+    index/index_rows.parquet        row_id -> key, caption, partition, partition_row
+    index/index_info.json           index plan, search settings, recall self-check
+    index/sscd.index                FAISS index over sscd_emb (only with --embed-sscd-checkpoint)
+    index/sscd_index_info.json      its plan, search settings and recall self-check
+    _work/                          resume state (stage outputs, step markers); not part of the bundle
+
+Row ids number the embedded (ok) rows in partition order; the index, the tables and
+:meth:`Bundle.embeddings` all use them. Stages publish their final files into the bundle as hard
+links (a copy across filesystems).
+
+Resuming: each step writes its outputs, then ``_work/steps/<step>.done.json`` with a fingerprint of
+its options and of its inputs (the shards' sizes and mtimes, the upstream steps' fingerprints). A
+re-run skips every step whose marker matches and whose outputs exist, and rewrites nothing when all
+match; the ingest and embed stages also resume per shard inside a step. Deleting ``_work/`` only
+costs a rebuild.
+
+Consumers call :func:`open_bundle`, which checks the format version (a bundle of another version is
+refused, naming the supported one) and, unless ``verify=False``, every file's sha256 against the
+manifest (reading everything: for a LAION-scale bundle pass ``verify=False`` and check once with
+:meth:`Bundle.verify`). The returned :class:`Bundle` implements :class:`pipeline.core.neighbours.NeighbourIndex`;
+``kind`` picks the vectors it searches: ``img_emb`` (open_clip, the default) or ``sscd_emb``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.bundle.layout import (
+    BUNDLE_FORMAT_VERSION,
+    CAPTION_DUPLICATES,
+    EMBEDDINGS,
+    INDEX_DIR,
+    INDEXED_KINDS,
+    MANIFEST,
+    SAMPLES,
+    SSCD_INDEX_NAME,
+    SSCD_INFO_NAME,
+    STEPS,
+    TABLE_NAME,
+    WORK,
+)
+from pipeline.bundle.reader import apply_search_params, verify_files
+from pipeline.bundle.tables import build_dedup_table, rows_with_duplicate_caption
+from pipeline.core.config import PipelineConfig, to_dict
+from pipeline.core.ray_runtime import on_gpu_worker
+from pipeline.core.storage import (
+    DoneMarkers,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_table,
+    fingerprint,
+    sha256_file,
+)
+from pipeline.dedup.caption import find_caption_duplicates
+from pipeline.dedup.image import OUTPUT_NAME as IMAGE_DUPLICATES
+from pipeline.dedup.image import run_image_dedup
+from pipeline.embed.embed import run_embed
+from pipeline.index.build import (
+    DUP_INDEX_NAME,
+    INDEX_NAME,
+    INFO_NAME,
+    ROWS_NAME,
+    compute_index,
+    run_build_index,
+)
+from pipeline.index.faiss_index import load_index
+from pipeline.ingest.ingest import ingest_fingerprint, run_ingest
+from pipeline.io.embeddings import (
+    IMG_EMB,
+    SSCD_EMB,
+    list_partitions,
+    load_metadata,
+    load_unit_embeddings,
+)
+from pipeline.io.shards import list_shards
+
+log = logging.getLogger(__name__)
+
+
+
+
+
+
+
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` as a hard link (a copy where linking fails), replacing ``dst`` atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    tmp = dst.with_name(f".{dst.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def code_version() -> dict[str, Any]:
+    """The package version and, in a git checkout, the commit and whether the tree had changes."""
+    from importlib import metadata
+
+    version: dict[str, Any] = {}
+    try:
+        version["package"] = metadata.version("amg-dedup-pipeline")
+    except metadata.PackageNotFoundError:
+        version["package"] = None
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "pipeline", "jobs"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        version.update(git_commit=commit, git_dirty=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        version.update(git_commit=None, git_dirty=None)
+    return version
+
+
+def _schema_of(path: Path) -> list[dict[str, str]]:
+    return [{"name": f.name, "type": str(f.type)} for f in pq.read_schema(path)]
+
+
+def _shards_signature(shards: str) -> list[Any]:
+
+    return [[s.name, s.signature()] for s in list_shards(shards)]
+
+
+class _Steps:
+    """The bundle's step markers: a step is done when its fingerprint matches and its outputs exist."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.folder = root / WORK / "steps"
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.summaries: dict[str, Any] = {}
+
+    def done(self, step: str, fp: str, outputs: list[Path]) -> bool:
+        marker = DoneMarkers(self.folder, fp).read(step)
+        if marker is not None and all(p.exists() for p in outputs):
+            self.skipped.append(step)
+            self.summaries[step] = marker.get("summary", {})
+            log.info("bundle: step %s is up to date", step)
+            return True
+        return False
+
+    def finish(self, step: str, fp: str, summary: dict[str, Any]) -> None:
+        DoneMarkers(self.folder, fp).write(step, {"summary": summary})
+        self.ran.append(step)
+        self.summaries[step] = summary
+
+
+def _group_arrays(duplicates: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: image group id (representative's row id; own id when unique) and group size."""
+    group_id = np.arange(n, dtype=np.int64)
+    group_size = np.ones(n, dtype=np.int64)
+    table = pq.read_table(duplicates, columns=["row_id", "group_id", "group_size"])
+    rows = table.column("row_id").to_numpy()
+    group_id[rows] = table.column("group_id").to_numpy()
+    group_size[rows] = table.column("group_size").to_numpy()
+    return group_id, group_size
+
+
+def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every step not yet done for ``cfg.bundle.shards`` into ``cfg.bundle.out``; write the manifest.
+
+    Needs a Ray session (:func:`pipeline.core.ray_runtime.ray_session`). The other sections of ``cfg``
+    (ingest, embed, image_dedup, caption_dedup, index) supply each stage's options; their input and
+    output folders are set here. Returns the build summary (also in ``_work/build_summary.json``).
+    """
+
+    started = time.monotonic()
+    b = cfg.bundle
+    if b.knn_k < 1 or b.duplicate_caption_min_count < 1:
+        raise ValueError("bundle.knn_k and bundle.duplicate_caption_min_count must be at least 1")
+    root = Path(b.out)
+    work = root / WORK
+    emb_dir = root / EMBEDDINGS
+    steps = _Steps(root)
+    shards_sig = _shards_signature(b.shards)
+
+    # 1. ingest
+    ingest_cfg = dataclasses.replace(cfg.ingest, shards=b.shards, out=str(work / "ingest"))
+    fp_ingest = fingerprint({"ingest": ingest_fingerprint(ingest_cfg), "shards": shards_sig})
+    if not steps.done("ingest", fp_ingest, [root / SAMPLES]):
+        summary = run_ingest(ingest_cfg)
+        summary.pop("per_shard", None)
+        _publish(work / "ingest" / SAMPLES, root / SAMPLES)
+        steps.finish("ingest", fp_ingest, summary)
+
+    # 2. embed
+    embed_cfg = dataclasses.replace(cfg.embed, shards=b.shards, out=str(emb_dir))
+    embed_options = {
+        k: v
+        for k, v in to_dict(embed_cfg).items()
+        if k
+        not in (
+            "shards",
+            "out",
+            "num_actors",
+            "decode_batch_size",
+            "decode_num_cpus",
+            "log_every_s",
+            "batch_size",
+        )
+    }
+    fp_embed = fingerprint({"embed": embed_options, "shards": shards_sig})
+    if not steps.done("embed", fp_embed, [emb_dir / IMG_EMB]):
+        summary = run_embed(embed_cfg)
+        summary.pop("per_partition", None)
+        steps.finish("embed", fp_embed, summary)
+
+    # 3. image duplicates
+    dedup_cfg = dataclasses.replace(cfg.image_dedup, embeddings=str(emb_dir), out=str(work / "image_dedup"))
+    dedup_options = {
+        k: v
+        for k, v in to_dict(dedup_cfg).items()
+        if k not in ("embeddings", "out", "use_gpu", "query_batch")
+    }
+    fp_dedup = fingerprint({"image_dedup": dedup_options, "embed": fp_embed})
+    if not steps.done("image_dedup", fp_dedup, [root / IMAGE_DUPLICATES]):
+        summary = on_gpu_worker(run_image_dedup, dedup_cfg)
+        _publish(work / "image_dedup" / IMAGE_DUPLICATES, root / IMAGE_DUPLICATES)
+        steps.finish("image_dedup", fp_dedup, summary)
+
+    # 4. caption duplicates, in the bundle's row order
+    caption_options = {k: v for k, v in to_dict(cfg.caption_dedup).items() if k not in ("input", "out")}
+    fp_caption = fingerprint({"caption_dedup": caption_options, "embed": fp_embed})
+    if not steps.done("caption_dedup", fp_caption, [root / CAPTION_DUPLICATES]):
+        meta = load_metadata(emb_dir, ["key", "caption"])
+        result = find_caption_duplicates(meta.column("caption"), cfg.caption_dedup, keys=meta.column("key"))
+        out = work / "caption_dedup"
+        atomic_write_table(out / CAPTION_DUPLICATES, result.table)
+        summary = {k: v for k, v in result.stats.items() if k != "stage_seconds"}
+        atomic_write_json(out / "caption_dedup_summary.json", result.stats)
+        _publish(out / CAPTION_DUPLICATES, root / CAPTION_DUPLICATES)
+        steps.finish("caption_dedup", fp_caption, summary)
+
+    # 5. index (+ the sub-index of duplicated images)
+    index_cfg = dataclasses.replace(
+        cfg.index,
+        embeddings=str(emb_dir),
+        out=str(work / "index"),
+        duplicates=str(work / "image_dedup" / IMAGE_DUPLICATES),
+    )
+    index_options = {
+        k: v for k, v in to_dict(index_cfg).items() if k not in ("embeddings", "out", "duplicates", "use_gpu")
+    }
+    fp_index = fingerprint({"index": index_options, "embed": fp_embed, "image_dedup": fp_dedup})
+    index_files = (INDEX_NAME, DUP_INDEX_NAME, ROWS_NAME, INFO_NAME)
+    if not steps.done("index", fp_index, [root / INDEX_DIR / name for name in index_files]):
+        summary = run_build_index(index_cfg)
+        for name in index_files:
+            _publish(work / "index" / name, root / INDEX_DIR / name)
+        steps.finish("index", fp_index, summary)
+
+    # 5b. the index over SSCD copy descriptors, when the embed stage made them
+    fp_sscd = None
+    if cfg.embed.sscd_checkpoint:
+        fp_sscd = fingerprint({"index": index_options, "embed": fp_embed, "kind": SSCD_EMB})
+        sscd_files = (SSCD_INDEX_NAME, SSCD_INFO_NAME)
+        if not steps.done("sscd_index", fp_sscd, [root / INDEX_DIR / name for name in sscd_files]):
+            t0 = time.monotonic()
+            sscd_cfg = dataclasses.replace(index_cfg, duplicates=None)
+            built = on_gpu_worker(
+                compute_index, sscd_cfg, load_unit_embeddings(emb_dir, SSCD_EMB), None, SSCD_EMB
+            )
+            info = {
+                **built.info,
+                "file": SSCD_INDEX_NAME,
+                "embedding_kind": SSCD_EMB,
+                "embedding_model": {
+                    "sscd_checkpoint": cfg.embed.sscd_checkpoint,
+                    "sscd_image_size": cfg.embed.sscd_image_size,
+                },
+            }
+            atomic_write_bytes(work / "index" / SSCD_INDEX_NAME, built.index_bytes.tobytes())
+            atomic_write_json(work / "index" / SSCD_INFO_NAME, info)
+            for name in sscd_files:
+                _publish(work / "index" / name, root / INDEX_DIR / name)
+            summary = {
+                "rows": info["index"]["ntotal"],
+                "factory": info["plan"]["factory"],
+                "recall_at_k": info["self_check"]["recall_at_k"],
+                "seconds": round(time.monotonic() - t0, 3),
+            }
+            steps.finish("sscd_index", fp_sscd, summary)
+
+    # 6. the G_dup table
+    fp_tables = fingerprint(
+        {"knn_k": b.knn_k, "index": fp_index, "image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": 1}
+    )
+    if not steps.done("tables", fp_tables, [root / TABLE_NAME]):
+        t0 = time.monotonic()
+        meta = load_metadata(emb_dir, ["key", "caption"])
+        n = meta.num_rows
+        vectors = load_unit_embeddings(emb_dir)
+        index = load_index(root / INDEX_DIR / INDEX_NAME, mmap=True)
+        info = json.loads((root / INDEX_DIR / INFO_NAME).read_text())
+        apply_search_params(index, info)
+        group_id, group_size = _group_arrays(root / IMAGE_DUPLICATES, n)
+        captions = pq.read_table(root / CAPTION_DUPLICATES, columns=["group_id", "group_size"])
+        table, stats = build_dedup_table(
+            meta.column("key").to_pylist(),
+            meta.column("caption"),
+            group_id,
+            group_size,
+            index=index,
+            vectors=vectors,
+            knn_k=b.knn_k,
+            caption_group_id=captions.column("group_id").to_numpy(),
+            caption_group_size=captions.column("group_size").to_numpy(),
+        )
+        atomic_write_table(root / TABLE_NAME, table)
+        stats["seconds"] = round(time.monotonic() - t0, 3)
+        steps.finish("tables", fp_tables, stats)
+
+    # 7. the manifest, last
+    fp_manifest = fingerprint(
+        {
+            "format": BUNDLE_FORMAT_VERSION,
+            "steps": [fp_ingest, fp_embed, fp_dedup, fp_caption, fp_index, fp_tables]
+            + ([fp_sscd] if fp_sscd else []),
+            "min_count": b.duplicate_caption_min_count,
+        }
+    )
+    manifest_path = root / MANIFEST
+    current = _read_json(manifest_path)
+    if steps.ran or current is None or current.get("build_fingerprint") != fp_manifest:
+        manifest = _manifest(root, cfg, steps, fp_manifest)
+        atomic_write_json(manifest_path, manifest)
+        manifest_written = True
+    else:
+        manifest = current
+        manifest_written = False
+    if b.verify_checksums and manifest_written:
+        verify_files(root, manifest)
+    summary = {
+        "job": "build_artifacts",
+        "out": str(root),
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "rows": manifest["counts"]["rows"],
+        "image_duplicate_groups": manifest["counts"]["image_duplicate_groups"],
+        "caption_duplicate_groups": manifest["counts"]["caption_duplicate_groups"],
+        "index": manifest["index"]["factory"],
+        "index_recall_at_k": manifest["index"]["recall_at_k"],
+        "steps_run": steps.ran,
+        "steps_skipped": steps.skipped,
+        "manifest_written": manifest_written,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    atomic_write_json(work / "build_summary.json", summary)
+    return summary
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+
+
+def _bundle_files(root: Path) -> list[Path]:
+    """Every file of the bundle: all but the manifest itself and the ``_work/`` resume state."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or rel.parts[0] == WORK or rel.as_posix() == MANIFEST:
+            continue
+        if path.name.startswith("."):  # a temporary file of an interrupted write
+            continue
+        files.append(path)
+    return files
+
+
+def _manifest(root: Path, cfg: PipelineConfig, steps: _Steps, fp: str) -> dict[str, Any]:
+    s = steps.summaries
+    files = {}
+    for path in _bundle_files(root):
+        files[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+    def artifact(rel: str, description: str, **extra: Any) -> dict[str, Any]:
+        entry = {"path": rel, "description": description, **files[rel], **extra}
+        if rel.endswith(".parquet"):
+            entry.update(
+                format="parquet",
+                schema=_schema_of(root / rel),
+                rows=pq.ParquetFile(root / rel).metadata.num_rows,
+            )
+        return entry
+
+    index_info = json.loads((root / INDEX_DIR / INFO_NAME).read_text())
+    partitions = list_partitions(root / EMBEDDINGS)
+    emb_files = {k: v for k, v in files.items() if k.startswith(f"{EMBEDDINGS}/")}
+    table = pq.read_table(root / TABLE_NAME, columns=["knn_caption_count", "knn_k"])
+    embed = s.get("embed", {})
+    dedup = s.get("image_dedup", {})
+    caption = s.get("caption_dedup", {})
+    ingest = s.get("ingest", {})
+    semantic_pass = dedup.get("passes", {}).get("semantic", {})
+    check = index_info["self_check"]
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "build_fingerprint": fp,
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "model": {
+            "name": embed.get("model"),
+            "semantic": embed.get("semantic"),
+            "dim": embed.get("dim"),
+            "pretrained": cfg.embed.pretrained,
+            "checkpoint": cfg.embed.checkpoint,
+        },
+        "thresholds": {
+            "image_exact": cfg.image_dedup.exact,
+            "image_phash_max_distance": cfg.image_dedup.phash_max_distance if cfg.image_dedup.phash else None,
+            "image_semantic": cfg.image_dedup.semantic,
+            "image_semantic_threshold": cfg.image_dedup.semantic_threshold,
+            "image_semantic_ran": "skipped" not in semantic_pass and bool(semantic_pass),
+            "image_semantic_k": cfg.image_dedup.semantic_k,
+            "caption_jaccard_threshold": cfg.caption_dedup.threshold,
+            "caption_shingle_size": cfg.caption_dedup.shingle_size,
+            "caption_num_perm": cfg.caption_dedup.num_perm,
+            "knn_k": int(table.column("knn_k")[0].as_py()) if table.num_rows else 0,
+            "duplicate_caption_min_count": cfg.bundle.duplicate_caption_min_count,
+        },
+        "counts": {
+            "samples_seen": ingest.get("rows_seen"),
+            "samples_ok": ingest.get("ok"),
+            "samples_rejected": ingest.get("rejected"),
+            "rows": embed.get("embedded"),
+            "image_duplicate_groups": dedup.get("groups"),
+            "rows_in_image_groups": dedup.get("rows_in_groups"),
+            "removable_image_rows": dedup.get("removable_rows"),
+            "caption_duplicate_groups": caption.get("duplicate_groups"),
+            "rows_in_caption_groups": caption.get("rows_in_duplicate_groups"),
+            "rows_with_duplicate_caption": rows_with_duplicate_caption(
+                table, cfg.bundle.duplicate_caption_min_count
+            ),
+        },
+        "index": {
+            "kind": index_info["plan"]["kind"],
+            "factory": index_info["plan"]["factory"],
+            "reason": index_info["plan"]["reason"],
+            "search": {k: v for k, v in index_info["index"].items() if k in ("nprobe", "nlist", "ef_search")},
+            "recall_at_k": check["recall_at_k"],
+            "recall_k": check["k"],
+            "recall_queries": check["queries"],
+            "target_recall": check["target_recall"],
+            "duplicates_subindex_rows": index_info.get("duplicates_subindex", {}).get("rows"),
+        },
+        "indexes": _indexed_kinds(root, cfg),
+        "config": {
+            name: to_dict(getattr(cfg, name))
+            for name in ("ingest", "embed", "image_dedup", "caption_dedup", "index", "bundle")
+        },
+        "steps": {step: {"seconds": s.get(step, {}).get("seconds")} for step in STEPS},
+        "artifacts": {
+            "samples": artifact(SAMPLES, "every sample seen by ingest, rejected ones included"),
+            "embeddings": {
+                "path": EMBEDDINGS,
+                "format": "clip-retrieval (img_emb/img_emb_{i}.npy, text_emb/, metadata/metadata_{i}.parquet)",
+                "partitions": [p.name for p in partitions],
+                "files": len(emb_files),
+                "bytes": sum(v["bytes"] for v in emb_files.values()),
+                "img_emb": {"dtype": "float16", "shape": [embed.get("embedded"), embed.get("dim")]},
+            },
+            "image_duplicates": artifact(IMAGE_DUPLICATES, "image duplicate groups (pipeline.dedup.image)"),
+            "caption_duplicates": artifact(
+                CAPTION_DUPLICATES, "caption duplicate groups (pipeline.dedup.caption)"
+            ),
+            "caption_dedup_table": artifact(TABLE_NAME, "G_dup table (pipeline.bundle.tables)"),
+            "index": artifact(f"{INDEX_DIR}/{INDEX_NAME}", "FAISS index over img_emb", format="faiss"),
+            "duplicates_index": artifact(
+                f"{INDEX_DIR}/{DUP_INDEX_NAME}", "FAISS IDMap over images with duplicates", format="faiss"
+            ),
+            "index_rows": artifact(f"{INDEX_DIR}/{ROWS_NAME}", "row id -> key, caption, partition"),
+            "index_info": artifact(
+                f"{INDEX_DIR}/{INFO_NAME}", "index plan and recall self-check", format="json"
+            ),
+        },
+        "files": files,
+    }
+
+
+def _indexed_kinds(root: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    """The manifest's ``indexes``: each embedding kind the bundle can be searched by, its index file and,
+    for SSCD, the descriptor model (TorchScript file, its sha256, input size) queries must be made with."""
+    out: dict[str, Any] = {}
+    for kind, (index_name, info_name) in INDEXED_KINDS.items():
+        if not (root / INDEX_DIR / index_name).is_file():
+            continue
+        entry: dict[str, Any] = {"index": f"{INDEX_DIR}/{index_name}", "info": f"{INDEX_DIR}/{info_name}"}
+        if kind == SSCD_EMB:
+            checkpoint = cfg.embed.sscd_checkpoint
+            entry["model"] = {
+                "checkpoint": checkpoint,
+                "sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+                "image_size": cfg.embed.sscd_image_size,
+            }
+        out[kind] = entry
+    return out

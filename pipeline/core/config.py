@@ -1,0 +1,375 @@
+"""Typed configuration for every job.
+
+One frozen dataclass per concern, gathered in :class:`PipelineConfig`. Values come from, in rising
+precedence: the defaults below, a YAML file (``--config``, sections named like the fields of
+:class:`PipelineConfig`), and command-line flags (see :mod:`pipeline.core.cli`). Field metadata carries
+the flag's help text, so the dataclasses are the single place an option is described.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def option(default: Any, help: str, required: bool = False) -> Any:
+    """A dataclass field with its command-line help; ``required`` fields must be set by YAML or flag."""
+    return field(default=default, metadata={"help": help, "required": required})
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How a job reaches Ray. With no address it starts a local Ray sized for a small machine."""
+
+    address: str | None = option(
+        None, "Ray cluster to join (else RAY_ADDRESS, else a local Ray started in-process)"
+    )
+    num_cpus: int | None = option(None, "CPUs of a local Ray (default: all cores of this machine)")
+    object_store_mb: int = option(1024, "object store of a local Ray, in MiB (capped so tests fit)")
+    progress_bars: bool = option(True, "Ray Data progress bars on stderr")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """img2dataset download of a URL list into webdataset shards."""
+
+    url_list: str = option("", "URL list: parquet, csv, tsv, jsonl or txt file (or a folder of them)", True)
+    out: str = option("", "output folder for NNNNN.tar / .parquet / _stats.json shards", True)
+    input_format: str | None = option(None, "input format (default: from the file suffix)")
+    url_col: str | None = option(None, "URL column (default: detected, e.g. url or URL)")
+    caption_col: str | None = option(None, "caption column (default: detected, e.g. caption or TEXT)")
+    image_size: int = option(512, "target image size for img2dataset's resizer")
+    resize_mode: str = option(
+        "keep_ratio", "img2dataset resize mode: no, border, keep_ratio, keep_ratio_largest, center_crop"
+    )
+    resize_only_if_bigger: bool = option(True, "never upscale small images")
+    encode_format: str = option("jpg", "image format in the shards: jpg, png or webp")
+    encode_quality: int = option(95, "JPEG/WebP quality (PNG: compression level 0-9) of re-encoded images")
+    skip_reencode: bool = option(
+        False, "store the downloaded bytes as-is when no resize is needed and the format already matches"
+    )
+    extra_columns: str | None = option(
+        None, "comma-separated input columns kept in the shards (default: all JSON-storable ones; '': none)"
+    )
+    number_sample_per_shard: int = option(10_000, "samples per output shard")
+    processes_count: int = option(1, "download processes (multiprocessing distributor only)")
+    thread_count: int = option(16, "download threads per process")
+    timeout: int = option(10, "seconds before a URL counts as timed out")
+    retries: int = option(0, "retries per URL")
+    distributor: str = option(
+        "multiprocessing", "img2dataset distributor: multiprocessing, or ray (a task per shard; needs Ray)"
+    )
+    incremental_mode: str = option("incremental", "incremental (resume), overwrite or extend")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Reading img2dataset shards, decoding every image, accounting for every row."""
+
+    shards: str = option("", "folder of img2dataset output (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json)", True)
+    out: str = option("", "output folder for samples.parquet and per-shard parts", True)
+    decode_batch_size: int = option(64, "images per decode batch")
+    max_image_pixels: int = option(
+        89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
+    )
+    read_num_cpus: float = option(0.5, "CPUs reserved per shard read task")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """open_clip image and caption embeddings in clip-retrieval's (LAION's) layout."""
+
+    shards: str = option("", "folder of img2dataset shards", True)
+    out: str = option("", "output folder: img_emb/, text_emb/, metadata/", True)
+    model: str = option("tiny", "open_clip architecture name, or 'tiny' (offline, random, non-semantic)")
+    pretrained: str | None = option(None, "open_clip pretrained tag (fetched from the hub on clusters)")
+    checkpoint: str | None = option(None, "local open_clip checkpoint file instead of a pretrained tag")
+    batch_size: int = option(64, "images per model batch (batches are padded to this size)")
+    precision: str = option("auto", "precision on GPU: auto (fp16), fp16, bf16 or fp32; CPU is always fp32")
+    num_actors: int | None = option(None, "model actors (default: one per GPU, else all CPUs but one)")
+    decode_batch_size: int = option(64, "images per decode/preprocess batch")
+    decode_num_cpus: float = option(
+        0.5, "CPUs per read+decode task; below 1 so Ray keeps decoding out of the model actors (overlap)"
+    )
+    max_image_pixels: int = option(
+        89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
+    )
+    sscd_checkpoint: str | None = option(None, "SSCD TorchScript file: also write sscd_emb/ copy descriptors")
+    sscd_image_size: int = option(320, "side of the square SSCD input (SSCD's 'skew 320' resize)")
+    log_every_s: float = option(10.0, "seconds between progress log lines (images/s, ETA)")
+
+
+@dataclass(frozen=True)
+class CaptionDedupConfig:
+    """Near-duplicate captions: normalisation, exact hashing, MinHash LSH, Jaccard verification."""
+
+    input: str = option("", "parquet file or folder of parquet files with captions (LAION metadata works)", True)
+    out: str = option("", "output folder for caption_duplicates.parquet", True)
+    caption_col: str | None = option(None, "caption column (default: detected: caption, TEXT or text)")
+    key_col: str | None = option(None, "key column (default: key, else the row number)")
+    threshold: float = option(0.7, "Jaccard similarity of shingle sets at which two captions are duplicates")
+    shingle_size: int = option(3, "characters per shingle (character n-grams of the normalised caption)")
+    num_perm: int = option(128, "MinHash permutations (datasketch's num_perm)")
+    seed: int = option(1, "MinHash seed (datasketch's seed; same seed, same signatures)")
+    minhash_scheme: str = option("affine32", "datasketch permutation scheme: affine32 (datasketch 2.x) or legacy")
+    fp_weight: float = option(0.5, "LSH false-positive weight for datasketch's (bands, rows) choice")
+    fn_weight: float = option(0.5, "LSH false-negative weight for datasketch's (bands, rows) choice")
+    word_guard: bool = option(
+        True, "reject pairs where a word is replaced by a different word (not a one-letter typo)"
+    )
+    bucket_window: int = option(64, "LSH bucket members each caption is paired with (bounds huge buckets)")
+    ray_min_rows: int = option(
+        500_000, "inputs with fewer rows run in-process without starting Ray; larger ones on Ray tasks"
+    )
+    batch_size: int = option(50_000, "captions per Ray task (normalisation, MinHash)")
+
+
+@dataclass(frozen=True)
+class ImageDedupConfig:
+    """Image duplicates: exact (sha256), pixel-level (pHash Hamming) and semantic (CLIP cosine) passes."""
+
+    embeddings: str = option("", "embedding folder in LAION layout (img_emb/, metadata/ with sha256, phash)", True)
+    out: str = option("", "output folder for image_duplicates.parquet and image_dedup_summary.json", True)
+    exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
+    phash: bool = option(True, "pixel-level pass: pHash Hamming distance through a FAISS binary index")
+    phash_max_distance: int = option(
+        12, "largest Hamming distance (of 64 bits) between duplicate pHashes (measured: BENCHMARKS.md; use <= 8 above 10M images)"
+    )
+    phash_exhaustive_max_n: int = option(
+        10_000_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"
+    )
+    semantic: str = option(
+        "auto", "semantic pass: auto (only for embeddings of a semantic model, never random weights), on, off"
+    )
+    semantic_threshold: float = option(
+        0.95, "cosine of L2-normalised image embeddings at or above which two images are duplicates"
+    )
+    semantic_k: int = option(32, "neighbours examined per image in the semantic pass (caps pairs per image)")
+    search: str = option("auto", "semantic search: auto (flat up to exact_max_n, else ivf), flat, ivf or hnsw")
+    exact_max_n: int = option(100_000, "auto search: exact flat search up to this many embeddings")
+    nlist: int | None = option(None, "IVF lists (default: about 2*sqrt(N), a power of two)")
+    nprobe: int = option(8, "IVF lists visited per query in the semantic pass")
+    hnsw_m: int = option(32, "HNSW links per node")
+    ef_search: int = option(64, "HNSW search depth in the semantic pass")
+    train_size: int = option(65_536, "most vectors an IVF quantizer is trained on (a seeded sample)")
+    query_batch: int = option(16_384, "query rows per search batch (bounds memory)")
+    use_gpu: bool = option(True, "search on GPU when FAISS sees one (k-NN; range search has no GPU kernel)")
+    seed: int = option(0, "seed of sampling and training")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The similarity index over image embeddings that AMG and the audits search."""
+
+    embeddings: str = option("", "embedding folder in LAION layout (img_emb/ + metadata/)", True)
+    out: str = option("", "output folder for image.index, index_rows.parquet and index_info.json", True)
+    kind: str = option("auto", "index type: auto (from N and memory_budget_mb), flat, hnsw, ivf_flat, ivf_pq")
+    memory_budget_mb: int = option(4096, "memory the index may take when searched (RAM or mmap page cache)")
+    flat_max_n: int = option(100_000, "auto: exact flat index up to this many vectors")
+    hnsw_max_n: int = option(2_000_000, "auto: HNSW (when it fits the budget) up to this many vectors")
+    hnsw_m: int = option(32, "HNSW links per node")
+    ef_construction: int = option(80, "HNSW build depth")
+    nlist: int | None = option(None, "IVF lists (default: 4*sqrt(N) below 1M vectors, 2^16 above; power of two)")
+    pq_m: int | None = option(None, "PQ bytes per vector for ivf_pq (default: the largest that fits the budget)")
+    opq: bool = option(False, "ivf_pq: OPQ rotation before PQ (autofaiss does; its training is slow on CPU)")
+    train_size: int = option(131_072, "most vectors IVF/PQ/OPQ training sees (a seeded sample)")
+    target_recall: float = option(0.95, "nprobe/efSearch are raised until the self-check recall@k reaches this")
+    recall_sample: int = option(1_000, "queries (a seeded sample of the indexed rows) for the recall self-check")
+    recall_k: int = option(10, "k of the recall@k self-check against exact search")
+    duplicates: str | None = option(
+        None, "image_duplicates.parquet: also write dup_image.index over the images in duplicate groups"
+    )
+    use_gpu: bool = option(True, "build (and self-check) on GPU when FAISS sees one; saved for CPU")
+    seed: int = option(0, "seed of sampling and training")
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """The versioned artifact bundle AMG and the audits open: ingest -> embed -> dedup -> index -> tables."""
+
+    shards: str = option("", "folder of img2dataset shards", True)
+    out: str = option("", "bundle folder (manifest.json, samples.parquet, embeddings/, tables, index)", True)
+    knn_k: int = option(1000, "neighbours counted for each row's dominant caption (capped at N; authors: 1000)")
+    duplicate_caption_min_count: int = option(
+        21, "y_N needs its caption at least this often among the k neighbours (21: the authors' 'more than 20')"
+    )
+    verify_checksums: bool = option(True, "check every file's sha256 against the manifest after building")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Memorization audit of a text-to-image model: generate per prompt, match against the bundle, flag, report.
+
+    ``bundle`` and ``model`` are required except with ``dry_run`` (which only reads the prompt list).
+    """
+
+    bundle: str = option("", "artifact bundle folder (jobs/build_artifacts.py) to match generations against")
+    prompts: str = option("", "prompt list: .txt, .json, .jsonl, .csv, .tsv or .parquet", True)
+    out: str = option("", "output folder: results.parquet, prompts.parquet, summary.json, report.html", True)
+    model: str = option("", "diffusers text-to-image pipeline folder (StableDiffusionPipeline layout)")
+    prompt_column: str | None = option(None, "prompt column of a tabular prompt list (default: detected)")
+    samples_per_prompt: int = option(4, "generations per prompt and AMG mode (seeds derived from the prompt id)")
+    amg: str = option("both", "generate without AMG (off), with it (on), or both, paired by seed")
+    mode: str = option("reference", "AMG constants: paper or reference (pipeline.amg.AMGConfig.preset)")
+    similarity: str = option("sscd", "similarity of the detection and of AMG: sscd, clip or nl2")
+    memorized_threshold: float | None = option(
+        None, "similarity above which a sample is memorized (default: the AMG preset's; SSCD 0.5)"
+    )
+    sscd_checkpoint: str | None = option(
+        None, "SSCD TorchScript file (default: the one the bundle was embedded with)"
+    )
+    amg_overrides: str | None = option(None, "YAML file of AMGConfig field changes for the 'on' mode")
+    seed: int = option(0, "run seed; a sample's seed is a hash of (seed, prompt id, sample index)")
+    num_inference_steps: int = option(50, "sampling steps (the model's own scheduler)")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale")
+    batch_size: int = option(4, "samples per pipeline call (results do not depend on it)")
+    tile_grid: int = option(4, "Carlini criterion: tiles per side (4: 16 tiles, 128 px at 512 px)")
+    tile_threshold: float = option(
+        0.15, "Carlini criterion: two generations are near-identical when their largest tile RMS distance is below this"
+    )
+    clique_size: int = option(
+        10, "Carlini criterion: flag a prompt when this many generations are pairwise near-identical (capped at N)"
+    )
+    wen_steps: int = option(1, "Wen score: sampling steps averaged (from the first)")
+    wen_samples: int = option(4, "Wen score: seeds averaged (the prompt's first sample seeds)")
+    wen_threshold: float = option(
+        0.0, "pre-screen: prompts whose Wen score is below this are not generated (0: audit every prompt)"
+    )
+    num_actors: int | None = option(None, "generator actors (default: one per GPU, else all CPUs but one)")
+    max_prompts: int | None = option(None, "stop after this many prompts are finished (testing, staged runs)")
+    thumbnail_size: int = option(96, "side of the report's image thumbnails, in pixels")
+    dry_run: bool = option(False, "only read the prompt list and write prompts.parquet")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo dataset: real photographs with planted duplicates, served over local HTTP."""
+
+    out: str = option("demo-output", "folder for every demo artifact", True)
+    seed: int = option(0, "seed of every random choice in the demo dataset")
+    image_size: int = option(256, "side of the square demo images, in pixels")
+    verbatim_images: int = option(4, "images repeated byte-identically with an identical caption")
+    verbatim_copies: int = option(12, "copies of each verbatim-duplicated image+caption pair")
+    near_duplicate_bases: int = option(6, "photographs that get re-encoded/resized/cropped copies")
+    template_images: int = option(8, "different images sharing one template caption")
+    samples_per_shard: int = option(64, "samples per downloaded shard")
+
+
+@dataclass(frozen=True)
+class AMGJobConfig:
+    """Anti-Memorization Guidance: training the memorizing demo models, evaluating AMG on them.
+
+    The guidance constants themselves are :class:`pipeline.amg.config.AMGConfig` presets; ``overrides``
+    points at a YAML file of per-mode changes (``{paper: {c3: 500}, reference: {...}}``).
+    """
+
+    demo_dir: str = option("demo-output", "demo dataset folder (images/ + truth.parquet); made if missing")
+    model_dir: str = option("models/amg-memorizing", "folder of the memorizing models (written by training)")
+    out: str = option("demo-output/amg_eval", "evaluation output: summary.json, table.md, samples")
+    seed: int = option(0, "seed of every random choice (training and sampling)")
+    image_size: int = option(32, "training resolution, in pixels")
+    vae_steps: int = option(1000, "autoencoder training steps")
+    unet_steps: int = option(3000, "text-to-image UNet training steps")
+    uncond_steps: int = option(3000, "unconditional UNet training steps")
+    batch_size: int = option(32, "training batch size")
+    learning_rate: float = option(1e-3, "peak learning rate (AdamW, cosine decay)")
+    num_inference_steps: int = option(50, "DDIM steps when evaluating")
+    samples_per_prompt: int = option(4, "images per prompt (seeds 0..n-1) when evaluating")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale s0")
+    sscd_checkpoint: str | None = option(None, "SSCD TorchScript file (default: the offline stand-in descriptor)")
+    overrides: str | None = option(None, "YAML file of AMGConfig changes per mode")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every section a job may read; a YAML config file holds any subset of them."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    caption_dedup: CaptionDedupConfig = field(default_factory=CaptionDedupConfig)
+    image_dedup: ImageDedupConfig = field(default_factory=ImageDedupConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    bundle: BundleConfig = field(default_factory=BundleConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    amg: AMGJobConfig = field(default_factory=AMGJobConfig)
+
+
+def section_types() -> dict[str, type]:
+    """Section name -> its dataclass, as declared on :class:`PipelineConfig`."""
+    hints = typing.get_type_hints(PipelineConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(PipelineConfig)}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def scalar_type(annotation: Any) -> type:
+    """The concrete type behind ``X | None`` (or ``X`` itself)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported config annotation {annotation!r}")
+        return args[0]
+    return annotation
+
+
+def _coerce(section: str, name: str, annotation: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    kind = scalar_type(annotation)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"config {section}.{name}: expected true/false, got {value!r}")
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(f"config {section}.{name}: expected a number, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config {section}.{name}: cannot read {value!r} as {kind.__name__}") from exc
+
+
+def with_overrides(cfg: PipelineConfig, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
+    """Return ``cfg`` with ``{section: {field: value}}`` applied; unknown names are an error."""
+    sections = section_types()
+    updated = {}
+    for section, values in overrides.items():
+        if section not in sections:
+            raise ValueError(f"unknown config section {section!r}; known: {', '.join(sorted(sections))}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
+        hints = field_types(sections[section])
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} in section {section!r}; known: {', '.join(hints)}"
+            )
+        coerced = {k: _coerce(section, k, hints[k], v) for k, v in values.items()}
+        updated[section] = dataclasses.replace(getattr(cfg, section), **coerced)
+    return dataclasses.replace(cfg, **updated)
+
+
+def load_config(path: str | Path | None = None) -> PipelineConfig:
+    """Defaults, overlaid with the YAML file at ``path`` when one is given."""
+    cfg = PipelineConfig()
+    if path is None:
+        return cfg
+    text = Path(path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return with_overrides(cfg, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of any config dataclass, for manifests, summaries and fingerprints."""
+    return dataclasses.asdict(cfg)

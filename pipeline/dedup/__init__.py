@@ -1,0 +1,1 @@
+"""Stage 3: duplicate images (exact, pHash, CLIP) and captions (MinHash LSH) -> duplicate tables."""

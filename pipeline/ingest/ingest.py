@@ -1,0 +1,185 @@
+"""Ingest: img2dataset shards -> ``samples.parquet``, one row per sample seen, nothing lost.
+
+Stages, each testable alone:
+
+* reader (:func:`pipeline.io.shards.read_shard`): one Ray task per shard yields raw rows with bytes;
+* mapper (:func:`decode_batch`): CPU tasks decode images and drop the bytes;
+* writer (:class:`ShardAssembler`): on the driver, collects each shard's rows and writes
+  ``parts/<shard>.parquet`` and its done marker as soon as the shard is complete;
+* runner (:func:`run_ingest`): skips finished shards, runs the rest, merges the parts.
+
+A re-run reads no shard that already has a valid done marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from tqdm import tqdm
+
+from pipeline.core.config import IngestConfig
+from pipeline.core.storage import DoneMarkers, atomic_write_json, atomic_write_table, fingerprint
+from pipeline.io.decode import decode_image, reason_of
+from pipeline.io.partitions import PartitionAssembler
+from pipeline.io.shards import Shard, list_shards, read_shard
+
+log = logging.getLogger(__name__)
+
+SAMPLES_SCHEMA_VERSION = 1
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("warning", pa.string()),
+    ]
+)
+STATUS_OK = "ok"
+STATUS_REJECTED = "rejected"
+
+
+def decode_batch(batch: pa.Table, max_pixels: int) -> dict[str, list[Any]]:
+    """Mapper: decode each row's image bytes into the columns of ``samples.parquet``."""
+    out: dict[str, list[Any]] = {name: [] for name in (*SAMPLES_SCHEMA.names, "shard_rows")}
+    for row in batch.to_pylist():
+        read_error = row["read_error"]
+        decoded = None if read_error else decode_image(row["image"], max_pixels)
+        error = read_error or decoded.error
+        out["key"].append(row["key"])
+        out["shard"].append(row["shard"])
+        out["caption"].append(row["caption"])
+        out["url"].append(row["url"])
+        out["sha256"].append(decoded.sha256 if decoded else "")
+        out["width"].append(decoded.width if decoded else 0)
+        out["height"].append(decoded.height if decoded else 0)
+        out["format"].append(decoded.format if decoded else "")
+        out["status"].append(STATUS_REJECTED if error else STATUS_OK)
+        out["error"].append(error)
+        out["warning"].append(row["warning"])
+        out["shard_rows"].append(row["shard_rows"])
+    return out
+
+
+def shard_counts(table: pa.Table) -> dict[str, Any]:
+    """Rows seen, ok and rejected (by reason) of one shard's part; the numbers a summary shows."""
+    statuses = table.column("status").to_pylist()
+    reasons = Counter(reason_of(e) for e in table.column("error").to_pylist() if e)
+    ok = statuses.count(STATUS_OK)
+    return {
+        "rows_seen": table.num_rows,
+        "ok": ok,
+        "rejected": table.num_rows - ok,
+        "rejected_by_reason": dict(sorted(reasons.items())),
+    }
+
+
+class ShardAssembler(PartitionAssembler):
+    """Writer: buffers decoded rows per shard and writes each shard once all its rows arrived."""
+
+    def __init__(self, parts_dir: Path, markers: DoneMarkers, shards: dict[str, Shard]):
+        super().__init__(self.write)
+        self.parts_dir = parts_dir
+        self.markers = markers
+        self.shards = shards
+
+    def write(self, shard: str, rows: pa.Table | None) -> dict[str, Any]:
+        table = _to_samples_table(rows)
+        table = table.sort_by([("key", "ascending")])
+        atomic_write_table(self.parts_dir / f"{shard}.parquet", table)
+        info = {"shard": shard, **shard_counts(table), "source": self.shards[shard].signature()}
+        self.markers.write(shard, info)
+        return info
+
+
+def _to_samples_table(rows: pa.Table | None) -> pa.Table:
+    if rows is None or rows.num_rows == 0:
+        return SAMPLES_SCHEMA.empty_table()
+    columns = {name: rows.column(name).cast(SAMPLES_SCHEMA.field(name).type) for name in SAMPLES_SCHEMA.names}
+    return pa.table(columns, schema=SAMPLES_SCHEMA)
+
+
+def ingest_fingerprint(cfg: IngestConfig) -> str:
+    """What makes a finished part reusable: the decode rules and the output schema."""
+    return fingerprint({"schema": SAMPLES_SCHEMA_VERSION, "max_image_pixels": cfg.max_image_pixels})
+
+
+def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
+    """Runner: ingest every unfinished shard, merge all parts into ``samples.parquet``.
+
+    Needs a Ray session (see :func:`pipeline.core.ray_runtime.ray_session`). Returns the summary that is
+    also written to ``ingest_summary.json``.
+    """
+    started = time.monotonic()
+    out = Path(cfg.out)
+    parts_dir = out / "parts"
+    shards = {s.name: s for s in list_shards(cfg.shards)}
+    markers = DoneMarkers(parts_dir, ingest_fingerprint(cfg))
+    todo = [
+        name
+        for name, shard in shards.items()
+        if (marker := markers.read(name)) is None or marker.get("source") != shard.signature()
+    ]
+    log.info("ingest: %d shards, %d already done, %d to read", len(shards), len(shards) - len(todo), len(todo))
+    assembler = ShardAssembler(parts_dir, markers, shards)
+    if todo:
+        items = [{"shard": name} for name in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.flat_map(lambda item: read_shard(shards[item["shard"]]), num_cpus=cfg.read_num_cpus)
+        ds = ds.map_batches(
+            decode_batch,
+            batch_size=cfg.decode_batch_size,
+            fn_kwargs={"max_pixels": cfg.max_image_pixels},
+            batch_format="pyarrow",
+        )
+        with tqdm(total=len(todo), desc="ingest shards", unit="shard", disable=None) as bar:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                bar.update(len(assembler.add(batch)))
+            assembler.finish_empty(todo)
+            bar.update(len(todo) - bar.n)
+    summary = merge_parts(out, parts_dir, markers, sorted(shards))
+    summary["shards_skipped"] = len(shards) - len(todo)
+    summary["shards_processed"] = len(todo)
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    atomic_write_json(out / "ingest_summary.json", summary)
+    return summary
+
+
+def merge_parts(out: Path, parts_dir: Path, markers: DoneMarkers, names: list[str]) -> dict[str, Any]:
+    """Concatenate the shard parts into ``samples.parquet`` (streamed) and total their counts."""
+    per_shard = {}
+    tmp = out / ".samples.parquet.tmp"
+    with pq.ParquetWriter(tmp, SAMPLES_SCHEMA) as writer:
+        for name in names:
+            marker = markers.read(name)
+            if marker is None:
+                raise RuntimeError(f"shard {name} has no done marker after ingest")
+            writer.write_table(pq.read_table(parts_dir / f"{name}.parquet", schema=SAMPLES_SCHEMA))
+            per_shard[name] = {k: marker[k] for k in ("rows_seen", "ok", "rejected", "rejected_by_reason")}
+    tmp.replace(out / "samples.parquet")
+    reasons: Counter[str] = Counter()
+    for counts in per_shard.values():
+        reasons.update(counts["rejected_by_reason"])
+    totals = {k: sum(c[k] for c in per_shard.values()) for k in ("rows_seen", "ok", "rejected")}
+    return {
+        "job": "ingest",
+        "samples": str(out / "samples.parquet"),
+        "shards": len(names),
+        **totals,
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "per_shard": per_shard,
+    }
