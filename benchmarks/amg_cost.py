@@ -35,10 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from demo.memorizing.evaluation import _amg, load_models, training_indexes  # noqa: E402
-from pipeline.amg.guidance import AntiMemorizationGuidance  # noqa: E402
+from demo.memorizing.evaluation import _amg, load_models, training_indexes
+from pipeline.amg.guidance import AntiMemorizationGuidance
 
 NOVEL_PROMPTS = [
     "A sailing boat on a calm lake at sunrise",
@@ -184,7 +184,7 @@ def main() -> None:
     }
 
     results["setup"] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

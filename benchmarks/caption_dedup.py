@@ -32,7 +32,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixtures.planted_captions import generate, pair_scores
-
 from pipeline.core.config import CaptionDedupConfig
 from pipeline.dedup.caption import find_caption_duplicates
 from pipeline.dedup.minhash import lsh_params
@@ -145,15 +144,15 @@ def shingle_separation(n: int, seed: int) -> list[dict]:
 
         pos = np.array([jac(a, b) for a, b in positives])
         neg = np.array([jac(a, b) for a, b in negatives])
-        for t in (0.6, 0.7, 0.8):
-            rows.append(
-                {
-                    "shingles": name,
-                    "threshold": t,
-                    "typo_pairs_kept": round(float((pos >= t).mean()), 3),
-                    "hard_negatives_joined": round(float((neg >= t).mean()), 3),
-                }
-            )
+        rows.extend(
+            {
+                "shingles": name,
+                "threshold": t,
+                "typo_pairs_kept": round(float((pos >= t).mean()), 3),
+                "hard_negatives_joined": round(float((neg >= t).mean()), 3),
+            }
+            for t in (0.6, 0.7, 0.8)
+        )
     return rows
 
 

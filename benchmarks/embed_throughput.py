@@ -20,6 +20,7 @@ Prints a Markdown table (for BENCHMARKS.md) and, with ``--json``, writes the raw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -35,17 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # fixtures.shard_factory: img2dataset-style shards
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-from fixtures.shard_factory import encode, sample, write_shard  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
 
-from pipeline.core.config import EmbedConfig, RayConfig  # noqa: E402
-from pipeline.core.ray_runtime import ray_session  # noqa: E402
-from pipeline.embed.clip_models import clip_spec, load_clip  # noqa: E402
-from pipeline.embed.embed import DecodePlan, prepare_batch, read_rows, run_embed  # noqa: E402
-from pipeline.io.shards import list_shards  # noqa: E402
+from fixtures.shard_factory import encode, sample, write_shard
+from pipeline.core.config import EmbedConfig, RayConfig
+from pipeline.core.ray_runtime import ray_session
+from pipeline.embed.clip_models import clip_spec, load_clip
+from pipeline.embed.embed import run_embed
+from pipeline.embed.prepare import DecodePlan, prepare_batch, read_rows
+from pipeline.io.shards import list_shards
 
 SIDE = 256
 
@@ -141,14 +143,12 @@ def end_to_end(cfg: EmbedConfig) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,

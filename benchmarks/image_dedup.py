@@ -125,7 +125,7 @@ def perf_one(
         result["exact_timing"] = f"extrapolated from {len(rows)} sampled query rows ({seconds:.1f} s)"
         truth = set()
         for q, row in enumerate(rows.tolist()):
-            for j, s in zip(ids[q].tolist(), scores[q].tolist()):
+            for j, s in zip(ids[q].tolist(), scores[q].tolist(), strict=False):
                 if j != row and s >= THRESHOLD:
                     truth.add((min(row, j), max(row, j)))
     result["exact_pairs_in_sample"] = len(truth)
@@ -156,7 +156,7 @@ def perf_one(
     n_copy = n // 20
     src = hrng.choice(n - n_copy, n_copy, replace=False)
     flips = np.zeros(n_copy, dtype=np.uint64)
-    for b in range(12):
+    for _ in range(12):
         on = hrng.random(n_copy) < 0.5
         flips[on] |= np.uint64(1) << hrng.integers(0, 64, on.sum()).astype(np.uint64)
     hashes[n - n_copy :] = hashes[src] ^ flips
@@ -237,7 +237,9 @@ def pairs_from_groups(groups: dict[str, str]) -> set[tuple[str, str]]:
 
 def score(table, keys: list[str], true_groups: dict[str, str]) -> dict:
     predicted = {k: f"alone:{k}" for k in keys}
-    for key, group in zip(table.column("key").to_pylist(), table.column("group_id").to_pylist()):
+    for key, group in zip(
+        table.column("key").to_pylist(), table.column("group_id").to_pylist(), strict=False
+    ):
         predicted[key] = f"g{group}"
     p, t = pairs_from_groups(predicted), pairs_from_groups(true_groups)
     hits = len(p & t)
@@ -278,7 +280,9 @@ def evaluate(emb_dir: Path, true_groups: dict[str, str], label: str) -> dict:
     dup_d = [int(hamming_distance(hashes[index[a]], hashes[index[b]])) for a, b in true]
     iu = np.triu_indices(len(keys), 1)
     all_d = hamming_distance(hashes[iu[0]], hashes[iu[1]])
-    same = np.array([(keys[i], keys[j]) in true or (keys[j], keys[i]) in true for i, j in zip(*iu)])
+    same = np.array(
+        [(keys[i], keys[j]) in true or (keys[j], keys[i]) in true for i, j in zip(*iu, strict=False)]
+    )
     cos = np.einsum("ij,ij->i", vectors[iu[0]], vectors[iu[1]])
     out["hamming_duplicate_pairs"] = {
         "max": max(dup_d) if dup_d else None,

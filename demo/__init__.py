@@ -1,1 +1,1 @@
-"""The demo: real photographs with planted duplicates served over local HTTP, and the full chain run on them."""
+"""The demo: real photographs with planted duplicates served over local HTTP, and the full chain on them."""

@@ -47,6 +47,7 @@ from PIL import Image, ImageEnhance
 
 from demo.http_server import LocalHTTPServer
 from pipeline.core.config import DemoConfig, DownloadConfig
+from pipeline.core.stage import seconds_since
 from pipeline.core.storage import atomic_write_table
 from pipeline.download.downloader import run_download
 
@@ -578,7 +579,7 @@ def make_demo_data(cfg: DemoConfig) -> dict[str, Any]:
         "expect_ok": sum(r["expect_ok"] for r in records),
         "kinds": dict(sorted(Counter(r.kind for r in rows).items())),
         "caption_relations": dict(sorted(Counter(r.caption_relation for r in rows).items())),
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": seconds_since(started),
     }
 
 
@@ -599,8 +600,9 @@ def download_demo(demo_dir: str | Path, download: DownloadConfig, samples_per_sh
     """Serve ``demo_dir/images`` on 127.0.0.1, write ``urls.parquet``, download it into ``demo_dir/shards``.
 
     ``download`` supplies the img2dataset settings (timeout, threads, resize, distributor...); its URL
-    list, output folder, format and columns are set here. Returns :func:`pipeline.download.downloader.run_download`'s
-    summary. A re-run resumes: finished shards are kept and the server is not asked for them again.
+    list, output folder, format and columns are set here. Returns
+    :func:`pipeline.download.downloader.run_download`'s summary. A re-run resumes: finished shards are
+    kept and the server is not asked for them again.
     """
     demo_dir = Path(demo_dir)
     if not (demo_dir / URLS_RELATIVE).is_file():

@@ -61,7 +61,7 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:
         # Called from socketserver's except block. A client that gave up (timeout) makes the late
         # answer fail with a broken pipe, which is expected; nothing is printed to stderr.
-        log.debug("request from %s ended with an error", client_address, exc_info=True)  # noqa: LOG014
+        log.debug("request from %s ended with an error", client_address, exc_info=True)
 
 
 class _Handler(SimpleHTTPRequestHandler):

@@ -33,6 +33,7 @@ from demo.memorizing.training import TEXT2IMG_DIR, train_from_config
 from pipeline.audit.runner import run_audit
 from pipeline.bundle.build import build_bundle
 from pipeline.core.config import PipelineConfig
+from pipeline.core.stage import seconds_since
 from pipeline.core.storage import atomic_write_bytes, atomic_write_json
 from pipeline.ingest.ingest import run_ingest
 from pipeline.io.prompts import prompt_id
@@ -86,8 +87,12 @@ def demo_bundle(cfg: PipelineConfig) -> dict[str, Any]:
         save_stand_in_sscd(sscd)
     bundle_cfg = dataclasses.replace(
         cfg,
-        bundle=dataclasses.replace(cfg.bundle, shards=str(out / SHARDS), out=str(out / BUNDLE),
-                                   duplicate_caption_min_count=DEMO_DUPLICATE_CAPTION_MIN_COUNT),
+        bundle=dataclasses.replace(
+            cfg.bundle,
+            shards=str(out / SHARDS),
+            out=str(out / BUNDLE),
+            duplicate_caption_min_count=DEMO_DUPLICATE_CAPTION_MIN_COUNT,
+        ),
         embed=dataclasses.replace(cfg.embed, sscd_checkpoint=str(sscd)),
     )
     return build_bundle(bundle_cfg)
@@ -98,9 +103,16 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
 
     out = Path(cfg.demo.out)
     prompts = write_audit_prompts(out, out / AUDIT_PROMPTS)
-    audit_cfg = dataclasses.replace(cfg.audit, bundle=str(out / BUNDLE), prompts=str(prompts),
-                                    out=str(out / AUDIT), model=str(model_dir), amg="both", similarity="sscd",
-                                    dry_run=False)
+    audit_cfg = dataclasses.replace(
+        cfg.audit,
+        bundle=str(out / BUNDLE),
+        prompts=str(prompts),
+        out=str(out / AUDIT),
+        model=str(model_dir),
+        amg="both",
+        similarity="sscd",
+        dry_run=False,
+    )
     summary = run_audit(audit_cfg, cfg.ray)
     listed = [json.loads(line) for line in prompts.read_text(encoding="utf-8").splitlines()]
     duplicated = {prompt_id(p["prompt"]) for p in listed if p["demo_kind"] == "verbatim"}
@@ -143,7 +155,7 @@ def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
         "audit_prompts_flagged": {m: audit[m]["n_prompts_flagged"] for m in ("off", "on")},
         "audit_check_passed": audit["demo_check"]["passed"],
         "report": audit["report"],
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": seconds_since(started),
     }
     atomic_write_json(out / "demo_summary.json", {**summary, "steps": steps})
     return summary

@@ -5,7 +5,6 @@ Jobs run as ``python jobs/NAME.py`` from a checkout (locally or under ``ray job 
 """
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,15 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Offline by default: nothing at run time may reach a model hub or phone home.
-for _name, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "WANDB_MODE": "disabled",
-}.items():
-    os.environ.setdefault(_name, _value)
+# Imported only now: a checkout run as `python jobs/NAME.py` finds the package through ROOT.
+from pipeline.core.offline import apply_offline_defaults  # noqa: E402 (needs ROOT on sys.path first)
+
+apply_offline_defaults()
 
 
 def run_job(main: Callable[[list[str] | None], dict]) -> None:

@@ -21,8 +21,12 @@ def main(argv: list[str] | None = None) -> dict:
     with ray_session(cfg.ray):
         summary = run_demo(cfg)
     verdict = "passed" if summary["audit_check_passed"] else "FAILED"
-    print(f"audit report: {summary['report']}  (AMG off flags {summary['audit_prompts_flagged']['off']} prompts, "
-          f"AMG on {summary['audit_prompts_flagged']['on']}; demo check {verdict})", flush=True)
+    print(
+        f"audit report: {summary['report']}  "
+        f"(AMG off flags {summary['audit_prompts_flagged']['off']} prompts, "
+        f"AMG on {summary['audit_prompts_flagged']['on']}; demo check {verdict})",
+        flush=True,
+    )
     return summary
 
 

@@ -1,9 +1,9 @@
 """Embed img2dataset shards with an open_clip model into img_emb/, text_emb/ and metadata/ (LAION layout).
 
-    python jobs/embed.py --shards DIR --out DIR                       # offline tiny model (non-semantic)
-    python jobs/embed.py --shards DIR --out DIR --model ViT-B-32 --pretrained laion2b_s34b_b79k
-    python jobs/embed.py --shards DIR --out DIR --model ViT-B-32 --checkpoint PATH
-    ray job submit --working-dir . -- python jobs/embed.py --shards DIR --out DIR --model ...
+python jobs/embed.py --shards DIR --out DIR                       # offline tiny model (non-semantic)
+python jobs/embed.py --shards DIR --out DIR --model ViT-B-32 --pretrained laion2b_s34b_b79k
+python jobs/embed.py --shards DIR --out DIR --model ViT-B-32 --checkpoint PATH
+ray job submit --working-dir . -- python jobs/embed.py --shards DIR --out DIR --model ...
 """
 
 from _bootstrap import run_job

@@ -1,7 +1,7 @@
 """Ingest img2dataset shards into samples.parquet, accounting for every row.
 
-    python jobs/ingest.py --shards DIR --out DIR
-    ray job submit --working-dir . -- python jobs/ingest.py --shards DIR --out DIR
+python jobs/ingest.py --shards DIR --out DIR
+ray job submit --working-dir . -- python jobs/ingest.py --shards DIR --out DIR
 """
 
 from _bootstrap import run_job

@@ -16,19 +16,31 @@ from pathlib import Path
 
 import pytest
 
-for _name, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "WANDB_MODE": "disabled",
-}.items():
-    os.environ.setdefault(_name, _value)
+from pipeline.core.offline import apply_offline_defaults
+
+apply_offline_defaults()
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.pop("RAY_ADDRESS", None)  # never attach tests to a developer's cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+
+# Fixtures that start Ray: a test using one, directly or through its own fixtures, is slow.
+RAY_FIXTURES = {"ray_local", "ray_head"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that starts Ray without the `slow` marker, so `make test-fast` stays fast."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests start Ray (fixtures " + ", ".join(sorted(RAY_FIXTURES)) + ") but are not marked "
+            "@pytest.mark.slow:\n  " + "\n  ".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -88,15 +100,25 @@ def wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds}s")
 
 
-def submit_job(address: str, env: dict[str, str], entrypoint: list[str], timeout: float = 300
-               ) -> subprocess.CompletedProcess:
+def submit_job(
+    address: str, env: dict[str, str], entrypoint: list[str], timeout: float = 300
+) -> subprocess.CompletedProcess:
     """``ray job submit`` of ``entrypoint`` from the repository root, with runtime_env.yaml.
 
     A fresh head's dashboard answers before its job agent is up ("No available agent to submit
     job"); that answer is retried for up to a minute, any other outcome is returned as it is.
     """
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "runtime_env.yaml",
-           "--", *entrypoint]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--runtime-env",
+        "runtime_env.yaml",
+        "--",
+        *entrypoint,
+    ]
     deadline = time.monotonic() + 60
     while True:
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -115,20 +137,42 @@ def ray_head(tmp_path: Path):
     # Its own short temp dir (socket paths are length-limited), so it leaves no ray_current_cluster
     # file in /tmp/ray for a later local ray.init() to trip over.
     ray_tmp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_TMPDIR": ray_tmp}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_TMPDIR": ray_tmp,
+    }
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         "--object-store-memory=300000000", "--disable-usage-stats",
-         # Ports of its own: a session's local Ray (ray_local) may hold the defaults, and a head whose
-         # dashboard agent cannot bind never accepts a job ("No available agent").
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    # The child gets its own copy of the descriptor, so ours can close once it has started.
+    with open(tmp_path / "head.log", "w") as head_log:
+        head = subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={free_port()}",
+                "--num-cpus=2",
+                f"--dashboard-port={dashboard}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                "--object-store-memory=300000000",
+                "--disable-usage-stats",
+                # Ports of its own: a session's local Ray (ray_local) may hold the defaults, and a
+                # head whose dashboard agent cannot bind never accepts a job ("No available agent").
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+            ],
+            env=env,
+            stdout=head_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for(f"{address}/api/version", 90)

@@ -82,7 +82,7 @@ def test_shared_gate_applies_all_three_terms_above_lambda_only():
     det = ScriptedDetector([[0.2, 0.45, 0.8]], ["dup caption", "dup caption", None], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
-    out, (x_t, eps_u, eps_c, eps_n, eps), calls = _step(amg, state, det, 0, seed=1)
+    out, (_x_t, eps_u, eps_c, eps_n, eps), calls = _step(amg, state, det, 0, seed=1)
 
     grad = det.w / math.sqrt(0.64)  # ∂σ/∂x_t through x̂0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ
     expected = eps.clone()
@@ -168,7 +168,7 @@ def test_reference_gates_hold_and_recheck():
     grad = det.w / math.sqrt(0.64)
     for step in range(4):
         sig1, sig2 = script[2 * step], script[2 * step + 1]
-        out, (x_t, eps_u, eps_c, eps_n, eps), calls = _step(amg, state, det, step, seed=10 + step)
+        out, (_x_t, eps_u, eps_c, eps_n, eps), _calls = _step(amg, state, det, step, seed=10 + step)
         expected = eps.clone()
         for i in range(B):
             s1 = max(min(13 * sig1[i], 6.5), 0)  # G_spe: no threshold, zero for σ <= 0

@@ -30,6 +30,7 @@ SEEDS = [0, 1]
 
 
 pytestmark = [
+    pytest.mark.slow,  # samples the committed models for 50 steps and trains new ones
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.skipif(
         not (MODEL_DIR / "training_set.npz").is_file(), reason="models/amg-memorizing is not in this checkout"
@@ -85,7 +86,7 @@ def test_unconditional_model_copies_and_amg_pushes_it_away(models):
     It does not remove them by the nL2 criterion (BENCHMARKS.md, "AMG evaluation"): the samples keep
     their training picture's layout and change colour and noise. The test pins that measured behaviour.
     """
-    _, uncond, train, indexes = models
+    _, uncond, _train, indexes = models
 
     def run(amg=None):
         gens = [torch.Generator().manual_seed(s) for s in range(6)]
@@ -109,7 +110,13 @@ def test_evaluation_writes_the_summary_the_audit_reads(models, tmp_path):
     data = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= data["off"]["frac_memorized"] <= 1 and 0 <= data["on"]["frac_memorized"] <= 1
     assert set(data["modes"]) == {"off", "reference"} and data["on"]["mode"] == "reference"
-    for key in ("denoising_loss", "alignment_accuracy", "descriptor_top5pct", "nl2_top1", "frac_nl2_below_1.4"):
+    for key in (
+        "denoising_loss",
+        "alignment_accuracy",
+        "descriptor_top5pct",
+        "nl2_top1",
+        "frac_nl2_below_1.4",
+    ):
         assert key in data["modes"]["reference"]
     assert set(data["unconditional"]) == {"off", "paper", "reference"}
     assert (tmp_path / "table.md").read_text().count("| reference |") >= 1

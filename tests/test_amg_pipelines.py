@@ -28,7 +28,7 @@ from pipeline.amg import (
 PROMPTS = ["a photo of a cat", "a red bicycle"]
 DUP = "an oft repeated caption"
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # samples tiny diffusion models
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_sd_trace_serialises(sd_components, sscd_index):
     data = json.loads(json.dumps(out.amg_trace.to_dict()))
     assert data["config"]["mode"] == "reference" and len(data["steps"]) == 4
     assert set(data["steps"][0]) >= {"sigma", "threshold", "spe", "dup", "sim", "s1", "s2", "c3", "neighbour"}
-    images, nsfw, trace = AMGStableDiffusionPipeline(**sd_components)(
+    images, _nsfw, trace = AMGStableDiffusionPipeline(**sd_components)(
         PROMPTS[0], num_inference_steps=2, output_type="np", return_dict=False, amg=_amg(backend, index)
     )
     assert images.shape == (1, 32, 32, 3) and trace.steps

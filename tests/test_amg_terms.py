@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -12,9 +13,10 @@ from pipeline.amg import terms
 from pipeline.amg.config import AMGConfig
 
 SIGMAS = [-0.3, 0.0, 0.05, 0.2, 0.3, 0.45, 0.5, 0.9]
+EPS_SHAPE = (len(SIGMAS), 4, 3, 3)
 
 
-def _eps(seed: int, shape=(len(SIGMAS), 4, 3, 3)) -> torch.Tensor:
+def _eps(seed: int, shape=EPS_SHAPE) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
@@ -39,11 +41,13 @@ def test_s2_is_eq_15_with_constant_and_reference_c2():
     s0 = 7.5
     s1 = terms.despecification_scale(sigma, 13.0, s0)
     # Paper form, constant c2.
-    expected = [max(min(4.0 * s, s0 - a - 1), 0.0) for s, a in zip(SIGMAS, s1.tolist())]
+    expected = [max(min(4.0 * s, s0 - a - 1), 0.0) for s, a in zip(SIGMAS, s1.tolist(), strict=False)]
     np.testing.assert_allclose(terms.caption_dedup_scale(sigma, 4.0, s0, s1), expected, rtol=1e-12)
     # Released code: s2 = max(min(6.5 − s1, (6.5 − s1)/0.3·σ), 0).
     c2 = terms.reference_c2(s0, s1, 0.3)
-    expected = [max(min(6.5 - a, (6.5 - a) / 0.3 * s), 0.0) for s, a in zip(SIGMAS, s1.tolist())]
+    expected = [
+        max(min(6.5 - a, (6.5 - a) / 0.3 * s), 0.0) for s, a in zip(SIGMAS, s1.tolist(), strict=False)
+    ]
     np.testing.assert_allclose(terms.caption_dedup_scale(sigma, c2, s0, s1), expected, rtol=1e-12)
     # The two scales never exceed the CFG budget s0 − 1.
     assert bool(((s1 + terms.caption_dedup_scale(sigma, c2, s0, s1)) <= s0 - 1 + 1e-12).all())
@@ -103,7 +107,7 @@ def test_paper_threshold_is_a_parabola_between_the_reference_endpoints():
     # Second differences of a parabola sampled on a uniform grid are constant.
     second = np.diff(values, 2)
     np.testing.assert_allclose(second, second[0], rtol=1e-9)
-    assert all(a >= b for a, b in zip(values, values[1:]))  # rises as t -> 0
+    assert all(a >= b for a, b in itertools.pairwise(values))  # rises as t -> 0
     const = AMGConfig.preset("paper", "sscd", threshold="constant", lambda_start=0.42)
     assert terms.threshold(123, T, const) == 0.42
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.audit.identity import RUN_ID_EXCLUDED, run_identity, sample_seed, tree_checksum
+from pipeline.audit.identity import run_identity, sample_seed, tree_checksum
 from pipeline.audit.runner import check_config, run_audit
-from pipeline.core.config import AuditConfig, to_dict
+from pipeline.core.config import AuditConfig, result_options
 from pipeline.core.storage import fingerprint
 from pipeline.io.prompts import PromptListError, prompt_id
 
@@ -31,6 +31,7 @@ def _job(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_dry_run_reads_a_published_list_and_writes_prompts_parquet(shared_data: Path, tmp_path: Path):
     src = shared_data / "memorized_prompts" / "memorized_laion_prompts.csv"
     done = _job("--prompts", str(src), "--out", str(tmp_path / "out"), "--dry-run")
@@ -54,6 +55,7 @@ def test_dry_run_of_every_shared_list(shared_data: Path, tmp_path: Path):
         assert summary["prompts"] > 80, src.name
 
 
+@pytest.mark.slow
 def test_unknown_layouts_fail_with_a_clear_message(tmp_path: Path):
     sheet = tmp_path / "prompts.xlsx"
     sheet.write_bytes(b"PK\x03\x04 not really a spreadsheet")
@@ -67,6 +69,7 @@ def test_unknown_layouts_fail_with_a_clear_message(tmp_path: Path):
         run_audit(AuditConfig(prompts=str(table), out=str(tmp_path / "o2"), dry_run=True))
 
 
+@pytest.mark.slow
 def test_bundle_and_model_are_required_without_dry_run(tmp_path: Path):
     done = _job("--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and "--bundle and --model required" in done.stderr
@@ -112,7 +115,9 @@ def test_run_identity_covers_generation_settings_but_not_the_prompt_list_or_batc
     ]
     ids = {run_id(c) for c in changed} | {run_id(base, model="m2"), run_id(base, bundle="b2")}
     assert len(ids) == len(changed) + 2 and run_id(base) not in ids
-    assert set(RUN_ID_EXCLUDED) <= set(to_dict(base))
+    assert {"prompts", "batch_size", "amg", "num_actors", "max_prompts", "out"}.isdisjoint(
+        result_options(base)
+    )
 
 
 def test_tree_checksum_follows_content_and_caches_by_size_and_mtime(tmp_path: Path):

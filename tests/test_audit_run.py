@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import submit_job
-from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from PIL import Image
 
 from demo.memorizing.components import tiny_sd_components
 from demo.memorizing.descriptors import save_stand_in_sscd
+from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from pipeline.amg import AMGConfig, MemorizationDetector
 from pipeline.amg.pipelines import AMGStableDiffusionPipeline
 from pipeline.audit.layout import PROMPTS_SCHEMA, RESULTS_SCHEMA
@@ -41,6 +41,8 @@ from pipeline.io.prompts import prompt_id
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of a cat", "a red bicycle", "an oft repeated caption", "a bowl of fruit"]
 SAMPLES = 2
+
+pytestmark = pytest.mark.slow  # a local Ray for the bundle, jobs as subprocesses, a `ray start` head
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +244,6 @@ def _job_args(world, out: Path, prompts: Path) -> list[str]:
     ]
 
 
-@pytest.mark.slow
 def test_killed_job_resumes_without_regenerating_finished_prompts(world, tmp_path: Path):
     out = tmp_path / "audit"
     prompts = prompt_file(tmp_path / "many.txt", [f"prompt number {i}" for i in range(6)])
@@ -283,7 +284,6 @@ def test_killed_job_resumes_without_regenerating_finished_prompts(world, tmp_pat
     assert pq.read_table(out / "results.parquet").num_rows == 6 * SAMPLES * 2
 
 
-@pytest.mark.slow
 def test_ray_job_submit_runs_the_audit_on_a_real_cluster(world, ray_head, tmp_path: Path):
     address, env = ray_head
     out = tmp_path / "audit"
@@ -293,7 +293,7 @@ def test_ray_job_submit_runs_the_audit_on_a_real_cluster(world, ray_head, tmp_pa
     lines = [
         line
         for line in done.stdout.splitlines()
-        if line.startswith('{"bundle_checksum"') or line.startswith('{"') and '"job": "audit"' in line
+        if line.startswith('{"bundle_checksum"') or (line.startswith('{"') and '"job": "audit"' in line)
     ]
     assert lines, done.stdout[-3000:]
     summary = json.loads(lines[-1])

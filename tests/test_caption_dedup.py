@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures.planted_captions import PLANTED_SUFFIXES, generate, pair_scores
 
+from fixtures.planted_captions import PLANTED_SUFFIXES, generate, pair_scores
 from pipeline.core.config import CaptionDedupConfig
 from pipeline.dedup.caption import (
     OUTPUT_NAME,
@@ -185,6 +185,7 @@ def test_hard_negatives_only_differ_in_one_word():
     assert merged / len(neg) < 0.05
 
 
+@pytest.mark.slow
 def test_ray_path_equals_in_process_path(ray_local):
     planted = generate(6000, seed=21)
     cfg = CaptionDedupConfig(batch_size=1500, ray_min_rows=0)
@@ -196,6 +197,7 @@ def test_ray_path_equals_in_process_path(ray_local):
     assert {k: on_ray.stats[k] for k in same} == same
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_batch_size(ray_local):
     planted = generate(3000, seed=8)
     a = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=700, ray_min_rows=0))
@@ -231,7 +233,7 @@ def test_missing_caption_column_is_a_clear_error(tmp_path: Path):
         ValueError, match=r"no caption column .*looked for caption, TEXT, text; columns are: url, description"
     ):
         read_captions(path)
-    with pytest.raises(ValueError, match="caption column 'alt' not in .* columns are: url, description"):
+    with pytest.raises(ValueError, match=r"caption column 'alt' not in .* columns are: url, description"):
         read_captions(path, caption_col="alt")
     assert read_captions(path, caption_col="description")[1].to_pylist() == ["a cat"]
     with pytest.raises(ValueError, match="key column 'id' not in"):
@@ -294,6 +296,7 @@ def test_job_on_real_laion_metadata(shared_data: Path, tmp_path: Path):
     assert all(groups[r] == min(np.flatnonzero(groups == groups[r])) for r in dup_rows)
 
 
+@pytest.mark.slow
 def test_job_on_ray_matches_in_process(shared_data: Path, tmp_path: Path, ray_local):
     source = shared_data / "peer_samples" / "img2dataset" / "test_1000.parquet"
     on_ray = _run_job(
@@ -306,6 +309,7 @@ def test_job_on_ray_matches_in_process(shared_data: Path, tmp_path: Path, ray_lo
     )
 
 
+@pytest.mark.slow
 def test_job_missing_caption_column_exits_with_message(tmp_path: Path):
     import subprocess
     import sys

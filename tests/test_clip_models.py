@@ -9,10 +9,10 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from fixtures.shard_factory import random_photo
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
+from fixtures.shard_factory import random_photo
 from pipeline.core.config import EmbedConfig
 from pipeline.embed.clip_models import (
     ModelLoadError,
@@ -23,7 +23,7 @@ from pipeline.embed.clip_models import (
     normalize_pixels,
     resolve_precision,
 )
-from pipeline.embed.embed import fit_to_model
+from pipeline.embed.prepare import fit_to_model
 
 TINY = EmbedConfig(shards="unused", out="unused")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -17,10 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path: Path):
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({
-        "ingest": {"shards": "/data/shards", "out": "/data/out", "decode_batch_size": 8},
-        "ray": {"num_cpus": 3, "progress_bars": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "ingest": {"shards": "/data/shards", "out": "/data/out", "decode_batch_size": 8},
+                "ray": {"num_cpus": 3, "progress_bars": False},
+            }
+        )
+    )
     parser = build_parser("test", main="ingest")
     cfg = parse_config(parser, ["--config", str(config), "--decode-batch-size", "16", "--ray-progress-bars"])
     assert cfg.ingest.shards == "/data/shards"
@@ -31,11 +35,11 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path: Path):
 
 
 def test_unknown_and_mistyped_options_are_clear_errors(tmp_path: Path):
-    with pytest.raises(ValueError, match="unknown option.*decode_bach_size.*known: shards"):
+    with pytest.raises(ValueError, match=r"unknown option.*decode_bach_size.*known: shards"):
         with_overrides(PipelineConfig(), {"ingest": {"decode_bach_size": 3}})
     with pytest.raises(ValueError, match="unknown config section 'ingst'"):
         with_overrides(PipelineConfig(), {"ingst": {}})
-    with pytest.raises(ValueError, match="ingest.decode_batch_size: cannot read 'many' as int"):
+    with pytest.raises(ValueError, match=r"ingest\.decode_batch_size: cannot read 'many' as int"):
         with_overrides(PipelineConfig(), {"ingest": {"decode_batch_size": "many"}})
     with pytest.raises(ValueError, match="expected true/false"):
         with_overrides(PipelineConfig(), {"ray": {"progress_bars": "yes please"}})
@@ -58,11 +62,14 @@ def test_required_option_missing_exits_with_usage(capsys):
     assert "--shards is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_job_answers_help():
     jobs = sorted(p for p in (REPO / "jobs").glob("*.py") if not p.name.startswith("_"))
     assert jobs
     for job in jobs:
-        done = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, f"{job.name}: {done.stderr[-2000:]}"
         assert "--config" in done.stdout, job.name
 

@@ -7,9 +7,9 @@ import zlib
 
 import numpy as np
 import pytest
-from fixtures.shard_factory import encode, random_photo
 from PIL import Image
 
+from fixtures.shard_factory import encode, random_photo
 from pipeline.io.decode import decode_image, reason_of
 
 MAX = 89_478_485
@@ -22,7 +22,9 @@ def rgb(decoded) -> np.ndarray:
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def bomb_png(side: int) -> bytes:
@@ -31,7 +33,9 @@ def bomb_png(side: int) -> bytes:
     packer = zlib.compressobj(9)
     idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 def test_plain_jpeg_is_decoded():

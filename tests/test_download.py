@@ -20,9 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures.shard_factory import encode, random_photo
 
 from demo.http_server import LocalHTTPServer, serve_directory
+from fixtures.shard_factory import encode, random_photo
 from pipeline.core.config import DownloadConfig
 from pipeline.download.downloader import error_kind, inspect_url_list, run_download, validate
 from pipeline.io.shards import READ_DOWNLOAD_FAILED, list_shards, read_shard
@@ -99,6 +99,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
         yield Scenario(server, rows, expected, served, url_list, out, summary)
 
 
+@pytest.mark.slow
 def test_summary_counts_successes_and_failures_by_kind(scenario: Scenario):
     s = scenario.summary
     assert (s["urls"], s["successes"], s["failures"]) == (9, 5, 4)
@@ -111,6 +112,7 @@ def test_summary_counts_successes_and_failures_by_kind(scenario: Scenario):
     )
 
 
+@pytest.mark.slow
 def test_every_failed_url_is_in_the_shard_parquet_with_its_error(scenario: Scenario):
     by_url = {row["url"]: row for row in shard_rows(scenario.out)}
     assert set(by_url) == set(scenario.expected)
@@ -128,6 +130,7 @@ def test_every_failed_url_is_in_the_shard_parquet_with_its_error(scenario: Scena
     assert statuses == {"success": 5, "failed_to_download": 3, "failed_to_resize": 1}
 
 
+@pytest.mark.slow
 def test_other_plain_columns_are_kept(scenario: Scenario):
     row = shard_rows(scenario.out)[0]
     assert "row_id" in row and "tags" in row
@@ -138,6 +141,7 @@ def test_other_plain_columns_are_kept(scenario: Scenario):
         assert by_url[source["url"]]["caption"] == source["caption"]
 
 
+@pytest.mark.slow
 def test_the_shard_reader_accounts_for_every_input_url(scenario: Scenario):
     rows = read_all(scenario.out)
     samples = [r for r in rows if r["read_error"] is None]
@@ -150,6 +154,7 @@ def test_the_shard_reader_accounts_for_every_input_url(scenario: Scenario):
     assert all(r["caption"] == captions[r["url"]] for r in rows)
 
 
+@pytest.mark.slow
 def test_a_rerun_downloads_nothing(scenario: Scenario):
     requests_before = scenario.server.request_count()
     files_before = {p.name: p.stat().st_mtime_ns for p in scenario.out.iterdir()}
@@ -173,6 +178,7 @@ def real_photos(request: pytest.FixtureRequest) -> list[Path]:
     return sorted((shared / "peer_samples" / "img2dataset").glob("*.jpg"))
 
 
+@pytest.mark.slow
 def test_csv_with_laion_column_names_and_real_photographs(tmp_path: Path, real_photos: list[Path]):
     """LAION's URL/TEXT header in a CSV; real photographs (where present) arrive byte-for-byte."""
     served = tmp_path / "served"
@@ -185,14 +191,14 @@ def test_csv_with_laion_column_names_and_real_photographs(tmp_path: Path, real_p
         captions = ['A "quoted", comma-separated caption'] + [f"caption {i}" for i in range(1, len(urls))]
         lines = ["URL,TEXT,similarity"] + [
             f'{u},"{c.replace(chr(34), chr(34) * 2)}",{i / 100}'
-            for i, (u, c) in enumerate(zip(urls, captions))
+            for i, (u, c) in enumerate(zip(urls, captions, strict=False))
         ]
         (tmp_path / "laion.csv").write_text("\n".join(lines) + "\n")
         summary = download(tmp_path / "laion.csv", tmp_path / "out", skip_reencode=True)
     assert (summary["input_format"], summary["url_col"], summary["caption_col"]) == ("csv", "URL", "TEXT")
     assert (summary["successes"], summary["failures_by_kind"]) == (len(names), {"http_404": 1})
     rows = read_all(tmp_path / "out")
-    assert {r["url"]: r["caption"] for r in rows} == dict(zip(urls, captions))
+    assert {r["url"]: r["caption"] for r in rows} == dict(zip(urls, captions, strict=False))
     stored = {r["url"].rsplit("/", 1)[1]: r["image"] for r in rows if r["read_error"] is None}
     # No resize is needed, so JPEGs are stored as downloaded; the PNG is re-encoded to the shards' JPEG.
     assert {n: b for n, b in stored.items() if n.endswith(".jpg")} == {
@@ -204,6 +210,7 @@ def test_csv_with_laion_column_names_and_real_photographs(tmp_path: Path, real_p
     ]
 
 
+@pytest.mark.slow
 def test_jsonl_with_image_url_column(tmp_path: Path):
     names = make_images(tmp_path / "served", 2)
     with LocalHTTPServer(tmp_path / "served", canned={"error.jpg": (200, HTML_PAGE)}) as server:
@@ -229,6 +236,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_laion_metadata_offline_fails_every_row_cleanly(
     tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -253,7 +261,7 @@ def test_laion_metadata_offline_fails_every_row_cleanly(
     rows = read_all(tmp_path / "out")
     assert len(rows) == 20 and all(r["read_error"].startswith(READ_DOWNLOAD_FAILED) for r in rows)
     assert {r["url"]: r["caption"] for r in rows} == dict(
-        zip(table.column("URL").to_pylist(), table.column("TEXT").to_pylist())
+        zip(table.column("URL").to_pylist(), table.column("TEXT").to_pylist(), strict=False)
     )
 
 
@@ -343,6 +351,7 @@ def test_error_kinds(message: str, kind: str):
     assert error_kind(message) == kind
 
 
+@pytest.mark.slow
 def test_http_server_files_canned_pages_slow_paths_and_counts(tmp_path: Path):
     (tmp_path / "a b.jpg").write_bytes(b"image bytes")
     with LocalHTTPServer(

@@ -15,26 +15,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from test_clip_models import write_tiny_sscd
 from test_ingest import bad_samples, odd_but_valid_samples
 from test_phash import textured_photo
 
+from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from pipeline.core.config import EmbedConfig, IngestConfig
 from pipeline.core.ray_runtime import cluster_gpus
 from pipeline.embed.clip_models import ModelLoadError, load_clip
-from pipeline.embed.embed import (
-    NO_ERROR,
-    PIXELS,
-    DecodePlan,
-    EmbedActor,
-    Progress,
-    plan_compute,
-    prepare_batch,
-    read_rows,
-    run_embed,
-)
+from pipeline.embed.embed import EmbedActor, Progress, plan_compute, run_embed
 from pipeline.embed.phash import phash_images
+from pipeline.embed.prepare import NO_ERROR, PIXELS, DecodePlan, prepare_batch, read_rows
 from pipeline.ingest.ingest import run_ingest
 from pipeline.io.decode import decode_image
 from pipeline.io.embeddings import (
@@ -240,6 +231,7 @@ def test_reader_accepts_laion_style_folders(tmp_path: Path):
 # --- the stage on Ray ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_counts_match_ingest_and_every_row_is_accounted_for(run):
     summary, ingest = run["summary"], run["ingest"]
     assert summary["rows_seen"] == ingest["rows_seen"] == summary["embedded"] + summary["skipped"]
@@ -262,6 +254,7 @@ def test_counts_match_ingest_and_every_row_is_accounted_for(run):
     assert summary["partitions"] == len(ingest["per_shard"]) == summary["partitions_processed"]
 
 
+@pytest.mark.slow
 def test_outputs_are_row_aligned_unit_norm_float16(run):
     out = Path(run["cfg"].out)
     for name in ("00000", "00003", "00004", "image1") if run["peer"] else ("00000", "00003", "00004"):
@@ -287,6 +280,7 @@ def test_outputs_are_row_aligned_unit_norm_float16(run):
     assert summary["images_per_second"] > 0 and summary["embedded_this_run"] == summary["embedded"]
 
 
+@pytest.mark.slow
 def test_planted_duplicates_share_hashes_and_embeddings(run):
     outputs = read_outputs(run["cfg"].out)
     a, b = (outputs[name] for name in DEMO_SHARDS)
@@ -297,6 +291,7 @@ def test_planted_duplicates_share_hashes_and_embeddings(run):
     assert not np.array_equal(a[IMG_EMB][0], b[IMG_EMB][0])
 
 
+@pytest.mark.slow
 def test_clip_retrieval_peer_shards_embed_with_empty_captions(run):
     if not run["peer"]:
         pytest.skip("../shared/data is not present beside this checkout")
@@ -322,6 +317,7 @@ def _load_job():
     return module
 
 
+@pytest.mark.slow
 def test_second_run_through_the_job_is_a_no_op(run, capsys):
     out = Path(run["cfg"].out)
     mtimes = {
@@ -351,6 +347,7 @@ def test_second_run_through_the_job_is_a_no_op(run, capsys):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_driver_and_a_killed_actor_gives_identical_outputs(run, tmp_path: Path):
     """A killed job left two partitions unmarked (one half-written); this run also loses its actor process."""
     out = tmp_path / "out"
@@ -393,6 +390,7 @@ def test_resume_after_a_killed_driver_and_a_killed_actor_gives_identical_outputs
     }
 
 
+@pytest.mark.slow
 def test_unfetchable_pretrained_weights_stop_the_run_before_any_output(ray_local, tmp_path: Path):
     build_shards(tmp_path / "shards", None)
     cfg = EmbedConfig(
@@ -406,6 +404,7 @@ def test_unfetchable_pretrained_weights_stop_the_run_before_any_output(ray_local
     assert not (tmp_path / "out" / "img_emb").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_gpu_actor_pool_embeds_in_half_precision(run):
     """With a GPU in the cluster the module's run went to one fp16 GPU actor; it agrees with fp32 on CPU."""

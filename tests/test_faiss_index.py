@@ -1,4 +1,4 @@
-"""FAISS index: choice from N and a memory budget, recall against brute force, mmap loading, the index stage."""
+"""FAISS index: choice from N and a memory budget, recall against brute force, mmap loading, index stage."""
 
 from __future__ import annotations
 
@@ -257,6 +257,7 @@ def test_index_stage_writes_index_rows_info_and_duplicates_subindex(tmp_path):
     assert again["skipped"] is False and again["kind"] == "flat"
 
 
+@pytest.mark.slow
 def test_build_index_job_cli(tmp_path, ray_local):
     x = clustered(500, 16, seed=6)
     write_embedding_folder(tmp_path / "emb", [x])

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures.shard_factory import sample, write_shard
 from PIL import Image, ImageEnhance
 
+from fixtures.shard_factory import sample, write_shard
 from pipeline.core.config import EmbedConfig, ImageDedupConfig
 from pipeline.dedup.image import (
     OUTPUT_NAME,
@@ -179,7 +179,9 @@ def planted(ray_local, tmp_path_factory):
 
 def predicted_groups(dup_table: pa.Table, keys: list[str]) -> dict[str, str]:
     groups = {key: f"alone:{key}" for key in keys}
-    for key, group in zip(dup_table.column("key").to_pylist(), dup_table.column("group_id").to_pylist()):
+    for key, group in zip(
+        dup_table.column("key").to_pylist(), dup_table.column("group_id").to_pylist(), strict=False
+    ):
         groups[key] = f"group:{group}"
     return groups
 
@@ -189,6 +191,7 @@ def predicted_groups(dup_table: pa.Table, keys: list[str]) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_planted_duplicates_precision_and_recall(planted):
     root, truth = planted
     summary = run_image_dedup(ImageDedupConfig(embeddings=str(root / "emb"), out=str(root / "dedup")))
@@ -204,7 +207,8 @@ def test_planted_duplicates_precision_and_recall(planted):
     )
     precision, recall = precision_recall(predicted, true)
     print(
-        f"\nplanted image duplicates: {len(true)} true pairs, {len(predicted)} found, precision {precision:.3f}, recall {recall:.3f}"
+        f"\nplanted image duplicates: {len(true)} true pairs, {len(predicted)} found, "
+        f"precision {precision:.3f}, recall {recall:.3f}"
     )
     assert precision >= 0.95
     assert recall >= 0.90
@@ -214,6 +218,7 @@ def test_planted_duplicates_precision_and_recall(planted):
     assert not grouped & set(negatives)
 
 
+@pytest.mark.slow
 def test_planted_groups_schema_representative_and_methods(planted):
     root, _truth = planted
     run_image_dedup(ImageDedupConfig(embeddings=str(root / "emb"), out=str(root / "dedup")))
@@ -252,6 +257,7 @@ def test_planted_groups_schema_representative_and_methods(planted):
             assert r["hamming_distance"] <= 12
 
 
+@pytest.mark.slow
 def test_rerun_is_skipped_and_option_change_recomputes(planted):
     root, _ = planted
     cfg = ImageDedupConfig(embeddings=str(root / "emb"), out=str(root / "dedup_rerun"))
@@ -267,6 +273,7 @@ def test_rerun_is_skipped_and_option_change_recomputes(planted):
     assert again["skipped"] is False and again["rows_in_groups"] <= first["rows_in_groups"]
 
 
+@pytest.mark.slow
 def test_forced_semantic_pass_on_random_weights_is_measured_not_trusted(planted):
     """The random-weight model's cosines group unrelated pictures: that is why 'auto' skips it."""
     root, truth = planted
@@ -283,6 +290,7 @@ def test_forced_semantic_pass_on_random_weights_is_measured_not_trusted(planted)
     assert recall >= 0.90  # it adds links; precision is what it costs (see BENCHMARKS.md)
 
 
+@pytest.mark.slow
 def test_job_cli(planted, capsys):
     root, _ = planted
     sys.path.insert(0, str(REPO / "jobs"))

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures.shard_factory import FakeSample, encode, random_photo, sample, write_shard
 from PIL import Image
 from test_decode import bomb_png
 
+from fixtures.shard_factory import FakeSample, encode, random_photo, sample, write_shard
 from pipeline.core.config import IngestConfig
 from pipeline.ingest.ingest import run_ingest
 from pipeline.io.shards import iter_tar_samples, list_shards, read_shard
@@ -52,8 +52,14 @@ def bad_samples() -> list[FakeSample]:
         sample("000000104", encode(random_photo(10)), caption=None),  # no .txt
         bad_utf8,
         sample("000000106", encode(random_photo(11)), json_bytes=b"{not json"),
-        FakeSample("000000107", {}, status="failed_to_download", error_message="HTTP Error 404: Not Found",
-                   url="http://127.0.0.1/missing.jpg", caption="lost"),
+        FakeSample(
+            "000000107",
+            {},
+            status="failed_to_download",
+            error_message="HTTP Error 404: Not Found",
+            url="http://127.0.0.1/missing.jpg",
+            caption="lost",
+        ),
     ]
 
 
@@ -80,9 +86,12 @@ def test_truncated_tar_yields_complete_samples_then_the_broken_one(shard_dir: Pa
     assert samples[0].error is None and samples[1].error is None
     assert samples[2].error.startswith("truncated_tar")
     rows = {r["key"]: r for r in read_shard(next(s for s in list_shards(shard_dir) if s.name == "00002"))}
-    assert rows["000000203"]["read_error"].startswith("missing_from_tar")  # in the parquet, lost with the tail
+    assert rows["000000203"]["read_error"].startswith(
+        "missing_from_tar"
+    )  # in the parquet, lost with the tail
 
 
+@pytest.mark.slow
 def test_every_row_is_accounted_for(ray_local, shard_dir: Path, tmp_path: Path):
     summary = run_ingest(IngestConfig(shards=str(shard_dir), out=str(tmp_path / "out")))
     samples = pd.read_parquet(tmp_path / "out" / "samples.parquet")
@@ -120,7 +129,9 @@ def test_every_row_is_accounted_for(ray_local, shard_dir: Path, tmp_path: Path):
     # Tolerated caption and metadata problems keep the image, with a warning.
     assert by_key.loc["000000104", "status"] == "ok" and by_key.loc["000000104", "caption"] == ""
     assert by_key.loc["000000105", "caption"].startswith("caf\ufffd au lait")
-    assert by_key.loc["000000106", "status"] == "ok" and "malformed json" in by_key.loc["000000106", "warning"]
+    assert (
+        by_key.loc["000000106", "status"] == "ok" and "malformed json" in by_key.loc["000000106", "warning"]
+    )
     assert by_key.loc[["000000200", "000000201"], "status"].tolist() == ["ok", "ok"]
 
     written = json.loads((tmp_path / "out" / "ingest_summary.json").read_text())
@@ -128,6 +139,7 @@ def test_every_row_is_accounted_for(ray_local, shard_dir: Path, tmp_path: Path):
     assert written["rejected_by_reason"]["decompression_bomb"] == 1
 
 
+@pytest.mark.slow
 def test_rerun_reads_nothing_and_a_changed_shard_is_read_again(ray_local, shard_dir: Path, tmp_path: Path):
     cfg = IngestConfig(shards=str(shard_dir), out=str(tmp_path / "out"))
     first = run_ingest(cfg)
@@ -136,7 +148,9 @@ def test_rerun_reads_nothing_and_a_changed_shard_is_read_again(ray_local, shard_
     second = run_ingest(cfg)
     assert second["shards_processed"] == 0 and second["shards_skipped"] == first["shards"]
     assert part.stat().st_mtime_ns == mtime
-    assert {k: second[k] for k in ("rows_seen", "ok", "rejected")} == {k: first[k] for k in ("rows_seen", "ok", "rejected")}
+    assert {k: second[k] for k in ("rows_seen", "ok", "rejected")} == {
+        k: first[k] for k in ("rows_seen", "ok", "rejected")
+    }
 
     write_shard(shard_dir, 0, odd_but_valid_samples()[:3])
     third = run_ingest(cfg)
@@ -145,9 +159,12 @@ def test_rerun_reads_nothing_and_a_changed_shard_is_read_again(ray_local, shard_
     assert len(pd.read_parquet(tmp_path / "out" / "samples.parquet")) == third["rows_seen"]
 
 
+@pytest.mark.slow
 def test_shards_without_parquet_or_captions(ray_local, shared_data: Path, tmp_path: Path):
     """clip-retrieval's caption-less tars: read by their tar alone, exact duplicates keep their hash."""
-    summary = run_ingest(IngestConfig(shards=str(shared_data / "peer_samples" / "clip-retrieval"), out=str(tmp_path)))
+    summary = run_ingest(
+        IngestConfig(shards=str(shared_data / "peer_samples" / "clip-retrieval"), out=str(tmp_path))
+    )
     samples = pd.read_parquet(tmp_path / "samples.parquet")
     assert summary["rows_seen"] == summary["ok"] == 4 + 3 + 2 + 2
     assert (samples["caption"] == "").all()
@@ -164,18 +181,35 @@ def test_missing_shard_folder_is_a_clear_error(tmp_path: Path):
         run_ingest(IngestConfig(shards=str(tmp_path / "empty"), out=str(tmp_path / "out")))
 
 
+@pytest.mark.slow
 def test_ingest_job_prints_its_summary_last(shard_dir: Path, tmp_path: Path):
     """The job as users run it: its own local Ray, the JSON summary as the last stdout line."""
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "jobs/ingest.py", "--shards", str(shard_dir), "--out", str(tmp_path / "job"),
-           "--ray-num-cpus", "2", "--ray-object-store-mb", "256"]
+    cmd = [
+        sys.executable,
+        "jobs/ingest.py",
+        "--shards",
+        str(shard_dir),
+        "--out",
+        str(tmp_path / "job"),
+        "--ray-num-cpus",
+        "2",
+        "--ray-object-store-mb",
+        "256",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["job"] == "ingest" and summary["rows_seen"] == 20
     assert summary["ok"] + summary["rejected"] == 20
 
-    missing = subprocess.run([sys.executable, "jobs/ingest.py", "--out", str(tmp_path)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "jobs/ingest.py", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "--shards is required" in missing.stderr

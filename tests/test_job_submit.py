@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import submit_job
+
 from fixtures.shard_factory import encode, random_photo, sample, write_shard
 
 
@@ -15,7 +16,11 @@ from fixtures.shard_factory import encode, random_photo, sample, write_shard
 def test_ray_job_submit_runs_ingest_on_a_real_cluster(ray_head, tmp_path: Path):
     address, env = ray_head
     shards = tmp_path / "shards"
-    write_shard(shards, 0, [sample(f"{i:09d}", encode(random_photo(i))) for i in range(5)] + [sample("000000009", b"")])
+    write_shard(
+        shards,
+        0,
+        [sample(f"{i:09d}", encode(random_photo(i))) for i in range(5)] + [sample("000000009", b"")],
+    )
     out = tmp_path / "out"
     done = submit_job(address, env, ["python", "jobs/ingest.py", "--shards", str(shards), "--out", str(out)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

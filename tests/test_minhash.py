@@ -57,7 +57,7 @@ def test_sha1_hash32_many_equals_datasketch_hashfunc():
     lengths = np.r_[np.arange(56), rng.integers(0, 56, 500)]
     starts = rng.integers(0, len(buffer) - 56, len(lengths))
     got = sha1_hash32_many(buffer, starts, lengths)
-    want = [sha1_hash32(buffer[s : s + n].tobytes()) for s, n in zip(starts, lengths)]
+    want = [sha1_hash32(buffer[s : s + n].tobytes()) for s, n in zip(starts, lengths, strict=False)]
     assert got.dtype == np.uint32
     assert got.tolist() == want
     with pytest.raises(ValueError, match="55 bytes"):
@@ -71,7 +71,9 @@ def test_char_shingles_are_python_slices(k):
         got = [
             sh.buffer[s : s + n].tobytes().decode("utf-8")
             for s, n in zip(
-                sh.starts[sh.offsets[i] : sh.offsets[i + 1]], sh.lengths[sh.offsets[i] : sh.offsets[i + 1]]
+                sh.starts[sh.offsets[i] : sh.offsets[i + 1]],
+                sh.lengths[sh.offsets[i] : sh.offsets[i + 1]],
+                strict=False,
             )
         ]
         assert got == plain_shingles(text, k), text
@@ -82,7 +84,7 @@ def test_char_shingles_are_python_slices(k):
 def test_signatures_equal_datasketch_minhash(scheme, k, num_perm, seed):
     sig = MinHasher(num_perm=num_perm, seed=seed, shingle_size=k, scheme=scheme).signatures(TEXTS)
     assert sig.shape == (len(TEXTS), num_perm) and sig.dtype == np.uint32
-    for text, row in zip(TEXTS, sig):
+    for text, row in zip(TEXTS, sig, strict=False):
         want = plain_minhash(text, k, num_perm, seed, scheme).hashvalues
         assert np.array_equal(row.astype(np.uint64), want.astype(np.uint64)), text
 
@@ -103,7 +105,9 @@ def test_shingle_hashing_is_exact_across_lengths_and_blocks():
     for k in (1, 2, 4, 13):
         sh = char_shingles(texts, k)
         got = shingle_hashes(sh)
-        want = [sha1_hash32(sh.buffer[s : s + n].tobytes()) for s, n in zip(sh.starts, sh.lengths)]
+        want = [
+            sha1_hash32(sh.buffer[s : s + n].tobytes()) for s, n in zip(sh.starts, sh.lengths, strict=False)
+        ]
         assert got.tolist() == want
 
 
@@ -115,7 +119,6 @@ def test_lsh_params_are_datasketchs():
 
 def test_candidate_pairs_equal_datasketch_lsh_query():
     from fixtures.planted_captions import generate
-
     from pipeline.dedup.text_normalize import normalize_captions
 
     texts = sorted(set(normalize_captions(generate(600, seed=5).captions).to_pylist()) - {""})
@@ -148,7 +151,7 @@ def test_pair_jaccard_is_exact_on_sets():
     offsets = np.r_[0, np.cumsum([len(s) for s in sets])]
     pairs = rng.integers(0, 200, (3000, 2))
     got = pair_jaccard(tokens, offsets, pairs)
-    for (u, v), x in zip(pairs.tolist(), got):
+    for (u, v), x in zip(pairs.tolist(), got, strict=False):
         a, b = set(sets[u].tolist()), set(sets[v].tolist())
         assert x == pytest.approx(len(a & b) / len(a | b) if a | b else 0.0)
 

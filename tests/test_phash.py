@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.fft
-from fixtures.shard_factory import encode
 from PIL import Image
 
+from fixtures.shard_factory import encode
 from pipeline.embed.phash import grayscale_thumbnail, hamming_distance, phash_images, phash_thumbnails
 
 # Duplicate finding usually calls two images the same picture at distance <= 8 or 10 (of 64 bits).

@@ -31,8 +31,13 @@ def test_ids_are_stable_across_layouts(tmp_path: Path):
 
 
 def test_jsonl_keeps_extra_fields_and_finds_the_caption_field(tmp_path: Path):
-    lines = [{"caption": "first", "index": 7, "url": "http://x/1"}, {"caption": "second", "index": 9, "url": "u"}]
-    table = read_prompts(write(tmp_path / "p.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n")).to_pylist()
+    lines = [
+        {"caption": "first", "index": 7, "url": "http://x/1"},
+        {"caption": "second", "index": 9, "url": "u"},
+    ]
+    table = read_prompts(
+        write(tmp_path / "p.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n")
+    ).to_pylist()
     assert [r["prompt"] for r in table] == ["first", "second"]
     assert json.loads(table[0]["extra"]) == {"index": 7, "url": "http://x/1"}
 

@@ -172,6 +172,7 @@ def _run_chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_offline(tmp_path: Path):
     page = tmp_path / "report.html"
     page.write_text(render_report(*example()), encoding="utf-8")
@@ -197,6 +198,7 @@ def test_report_renders_in_headless_chromium_offline(tmp_path: Path):
     assert reds > 2000 and blues > 2000, (reds, blues)
 
 
+@pytest.mark.slow
 def test_report_table_sorts_on_click_in_chromium(tmp_path: Path):
     html = render_report(*example())
     # Click the "Wen score" header once (ascending), as a user would, then dump the DOM.

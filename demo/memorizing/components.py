@@ -40,7 +40,8 @@ def build_clip_tokenizer(num_merges: int = 4000, max_length: int = 32) -> CLIPTo
     """
     from open_clip.tokenizer import bytes_to_unicode
 
-    lines = gzip.open(clip_bpe_file(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(clip_bpe_file(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + num_merges]]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
@@ -140,19 +141,19 @@ def tiny_uncond_unet(
 
 def sd_schedulers(num_train_timesteps: int = 1000) -> tuple[DDPMScheduler, DDIMScheduler]:
     """Stable Diffusion v1's noise schedule (scaled-linear β, 0.00085 to 0.012), for training and sampling."""
-    kwargs = dict(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-    )
+    kwargs = {
+        "num_train_timesteps": num_train_timesteps,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+    }
     return DDPMScheduler(**kwargs), DDIMScheduler(**kwargs, set_alpha_to_one=False, steps_offset=1)
 
 
 def pixel_schedulers(num_train_timesteps: int = 1000) -> tuple[DDPMScheduler, DDIMScheduler]:
     """DDPM's linear β schedule (1e-4 to 0.02) for pixel-space models, training and sampling."""
-    kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule="linear", clip_sample=True)
+    kwargs = {"num_train_timesteps": num_train_timesteps, "beta_schedule": "linear", "clip_sample": True}
     return DDPMScheduler(**kwargs), DDIMScheduler(**kwargs)
 
 

@@ -118,7 +118,7 @@ def training_indexes(train: TrainingSet, sscd_checkpoint: str | None = None) -> 
     Caption counts include every duplicated row, so y_N is found for the verbatim-duplicated pictures.
     """
     images = train.tensor()
-    captions = [c for c, n in zip(train.captions, train.copies) for _ in range(int(n))]
+    captions = [c for c, n in zip(train.captions, train.copies, strict=False) for _ in range(int(n))]
     rows = images[torch.from_numpy(train.row_index())]
     keys = [str(i) for i in train.row_index()]  # the distinct picture each training row holds
     out = {}
@@ -252,10 +252,6 @@ def diffusion_classifier_accuracy(
     return float((picks == np.array(targets)).mean()), picks
 
 
-
-
-
-
 def _amg(mode: str, backend_name: str, indexes, overrides: dict[str, dict[str, Any]], **switches):
     cfg = AMGConfig.preset(mode, backend_name, **{**overrides.get(mode, {}), **switches})
     backend, index = indexes[backend_name]
@@ -274,7 +270,7 @@ def _metrics(
     copies = (s["nl2"] < NL2_COPY) | (s["descriptor"] > DESCRIPTOR_COPY)
     feats = features(images).numpy()
     return {
-        "n": int(len(images)),
+        "n": len(images),
         "frac_memorized": float(copies.mean()),
         "frac_nl2_below_1.4": float((s["nl2"] < NL2_COPY).mean()),
         "frac_nl2_below_1.6": float((s["nl2"] < 1.6).mean()),
@@ -401,7 +397,7 @@ def evaluate(
                 settings.num_inference_steps,
                 settings.guidance_scale,
             )
-            urow, uscores = _metrics(u_images, indexes, features, reference_feats, train_energy, density)
+            urow, _uscores = _metrics(u_images, indexes, features, reference_feats, train_energy, density)
             urow["alignment_accuracy"], _ = diffusion_classifier_accuracy(
                 pipe, u_images, uniq_targets, train.captions, seed=settings.seed
             )

@@ -343,7 +343,6 @@ def train_memorizing_models(
     gen = torch.Generator().manual_seed(seed)
     demo_dir, model_dir = Path(demo_dir), Path(model_dir)
     if not (demo_dir / "truth.parquet").is_file():
-
         log.info("no demo dataset in %s: making one with default settings", demo_dir)
         make_demo_data(DemoConfig(out=str(demo_dir)))
     train = load_training_set(demo_dir, image_size)
@@ -439,6 +438,8 @@ def train_memorizing_models(
     )
     (model_dir / MANIFEST).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return report
+
+
 def train_from_config(cfg: AMGJobConfig, demo_dir: str | Path | None = None) -> dict[str, Any]:
     """:func:`train_memorizing_models` with the settings of an ``amg`` config section.
 
@@ -457,5 +458,3 @@ def train_from_config(cfg: AMGJobConfig, demo_dir: str | Path | None = None) -> 
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
     )
-
-

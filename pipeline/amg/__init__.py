@@ -4,7 +4,8 @@ Public API:
 
 * :class:`AMGConfig`: mode (``paper`` / ``reference``), backend and every constant.
 * Backends: :class:`SSCDBackend`, :class:`OpenClipBackend`, :class:`NormalizedL2Backend`.
-* :class:`InMemoryNeighbourIndex`: a :class:`~pipeline.core.neighbours.NeighbourIndex` in RAM (tests, small sets).
+* :class:`InMemoryNeighbourIndex`: a :class:`~pipeline.core.neighbours.NeighbourIndex` in RAM
+  (tests, small sets).
 * :class:`MemorizationDetector`: backend + index + threshold schedule.
 * :class:`AntiMemorizationGuidance`: the per-step logic, passed to a pipeline as ``amg=``.
 * Pipelines: :class:`AMGStableDiffusionPipeline`, :class:`AMGDDPMPipeline`, :class:`AMGDDIMPipeline`.

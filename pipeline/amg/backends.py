@@ -166,7 +166,7 @@ class OpenClipBackend(_CosineBackend):
 
     @classmethod
     def from_loaded_clip(cls, loaded) -> OpenClipBackend:
-        """From :class:`pipeline.embed.clip_models.LoadedClip` (the model the bundle's embeddings came from)."""
+        """From :class:`pipeline.embed.clip_models.LoadedClip` (the model behind the bundle's embeddings)."""
         size = loaded.spec.preprocess["size"]
         size = size[0] if isinstance(size, (tuple, list)) else size
         return cls(loaded.model, int(size), loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"])

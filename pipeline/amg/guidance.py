@@ -301,12 +301,10 @@ class AntiMemorizationGuidance:
             held = dup_on & torch.tensor([h > 0 for h in state.hold], device=sigma.device)
             dup_on = trigger | held
             state.hold = [
-                cfg.dup_hold_steps if trig else max(h - 1, 0) for trig, h in zip(trigger.tolist(), state.hold)
+                cfg.dup_hold_steps if trig else max(h - 1, 0)
+                for trig, h in zip(trigger.tolist(), state.hold, strict=False)
             ]
-        if cfg.c2_saturation is not None:
-            c2 = terms.reference_c2(s0, s1, cfg.c2_saturation)
-        else:
-            c2 = cfg.c2
+        c2 = terms.reference_c2(s0, s1, cfg.c2_saturation) if cfg.c2_saturation is not None else cfg.c2
         s2 = torch.where(dup_on, terms.caption_dedup_scale(sigma_s, c2, s0, s1), zeros) if text else zeros
         dup_on = dup_on & (s2 > 0)
 
@@ -349,7 +347,9 @@ class AntiMemorizationGuidance:
                 det2 = self._detect(state, x_t, guided, alpha_bar, to_pixels)
                 sim_det = det2
                 sim_sigma = det2.sigma.to(sigma.device)
-                recheck = [float(v) if c else None for v, c in zip(_list(sim_sigma), changed.tolist())]
+                recheck = [
+                    float(v) if c else None for v, c in zip(_list(sim_sigma), changed.tolist(), strict=False)
+                ]
             sim_on = (sim_sigma > lam) & cfg.use_sim
         g_sim, c3 = self._g_sim(state, x_t, sim_eps, alpha_bar, to_pixels, sim_det, sim_on, sim_sigma, t_int)
         if bool(sim_on.any()):

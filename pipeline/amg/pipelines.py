@@ -14,8 +14,9 @@ the step's timestep. ``epsilon`` and ``v_prediction`` models are supported.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline, StableDiffusionPipeline
@@ -90,12 +91,12 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] = None,
+        prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        timesteps: list[int] = None,
-        sigmas: list[float] = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int | None = 1,
@@ -115,7 +116,7 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
         | PipelineCallback
         | MultiPipelineCallbacks
         | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),  # read only, never mutated
         amg: AntiMemorizationGuidance | None = None,
         **kwargs,
     ):
@@ -134,31 +135,31 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
             (per-step σ_t, λ_t, fired terms, s1, s2, c3, n0, y_N, and σ of the final images); the tuple
             form is ``(images, nsfw_content_detected, amg_trace)``.
         """
-        parent_args = dict(
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            cross_attention_kwargs=cross_attention_kwargs,
-            guidance_rescale=guidance_rescale,
-            clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+        parent_args = {
+            "prompt": prompt,
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_inference_steps,
+            "timesteps": timesteps,
+            "sigmas": sigmas,
+            "guidance_scale": guidance_scale,
+            "negative_prompt": negative_prompt,
+            "num_images_per_prompt": num_images_per_prompt,
+            "eta": eta,
+            "generator": generator,
+            "latents": latents,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "ip_adapter_image": ip_adapter_image,
+            "ip_adapter_image_embeds": ip_adapter_image_embeds,
+            "output_type": output_type,
+            "return_dict": return_dict,
+            "cross_attention_kwargs": cross_attention_kwargs,
+            "guidance_rescale": guidance_rescale,
+            "clip_skip": clip_skip,
+            "callback_on_step_end": callback_on_step_end,
+            "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+        }
         if amg is None:
             return super().__call__(**parent_args, **kwargs)
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
@@ -352,7 +353,7 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
                     progress_bar.update()
 
         # 8. Decode and post-process, as the parent does.
-        if not output_type == "latent":
+        if output_type != "latent":
             image = self.vae.decode(
                 latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
             )[0]

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipeline.audit.criteria import criteria
 from pipeline.audit.layout import PROMPTS, PROMPTS_SCHEMA, REPORT, RESULTS, RESULTS_SCHEMA
 from pipeline.audit.report import write_report
-from pipeline.audit.store import RunStore
+from pipeline.audit.store import RunStore, partition_name
 from pipeline.core.config import AuditConfig, to_dict
 from pipeline.core.storage import atomic_write_table, sha256_file
 
@@ -105,6 +105,7 @@ def mode_summary(rows: list[dict[str, Any]], prompt_rows: list[dict[str, Any]], 
 def aggregate(
     cfg: AuditConfig,
     store: RunStore,
+    markers: dict[str, dict[str, Any]],
     prompts: list[dict[str, Any]],
     modes: Sequence[str],
     identity: dict[str, Any],
@@ -121,7 +122,7 @@ def aggregate(
         wen = store.wen(pid)
         per_mode, cliques = {}, {}
         for mode in modes:
-            marker = store.done(pid, mode)
+            marker = markers.get(partition_name(pid, mode))
             if marker is None:
                 continue
             per_mode[mode] = store.read_rows(pid, mode)

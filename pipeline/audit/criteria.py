@@ -131,7 +131,7 @@ def max_clique(adjacency: np.ndarray) -> list[int]:
             return
         pivot = max(candidates | excluded, key=lambda u: len(neighbours[u] & candidates))
         for v in sorted(candidates - neighbours[pivot]):
-            expand(clique + [v], candidates & neighbours[v], excluded & neighbours[v])
+            expand([*clique, v], candidates & neighbours[v], excluded & neighbours[v])
             candidates = candidates - {v}
             excluded = excluded | {v}
             if len(clique) + len(candidates) <= len(best):
@@ -190,14 +190,14 @@ def criteria(cfg: AuditConfig, detection: dict[str, Any]) -> dict[str, Any]:
         "wen_steps": cfg.wen_steps,
         "wen_samples": cfg.wen_samples,
         "wen_threshold": cfg.wen_threshold,
-        "memorized_rule": f"a sample is memorized when its {cfg.similarity} similarity to the nearest training "
-        f"image in the bundle exceeds {detection['memorized_threshold']}",
+        "memorized_rule": f"a sample is memorized when its {cfg.similarity} similarity to the nearest "
+        f"training image in the bundle exceeds {detection['memorized_threshold']}",
         "carlini_rule": f"a prompt's generations hold a Carlini clique when at least {required} of them are "
         f"pairwise within {cfg.tile_threshold} tiled L2 (largest per-tile RMS pixel difference "
         f"on a {cfg.tile_grid}x{cfg.tile_grid} grid, pixels in [0, 1])",
-        "flag_rule": "a prompt is flagged in a mode when one of its samples is memorized; a Carlini clique is "
-        "reported beside it (candidates without training data, confirmed by the bundle match)",
-        "wen_rule": f"Wen score: mean of |eps(x_t, c) - eps(x_t, 0)|_2 over the first {cfg.wen_steps} step(s) and "
-        f"{cfg.wen_samples} seed(s); prompts below {cfg.wen_threshold} are not generated"
+        "flag_rule": "a prompt is flagged in a mode when one of its samples is memorized; a Carlini clique "
+        "is reported beside it (candidates without training data, confirmed by the bundle match)",
+        "wen_rule": f"Wen score: mean of |eps(x_t, c) - eps(x_t, 0)|_2 over the first {cfg.wen_steps} "
+        f"step(s) and {cfg.wen_samples} seed(s); prompts below {cfg.wen_threshold} are not generated"
         + (" (pre-screen off)" if cfg.wen_threshold <= 0 else ""),
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit.layout import AUDIT_SCHEMA_VERSION
-from pipeline.core.config import AuditConfig, to_dict
+from pipeline.core.config import AuditConfig, result_options
 from pipeline.core.storage import atomic_write_json, sha256_file
 
 
@@ -27,7 +27,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (path / "text2img" / "model_index.json").is_file():
         return path / "text2img"
     raise FileNotFoundError(
-        f"model {path} is not a diffusers pipeline folder (no model_index.json, nor text2img/model_index.json)"
+        f"model {path} is not a diffusers pipeline folder "
+        "(no model_index.json, nor text2img/model_index.json)"
     )
 
 
@@ -70,24 +71,6 @@ def tree_checksum(folder: str | Path, cache: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-#: Settings that do not change any sample, flag or aggregate: left out of the run id.
-RUN_ID_EXCLUDED = (
-    "bundle",
-    "prompts",
-    "out",
-    "model",
-    "prompt_column",
-    "amg",
-    "batch_size",
-    "num_actors",
-    "max_prompts",
-    "thumbnail_size",
-    "dry_run",
-    "sscd_checkpoint",
-    "amg_overrides",
-)
-
-
 def run_identity(
     cfg: AuditConfig,
     model_checksum: str,
@@ -99,7 +82,7 @@ def run_identity(
     """What the run id fingerprints: model and bundle content, descriptor, and the audit settings that
     decide a sample or a flag (the AMG constants included). The prompt list and the AMG selection are
     not part of it: a longer list, or ``--amg both`` after ``--amg off``, adds to the same run."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ID_EXCLUDED}
+    settings = result_options(cfg)  # settings that change no sample, flag or aggregate are left out
     return {
         "schema": AUDIT_SCHEMA_VERSION,
         "model_checksum": model_checksum,

@@ -1,4 +1,7 @@
-"""Similarity through the bundle: the matcher an audit sample is compared with (SSCD, CLIP or nL2), and training images for the report."""
+"""Similarity through the bundle: the matcher for audit samples, and training images for the report.
+
+The matcher compares an audit sample with the bundle by SSCD, CLIP or nL2 similarity.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +64,6 @@ class TrainingImages:
 
     def _shard(self, name: str) -> dict[str, bytes]:
         if name not in self._cache:
-
             found: dict[str, bytes] = {}
             tar = self.folder / f"{name}.tar"
             if tar.is_file():
@@ -172,7 +174,6 @@ def open_matcher(
         backend = SSCDBackend.from_file(path, image_size=int(model.get("image_size") or 320), device=device)
         descriptor = f"SSCD {path}"
     elif similarity == "clip":
-
         index = open_bundle(bundle, verify=False, kind=IMG_EMB)
         loaded = load_clip(_embed_config(index.manifest), device)
         backend = OpenClipBackend.from_loaded_clip(loaded).to(device)
@@ -203,4 +204,3 @@ def training_image_reader(cfg: AuditConfig) -> Callable[[int], bytes | None] | N
     except (OSError, ValueError, RuntimeError) as exc:  # the report still renders, with placeholders
         log.warning("no training images for the report: %s", exc)
         return None
-

@@ -46,7 +46,8 @@ th{background:#f4f4f4;cursor:pointer;user-select:none;vertical-align:bottom}
 .scroll{overflow-x:auto} td.text{min-width:260px} th.asc:after{content:" \\25B2"}
 th.desc:after{content:" \\25BC"} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.flag td{background:#fff3f2} .yes{color:#c9302c;font-weight:600} .no{color:#3c763d}
-.prov td:first-child{color:#666;white-space:nowrap} .prov td{font-family:monospace;font-size:12px;word-break:break-all}
+.prov td:first-child{color:#666;white-space:nowrap}
+.prov td{font-family:monospace;font-size:12px;word-break:break-all}
 .pair{display:flex;gap:18px;align-items:flex-start;flex-wrap:wrap;margin:8px 0 22px}
 .col{display:flex;flex-direction:column;gap:4px} .col .lab{font-size:12px;color:#555}
 .strip{display:flex;gap:4px;flex-wrap:wrap} figure{margin:0;text-align:center;font-size:11px;color:#444}
@@ -76,7 +77,7 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
 
 
 def thumbnail_png(data: bytes, size: int) -> bytes:
-    """PNG bytes of an image no larger than ``size`` on its longer side (smaller images are kept as they are)."""
+    """PNG bytes of an image no larger than ``size`` on its longer side (smaller ones are kept as is)."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         if max(im.size) > size:
@@ -170,10 +171,10 @@ def histogram_svg(
             f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{upper + ph}" y2="{upper + ph + 4}" stroke="#666"/>'
             f'<text x="{sx(x):.1f}" y="{upper + ph + 16}" font-size="11" text-anchor="middle">{x:.2f}</text>'
         )
-    for c in sorted({round(top * j / 2) for j in range(3)}):  # y ticks, whole counts
-        parts.append(
-            f'<text x="{left - 6}" y="{sy(c) + 4:.1f}" font-size="11" text-anchor="end">{c:.0f}</text>'
-        )
+    parts.extend(  # y ticks, whole counts
+        f'<text x="{left - 6}" y="{sy(c) + 4:.1f}" font-size="11" text-anchor="end">{c:.0f}</text>'
+        for c in sorted({round(top * j / 2) for j in range(3)})
+    )
     if threshold is not None:
         parts.append(
             f'<line x1="{sx(threshold):.1f}" x2="{sx(threshold):.1f}" y1="{upper}" y2="{upper + ph}" '
@@ -242,7 +243,8 @@ def _cards(summary: Mapping[str, Any], modes: Sequence[str]) -> str:
     for m in modes:
         s = summary.get(m) or {}
         cards.append(
-            f'<div class="card" id="card-{m}"><h3 style="color:{MODE_COLOURS.get(m, "#333")}">{MODE_LABELS.get(m, m)}</h3>'
+            f'<div class="card" id="card-{m}">'
+            f'<h3 style="color:{MODE_COLOURS.get(m, "#333")}">{MODE_LABELS.get(m, m)}</h3>'
             f'<div class="big">{100 * s.get("frac_memorized", 0):.1f}% memorized</div>'
             f"<div>{s.get('n_memorized', 0)} of {s.get('n_samples', 0)} samples; "
             f"<b>{s.get('n_prompts_flagged', 0)}</b> of {s.get('n_prompts', 0)} prompts flagged</div>"
@@ -254,8 +256,7 @@ def _cards(summary: Mapping[str, Any], modes: Sequence[str]) -> str:
 
 def _provenance(summary: Mapping[str, Any]) -> str:
     prov = summary.get("provenance", {})
-    rows = []
-    for key in (
+    keys = (
         "run_id",
         "model",
         "model_checksum",
@@ -266,9 +267,12 @@ def _provenance(summary: Mapping[str, Any]) -> str:
         "similarity",
         "descriptor",
         "created",
-    ):
-        if key in prov:
-            rows.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(prov[key]))}</td></tr>")
+    )
+    rows = [
+        f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(prov[key]))}</td></tr>"
+        for key in keys
+        if key in prov
+    ]
     if "config" in prov:
         cfg = json.dumps(prov["config"], sort_keys=True)
         rows.append(f"<tr><td>config</td><td>{html.escape(cfg)}</td></tr>")
@@ -296,14 +300,16 @@ def _gallery(
         training = _img(training_images.get(key) if key else None, size, f"training {key}")
         label = f"<figcaption>key {html.escape(str(key))}</figcaption>"
         cols = [
-            f'<div class="col"><span class="lab">matched training image</span><figure>{training}{label}</figure></div>'
+            '<div class="col"><span class="lab">matched training image</span>'
+            f"<figure>{training}{label}</figure></div>"
         ]
         for m in modes:
             strip = []
             for r in (r for r in rows if r["amg_mode"] == m):
                 css = "mem" if r.get("memorized") else "ok"
                 strip.append(
-                    f'<figure class="{css}">{_img(sample_images.get((pid, m, r["sample_index"])), size, "sample")}'
+                    f'<figure class="{css}">'
+                    f"{_img(sample_images.get((pid, m, r['sample_index'])), size, 'sample')}"
                     f"<figcaption>{_fmt(r.get('similarity'))}</figcaption></figure>"
                 )
             verdict = "flagged" if p.get(f"{m}_flagged") else "not flagged"
@@ -332,10 +338,12 @@ def render_report(
     """The report's HTML.
 
     Args:
-        summary (`Mapping`): ``summary.json``'s content (``off``/``on`` verdicts, ``provenance``, ``criteria``).
+        summary (`Mapping`): ``summary.json``'s content (``off``/``on`` verdicts, ``provenance``,
+            ``criteria``).
         prompts (`Sequence[Mapping]`): rows of ``prompts.parquet``.
         samples (`Sequence[Mapping]`): rows of ``results.parquet``.
-        sample_images (`Mapping`): PNG bytes per ``(prompt_id, amg_mode, sample_index)`` (flagged prompts' at least).
+        sample_images (`Mapping`): PNG bytes per ``(prompt_id, amg_mode, sample_index)`` (flagged
+            prompts' at least).
         training_images (`Mapping`): PNG bytes per matched training key.
         thumbnail_size (`int`, *optional*, defaults to 96): displayed side of every image, in CSS pixels.
     """
@@ -357,14 +365,17 @@ def render_report(
     run_id = summary.get("provenance", {}).get("run_id", "")
     title = "Memorization audit"
     return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title} {html.escape(run_id)}</title>'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head><body>'
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{title} {html.escape(run_id)}</title>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{_CSS}</style></head><body>"
         f'<h1>{title}</h1><div class="sub">run {html.escape(run_id)} · {len(prompts)} prompts · '
         f"{len(samples)} samples · {html.escape(str(summary.get('provenance', {}).get('created', '')))}</div>"
         f'{_cards(summary, modes)}<ul class="sub">{crit}</ul>'
         f"<h2>Similarity to the nearest training image</h2>{hist}"
         f'<h2>Prompts</h2><p class="sub">Click a column header to sort.</p>{_prompt_table(prompts, modes)}'
-        f'<h2>Flagged prompts ({len(flagged)})</h2><p class="sub">Each column of a strip is one seed, shared by '
+        f"<h2>Flagged prompts ({len(flagged)})</h2>"
+        '<p class="sub">Each column of a strip is one seed, shared by '
         f"AMG off and on; red frame: memorized (similarity above the threshold), green: not.</p>"
         f"{_gallery(flagged, samples, modes, sample_images, training_images, thumbnail_size)}"
         f"<h2>Provenance</h2>{_provenance(summary)}"

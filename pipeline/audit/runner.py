@@ -40,9 +40,10 @@ from pipeline.audit.actor import GeneratorActor, WorkerSpec
 from pipeline.audit.aggregate import aggregate
 from pipeline.audit.identity import bundle_checksum, resolve_model_dir, run_identity, tree_checksum
 from pipeline.audit.layout import AMG_CHOICES, PROMPTS, SIMILARITIES, SUMMARY
-from pipeline.audit.store import RunStore
+from pipeline.audit.store import RunStore, partition_name
 from pipeline.core.config import AuditConfig, RayConfig
 from pipeline.core.ray_runtime import cluster_gpus, cpu_actor_pool_size, ray_session
+from pipeline.core.stage import Commit, PartitionedStage, PartitionRun, run_partitioned, seconds_since
 from pipeline.core.storage import (
     atomic_write_json,
     atomic_write_table,
@@ -52,50 +53,6 @@ from pipeline.core.storage import (
 from pipeline.io.prompts import read_prompts
 
 log = logging.getLogger(__name__)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def amg_configs(cfg: AuditConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -170,12 +127,108 @@ def _write_prompts_only(cfg: AuditConfig, table: pa.Table, started: float) -> di
         "prompts": table.num_rows,
         "prompt_lines": int(sum(table.column("occurrences").to_pylist())),
         "prompts_checksum": sha256_file(cfg.prompts),
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": seconds_since(started),
     }
 
 
+class AuditStage(PartitionedStage):
+    """One partition per (prompt, AMG mode), under ``runs/<run_id>/``; ``finish`` aggregates them all.
+
+    The fingerprint is the run identity (:func:`~pipeline.audit.identity.run_identity`): model and
+    bundle content and every setting that changes a sample or a flag. The prompt list is not part
+    of it, so a longer list under the same run id only adds partitions.
+    """
+
+    name = "audit"
+
+    def __init__(self, cfg: AuditConfig, ray_cfg: RayConfig | None, prompts: list[dict[str, Any]]):
+        self.cfg = cfg
+        self.ray_cfg = ray_cfg or RayConfig()
+        self.prompts = prompts
+        self.modes = AMG_CHOICES[cfg.amg]
+        out = Path(cfg.out)
+        self.model_dir = resolve_model_dir(cfg.model)
+        cache = out / ".cache" / "checksums.json"
+        self.bundle_sum = bundle_checksum(cfg.bundle)
+        self.model_sum = tree_checksum(self.model_dir, cache)
+        descriptor_sum = tree_checksum(cfg.sscd_checkpoint, cache) if cfg.sscd_checkpoint else None
+        self.amg_on, self.detection = amg_configs(cfg)
+        self.identity = run_identity(
+            cfg, self.model_sum, self.bundle_sum, self.amg_on, self.detection, descriptor_sum
+        )
+        run_id = fingerprint(self.identity)
+        self.store = RunStore(out, run_id)
+        if not (self.store.root / "run.json").is_file():
+            atomic_write_json(
+                self.store.root / "run.json",
+                {"run_id": run_id, **self.identity, "model": str(self.model_dir), "bundle": str(cfg.bundle)},
+            )
+        self.generated = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.identity
+
+    def partitions(self) -> dict[str, Any]:
+        return {partition_name(p["prompt_id"], m): None for p in self.prompts for m in self.modes}
+
+    def is_done(self, name: str, marker: dict[str, Any] | None, signature: Any) -> bool:
+        prompt_id = name.split("/", 1)[0]
+        return super().is_done(name, marker, signature) or self.store.prescreen_skipped(prompt_id)
+
+    def select(self, todo: list[str]) -> list[str]:
+        """At most ``max_prompts`` prompts' partitions (staged runs); all of them by default."""
+        prompts = _prompt_ids(todo)
+        chosen = set(prompts[: self.cfg.max_prompts] if self.cfg.max_prompts is not None else prompts)
+        return [name for name in todo if name.split("/", 1)[0] in chosen]
+
+    def compute(self, todo: list[str], commit: Commit) -> None:
+        by_id = {p["prompt_id"]: p for p in self.prompts}
+        modes: dict[str, list[str]] = {}
+        for name in todo:
+            prompt_id, mode = name.split("/", 1)
+            modes.setdefault(prompt_id, []).append(mode)
+        work = [(by_id[pid], prompt_modes) for pid, prompt_modes in modes.items()]
+        log.info(
+            "audit run %s: %d prompts to audit now (modes %s)",
+            self.store.run_id,
+            len(work),
+            ",".join(self.modes),
+        )
+        with ray_session(self.ray_cfg):
+            self.generated = _generate_all(
+                self.cfg, self.store, self.model_dir, self.amg_on, self.detection, work, commit
+            )
+
+    def finish(self, run: PartitionRun) -> dict[str, Any]:
+        summary = aggregate(
+            self.cfg,
+            self.store,
+            run.markers,
+            self.prompts,
+            self.modes,
+            self.identity,
+            self.model_dir,
+            self.bundle_sum,
+            self.model_sum,
+        )
+        pending = _prompt_ids(run.pending)
+        summary.update(
+            prompts_total=len(self.prompts),
+            prompts_audited_now=len(_prompt_ids(run.processed)),
+            samples_generated_now=self.generated,
+            prompts_pending=len(pending),
+            complete=not pending,
+        )
+        return summary
+
+
+def _prompt_ids(partitions: list[str]) -> list[str]:
+    """The prompt ids of (prompt, mode) partition names, in order, once each."""
+    return list(dict.fromkeys(name.split("/", 1)[0] for name in partitions))
+
+
 def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
-    """Audit ``cfg.model`` on ``cfg.prompts`` against ``cfg.bundle``; return the summary (also in ``summary.json``).
+    """Audit ``cfg.model`` on ``cfg.prompts`` against ``cfg.bundle``; return the summary (``summary.json``).
 
     Everything is checked before Ray is touched. Ray is used only when there is something to generate:
     the session already up, else one joined or started from ``ray_cfg`` for the generation alone (see
@@ -192,46 +245,9 @@ def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, A
     prompts_table = read_prompts(cfg.prompts, cfg.prompt_column)
     if cfg.dry_run:
         return _write_prompts_only(cfg, prompts_table, started)
-    modes = AMG_CHOICES[cfg.amg]
-    model_dir = resolve_model_dir(cfg.model)
-    cache = out / ".cache" / "checksums.json"
-    bundle_sum = bundle_checksum(cfg.bundle)
-    model_sum = tree_checksum(model_dir, cache)
-    descriptor_sum = tree_checksum(cfg.sscd_checkpoint, cache) if cfg.sscd_checkpoint else None
-    amg_on, detection = amg_configs(cfg)
-    identity = run_identity(cfg, model_sum, bundle_sum, amg_on, detection, descriptor_sum)
-    run_id = fingerprint(identity)
-    store = RunStore(out, run_id)
-    if not (store.root / "run.json").is_file():
-        atomic_write_json(
-            store.root / "run.json",
-            {"run_id": run_id, **identity, "model": str(model_dir), "bundle": str(cfg.bundle)},
-        )
-    prompts = prompts_table.to_pylist()
-    todo = [(p, store.todo_modes(p["prompt_id"], modes)) for p in prompts]
-    todo = [(p, m) for p, m in todo if m]
-    limited = todo[: cfg.max_prompts] if cfg.max_prompts is not None else todo
-    log.info(
-        "audit run %s: %d prompts, %d finished, %d to audit now (modes %s)",
-        run_id,
-        len(prompts),
-        len(prompts) - len(todo),
-        len(limited),
-        ",".join(modes),
-    )
-    generated = 0
-    if limited:
-        with ray_session(ray_cfg or RayConfig()):
-            generated = _generate_all(cfg, store, model_dir, amg_on, detection, limited)
-    summary = aggregate(cfg, store, prompts, modes, identity, model_dir, bundle_sum, model_sum)
-    summary.update(
-        prompts_total=len(prompts),
-        prompts_audited_now=len(limited),
-        samples_generated_now=generated,
-        prompts_pending=len(todo) - len(limited),
-        complete=len(todo) == len(limited),
-        seconds=round(time.monotonic() - started, 3),
-    )
+    stage = AuditStage(cfg, ray_cfg, prompts_table.to_pylist())
+    summary = run_partitioned(stage, stage.store.markers_dir)
+    summary["seconds"] = seconds_since(started)
     atomic_write_json(out / SUMMARY, summary)
     return job_summary(summary)
 
@@ -270,6 +286,7 @@ def _generate_all(
     amg_on: dict[str, Any],
     detection: dict[str, Any],
     todo: list[tuple[dict[str, Any], list[str]]],
+    commit: Commit,
 ) -> int:
     """Run the work on an actor pool; the driver writes each prompt's result as it arrives."""
     import ray
@@ -312,7 +329,7 @@ def _generate_all(
 
     try:
         for result in pool.map_unordered(submit, todo):
-            store.write(result)
+            store.write(result, commit)
             done += 1
             generated += sum(len(part["rows"]) for part in result["modes"].values())
             log.info(
@@ -326,11 +343,3 @@ def _generate_all(
         for actor in actors:
             ray.kill(actor)
     return generated
-
-
-
-
-
-
-
-

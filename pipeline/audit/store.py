@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.audit.layout import IMAGES, PARTS, RESULTS_SCHEMA, RUNS, WEN
+from pipeline.core.stage import Commit
 from pipeline.core.storage import DoneMarkers, atomic_write_bytes, atomic_write_table
+
+
+def partition_name(prompt_id: str, mode: str) -> str:
+    """A (prompt, AMG mode) partition's name; its marker is ``parts/<prompt_id>/<mode>.done.json``."""
+    return f"{prompt_id}/{mode}"
 
 
 class RunStore:
@@ -23,8 +28,13 @@ class RunStore:
         self.run_id = run_id
         self.root = out / RUNS / run_id
 
+    @property
+    def markers_dir(self) -> Path:
+        """Where the (prompt, mode) done markers live: ``parts/<prompt_id>/<mode>.done.json``."""
+        return self.root / PARTS
+
     def markers(self, prompt_id: str) -> DoneMarkers:
-        return DoneMarkers(self.root / PARTS / prompt_id, self.run_id)
+        return DoneMarkers(self.markers_dir / prompt_id, self.run_id)
 
     def part_path(self, prompt_id: str, mode: str) -> Path:
         return self.root / PARTS / prompt_id / f"{mode}.parquet"
@@ -35,31 +45,26 @@ class RunStore:
     def wen(self, prompt_id: str) -> dict[str, Any] | None:
         return self.markers(prompt_id).read(WEN)
 
-    def done(self, prompt_id: str, mode: str) -> dict[str, Any] | None:
-        return self.markers(prompt_id).read(mode)
-
-    def todo_modes(self, prompt_id: str, modes: Sequence[str]) -> list[str]:
-        """Modes of ``prompt_id`` still to generate (none once the pre-screen skipped the prompt)."""
+    def prescreen_skipped(self, prompt_id: str) -> bool:
+        """Whether the Wen pre-screen left ``prompt_id`` out (its modes then need no generation)."""
         wen = self.wen(prompt_id)
-        if wen is not None and wen.get("skipped"):
-            return []
-        return [m for m in modes if self.done(prompt_id, m) is None]
+        return bool(wen and wen.get("skipped"))
 
-    def write(self, result: dict[str, Any]) -> None:
-        """Images, then partition files, then done markers: a marker always means complete files."""
+    def write(self, result: dict[str, Any], commit: Commit) -> None:
+        """Images, then partition files, then ``commit`` (the done marker): a marker means complete files."""
         pid = result["prompt_id"]
         markers = self.markers(pid)
         if markers.read(WEN) is None:
             markers.write(WEN, result["wen"])
         for mode, part in result["modes"].items():
             rows = []
-            for row, png in zip(part["rows"], part["images"]):
+            for row, png in zip(part["rows"], part["images"], strict=False):
                 rel = self.image_rel(pid, mode, row["sample_index"])
                 atomic_write_bytes(self.out / rel, png)
                 rows.append({**row, "run_id": self.run_id, "image": rel})
             atomic_write_table(self.part_path(pid, mode), pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
-            markers.write(
-                mode,
+            commit(
+                partition_name(pid, mode),
                 {
                     "samples": len(rows),
                     "clique": part["clique"],

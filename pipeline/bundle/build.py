@@ -7,7 +7,8 @@ Built by ``jobs/build_artifacts.py`` (:func:`build_bundle`) from img2dataset sha
    ``embeddings/`` in clip-retrieval's layout (written there directly, not copied);
 3. ``image_dedup``: exact / pHash / semantic image groups (:mod:`pipeline.dedup.image`) ->
    ``image_duplicates.parquet``;
-4. ``caption_dedup``: near-duplicate captions (:mod:`pipeline.dedup.caption`) -> ``caption_duplicates.parquet``;
+4. ``caption_dedup``: near-duplicate captions (:mod:`pipeline.dedup.caption`) ->
+   ``caption_duplicates.parquet``;
 5. ``index``: the FAISS index over image embeddings (:mod:`pipeline.index.faiss_index`) -> ``index/``;
    ``sscd_index``: when the embed stage wrote SSCD copy descriptors (``--embed-sscd-checkpoint``), an
    index over them too (``index/sscd.index``), so audits and AMG can search by copy similarity;
@@ -44,8 +45,9 @@ costs a rebuild.
 Consumers call :func:`open_bundle`, which checks the format version (a bundle of another version is
 refused, naming the supported one) and, unless ``verify=False``, every file's sha256 against the
 manifest (reading everything: for a LAION-scale bundle pass ``verify=False`` and check once with
-:meth:`Bundle.verify`). The returned :class:`Bundle` implements :class:`pipeline.core.neighbours.NeighbourIndex`;
-``kind`` picks the vectors it searches: ``img_emb`` (open_clip, the default) or ``sscd_emb``.
+:meth:`Bundle.verify`). The returned :class:`Bundle` implements
+:class:`pipeline.core.neighbours.NeighbourIndex`; ``kind`` picks the vectors it searches: ``img_emb``
+(open_clip, the default) or ``sscd_emb``.
 """
 
 from __future__ import annotations
@@ -80,11 +82,10 @@ from pipeline.bundle.layout import (
 )
 from pipeline.bundle.reader import apply_search_params, verify_files
 from pipeline.bundle.tables import build_dedup_table, rows_with_duplicate_caption
-from pipeline.core.config import PipelineConfig, to_dict
+from pipeline.core.config import PipelineConfig, result_options, to_dict
 from pipeline.core.ray_runtime import on_gpu_worker
+from pipeline.core.stage import FunctionStage, run_stage, seconds_since
 from pipeline.core.storage import (
-    DoneMarkers,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
     fingerprint,
@@ -99,7 +100,6 @@ from pipeline.index.build import (
     INDEX_NAME,
     INFO_NAME,
     ROWS_NAME,
-    compute_index,
     run_build_index,
 )
 from pipeline.index.faiss_index import load_index
@@ -114,13 +114,6 @@ from pipeline.io.embeddings import (
 from pipeline.io.shards import list_shards
 
 log = logging.getLogger(__name__)
-
-
-
-
-
-
-
 
 
 def _publish(src: Path, dst: Path) -> None:
@@ -146,7 +139,7 @@ def code_version() -> dict[str, Any]:
         version["package"] = metadata.version("amg-dedup-pipeline")
     except metadata.PackageNotFoundError:
         version["package"] = None
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
@@ -174,31 +167,6 @@ def _shards_signature(shards: str) -> list[Any]:
     return [[s.name, s.signature()] for s in list_shards(shards)]
 
 
-class _Steps:
-    """The bundle's step markers: a step is done when its fingerprint matches and its outputs exist."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.folder = root / WORK / "steps"
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-        self.summaries: dict[str, Any] = {}
-
-    def done(self, step: str, fp: str, outputs: list[Path]) -> bool:
-        marker = DoneMarkers(self.folder, fp).read(step)
-        if marker is not None and all(p.exists() for p in outputs):
-            self.skipped.append(step)
-            self.summaries[step] = marker.get("summary", {})
-            log.info("bundle: step %s is up to date", step)
-            return True
-        return False
-
-    def finish(self, step: str, fp: str, summary: dict[str, Any]) -> None:
-        DoneMarkers(self.folder, fp).write(step, {"summary": summary})
-        self.ran.append(step)
-        self.summaries[step] = summary
-
-
 def _group_arrays(duplicates: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row: image group id (representative's row id; own id when unique) and group size."""
     group_id = np.arange(n, dtype=np.int64)
@@ -210,6 +178,127 @@ def _group_arrays(duplicates: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     return group_id, group_size
 
 
+def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
+    """The bundle's steps in order, each with the fingerprint of what its outputs depend on.
+
+    Every stage's own options enter through :func:`~pipeline.core.config.result_options`; a step's
+    inputs enter as the shards' signature or the fingerprints of the steps it reads from, so they are
+    all known before anything runs. Each stage writes under ``_work/<step>/`` (and resumes there, per
+    shard for ingest and embed); the step then publishes its final files into the bundle.
+    """
+    b = cfg.bundle
+    root = Path(b.out)
+    work = root / WORK
+    emb_dir = root / EMBEDDINGS
+    index_dir = root / INDEX_DIR
+    shards_sig = _shards_signature(b.shards)
+    ingest_cfg = dataclasses.replace(cfg.ingest, shards=b.shards, out=str(work / "ingest"))
+    embed_cfg = dataclasses.replace(cfg.embed, shards=b.shards, out=str(emb_dir))
+    dedup_cfg = dataclasses.replace(cfg.image_dedup, embeddings=str(emb_dir), out=str(work / "image_dedup"))
+    index_cfg = dataclasses.replace(
+        cfg.index,
+        embeddings=str(emb_dir),
+        out=str(work / "index"),
+        duplicates=str(work / "image_dedup" / IMAGE_DUPLICATES),
+    )
+    sscd_cfg = dataclasses.replace(index_cfg, out=str(work / "sscd_index"), duplicates=None)
+    fp_embed = fingerprint({"embed": result_options(embed_cfg), "shards": shards_sig})
+    fp_dedup = fingerprint({"image_dedup": result_options(dedup_cfg), "embed": fp_embed})
+    fp_caption = fingerprint({"caption_dedup": result_options(cfg.caption_dedup), "embed": fp_embed})
+    fp_index = fingerprint({"index": result_options(index_cfg), "embed": fp_embed, "image_dedup": fp_dedup})
+    index_files = (INDEX_NAME, DUP_INDEX_NAME, ROWS_NAME, INFO_NAME)
+    sscd_files = (SSCD_INDEX_NAME, SSCD_INFO_NAME)
+
+    def ingest() -> dict[str, Any]:
+        summary = run_ingest(ingest_cfg)
+        summary.pop("per_shard", None)
+        _publish(work / "ingest" / SAMPLES, root / SAMPLES)
+        return summary
+
+    def embed() -> dict[str, Any]:
+        summary = run_embed(embed_cfg)
+        summary.pop("per_partition", None)
+        return summary
+
+    def image_dedup() -> dict[str, Any]:
+        summary = on_gpu_worker(run_image_dedup, dedup_cfg)
+        _publish(work / "image_dedup" / IMAGE_DUPLICATES, root / IMAGE_DUPLICATES)
+        return summary
+
+    def caption_dedup() -> dict[str, Any]:
+        # In the bundle's row order (embedded rows, partition order), not a parquet folder's.
+        meta = load_metadata(emb_dir, ["key", "caption"])
+        result = find_caption_duplicates(meta.column("caption"), cfg.caption_dedup, keys=meta.column("key"))
+        out = work / "caption_dedup"
+        atomic_write_table(out / CAPTION_DUPLICATES, result.table)
+        atomic_write_json(out / "caption_dedup_summary.json", result.stats)
+        _publish(out / CAPTION_DUPLICATES, root / CAPTION_DUPLICATES)
+        return {k: v for k, v in result.stats.items() if k != "stage_seconds"}
+
+    def index() -> dict[str, Any]:
+        summary = run_build_index(index_cfg)
+        for name in index_files:
+            _publish(work / "index" / name, index_dir / name)
+        return summary
+
+    def sscd_index() -> dict[str, Any]:
+        label = {"sscd_checkpoint": cfg.embed.sscd_checkpoint, "sscd_image_size": cfg.embed.sscd_image_size}
+        summary = run_build_index(sscd_cfg, SSCD_EMB, model_label=label)
+        for name in sscd_files:
+            _publish(work / "sscd_index" / name, index_dir / name)
+        return {k: summary[k] for k in ("rows", "factory", "recall_at_k", "seconds")}
+
+    def tables() -> dict[str, Any]:
+        return _write_dedup_table(root, b.knn_k)
+
+    steps = [
+        FunctionStage(
+            "ingest",
+            fingerprint({"ingest": ingest_fingerprint(ingest_cfg), "shards": shards_sig}),
+            [root / SAMPLES],
+            ingest,
+        ),
+        FunctionStage("embed", fp_embed, [emb_dir / IMG_EMB], embed),
+        FunctionStage("image_dedup", fp_dedup, [root / IMAGE_DUPLICATES], image_dedup),
+        FunctionStage("caption_dedup", fp_caption, [root / CAPTION_DUPLICATES], caption_dedup),
+        FunctionStage("index", fp_index, [index_dir / name for name in index_files], index),
+    ]
+    if cfg.embed.sscd_checkpoint:  # the index over SSCD copy descriptors, when the embed stage made them
+        fp_sscd = fingerprint({"index": result_options(index_cfg), "embed": fp_embed, "kind": SSCD_EMB})
+        steps.append(
+            FunctionStage("sscd_index", fp_sscd, [index_dir / name for name in sscd_files], sscd_index)
+        )
+    fp_tables = fingerprint(
+        {"knn_k": b.knn_k, "index": fp_index, "image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": 1}
+    )
+    steps.append(FunctionStage("tables", fp_tables, [root / TABLE_NAME], tables))
+    return steps
+
+
+def _write_dedup_table(root: Path, knn_k: int) -> dict[str, Any]:
+    """The G_dup table (:mod:`pipeline.bundle.tables`) from the bundle's published files."""
+    emb_dir = root / EMBEDDINGS
+    meta = load_metadata(emb_dir, ["key", "caption"])
+    vectors = load_unit_embeddings(emb_dir)
+    index = load_index(root / INDEX_DIR / INDEX_NAME, mmap=True)
+    apply_search_params(index, json.loads((root / INDEX_DIR / INFO_NAME).read_text()))
+    group_id, group_size = _group_arrays(root / IMAGE_DUPLICATES, meta.num_rows)
+    captions = pq.read_table(root / CAPTION_DUPLICATES, columns=["group_id", "group_size"])
+    table, stats = build_dedup_table(
+        meta.column("key").to_pylist(),
+        meta.column("caption"),
+        group_id,
+        group_size,
+        index=index,
+        vectors=vectors,
+        knn_k=knn_k,
+        caption_group_id=captions.column("group_id").to_numpy(),
+        caption_group_size=captions.column("group_size").to_numpy(),
+    )
+    atomic_write_table(root / TABLE_NAME, table)
+    return stats
+
+
 def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every step not yet done for ``cfg.bundle.shards`` into ``cfg.bundle.out``; write the manifest.
 
@@ -217,166 +306,29 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     (ingest, embed, image_dedup, caption_dedup, index) supply each stage's options; their input and
     output folders are set here. Returns the build summary (also in ``_work/build_summary.json``).
     """
-
     started = time.monotonic()
     b = cfg.bundle
     if b.knn_k < 1 or b.duplicate_caption_min_count < 1:
         raise ValueError("bundle.knn_k and bundle.duplicate_caption_min_count must be at least 1")
     root = Path(b.out)
-    work = root / WORK
-    emb_dir = root / EMBEDDINGS
-    steps = _Steps(root)
-    shards_sig = _shards_signature(b.shards)
-
-    # 1. ingest
-    ingest_cfg = dataclasses.replace(cfg.ingest, shards=b.shards, out=str(work / "ingest"))
-    fp_ingest = fingerprint({"ingest": ingest_fingerprint(ingest_cfg), "shards": shards_sig})
-    if not steps.done("ingest", fp_ingest, [root / SAMPLES]):
-        summary = run_ingest(ingest_cfg)
-        summary.pop("per_shard", None)
-        _publish(work / "ingest" / SAMPLES, root / SAMPLES)
-        steps.finish("ingest", fp_ingest, summary)
-
-    # 2. embed
-    embed_cfg = dataclasses.replace(cfg.embed, shards=b.shards, out=str(emb_dir))
-    embed_options = {
-        k: v
-        for k, v in to_dict(embed_cfg).items()
-        if k
-        not in (
-            "shards",
-            "out",
-            "num_actors",
-            "decode_batch_size",
-            "decode_num_cpus",
-            "log_every_s",
-            "batch_size",
-        )
-    }
-    fp_embed = fingerprint({"embed": embed_options, "shards": shards_sig})
-    if not steps.done("embed", fp_embed, [emb_dir / IMG_EMB]):
-        summary = run_embed(embed_cfg)
-        summary.pop("per_partition", None)
-        steps.finish("embed", fp_embed, summary)
-
-    # 3. image duplicates
-    dedup_cfg = dataclasses.replace(cfg.image_dedup, embeddings=str(emb_dir), out=str(work / "image_dedup"))
-    dedup_options = {
-        k: v
-        for k, v in to_dict(dedup_cfg).items()
-        if k not in ("embeddings", "out", "use_gpu", "query_batch")
-    }
-    fp_dedup = fingerprint({"image_dedup": dedup_options, "embed": fp_embed})
-    if not steps.done("image_dedup", fp_dedup, [root / IMAGE_DUPLICATES]):
-        summary = on_gpu_worker(run_image_dedup, dedup_cfg)
-        _publish(work / "image_dedup" / IMAGE_DUPLICATES, root / IMAGE_DUPLICATES)
-        steps.finish("image_dedup", fp_dedup, summary)
-
-    # 4. caption duplicates, in the bundle's row order
-    caption_options = {k: v for k, v in to_dict(cfg.caption_dedup).items() if k not in ("input", "out")}
-    fp_caption = fingerprint({"caption_dedup": caption_options, "embed": fp_embed})
-    if not steps.done("caption_dedup", fp_caption, [root / CAPTION_DUPLICATES]):
-        meta = load_metadata(emb_dir, ["key", "caption"])
-        result = find_caption_duplicates(meta.column("caption"), cfg.caption_dedup, keys=meta.column("key"))
-        out = work / "caption_dedup"
-        atomic_write_table(out / CAPTION_DUPLICATES, result.table)
-        summary = {k: v for k, v in result.stats.items() if k != "stage_seconds"}
-        atomic_write_json(out / "caption_dedup_summary.json", result.stats)
-        _publish(out / CAPTION_DUPLICATES, root / CAPTION_DUPLICATES)
-        steps.finish("caption_dedup", fp_caption, summary)
-
-    # 5. index (+ the sub-index of duplicated images)
-    index_cfg = dataclasses.replace(
-        cfg.index,
-        embeddings=str(emb_dir),
-        out=str(work / "index"),
-        duplicates=str(work / "image_dedup" / IMAGE_DUPLICATES),
-    )
-    index_options = {
-        k: v for k, v in to_dict(index_cfg).items() if k not in ("embeddings", "out", "duplicates", "use_gpu")
-    }
-    fp_index = fingerprint({"index": index_options, "embed": fp_embed, "image_dedup": fp_dedup})
-    index_files = (INDEX_NAME, DUP_INDEX_NAME, ROWS_NAME, INFO_NAME)
-    if not steps.done("index", fp_index, [root / INDEX_DIR / name for name in index_files]):
-        summary = run_build_index(index_cfg)
-        for name in index_files:
-            _publish(work / "index" / name, root / INDEX_DIR / name)
-        steps.finish("index", fp_index, summary)
-
-    # 5b. the index over SSCD copy descriptors, when the embed stage made them
-    fp_sscd = None
-    if cfg.embed.sscd_checkpoint:
-        fp_sscd = fingerprint({"index": index_options, "embed": fp_embed, "kind": SSCD_EMB})
-        sscd_files = (SSCD_INDEX_NAME, SSCD_INFO_NAME)
-        if not steps.done("sscd_index", fp_sscd, [root / INDEX_DIR / name for name in sscd_files]):
-            t0 = time.monotonic()
-            sscd_cfg = dataclasses.replace(index_cfg, duplicates=None)
-            built = on_gpu_worker(
-                compute_index, sscd_cfg, load_unit_embeddings(emb_dir, SSCD_EMB), None, SSCD_EMB
-            )
-            info = {
-                **built.info,
-                "file": SSCD_INDEX_NAME,
-                "embedding_kind": SSCD_EMB,
-                "embedding_model": {
-                    "sscd_checkpoint": cfg.embed.sscd_checkpoint,
-                    "sscd_image_size": cfg.embed.sscd_image_size,
-                },
-            }
-            atomic_write_bytes(work / "index" / SSCD_INDEX_NAME, built.index_bytes.tobytes())
-            atomic_write_json(work / "index" / SSCD_INFO_NAME, info)
-            for name in sscd_files:
-                _publish(work / "index" / name, root / INDEX_DIR / name)
-            summary = {
-                "rows": info["index"]["ntotal"],
-                "factory": info["plan"]["factory"],
-                "recall_at_k": info["self_check"]["recall_at_k"],
-                "seconds": round(time.monotonic() - t0, 3),
-            }
-            steps.finish("sscd_index", fp_sscd, summary)
-
-    # 6. the G_dup table
-    fp_tables = fingerprint(
-        {"knn_k": b.knn_k, "index": fp_index, "image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": 1}
-    )
-    if not steps.done("tables", fp_tables, [root / TABLE_NAME]):
-        t0 = time.monotonic()
-        meta = load_metadata(emb_dir, ["key", "caption"])
-        n = meta.num_rows
-        vectors = load_unit_embeddings(emb_dir)
-        index = load_index(root / INDEX_DIR / INDEX_NAME, mmap=True)
-        info = json.loads((root / INDEX_DIR / INFO_NAME).read_text())
-        apply_search_params(index, info)
-        group_id, group_size = _group_arrays(root / IMAGE_DUPLICATES, n)
-        captions = pq.read_table(root / CAPTION_DUPLICATES, columns=["group_id", "group_size"])
-        table, stats = build_dedup_table(
-            meta.column("key").to_pylist(),
-            meta.column("caption"),
-            group_id,
-            group_size,
-            index=index,
-            vectors=vectors,
-            knn_k=b.knn_k,
-            caption_group_id=captions.column("group_id").to_numpy(),
-            caption_group_size=captions.column("group_size").to_numpy(),
-        )
-        atomic_write_table(root / TABLE_NAME, table)
-        stats["seconds"] = round(time.monotonic() - t0, 3)
-        steps.finish("tables", fp_tables, stats)
+    # 1-6. the steps, each skipped when its marker matches and its outputs exist
+    steps = bundle_steps(cfg)
+    summaries = {step.name: run_stage(step, root / WORK / "steps") for step in steps}
+    ran = [name for name, summary in summaries.items() if not summary["skipped"]]
+    skipped = [name for name, summary in summaries.items() if summary["skipped"]]
 
     # 7. the manifest, last
     fp_manifest = fingerprint(
         {
             "format": BUNDLE_FORMAT_VERSION,
-            "steps": [fp_ingest, fp_embed, fp_dedup, fp_caption, fp_index, fp_tables]
-            + ([fp_sscd] if fp_sscd else []),
+            "steps": [step.fingerprint() for step in steps],
             "min_count": b.duplicate_caption_min_count,
         }
     )
     manifest_path = root / MANIFEST
     current = _read_json(manifest_path)
-    if steps.ran or current is None or current.get("build_fingerprint") != fp_manifest:
-        manifest = _manifest(root, cfg, steps, fp_manifest)
+    if ran or current is None or current.get("build_fingerprint") != fp_manifest:
+        manifest = _manifest(root, cfg, summaries, fp_manifest)
         atomic_write_json(manifest_path, manifest)
         manifest_written = True
     else:
@@ -393,12 +345,12 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
         "caption_duplicate_groups": manifest["counts"]["caption_duplicate_groups"],
         "index": manifest["index"]["factory"],
         "index_recall_at_k": manifest["index"]["recall_at_k"],
-        "steps_run": steps.ran,
-        "steps_skipped": steps.skipped,
+        "steps_run": ran,
+        "steps_skipped": skipped,
         "manifest_written": manifest_written,
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": seconds_since(started),
     }
-    atomic_write_json(work / "build_summary.json", summary)
+    atomic_write_json(root / WORK / "build_summary.json", summary)
     return summary
 
 
@@ -407,8 +359,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
 
 
 def _bundle_files(root: Path) -> list[Path]:
@@ -424,8 +374,7 @@ def _bundle_files(root: Path) -> list[Path]:
     return files
 
 
-def _manifest(root: Path, cfg: PipelineConfig, steps: _Steps, fp: str) -> dict[str, Any]:
-    s = steps.summaries
+def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp: str) -> dict[str, Any]:
     files = {}
     for path in _bundle_files(root):
         files[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -510,7 +459,9 @@ def _manifest(root: Path, cfg: PipelineConfig, steps: _Steps, fp: str) -> dict[s
             "samples": artifact(SAMPLES, "every sample seen by ingest, rejected ones included"),
             "embeddings": {
                 "path": EMBEDDINGS,
-                "format": "clip-retrieval (img_emb/img_emb_{i}.npy, text_emb/, metadata/metadata_{i}.parquet)",
+                "format": (
+                    "clip-retrieval (img_emb/img_emb_{i}.npy, text_emb/, metadata/metadata_{i}.parquet)"
+                ),
                 "partitions": [p.name for p in partitions],
                 "files": len(emb_files),
                 "bytes": sum(v["bytes"] for v in emb_files.values()),

@@ -41,10 +41,6 @@ INDEX_DIR = "index"
 STEPS = ("ingest", "embed", "image_dedup", "caption_dedup", "index", "sscd_index", "tables")
 
 
-
-
-
-
 #: Embedding kinds a bundle can be searched by -> (index file, info file) under ``index/``.
 INDEXED_KINDS = {IMG_EMB: (INDEX_NAME, INFO_NAME), SSCD_EMB: (SSCD_INDEX_NAME, SSCD_INFO_NAME)}
 

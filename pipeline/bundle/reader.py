@@ -141,7 +141,7 @@ class Bundle:
         return row_ids
 
     def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
-        """Stored vectors (of :attr:`kind`) of ``row_ids`` (any shape), L2-normalised float32, ``(*ids, dim)``."""
+        """Stored :attr:`kind` vectors of ``row_ids`` (any shape), L2-normalised float32, ``(*ids, dim)``."""
         row_ids = self._check_rows(row_ids)
         flat = row_ids.reshape(-1)
         part = np.searchsorted(self._starts, flat, side="right") - 1
@@ -163,7 +163,7 @@ class Bundle:
         return DuplicateCaption(caption=caption, count=count)
 
     def row(self, row_id: int) -> dict:
-        """The row's G_dup table entry: key, caption, image group, group caption, caption group, kNN caption."""
+        """The row's G_dup entry: key, caption, image group, group caption, caption group, kNN caption."""
         row = int(self._check_rows(np.asarray(row_id)))
         return self.table.slice(row, 1).to_pylist()[0]
 

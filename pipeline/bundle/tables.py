@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.stage import seconds_since
 from pipeline.dedup.text_normalize import normalize_captions
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def caption_ids(captions: pa.Array | pa.ChunkedArray | list[str | None]) -> tupl
     best = order[np.r_[True, norm_of[order][1:] != norm_of[order][:-1]]]
     spelling = raw.dictionary.to_pylist()
     texts = [""] * (int(ids.max()) + 1)
-    for norm, raw_id in zip(norm_of[best].tolist(), raw_of[best].tolist()):
+    for norm, raw_id in zip(norm_of[best].tolist(), raw_of[best].tolist(), strict=False):
         texts[norm] = spelling[raw_id]
     return ids, texts
 
@@ -219,7 +220,7 @@ def build_dedup_table(
         raise ValueError(f"{len(ids)} captions for {n} embeddings")
     group_mode, group_count = group_modes(np.asarray(image_group_id, np.int64), ids)
     knn_mode, knn_count, k = knn_dominant_captions(index, vectors, ids, knn_k, batch)
-    text_arr = np.asarray(texts + [None], dtype=object)  # id -1 -> None
+    text_arr = np.asarray([*texts, None], dtype=object)  # id -1 -> None
     if caption_group_id is None:
         caption_group_id = np.arange(n, dtype=np.int64)
         caption_group_size = np.ones(n, dtype=np.int64)
@@ -247,7 +248,7 @@ def build_dedup_table(
         "empty_captions": int((ids < 0).sum()),
         "max_knn_caption_count": int(knn_count.max()) if n else 0,
         "max_group_caption_count": int(group_count.max()) if n else 0,
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": seconds_since(started),
     }
     return table, stats
 

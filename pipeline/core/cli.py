@@ -45,7 +45,9 @@ def build_parser(description: str, main: str, extra: Sequence[str] = ("ray",)) -
             kwargs: dict[str, Any] = {
                 "dest": f"{section}.{f.name}",
                 "default": argparse.SUPPRESS,
-                "help": f"{f.metadata.get('help', '')} (default: {getattr(getattr(defaults, section), f.name)!r})",
+                "help": (
+                    f"{f.metadata.get('help', '')} (default: {getattr(getattr(defaults, section), f.name)!r})"
+                ),
             }
             if kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction

@@ -18,9 +18,14 @@ from typing import Any
 import yaml
 
 
-def option(default: Any, help: str, required: bool = False) -> Any:
-    """A dataclass field with its command-line help; ``required`` fields must be set by YAML or flag."""
-    return field(default=default, metadata={"help": help, "required": required})
+def option(default: Any, help: str, required: bool = False, fingerprint: bool = True) -> Any:
+    """A dataclass field with its command-line help.
+
+    ``required`` fields must be set by YAML or flag. ``fingerprint=False`` marks a field that does
+    not change a stage's output (a folder, whose content enters as a signature instead; a batch
+    size; a worker count): :func:`result_options` leaves it out, so changing it never redoes work.
+    """
+    return field(default=default, metadata={"help": help, "required": required, "fingerprint": fingerprint})
 
 
 @dataclass(frozen=True)
@@ -72,52 +77,70 @@ class DownloadConfig:
 class IngestConfig:
     """Reading img2dataset shards, decoding every image, accounting for every row."""
 
-    shards: str = option("", "folder of img2dataset output (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json)", True)
-    out: str = option("", "output folder for samples.parquet and per-shard parts", True)
-    decode_batch_size: int = option(64, "images per decode batch")
+    shards: str = option(
+        "",
+        "folder of img2dataset output (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json)",
+        True,
+        fingerprint=False,
+    )
+    out: str = option("", "output folder for samples.parquet and per-shard parts", True, fingerprint=False)
+    decode_batch_size: int = option(64, "images per decode batch", fingerprint=False)
     max_image_pixels: int = option(
         89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
     )
-    read_num_cpus: float = option(0.5, "CPUs reserved per shard read task")
+    read_num_cpus: float = option(0.5, "CPUs reserved per shard read task", fingerprint=False)
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     """open_clip image and caption embeddings in clip-retrieval's (LAION's) layout."""
 
-    shards: str = option("", "folder of img2dataset shards", True)
-    out: str = option("", "output folder: img_emb/, text_emb/, metadata/", True)
+    shards: str = option("", "folder of img2dataset shards", True, fingerprint=False)
+    out: str = option("", "output folder: img_emb/, text_emb/, metadata/", True, fingerprint=False)
     model: str = option("tiny", "open_clip architecture name, or 'tiny' (offline, random, non-semantic)")
     pretrained: str | None = option(None, "open_clip pretrained tag (fetched from the hub on clusters)")
     checkpoint: str | None = option(None, "local open_clip checkpoint file instead of a pretrained tag")
-    batch_size: int = option(64, "images per model batch (batches are padded to this size)")
+    batch_size: int = option(
+        64, "images per model batch (batches are padded to this size)", fingerprint=False
+    )
     precision: str = option("auto", "precision on GPU: auto (fp16), fp16, bf16 or fp32; CPU is always fp32")
-    num_actors: int | None = option(None, "model actors (default: one per GPU, else all CPUs but one)")
-    decode_batch_size: int = option(64, "images per decode/preprocess batch")
+    num_actors: int | None = option(
+        None, "model actors (default: one per GPU, else all CPUs but one)", fingerprint=False
+    )
+    decode_batch_size: int = option(64, "images per decode/preprocess batch", fingerprint=False)
     decode_num_cpus: float = option(
-        0.5, "CPUs per read+decode task; below 1 so Ray keeps decoding out of the model actors (overlap)"
+        0.5,
+        "CPUs per read+decode task; below 1 so Ray keeps decoding out of the model actors (overlap)",
+        fingerprint=False,
     )
     max_image_pixels: int = option(
         89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
     )
     sscd_checkpoint: str | None = option(None, "SSCD TorchScript file: also write sscd_emb/ copy descriptors")
     sscd_image_size: int = option(320, "side of the square SSCD input (SSCD's 'skew 320' resize)")
-    log_every_s: float = option(10.0, "seconds between progress log lines (images/s, ETA)")
+    log_every_s: float = option(10.0, "seconds between progress log lines (images/s, ETA)", fingerprint=False)
 
 
 @dataclass(frozen=True)
 class CaptionDedupConfig:
     """Near-duplicate captions: normalisation, exact hashing, MinHash LSH, Jaccard verification."""
 
-    input: str = option("", "parquet file or folder of parquet files with captions (LAION metadata works)", True)
-    out: str = option("", "output folder for caption_duplicates.parquet", True)
+    input: str = option(
+        "",
+        "parquet file or folder of parquet files with captions (LAION metadata works)",
+        True,
+        fingerprint=False,
+    )
+    out: str = option("", "output folder for caption_duplicates.parquet", True, fingerprint=False)
     caption_col: str | None = option(None, "caption column (default: detected: caption, TEXT or text)")
     key_col: str | None = option(None, "key column (default: key, else the row number)")
     threshold: float = option(0.7, "Jaccard similarity of shingle sets at which two captions are duplicates")
     shingle_size: int = option(3, "characters per shingle (character n-grams of the normalised caption)")
     num_perm: int = option(128, "MinHash permutations (datasketch's num_perm)")
     seed: int = option(1, "MinHash seed (datasketch's seed; same seed, same signatures)")
-    minhash_scheme: str = option("affine32", "datasketch permutation scheme: affine32 (datasketch 2.x) or legacy")
+    minhash_scheme: str = option(
+        "affine32", "datasketch permutation scheme: affine32 (datasketch 2.x) or legacy"
+    )
     fp_weight: float = option(0.5, "LSH false-positive weight for datasketch's (bands, rows) choice")
     fn_weight: float = option(0.5, "LSH false-negative weight for datasketch's (bands, rows) choice")
     word_guard: bool = option(
@@ -125,21 +148,32 @@ class CaptionDedupConfig:
     )
     bucket_window: int = option(64, "LSH bucket members each caption is paired with (bounds huge buckets)")
     ray_min_rows: int = option(
-        500_000, "inputs with fewer rows run in-process without starting Ray; larger ones on Ray tasks"
+        500_000,
+        "inputs with fewer rows run in-process without starting Ray; larger ones on Ray tasks",
+        fingerprint=False,
     )
-    batch_size: int = option(50_000, "captions per Ray task (normalisation, MinHash)")
+    batch_size: int = option(50_000, "captions per Ray task (normalisation, MinHash)", fingerprint=False)
 
 
 @dataclass(frozen=True)
 class ImageDedupConfig:
     """Image duplicates: exact (sha256), pixel-level (pHash Hamming) and semantic (CLIP cosine) passes."""
 
-    embeddings: str = option("", "embedding folder in LAION layout (img_emb/, metadata/ with sha256, phash)", True)
-    out: str = option("", "output folder for image_duplicates.parquet and image_dedup_summary.json", True)
+    embeddings: str = option(
+        "",
+        "embedding folder in LAION layout (img_emb/, metadata/ with sha256, phash)",
+        True,
+        fingerprint=False,
+    )
+    out: str = option(
+        "", "output folder for image_duplicates.parquet and image_dedup_summary.json", True, fingerprint=False
+    )
     exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
     phash: bool = option(True, "pixel-level pass: pHash Hamming distance through a FAISS binary index")
     phash_max_distance: int = option(
-        12, "largest Hamming distance (of 64 bits) between duplicate pHashes (measured: BENCHMARKS.md; use <= 8 above 10M images)"
+        12,
+        "largest Hamming distance (of 64 bits) between duplicate pHashes "
+        "(measured: BENCHMARKS.md; use <= 8 above 10M images)",
     )
     phash_exhaustive_max_n: int = option(
         10_000_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"
@@ -151,15 +185,19 @@ class ImageDedupConfig:
         0.95, "cosine of L2-normalised image embeddings at or above which two images are duplicates"
     )
     semantic_k: int = option(32, "neighbours examined per image in the semantic pass (caps pairs per image)")
-    search: str = option("auto", "semantic search: auto (flat up to exact_max_n, else ivf), flat, ivf or hnsw")
+    search: str = option(
+        "auto", "semantic search: auto (flat up to exact_max_n, else ivf), flat, ivf or hnsw"
+    )
     exact_max_n: int = option(100_000, "auto search: exact flat search up to this many embeddings")
     nlist: int | None = option(None, "IVF lists (default: about 2*sqrt(N), a power of two)")
     nprobe: int = option(8, "IVF lists visited per query in the semantic pass")
     hnsw_m: int = option(32, "HNSW links per node")
     ef_search: int = option(64, "HNSW search depth in the semantic pass")
     train_size: int = option(65_536, "most vectors an IVF quantizer is trained on (a seeded sample)")
-    query_batch: int = option(16_384, "query rows per search batch (bounds memory)")
-    use_gpu: bool = option(True, "search on GPU when FAISS sees one (k-NN; range search has no GPU kernel)")
+    query_batch: int = option(16_384, "query rows per search batch (bounds memory)", fingerprint=False)
+    use_gpu: bool = option(
+        True, "search on GPU when FAISS sees one (k-NN; range search has no GPU kernel)", fingerprint=False
+    )
     seed: int = option(0, "seed of sampling and training")
 
 
@@ -167,25 +205,41 @@ class ImageDedupConfig:
 class IndexConfig:
     """The similarity index over image embeddings that AMG and the audits search."""
 
-    embeddings: str = option("", "embedding folder in LAION layout (img_emb/ + metadata/)", True)
-    out: str = option("", "output folder for image.index, index_rows.parquet and index_info.json", True)
+    embeddings: str = option(
+        "", "embedding folder in LAION layout (img_emb/ + metadata/)", True, fingerprint=False
+    )
+    out: str = option(
+        "", "output folder for image.index, index_rows.parquet and index_info.json", True, fingerprint=False
+    )
     kind: str = option("auto", "index type: auto (from N and memory_budget_mb), flat, hnsw, ivf_flat, ivf_pq")
     memory_budget_mb: int = option(4096, "memory the index may take when searched (RAM or mmap page cache)")
     flat_max_n: int = option(100_000, "auto: exact flat index up to this many vectors")
     hnsw_max_n: int = option(2_000_000, "auto: HNSW (when it fits the budget) up to this many vectors")
     hnsw_m: int = option(32, "HNSW links per node")
     ef_construction: int = option(80, "HNSW build depth")
-    nlist: int | None = option(None, "IVF lists (default: 4*sqrt(N) below 1M vectors, 2^16 above; power of two)")
-    pq_m: int | None = option(None, "PQ bytes per vector for ivf_pq (default: the largest that fits the budget)")
+    nlist: int | None = option(
+        None, "IVF lists (default: 4*sqrt(N) below 1M vectors, 2^16 above; power of two)"
+    )
+    pq_m: int | None = option(
+        None, "PQ bytes per vector for ivf_pq (default: the largest that fits the budget)"
+    )
     opq: bool = option(False, "ivf_pq: OPQ rotation before PQ (autofaiss does; its training is slow on CPU)")
     train_size: int = option(131_072, "most vectors IVF/PQ/OPQ training sees (a seeded sample)")
-    target_recall: float = option(0.95, "nprobe/efSearch are raised until the self-check recall@k reaches this")
-    recall_sample: int = option(1_000, "queries (a seeded sample of the indexed rows) for the recall self-check")
+    target_recall: float = option(
+        0.95, "nprobe/efSearch are raised until the self-check recall@k reaches this"
+    )
+    recall_sample: int = option(
+        1_000, "queries (a seeded sample of the indexed rows) for the recall self-check"
+    )
     recall_k: int = option(10, "k of the recall@k self-check against exact search")
     duplicates: str | None = option(
-        None, "image_duplicates.parquet: also write dup_image.index over the images in duplicate groups"
+        None,
+        "image_duplicates.parquet: also write dup_image.index over the images in duplicate groups",
+        fingerprint=False,
     )
-    use_gpu: bool = option(True, "build (and self-check) on GPU when FAISS sees one; saved for CPU")
+    use_gpu: bool = option(
+        True, "build (and self-check) on GPU when FAISS sees one; saved for CPU", fingerprint=False
+    )
     seed: int = option(0, "seed of sampling and training")
 
 
@@ -193,58 +247,95 @@ class IndexConfig:
 class BundleConfig:
     """The versioned artifact bundle AMG and the audits open: ingest -> embed -> dedup -> index -> tables."""
 
-    shards: str = option("", "folder of img2dataset shards", True)
-    out: str = option("", "bundle folder (manifest.json, samples.parquet, embeddings/, tables, index)", True)
-    knn_k: int = option(1000, "neighbours counted for each row's dominant caption (capped at N; authors: 1000)")
-    duplicate_caption_min_count: int = option(
-        21, "y_N needs its caption at least this often among the k neighbours (21: the authors' 'more than 20')"
+    shards: str = option("", "folder of img2dataset shards", True, fingerprint=False)
+    out: str = option(
+        "",
+        "bundle folder (manifest.json, samples.parquet, embeddings/, tables, index)",
+        True,
+        fingerprint=False,
     )
-    verify_checksums: bool = option(True, "check every file's sha256 against the manifest after building")
+    knn_k: int = option(
+        1000, "neighbours counted for each row's dominant caption (capped at N; authors: 1000)"
+    )
+    duplicate_caption_min_count: int = option(
+        21,
+        "y_N needs its caption at least this often among the k neighbours (21: the authors' 'more than 20')",
+    )
+    verify_checksums: bool = option(
+        True, "check every file's sha256 against the manifest after building", fingerprint=False
+    )
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """Memorization audit of a text-to-image model: generate per prompt, match against the bundle, flag, report.
+    """Memorization audit of a text-to-image model: generate per prompt, match with the bundle, flag, report.
 
     ``bundle`` and ``model`` are required except with ``dry_run`` (which only reads the prompt list).
     """
 
-    bundle: str = option("", "artifact bundle folder (jobs/build_artifacts.py) to match generations against")
-    prompts: str = option("", "prompt list: .txt, .json, .jsonl, .csv, .tsv or .parquet", True)
-    out: str = option("", "output folder: results.parquet, prompts.parquet, summary.json, report.html", True)
-    model: str = option("", "diffusers text-to-image pipeline folder (StableDiffusionPipeline layout)")
-    prompt_column: str | None = option(None, "prompt column of a tabular prompt list (default: detected)")
-    samples_per_prompt: int = option(4, "generations per prompt and AMG mode (seeds derived from the prompt id)")
-    amg: str = option("both", "generate without AMG (off), with it (on), or both, paired by seed")
+    bundle: str = option(
+        "", "artifact bundle folder (jobs/build_artifacts.py) to match generations against", fingerprint=False
+    )
+    prompts: str = option(
+        "", "prompt list: .txt, .json, .jsonl, .csv, .tsv or .parquet", True, fingerprint=False
+    )
+    out: str = option(
+        "",
+        "output folder: results.parquet, prompts.parquet, summary.json, report.html",
+        True,
+        fingerprint=False,
+    )
+    model: str = option(
+        "", "diffusers text-to-image pipeline folder (StableDiffusionPipeline layout)", fingerprint=False
+    )
+    prompt_column: str | None = option(
+        None, "prompt column of a tabular prompt list (default: detected)", fingerprint=False
+    )
+    samples_per_prompt: int = option(
+        4, "generations per prompt and AMG mode (seeds derived from the prompt id)"
+    )
+    amg: str = option(
+        "both", "generate without AMG (off), with it (on), or both, paired by seed", fingerprint=False
+    )
     mode: str = option("reference", "AMG constants: paper or reference (pipeline.amg.AMGConfig.preset)")
     similarity: str = option("sscd", "similarity of the detection and of AMG: sscd, clip or nl2")
     memorized_threshold: float | None = option(
         None, "similarity above which a sample is memorized (default: the AMG preset's; SSCD 0.5)"
     )
     sscd_checkpoint: str | None = option(
-        None, "SSCD TorchScript file (default: the one the bundle was embedded with)"
+        None, "SSCD TorchScript file (default: the one the bundle was embedded with)", fingerprint=False
     )
-    amg_overrides: str | None = option(None, "YAML file of AMGConfig field changes for the 'on' mode")
+    amg_overrides: str | None = option(
+        None, "YAML file of AMGConfig field changes for the 'on' mode", fingerprint=False
+    )
     seed: int = option(0, "run seed; a sample's seed is a hash of (seed, prompt id, sample index)")
     num_inference_steps: int = option(50, "sampling steps (the model's own scheduler)")
     guidance_scale: float = option(7.5, "classifier-free guidance scale")
-    batch_size: int = option(4, "samples per pipeline call (results do not depend on it)")
+    batch_size: int = option(4, "samples per pipeline call (results do not depend on it)", fingerprint=False)
     tile_grid: int = option(4, "Carlini criterion: tiles per side (4: 16 tiles, 128 px at 512 px)")
     tile_threshold: float = option(
-        0.15, "Carlini criterion: two generations are near-identical when their largest tile RMS distance is below this"
+        0.15,
+        "Carlini criterion: two generations are near-identical when their largest tile RMS distance "
+        "is below this",
     )
     clique_size: int = option(
-        10, "Carlini criterion: flag a prompt when this many generations are pairwise near-identical (capped at N)"
+        10,
+        "Carlini criterion: flag a prompt when this many generations are pairwise near-identical "
+        "(capped at N)",
     )
     wen_steps: int = option(1, "Wen score: sampling steps averaged (from the first)")
     wen_samples: int = option(4, "Wen score: seeds averaged (the prompt's first sample seeds)")
     wen_threshold: float = option(
         0.0, "pre-screen: prompts whose Wen score is below this are not generated (0: audit every prompt)"
     )
-    num_actors: int | None = option(None, "generator actors (default: one per GPU, else all CPUs but one)")
-    max_prompts: int | None = option(None, "stop after this many prompts are finished (testing, staged runs)")
-    thumbnail_size: int = option(96, "side of the report's image thumbnails, in pixels")
-    dry_run: bool = option(False, "only read the prompt list and write prompts.parquet")
+    num_actors: int | None = option(
+        None, "generator actors (default: one per GPU, else all CPUs but one)", fingerprint=False
+    )
+    max_prompts: int | None = option(
+        None, "stop after this many prompts are finished (testing, staged runs)", fingerprint=False
+    )
+    thumbnail_size: int = option(96, "side of the report's image thumbnails, in pixels", fingerprint=False)
+    dry_run: bool = option(False, "only read the prompt list and write prompts.parquet", fingerprint=False)
 
 
 @dataclass(frozen=True)
@@ -282,7 +373,9 @@ class AMGJobConfig:
     num_inference_steps: int = option(50, "DDIM steps when evaluating")
     samples_per_prompt: int = option(4, "images per prompt (seeds 0..n-1) when evaluating")
     guidance_scale: float = option(7.5, "classifier-free guidance scale s0")
-    sscd_checkpoint: str | None = option(None, "SSCD TorchScript file (default: the offline stand-in descriptor)")
+    sscd_checkpoint: str | None = option(
+        None, "SSCD TorchScript file (default: the offline stand-in descriptor)"
+    )
     overrides: str | None = option(None, "YAML file of AMGConfig changes per mode")
 
 
@@ -368,6 +461,13 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
     return with_overrides(cfg, data)
+
+
+def result_options(cfg: Any) -> dict[str, Any]:
+    """The fields of a config section that change a stage's output (see :func:`option`)."""
+    return {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("fingerprint", True)
+    }
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

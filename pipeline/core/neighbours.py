@@ -42,7 +42,7 @@ class NeighbourIndex(Protocol):
         """Number of training rows."""
 
     def search_embeddings(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, row_ids)``, each ``(len(queries), k)``, best first, as ``faiss.Index.search`` returns."""
+        """``(scores, row_ids)``, each ``(len(queries), k)``, best first, like ``faiss.Index.search``."""
 
     def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
         """Stored (L2-normalised) vectors of ``row_ids``, float32, for similarity and its gradient."""

@@ -49,6 +49,16 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def files_signature(paths: list[Path], root: Path | None = None) -> list[list[Any]]:
+    """Name (relative to ``root``), size and mtime of each file: cheap, and changes when a file does."""
+    sig = []
+    for path in paths:
+        st = path.stat()
+        name = path.relative_to(root).as_posix() if root is not None else path.name
+        sig.append([name, st.st_size, st.st_mtime_ns])
+    return sig
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

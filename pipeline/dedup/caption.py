@@ -75,15 +75,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.sparse import csr_matrix
 
-from pipeline.core.config import CaptionDedupConfig, RayConfig
+from pipeline.core.config import CaptionDedupConfig, RayConfig, result_options
 from pipeline.core.ray_runtime import ray_session
-from pipeline.core.storage import atomic_write_json, atomic_write_table
+from pipeline.core.stage import Stage, run_stage, seconds_since
+from pipeline.core.storage import atomic_write_json, atomic_write_table, files_signature
 from pipeline.dedup.minhash import SCHEMES, MinHasher, band_hashes, char_shingles, lsh_params, shingle_hashes
 from pipeline.dedup.text_normalize import normalize_captions
 from pipeline.dedup.union_find import component_sizes, connected_components
 
 log = logging.getLogger(__name__)
 
+#: Version of caption_duplicates.parquet; part of the fingerprint, so a new version recomputes.
+SCHEMA_VERSION = 1
 OUTPUT_NAME = "caption_duplicates.parquet"
 SUMMARY_NAME = "caption_dedup_summary.json"
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
@@ -144,10 +147,10 @@ def read_captions(
     schemas = [pq.read_schema(f) for f in files]
     first_names = list(schemas[0].names)
     caption = detect_caption_column(first_names, caption_col, where=str(files[0]))
-    for f, schema in zip(files, schemas):
+    for f, schema in zip(files, schemas, strict=False):
         detect_caption_column(list(schema.names), caption, where=str(f))
     if key_col:
-        for f, schema in zip(files, schemas):
+        for f, schema in zip(files, schemas, strict=False):
             if key_col not in schema.names:
                 raise ValueError(f"key column {key_col!r} not in {f}; columns are: {', '.join(schema.names)}")
         key = key_col
@@ -230,8 +233,7 @@ def bucket_pairs(band_keys: np.ndarray, window: int) -> np.ndarray:
             members = order[starts[sizes == size][:, None] + np.arange(size)[None, :]]
             i, j = _window_pairs(int(size), window)
             if size > 2048:  # bound the memory of one very large bucket group
-                for row in members:
-                    out.append(np.stack([row[i], row[j]], axis=1))
+                out.extend(np.stack([row[i], row[j]], axis=1) for row in members)
             else:
                 out.append(np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1))
     if not out:
@@ -387,7 +389,9 @@ def verify_pairs(
         idx = np.flatnonzero(keep)
         a = pc.take(texts, pa.array(pairs[idx, 0])).to_pylist()
         b = pc.take(texts, pa.array(pairs[idx, 1])).to_pylist()
-        bad = np.fromiter((replaces_a_word(x, y) for x, y in zip(a, b)), dtype=bool, count=len(idx))
+        bad = np.fromiter(
+            (replaces_a_word(x, y) for x, y in zip(a, b, strict=False)), dtype=bool, count=len(idx)
+        )
         keep[idx[bad]] = False
         verdicts.word_substitutions = int(bad.sum())
     return verdicts
@@ -628,10 +632,67 @@ def find_caption_duplicates(
         "lsh_bands": bands,
         "lsh_rows": rows,
         "mode": "ray" if use_ray else "in-process",
-        "seconds": round(time.monotonic() - t_start, 3),
+        "seconds": seconds_since(t_start),
         "stage_seconds": timings,
     }
     return CaptionDedupResult(table=table, stats=stats, labels=row_label)
+
+
+class CaptionDedupStage(Stage):
+    """Parquet captions -> ``caption_duplicates.parquet`` and ``caption_dedup_summary.json``."""
+
+    name = "caption_dedup"
+
+    def __init__(
+        self, cfg: CaptionDedupConfig, ray_cfg: RayConfig | None = None, use_ray: bool | None = None
+    ):
+        self.cfg = cfg
+        self.ray_cfg = ray_cfg
+        self.use_ray = use_ray
+        self.out = Path(cfg.out)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Result options and the input files' names, sizes and mtimes."""
+        root = Path(self.cfg.input)
+        files = parquet_files(root)
+        return {
+            "schema": SCHEMA_VERSION,
+            "options": result_options(self.cfg),
+            "input": files_signature(files, root if root.is_dir() else root.parent),
+        }
+
+    def outputs(self) -> list[Path]:
+        return [self.out / OUTPUT_NAME]
+
+    def compute(self) -> dict[str, Any]:
+        started = time.monotonic()
+        cfg = self.cfg
+        keys, captions, info = read_captions(cfg.input, cfg.caption_col, cfg.key_col)
+        log.info(
+            "caption dedup: %d rows from %d file(s), caption column %s",
+            len(captions),
+            info["files"],
+            info["caption_col"],
+        )
+        use_ray = len(captions) >= cfg.ray_min_rows if self.use_ray is None else self.use_ray
+        if use_ray:
+            with ray_session(self.ray_cfg or RayConfig()):
+                result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=True)
+        else:
+            result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=False)
+        atomic_write_table(self.out / OUTPUT_NAME, result.table)
+        summary = {
+            "job": "dedup_captions",
+            "output": str(self.out / OUTPUT_NAME),
+            **info,
+            **result.stats,
+            "threshold": cfg.threshold,
+            "num_perm": cfg.num_perm,
+            "shingle_size": cfg.shingle_size,
+            "seconds": seconds_since(started),
+        }
+        atomic_write_json(self.out / SUMMARY_NAME, summary)
+        return summary
 
 
 def run_caption_dedup(
@@ -641,35 +702,7 @@ def run_caption_dedup(
 
     With ``use_ray=None`` the input size decides: at least ``cfg.ray_min_rows`` rows run on Ray
     (joining or starting it through :func:`pipeline.core.ray_runtime.ray_session` with ``ray_cfg``),
-    fewer run in-process without starting Ray at all.
+    fewer run in-process without starting Ray at all. A re-run with the same options over unchanged
+    input files returns the saved summary (``skipped: true``).
     """
-    started = time.monotonic()
-    keys, captions, info = read_captions(cfg.input, cfg.caption_col, cfg.key_col)
-    log.info(
-        "caption dedup: %d rows from %d file(s), caption column %s",
-        len(captions),
-        info["files"],
-        info["caption_col"],
-    )
-    if use_ray is None:
-        use_ray = len(captions) >= cfg.ray_min_rows
-    if use_ray:
-
-        with ray_session(ray_cfg or RayConfig()):
-            result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=True)
-    else:
-        result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=False)
-    out = Path(cfg.out)
-    atomic_write_table(out / OUTPUT_NAME, result.table)
-    summary = {
-        "job": "dedup_captions",
-        "output": str(out / OUTPUT_NAME),
-        **info,
-        **result.stats,
-        "threshold": cfg.threshold,
-        "num_perm": cfg.num_perm,
-        "shingle_size": cfg.shingle_size,
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    atomic_write_json(out / SUMMARY_NAME, summary)
-    return summary
+    return run_stage(CaptionDedupStage(cfg, ray_cfg, use_ray), cfg.out)

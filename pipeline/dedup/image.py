@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.config import ImageDedupConfig
+from pipeline.core.config import ImageDedupConfig, result_options
 from pipeline.core.ray_runtime import gpu_count
-from pipeline.core.storage import DoneMarkers, atomic_write_json, atomic_write_table, fingerprint
+from pipeline.core.stage import Stage, run_stage, seconds_since
+from pipeline.core.storage import atomic_write_json, atomic_write_table
 from pipeline.dedup.union_find import component_sizes, connected_components
 from pipeline.embed.phash import HASH_BITS
 from pipeline.index.faiss_index import knn_batches
@@ -102,14 +103,6 @@ MULTIHASH_BITS = 16
 # ----------------------------------------------------------------------------------------------
 # Inputs.
 # ----------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +273,7 @@ def semantic_pairs(
         saturated += int((scores[:, -1] >= threshold).sum()) if ids.shape[1] == k + 1 else 0
         found.append(np.stack([queries[keep], ids[keep]], axis=1))
         scores_out.append(scores[keep])
-    info["seconds"] = round(time.monotonic() - started, 3)
+    info["seconds"] = seconds_since(started)
     info["saturated_rows"] = saturated
     pairs, cosines = _canonical(np.concatenate(found), np.concatenate(scores_out).astype(np.float32))
     return pairs, cosines, info
@@ -356,7 +349,7 @@ def find_image_duplicates(
     if cfg.exact:
         started = time.monotonic()
         pairs[METHOD_EXACT] = exact_pairs(meta.column("sha256"))
-        stats["passes"][METHOD_EXACT] = {"pairs": len(pairs[METHOD_EXACT]), "seconds": _since(started)}
+        stats["passes"][METHOD_EXACT] = {"pairs": len(pairs[METHOD_EXACT]), "seconds": seconds_since(started)}
     hashes = None
     has_hash = np.zeros(n, bool)
     if "phash" in meta.column_names:
@@ -385,7 +378,7 @@ def find_image_duplicates(
                 "pairs": len(p),
                 **info,
                 "chance_partners_per_image": round(chance, 6),
-                "seconds": _since(started),
+                "seconds": seconds_since(started),
             }
             if chance > 0.1:
                 log.warning(
@@ -422,10 +415,10 @@ def find_image_duplicates(
         )
         pairs[METHOD_SEMANTIC] = p
         info["gpu"] = gpu_count(cfg.use_gpu) > 0
-        stats["passes"][METHOD_SEMANTIC] = {"pairs": len(p), **info, "seconds": _since(started)}
+        stats["passes"][METHOD_SEMANTIC] = {"pairs": len(p), **info, "seconds": seconds_since(started)}
 
     started = time.monotonic()
-    all_pairs = np.concatenate([p for p in pairs.values()]) if pairs else np.zeros((0, 2), np.int64)
+    all_pairs = np.concatenate(list(pairs.values())) if pairs else np.zeros((0, 2), np.int64)
     labels = connected_components(n, all_pairs)
     sizes = component_sizes(labels)
     width = meta.column("width").to_numpy(zero_copy_only=False) if n else np.zeros(0)
@@ -453,18 +446,15 @@ def find_image_duplicates(
         methods={
             m: int(c)
             for m, c in zip(
-                *np.unique(table.column("method").to_numpy(zero_copy_only=False), return_counts=True)
+                *np.unique(table.column("method").to_numpy(zero_copy_only=False), return_counts=True),
+                strict=False,
             )
         }
         if table.num_rows
         else {},
-        grouping_seconds=_since(started),
+        grouping_seconds=seconds_since(started),
     )
     return ImageDedupResult(table, group_id, sizes, pairs, stats)
-
-
-def _since(started: float) -> float:
-    return round(time.monotonic() - started, 3)
 
 
 def _duplicates_table(
@@ -509,7 +499,7 @@ def _duplicates_table(
     if cfg.phash:
         method[both & (distance <= cfg.phash_max_distance) & (hashes[rows] != 0)] = METHOD_PHASH
     if cfg.exact:
-        same = np.array([bool(a) and a == b for a, b in zip(sha[rows], sha[rep])], dtype=bool)
+        same = np.array([bool(a) and a == b for a, b in zip(sha[rows], sha[rep], strict=False)], dtype=bool)
         method[same] = METHOD_EXACT
     method[is_rep] = METHOD_REPRESENTATIVE
     linked = [[] for _ in rows]
@@ -554,14 +544,52 @@ def check_config(cfg: ImageDedupConfig) -> None:
         raise ValueError(f"image_dedup.search must be auto, flat, ivf or hnsw; got {cfg.search!r}")
 
 
-def dedup_fingerprint(cfg: ImageDedupConfig) -> str:
-    """What makes a finished run reusable: every option but the folders, and the input's signature."""
-    options = {
-        k: v for k, v in asdict(cfg).items() if k not in ("embeddings", "out", "use_gpu", "query_batch")
-    }
-    return fingerprint(
-        {"schema": SCHEMA_VERSION, "options": options, "input": folder_signature(cfg.embeddings)}
-    )
+class ImageDedupStage(Stage):
+    """Embedding folder -> ``image_duplicates.parquet`` and ``image_dedup_summary.json``."""
+
+    name = "image_dedup"
+
+    def __init__(self, cfg: ImageDedupConfig):
+        check_config(cfg)
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every result option and the input folder's signature (sizes and mtimes of its files)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "options": result_options(self.cfg),
+            "input": folder_signature(self.cfg.embeddings),
+        }
+
+    def outputs(self) -> list[Path]:
+        return [self.out / OUTPUT_NAME]
+
+    def compute(self) -> dict[str, Any]:
+        started = time.monotonic()
+        cfg = self.cfg
+        meta = load_metadata(cfg.embeddings, META_COLUMNS)
+        semantic_model = is_semantic(cfg.embeddings)
+        vectors = load_unit_embeddings(cfg.embeddings)
+        log.info(
+            "image dedup: %d images from %s (semantic model: %s)",
+            meta.num_rows,
+            cfg.embeddings,
+            semantic_model,
+        )
+        result = find_image_duplicates(meta, vectors, cfg, semantic_model=semantic_model)
+        atomic_write_table(self.out / OUTPUT_NAME, result.table)
+        summary = {
+            "job": "dedup_images",
+            "out": str(self.out / OUTPUT_NAME),
+            "embeddings": str(cfg.embeddings),
+            "semantic_model": semantic_model,
+            **result.stats,
+            "seconds": seconds_since(started),
+            "skipped": False,
+        }
+        atomic_write_json(self.out / SUMMARY_NAME, summary)
+        return summary
 
 
 def run_image_dedup(cfg: ImageDedupConfig) -> dict[str, Any]:
@@ -570,32 +598,4 @@ def run_image_dedup(cfg: ImageDedupConfig) -> dict[str, Any]:
     A re-run with the same options over the same input files returns the saved summary without
     recomputing (``skipped: true``).
     """
-    started = time.monotonic()
-    check_config(cfg)
-    out = Path(cfg.out)
-    markers = DoneMarkers(out, dedup_fingerprint(cfg))
-    marker = markers.read("image_dedup")
-    if marker is not None and (out / OUTPUT_NAME).is_file():
-        log.info("image dedup: %s is up to date", out / OUTPUT_NAME)
-        return {**marker["summary"], "skipped": True}
-
-    meta = load_metadata(cfg.embeddings, META_COLUMNS)
-    semantic_model = is_semantic(cfg.embeddings)
-    vectors = load_unit_embeddings(cfg.embeddings)
-    log.info(
-        "image dedup: %d images from %s (semantic model: %s)", meta.num_rows, cfg.embeddings, semantic_model
-    )
-    result = find_image_duplicates(meta, vectors, cfg, semantic_model=semantic_model)
-    atomic_write_table(out / OUTPUT_NAME, result.table)
-    summary = {
-        "job": "dedup_images",
-        "out": str(out / OUTPUT_NAME),
-        "embeddings": str(cfg.embeddings),
-        "semantic_model": semantic_model,
-        **result.stats,
-        "seconds": _since(started),
-        "skipped": False,
-    }
-    atomic_write_json(out / SUMMARY_NAME, summary)
-    markers.write("image_dedup", {"summary": summary})
-    return summary
+    return run_stage(ImageDedupStage(cfg), cfg.out)

@@ -302,10 +302,7 @@ class MinHasher:
         n = len(offsets) - 1
         sig = np.full((self.num_perm, n), np.uint32(MAX_HASH32), dtype=np.uint32)
         counts = np.diff(offsets)
-        if self.scheme == "affine32":
-            tokens = _fmix32(hashes)
-        else:
-            tokens = np.asarray(hashes, dtype=np.uint64)
+        tokens = _fmix32(hashes) if self.scheme == "affine32" else np.asarray(hashes, dtype=np.uint64)
         lo = 0
         while lo < n:
             hi = int(np.searchsorted(offsets, offsets[lo] + _BLOCK_TOKENS, side="right")) - 1

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.core.config import DownloadConfig
+from pipeline.core.stage import seconds_since
 from pipeline.io.shards import list_shards
 
 log = logging.getLogger(__name__)
@@ -419,5 +420,5 @@ def run_download(cfg: DownloadConfig) -> dict[str, Any]:
         **summary,
         "shards_downloaded": downloaded,
         "shards_skipped": len(after) - downloaded,
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": seconds_since(started),
     }

@@ -1,1 +1,1 @@
-"""Stage 2: shards -> open_clip image/text embeddings, pHash and optional SSCD in LAION layout (jobs/embed.py)."""
+"""Stage 2 (jobs/embed.py): shards -> open_clip image/text embeddings, pHash, optional SSCD; LAION layout."""

@@ -2,24 +2,20 @@
 
 Stages, each testable alone (the shape of :mod:`pipeline.ingest.ingest`):
 
-* reader (:func:`read_rows`): one Ray task per shard yields its raw rows, numbered in shard order;
-* mapper (:func:`prepare_batch`): CPU tasks decode each image once and derive everything pixel-based
-  from it: sha256, size, the pHash, the model's resized/cropped uint8 input (and SSCD's);
+* reader and mapper (:mod:`pipeline.embed.prepare`): one Ray task per shard reads its rows, CPU tasks
+  decode each image once into pHash, sha256 and the models' uint8 inputs;
 * model (:class:`EmbedActor`): an actor pool (one actor per GPU, or CPU actors when the cluster has no
   GPU) embeds the decoded images and their captions; rejected rows pass through with no model work,
   so the writer still sees every row of a shard;
 * writer (:class:`PartitionWriter` behind a :class:`~pipeline.io.partitions.PartitionAssembler`): on the
   driver, writes a shard's partition (``img_emb``, ``text_emb``, ``metadata``; see
   :mod:`pipeline.io.embeddings`) and then its done marker, as soon as all its rows arrived;
-* runner (:func:`run_embed`): skips finished partitions, plans the actor pool, logs progress, sums up.
+* stage (:class:`EmbedStage`, run by :func:`run_embed` through the stage contract): skips finished
+  partitions, plans the actor pool, logs progress, sums up.
 
 Decoding and inference are separate Ray operators, so they overlap. Rejected rows (download
 failures, broken or non-image files) are not embedded but counted by reason: for every partition,
 rows seen = embedded + skipped.
-
-This module imports neither torch nor open_clip at the top: the decode tasks import it, and each of
-their worker processes would otherwise pay seconds and hundreds of MB for libraries it never uses.
-The model side (:mod:`pipeline.embed.clip_models`) is imported where the driver and the actors need it.
 """
 
 from __future__ import annotations
@@ -32,26 +28,42 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-from PIL import Image
+import torch
 
-from pipeline.core.config import EmbedConfig
+from pipeline.core.config import EmbedConfig, result_options
 from pipeline.core.ray_runtime import cluster_gpus, cpu_actor_pool_size
+from pipeline.core.stage import Commit, PartitionedStage, PartitionRun, run_partitioned
 from pipeline.core.storage import (
-    DoneMarkers,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
     fingerprint,
 )
-from pipeline.embed.phash import SIDE, grayscale_thumbnail, phash_thumbnails
-from pipeline.io.decode import decode_image, reason_of
+from pipeline.embed.clip_models import (
+    ClipSpec,
+    clip_spec,
+    fetch_weights,
+    load_clip,
+    load_sscd,
+    resolve_precision,
+)
+from pipeline.embed.prepare import (
+    NO_ERROR,
+    PIXELS,
+    ROW_COLUMNS,
+    SSCD_PIXELS,
+    DecodePlan,
+    prepare_batch,
+    read_rows,
+)
+from pipeline.io.decode import reason_of
 from pipeline.io.embeddings import (
     DONE,
     IMG_EMB,
@@ -62,120 +74,11 @@ from pipeline.io.embeddings import (
     metadata_path,
 )
 from pipeline.io.partitions import PartitionAssembler, shard_sizes
-from pipeline.io.shards import Shard, list_shards, read_shard
-
-if TYPE_CHECKING:
-    from pipeline.embed.clip_models import ClipSpec
+from pipeline.io.shards import Shard, list_shards
 
 log = logging.getLogger(__name__)
 
 EMBED_SCHEMA_VERSION = 1
-NO_ERROR = ""
-PIXELS = "pixels"
-SSCD_PIXELS = "sscd_pixels"
-#: Columns every row carries from the mapper to the writer, besides the pixels and embeddings. ``error`` is
-#: the rejection reason with its detail, or :data:`NO_ERROR` (not null: Ray turns an all-null block's
-#: column into floats on its way through numpy batches).
-ROW_COLUMNS = (
-    "key",
-    "shard",
-    "shard_rows",
-    "row",
-    "caption",
-    "url",
-    "sha256",
-    "width",
-    "height",
-    "phash",
-    "error",
-)
-
-
-@dataclass(frozen=True)
-class DecodePlan:
-    """What the decode tasks need to know about the models, derived on the driver without loading them.
-
-    Attributes:
-        max_pixels (`int`): decompression-bomb limit for :func:`~pipeline.io.decode.decode_image`.
-        clip_preprocess (`dict`): the model's open_clip ``PreprocessCfg`` (from
-            :func:`~pipeline.embed.clip_models.clip_spec`).
-        sscd_image_size (`int`, *optional*): side of the SSCD input; None when no SSCD model is used.
-    """
-
-    max_pixels: int
-    clip_preprocess: dict[str, Any]
-    sscd_image_size: int | None = None
-
-
-def read_rows(item: dict[str, Any], shards: dict[str, Shard]) -> list[dict[str, Any]]:
-    """Reader: the raw rows of the shard named in ``item``, each with its position ``row`` in the shard."""
-    rows = read_shard(shards[item["shard"]])
-    for index, row in enumerate(rows):
-        row["row"] = index
-    return rows
-
-
-def fit_to_model(image: Image.Image, preprocess: dict[str, Any]) -> Image.Image:
-    """open_clip's eval geometry (resize, center crop) done with PIL alone, for the decode tasks.
-
-    It equals the geometric steps of open_clip's own transform (torchvision on PIL images) for the
-    modes :func:`~pipeline.embed.clip_models.clip_spec` accepts: ``shortest`` (the short side to the square
-    size, then a center crop) and ``squash``; the tests check it against open_clip's transform.
-    """
-    height, width = preprocess["size"]
-    resample = (
-        Image.Resampling.BILINEAR if preprocess["interpolation"] == "bilinear" else Image.Resampling.BICUBIC
-    )
-    if preprocess["resize_mode"] == "squash":
-        return image.resize((width, height), resample) if image.size != (width, height) else image
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = height, int(height * long / short)  # torchvision's rounding
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample)
-    left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
-    return image.crop((left, top, left + width, top + height))
-
-
-def prepare_batch(batch: pa.Table, plan: DecodePlan) -> dict[str, np.ndarray]:
-    """Mapper: decode each image once; pHash it and resize it to the model inputs as uint8 pictures.
-
-    Rejected rows keep their place with ``error`` set and all-zero pixels, so the model actor can pass
-    them through and the writer can count them.
-    """
-    height, width = plan.clip_preprocess["size"]
-    n = batch.num_rows
-    pixels = np.zeros((n, height, width, 3), dtype=np.uint8)
-    thumbnails = np.zeros((n, SIDE, SIDE), dtype=np.float32)
-    sscd_side = plan.sscd_image_size
-    sscd_pixels = np.zeros((n, sscd_side, sscd_side, 3), dtype=np.uint8) if sscd_side else None
-    columns: dict[str, list[Any]] = {name: [] for name in ROW_COLUMNS if name != "phash"}
-    for i, row in enumerate(batch.to_pylist()):
-        decoded = None if row["read_error"] else decode_image(row["image"], plan.max_pixels)
-        error = row["read_error"] or decoded.error
-        for name in ("key", "shard", "shard_rows", "row", "caption", "url"):
-            columns[name].append(row[name])
-        columns["sha256"].append(decoded.sha256 if decoded else "")
-        columns["width"].append(decoded.width if decoded else 0)
-        columns["height"].append(decoded.height if decoded else 0)
-        columns["error"].append(error or NO_ERROR)
-        if error is None:
-            pixels[i] = np.asarray(fit_to_model(decoded.image, plan.clip_preprocess))
-            thumbnails[i] = grayscale_thumbnail(decoded.image)
-            if sscd_pixels is not None:
-                sscd_pixels[i] = np.asarray(
-                    decoded.image.resize((sscd_side, sscd_side), Image.Resampling.BILINEAR)
-                )
-    ok = np.array([e == NO_ERROR for e in columns["error"]], dtype=bool)
-    out: dict[str, np.ndarray] = {name: np.array(values, dtype=object) for name, values in columns.items()}
-    for name in ("shard_rows", "row", "width", "height"):
-        out[name] = np.asarray(columns[name], dtype=np.int64)
-    out["phash"] = np.where(ok, phash_thumbnails(thumbnails), np.uint64(0))
-    out[PIXELS] = pixels
-    if sscd_pixels is not None:
-        out[SSCD_PIXELS] = sscd_pixels
-    return out
 
 
 class EmbedActor:
@@ -189,9 +92,6 @@ class EmbedActor:
     """
 
     def __init__(self, cfg: EmbedConfig, precision: str):
-        import torch
-
-        from pipeline.embed.clip_models import load_clip, load_sscd
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.clip = load_clip(cfg, device, precision)
@@ -250,18 +150,14 @@ class PartitionWriter:
 
     Args:
         out (`Path`): output folder.
-        markers (`DoneMarkers`): markers under ``out/done``.
-        shards (`dict[str, Shard]`): the input shards, for the source signature in each marker.
+        commit (`Commit`): records a finished partition (its done marker under ``out/done``).
         spec (`ClipSpec`): the model, for labels and the width of empty partitions.
         sscd_dim (`int`, *optional*): SSCD descriptor width; None when no SSCD model is used.
     """
 
-    def __init__(
-        self, out: Path, markers: DoneMarkers, shards: dict[str, Shard], spec: ClipSpec, sscd_dim: int | None
-    ):
+    def __init__(self, out: Path, commit: Commit, spec: ClipSpec, sscd_dim: int | None):
         self.out = out
-        self.markers = markers
-        self.shards = shards
+        self.commit = commit
         self.spec = spec
         self.dims = {IMG_EMB: spec.dim, TEXT_EMB: spec.dim} | ({SSCD_EMB: sscd_dim} if sscd_dim else {})
 
@@ -279,11 +175,10 @@ class PartitionWriter:
         info = {
             "partition": name,
             **counts,
-            "source": self.shards[name].signature(),
             "model": self.spec.name,
             "semantic": self.spec.semantic,
         }
-        self.markers.write(name, info)
+        self.commit(name, info)
         return info
 
     def _metadata(self, rows: pa.Table | None) -> pa.Table:
@@ -326,7 +221,6 @@ def plan_compute(cfg: EmbedConfig, gpus: int, cpu_pool_size: int) -> ComputePlan
         cpu_pool_size (`int`): CPU actors that still leave room for reads
             (:func:`~pipeline.core.ray_runtime.cpu_actor_pool_size`).
     """
-    from pipeline.embed.clip_models import resolve_precision
 
     if gpus > 0:
         return ComputePlan(min(cfg.num_actors or gpus, gpus), 1, resolve_precision(cfg.precision, "cuda"))
@@ -342,9 +236,9 @@ def embed_fingerprint(cfg: EmbedConfig, spec: ClipSpec, precision: str) -> str:
     return fingerprint(
         {
             "schema": EMBED_SCHEMA_VERSION,
+            **result_options(cfg),
             "model": spec.identity(),
             "precision": precision,
-            "max_image_pixels": cfg.max_image_pixels,
             "sscd": sscd,
         }
     )
@@ -442,6 +336,63 @@ def build_dataset(
     )
 
 
+class EmbedStage(PartitionedStage):
+    """One partition per shard: ``img_emb``/``text_emb``(/``sscd_emb``) arrays and metadata, row-aligned."""
+
+    name = "embed"
+
+    def __init__(self, cfg: EmbedConfig, actor_cls: type[EmbedActor] = EmbedActor):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.actor_cls = actor_cls
+        self.spec = clip_spec(cfg)
+        self.sscd_dim = (
+            load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, "cpu").dim if cfg.sscd_checkpoint else None
+        )
+        self.plan = plan_compute(cfg, cluster_gpus(), cpu_actor_pool_size())
+        self.shards = {s.name: s for s in list_shards(cfg.shards)}
+        self.progress: Progress | None = None
+
+    def fingerprint(self) -> str:
+        return embed_fingerprint(self.cfg, self.spec, self.plan.precision)
+
+    def partitions(self) -> dict[str, Any]:
+        return {name: shard.signature() for name, shard in self.shards.items()}
+
+    def compute(self, todo: list[str], commit: Commit) -> None:
+        label = "semantic" if self.spec.semantic else "NON-SEMANTIC: random weights"
+        log.info(
+            "embed: %d shards with %s (%s) on %d %s actor(s), %s",
+            len(todo),
+            self.spec.name,
+            label,
+            self.plan.actors,
+            self.plan.device,
+            self.plan.precision,
+        )
+        fetch_weights(self.spec)
+        self.progress = Progress(len(todo), self.cfg.log_every_s)
+        assembler = PartitionAssembler(PartitionWriter(self.out, commit, self.spec, self.sscd_dim))
+        dataset = build_dataset(self.cfg, self.shards, todo, self.spec, self.plan, self.actor_cls)
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            self.progress.update(batch, len(assembler.add(batch)))
+        self.progress.partitions_done += len(assembler.finish_empty(todo))
+        log.info("%s", self.progress.line())
+
+    def finish(self, run: PartitionRun) -> dict[str, Any]:
+        summary = summarize(self.out, run.markers, sorted(self.shards), self.spec, self.plan)
+        progress = self.progress
+        summary.update(
+            partitions_processed=len(run.processed),
+            partitions_skipped=len(self.shards) - len(run.processed),
+            embedded_this_run=progress.embedded if progress else 0,
+            first_batch_s=None
+            if progress is None or progress.first_batch_s is None
+            else round(progress.first_batch_s, 3),
+        )
+        return summary
+
+
 def run_embed(cfg: EmbedConfig, *, actor_cls: type[EmbedActor] = EmbedActor) -> dict[str, Any]:
     """Runner: embed every shard without a valid done marker; return (and save) the run's summary.
 
@@ -454,62 +405,25 @@ def run_embed(cfg: EmbedConfig, *, actor_cls: type[EmbedActor] = EmbedActor) -> 
         actor_cls (`type`, *optional*): the model actor class (a subclass of :class:`EmbedActor`);
             tests pass one that kills its own process to prove resumption.
     """
-    from pipeline.embed.clip_models import clip_spec, fetch_weights, load_sscd
-
     started = time.monotonic()
-    out = Path(cfg.out)
-    spec = clip_spec(cfg)
-    sscd_dim = load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, "cpu").dim if cfg.sscd_checkpoint else None
-    plan = plan_compute(cfg, cluster_gpus(), cpu_actor_pool_size())
-    markers = DoneMarkers(out / DONE, embed_fingerprint(cfg, spec, plan.precision))
-    shards = {s.name: s for s in list_shards(cfg.shards)}
-    todo = [
-        name
-        for name, shard in shards.items()
-        if (marker := markers.read(name)) is None or marker.get("source") != shard.signature()
-    ]
-    label = "semantic" if spec.semantic else "NON-SEMANTIC: random weights"
-    log.info(
-        "embed: %d shards, %d already done, %d to embed with %s (%s) on %d %s actor(s), %s",
-        len(shards),
-        len(shards) - len(todo),
-        len(todo),
-        spec.name,
-        label,
-        plan.actors,
-        plan.device,
-        plan.precision,
-    )
-    progress = Progress(len(todo), cfg.log_every_s)
-    if todo:
-        fetch_weights(spec)
-        assembler = PartitionAssembler(PartitionWriter(out, markers, shards, spec, sscd_dim))
-        dataset = build_dataset(cfg, shards, todo, spec, plan, actor_cls)
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            progress.update(batch, len(assembler.add(batch)))
-        progress.partitions_done += len(assembler.finish_empty(todo))
-        log.info("%s", progress.line())
-    summary = summarize(out, markers, sorted(shards), spec, plan)
+    stage = EmbedStage(cfg, actor_cls)
+    summary = run_partitioned(stage, stage.out / DONE)
     seconds = time.monotonic() - started
     summary.update(
-        partitions_processed=len(todo),
-        partitions_skipped=len(shards) - len(todo),
-        embedded_this_run=progress.embedded,
-        first_batch_s=None if progress.first_batch_s is None else round(progress.first_batch_s, 3),
         seconds=round(seconds, 3),
-        images_per_second=round(progress.embedded / seconds, 2),
+        images_per_second=round(summary["embedded_this_run"] / seconds, 2),
     )
-    atomic_write_json(out / "embed_summary.json", summary)
+    atomic_write_json(stage.out / "embed_summary.json", summary)
     return summary
 
 
 def summarize(
-    out: Path, markers: DoneMarkers, names: list[str], spec: ClipSpec, plan: ComputePlan
+    out: Path, markers: dict[str, dict[str, Any]], names: list[str], spec: ClipSpec, plan: ComputePlan
 ) -> dict[str, Any]:
     """Totals over every partition's marker: rows seen = embedded + skipped, skips by reason."""
     per_partition = {}
     for name in names:
-        marker = markers.read(name)
+        marker = markers.get(name)
         if marker is None:
             raise RuntimeError(f"partition {name} has no done marker after embedding")
         per_partition[name] = {

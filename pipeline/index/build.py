@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +19,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.config import IndexConfig
+from pipeline.core.config import IndexConfig, result_options
 from pipeline.core.ray_runtime import gpu_count, on_gpu_worker
+from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import (
-    DoneMarkers,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
-    fingerprint,
 )
 from pipeline.index.faiss_index import build_index, index_description, plan_index, tune_search
-from pipeline.io.embeddings import embedding_model, folder_signature, list_partitions, load_unit_embeddings
+from pipeline.io.embeddings import (
+    IMG_EMB,
+    embedding_model,
+    folder_signature,
+    list_partitions,
+    load_unit_embeddings,
+)
 
 log = logging.getLogger(__name__)
-
-
-
 
 
 INDEX_NAME = "image.index"
@@ -174,68 +176,75 @@ def compute_index(
             "rows": len(rows),
             "class": "IndexIDMap2(IndexFlatIP)",
         }
-    info["seconds"] = round(time.monotonic() - started, 3)
+    info["seconds"] = seconds_since(started)
     return BuiltIndex(faiss.serialize_index(index), dup_bytes, info)
 
 
-def index_fingerprint(cfg: IndexConfig) -> str:
-    """What makes a finished index reusable: its options and the signature of its inputs."""
-    options = {
-        k: v for k, v in asdict(cfg).items() if k not in ("embeddings", "out", "use_gpu", "duplicates")
-    }
-    dup = None
-    if cfg.duplicates:
-        st = os.stat(cfg.duplicates)
-        dup = [st.st_size, st.st_mtime_ns]
-    return fingerprint(
-        {
+class IndexStage(Stage):
+    """Embedding folder -> index file, row mapping and info (and the duplicates sub-index)."""
+
+    def __init__(self, cfg: IndexConfig, embedding_kind: str = IMG_EMB, model_label: Any = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.embedding_kind = embedding_kind
+        self.model_label = model_label
+        self.index_name, self.info_name = index_files(embedding_kind)
+        self.with_dups = bool(cfg.duplicates) and embedding_kind == IMG_EMB
+        self.name = "index" if embedding_kind == IMG_EMB else f"index_{embedding_kind}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Result options, the input folder's signature and, with ``duplicates``, that file's."""
+        dup = None
+        if self.with_dups:
+            st = os.stat(self.cfg.duplicates)
+            dup = [st.st_size, st.st_mtime_ns]
+        return {
             "schema": INDEX_SCHEMA_VERSION,
-            "options": options,
-            "input": folder_signature(cfg.embeddings),
+            "options": result_options(self.cfg),
+            "input": folder_signature(self.cfg.embeddings),
             "dup": dup,
+            "model_label": self.model_label,
         }
-    )
+
+    def outputs(self) -> list[Path]:
+        names = [self.index_name, ROWS_NAME, self.info_name] + ([DUP_INDEX_NAME] if self.with_dups else [])
+        return [self.out / name for name in names]
+
+    def compute(self) -> dict[str, Any]:
+        started = time.monotonic()
+        out = self.out
+        built = on_gpu_worker(compute_index, self.cfg, None, None, self.embedding_kind)
+        if self.model_label is not None:
+            built.info["embedding_model"] = self.model_label
+        atomic_write_bytes(out / self.index_name, built.index_bytes.tobytes())
+        if built.dup_index_bytes is not None:
+            atomic_write_bytes(out / DUP_INDEX_NAME, built.dup_index_bytes.tobytes())
+        atomic_write_table(out / ROWS_NAME, row_mapping(self.cfg.embeddings))
+        atomic_write_json(out / self.info_name, built.info)
+        check = built.info["self_check"]
+        return {
+            "job": "build_index",
+            "out": str(out / self.index_name),
+            "embedding_kind": self.embedding_kind,
+            "rows": built.info["index"]["ntotal"],
+            "kind": built.info["plan"]["kind"],
+            "factory": built.info["plan"]["factory"],
+            "recall_at_k": check["recall_at_k"],
+            "k": check["k"],
+            "search_param": {check["param"]: check["value"]} if check["param"] else {},
+            "duplicates_subindex_rows": built.info.get("duplicates_subindex", {}).get("rows"),
+            "seconds": seconds_since(started),
+        }
 
 
-def run_build_index(cfg: IndexConfig, embedding_kind: str = "img_emb") -> dict[str, Any]:
+def run_build_index(
+    cfg: IndexConfig, embedding_kind: str = IMG_EMB, model_label: Any = None
+) -> dict[str, Any]:
     """The index stage: build ``cfg.out/image.index`` (+ rows, info, optional sub-index); resumable.
 
     Heavy work runs on a GPU worker when the cluster has one (:func:`on_gpu_worker`); the files are
-    written here, each atomically, then the done marker.
+    written here, each atomically, then the done marker. ``model_label`` replaces the model name
+    read from the folder's metadata in ``index_info.json`` (the bundle labels SSCD indexes with
+    their checkpoint).
     """
-    started = time.monotonic()
-    out = Path(cfg.out)
-    index_name, info_name = index_files(embedding_kind)
-    with_dups = bool(cfg.duplicates) and embedding_kind == "img_emb"
-    markers = DoneMarkers(out, index_fingerprint(cfg))
-    marker_name = "index" if embedding_kind == "img_emb" else f"index_{embedding_kind}"
-    marker = markers.read(marker_name)
-    needed = [out / index_name, out / ROWS_NAME, out / info_name] + (
-        [out / DUP_INDEX_NAME] if with_dups else []
-    )
-    if marker is not None and all(p.is_file() for p in needed):
-        log.info("index: %s is up to date", out / index_name)
-        return {**marker["summary"], "skipped": True}
-    built = on_gpu_worker(compute_index, cfg, None, None, embedding_kind)
-    atomic_write_bytes(out / index_name, built.index_bytes.tobytes())
-    if built.dup_index_bytes is not None:
-        atomic_write_bytes(out / DUP_INDEX_NAME, built.dup_index_bytes.tobytes())
-    atomic_write_table(out / ROWS_NAME, row_mapping(cfg.embeddings))
-    atomic_write_json(out / info_name, built.info)
-    check = built.info["self_check"]
-    summary = {
-        "job": "build_index",
-        "out": str(out / index_name),
-        "embedding_kind": embedding_kind,
-        "rows": built.info["index"]["ntotal"],
-        "kind": built.info["plan"]["kind"],
-        "factory": built.info["plan"]["factory"],
-        "recall_at_k": check["recall_at_k"],
-        "k": check["k"],
-        "search_param": {check["param"]: check["value"]} if check["param"] else {},
-        "duplicates_subindex_rows": built.info.get("duplicates_subindex", {}).get("rows"),
-        "seconds": round(time.monotonic() - started, 3),
-        "skipped": False,
-    }
-    markers.write(marker_name, {"summary": summary})
-    return summary
+    return run_stage(IndexStage(cfg, embedding_kind, model_label), cfg.out)

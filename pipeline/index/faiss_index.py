@@ -11,7 +11,7 @@ kind          FAISS factory                                chosen by ``auto`` wh
 ``flat``      ``Flat``                                     N <= ``flat_max_n`` and 4*d*N bytes fit the budget
 ``hnsw``      ``HNSW{M},Flat``                             N <= ``hnsw_max_n`` and (4*d + 8*M)*N bytes fit
 ``ivf_flat``  ``IVF{nlist},Flat``                          (4*d + 8)*N bytes fit
-``ivf_pq``    ``[OPQ{m},]IVF{nlist}[_HNSW32],PQ{m}x8``     otherwise: the largest m (bytes per vector) that fits
+``ivf_pq``    ``[OPQ{m},]IVF{nlist}[_HNSW32],PQ{m}x8``     otherwise: largest m (bytes per vector) that fits
 ============  ===========================================  ===============================================
 
 ``nlist`` defaults to ~4*sqrt(N) (a power of two) below a million vectors and to 2^14..2^18 above,
@@ -58,10 +58,6 @@ KMEANS_ITERATIONS = 10
 TIE_EPS = 1e-5
 #: FAISS GPU k-selection limit (faiss/gpu/utils/DeviceDefs.cuh).
 GPU_MAX_K = 2048
-
-
-
-
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ import ray
 import ray.data
 from tqdm import tqdm
 
-from pipeline.core.config import IngestConfig
-from pipeline.core.storage import DoneMarkers, atomic_write_json, atomic_write_table, fingerprint
+from pipeline.core.config import IngestConfig, result_options
+from pipeline.core.stage import Commit, PartitionedStage, PartitionRun, run_partitioned, seconds_since
+from pipeline.core.storage import atomic_write_json, atomic_write_table, fingerprint
 from pipeline.io.decode import decode_image, reason_of
 from pipeline.io.partitions import PartitionAssembler
 from pipeline.io.shards import Shard, list_shards, read_shard
@@ -91,18 +92,18 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
 class ShardAssembler(PartitionAssembler):
     """Writer: buffers decoded rows per shard and writes each shard once all its rows arrived."""
 
-    def __init__(self, parts_dir: Path, markers: DoneMarkers, shards: dict[str, Shard]):
+    def __init__(self, parts_dir: Path, commit: Commit, shards: dict[str, Shard]):
         super().__init__(self.write)
         self.parts_dir = parts_dir
-        self.markers = markers
+        self.commit = commit
         self.shards = shards
 
     def write(self, shard: str, rows: pa.Table | None) -> dict[str, Any]:
         table = _to_samples_table(rows)
         table = table.sort_by([("key", "ascending")])
         atomic_write_table(self.parts_dir / f"{shard}.parquet", table)
-        info = {"shard": shard, **shard_counts(table), "source": self.shards[shard].signature()}
-        self.markers.write(shard, info)
+        info = {"shard": shard, **shard_counts(table)}
+        self.commit(shard, info)
         return info
 
 
@@ -115,28 +116,29 @@ def _to_samples_table(rows: pa.Table | None) -> pa.Table:
 
 def ingest_fingerprint(cfg: IngestConfig) -> str:
     """What makes a finished part reusable: the decode rules and the output schema."""
-    return fingerprint({"schema": SAMPLES_SCHEMA_VERSION, "max_image_pixels": cfg.max_image_pixels})
+    return fingerprint({"schema": SAMPLES_SCHEMA_VERSION, **result_options(cfg)})
 
 
-def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
-    """Runner: ingest every unfinished shard, merge all parts into ``samples.parquet``.
+class IngestStage(PartitionedStage):
+    """One partition per shard (``parts/<shard>.parquet``), merged into ``samples.parquet`` by ``finish``."""
 
-    Needs a Ray session (see :func:`pipeline.core.ray_runtime.ray_session`). Returns the summary that is
-    also written to ``ingest_summary.json``.
-    """
-    started = time.monotonic()
-    out = Path(cfg.out)
-    parts_dir = out / "parts"
-    shards = {s.name: s for s in list_shards(cfg.shards)}
-    markers = DoneMarkers(parts_dir, ingest_fingerprint(cfg))
-    todo = [
-        name
-        for name, shard in shards.items()
-        if (marker := markers.read(name)) is None or marker.get("source") != shard.signature()
-    ]
-    log.info("ingest: %d shards, %d already done, %d to read", len(shards), len(shards) - len(todo), len(todo))
-    assembler = ShardAssembler(parts_dir, markers, shards)
-    if todo:
+    name = "ingest"
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.parts_dir = self.out / "parts"
+        self.shards = {s.name: s for s in list_shards(cfg.shards)}
+
+    def fingerprint(self) -> str:
+        return ingest_fingerprint(self.cfg)
+
+    def partitions(self) -> dict[str, Any]:
+        return {name: shard.signature() for name, shard in self.shards.items()}
+
+    def compute(self, todo: list[str], commit: Commit) -> None:
+        cfg, shards = self.cfg, self.shards
+        assembler = ShardAssembler(self.parts_dir, commit, shards)
         items = [{"shard": name} for name in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(lambda item: read_shard(shards[item["shard"]]), num_cpus=cfg.read_num_cpus)
@@ -151,21 +153,37 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
                 bar.update(len(assembler.add(batch)))
             assembler.finish_empty(todo)
             bar.update(len(todo) - bar.n)
-    summary = merge_parts(out, parts_dir, markers, sorted(shards))
-    summary["shards_skipped"] = len(shards) - len(todo)
-    summary["shards_processed"] = len(todo)
-    summary["seconds"] = round(time.monotonic() - started, 3)
-    atomic_write_json(out / "ingest_summary.json", summary)
+
+    def finish(self, run: PartitionRun) -> dict[str, Any]:
+        summary = merge_parts(self.out, self.parts_dir, run.markers, sorted(self.shards))
+        summary["shards_skipped"] = len(self.shards) - len(run.processed)
+        summary["shards_processed"] = len(run.processed)
+        return summary
+
+
+def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
+    """Runner: ingest every unfinished shard, merge all parts into ``samples.parquet``.
+
+    Needs a Ray session (see :func:`pipeline.core.ray_runtime.ray_session`). Returns the summary that is
+    also written to ``ingest_summary.json``.
+    """
+    started = time.monotonic()
+    stage = IngestStage(cfg)
+    summary = run_partitioned(stage, stage.parts_dir)
+    summary["seconds"] = seconds_since(started)
+    atomic_write_json(stage.out / "ingest_summary.json", summary)
     return summary
 
 
-def merge_parts(out: Path, parts_dir: Path, markers: DoneMarkers, names: list[str]) -> dict[str, Any]:
+def merge_parts(
+    out: Path, parts_dir: Path, markers: dict[str, dict[str, Any]], names: list[str]
+) -> dict[str, Any]:
     """Concatenate the shard parts into ``samples.parquet`` (streamed) and total their counts."""
     per_shard = {}
     tmp = out / ".samples.parquet.tmp"
     with pq.ParquetWriter(tmp, SAMPLES_SCHEMA) as writer:
         for name in names:
-            marker = markers.read(name)
+            marker = markers.get(name)
             if marker is None:
                 raise RuntimeError(f"shard {name} has no done marker after ingest")
             writer.write_table(pq.read_table(parts_dir / f"{name}.parquet", schema=SAMPLES_SCHEMA))

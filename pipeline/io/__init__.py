@@ -1,1 +1,1 @@
-"""Reading and writing the data that flows between stages: shards, decoded images, partitions, embeddings, prompts."""
+"""Reading and writing what flows between stages: shards, decoded images, partitions, embeddings, prompts."""

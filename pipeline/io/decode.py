@@ -8,6 +8,7 @@ palette images go through Pillow's own conversions, and EXIF orientation is appl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import warnings
@@ -113,24 +114,24 @@ def decode_image(data: bytes | None, max_pixels: int) -> Decoded:
             return reject(DECOMPRESSION_BOMB, str(exc))
         except UnidentifiedImageError:
             return reject(NOT_AN_IMAGE, f"unrecognised image data ({len(data)} bytes)")
-        except Exception as exc:  # noqa: BLE001 - a broken header is a per-row rejection
+        except Exception as exc:
             return reject(_failure_reason(exc), f"{type(exc).__name__}: {exc}")
         fmt = image.format or ""
         width, height = image.size
         if width * height > max_pixels:
-            return reject(DECOMPRESSION_BOMB, f"{width}x{height} exceeds {max_pixels} pixels", fmt, width, height)
+            return reject(
+                DECOMPRESSION_BOMB, f"{width}x{height} exceeds {max_pixels} pixels", fmt, width, height
+            )
         try:
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             return reject(DECOMPRESSION_BOMB, str(exc), fmt, width, height)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return reject(_failure_reason(exc), f"{type(exc).__name__}: {exc}", fmt, width, height)
-        try:
+        with contextlib.suppress(Exception):
             image = ImageOps.exif_transpose(image) or image
-        except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop a good image
-            pass
         try:
             rgb = to_rgb(image)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return reject(DECODE_ERROR, f"cannot convert mode {image.mode} to RGB: {exc}", fmt, width, height)
     return Decoded(rgb, rgb.width, rgb.height, fmt, digest, None)

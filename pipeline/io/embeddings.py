@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.storage import files_signature
+
 IMG_EMB = "img_emb"
 TEXT_EMB = "text_emb"
 SSCD_EMB = "sscd_emb"
@@ -223,9 +225,7 @@ def embedding_model(folder: str | Path) -> str | None:
 
 def folder_signature(folder: str | Path) -> list[list[Any]]:
     """Sizes and mtimes of every partition's files: a changed input is never taken as done."""
-    sig = []
-    for p in list_partitions(folder):
-        for path in (p.path(IMG_EMB), metadata_path(folder, p.name)):
-            st = path.stat()
-            sig.append([path.name, st.st_size, st.st_mtime_ns])
-    return sig
+    paths = [
+        path for p in list_partitions(folder) for path in (p.path(IMG_EMB), metadata_path(folder, p.name))
+    ]
+    return files_signature(paths)

@@ -74,6 +74,8 @@ class PartitionAssembler:
 def shard_sizes(batch: pa.Table) -> dict[str, int]:
     """``{shard: shard_rows}`` for the shards in ``batch`` (all rows of a shard carry the same count)."""
     seen: dict[str, int] = {}
-    for shard, count in zip(batch.column("shard").to_pylist(), batch.column("shard_rows").to_pylist()):
+    for shard, count in zip(
+        batch.column("shard").to_pylist(), batch.column("shard_rows").to_pylist(), strict=False
+    ):
         seen.setdefault(shard, count)
     return seen

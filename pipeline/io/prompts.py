@@ -56,7 +56,9 @@ def find_prompt_column(columns: Sequence[str], requested: str | None = None) -> 
     """The prompt column among ``columns``: ``requested`` if given, else the first known name (any case)."""
     if requested is not None:
         if requested not in columns:
-            raise PromptListError(f"prompt column {requested!r} not found; columns are: {', '.join(map(str, columns))}")
+            raise PromptListError(
+                f"prompt column {requested!r} not found; columns are: {', '.join(map(str, columns))}"
+            )
         return requested
     by_lower = {str(c).strip().lower(): c for c in columns}
     for name in PROMPT_COLUMNS:
@@ -179,8 +181,13 @@ def read_prompts(path: str | Path, column: str | None = None) -> pa.Table:
             merged[pid]["source_rows"].append(row)
             merged[pid]["occurrences"] += 1
         else:
-            merged[pid] = {"prompt_id": pid, "prompt": text, "occurrences": 1, "source_rows": [row],
-                           "extra": json.dumps(extra, sort_keys=True, default=str)}
+            merged[pid] = {
+                "prompt_id": pid,
+                "prompt": text,
+                "occurrences": 1,
+                "source_rows": [row],
+                "extra": json.dumps(extra, sort_keys=True, default=str),
+            }
     if not merged:
         raise PromptListError(f"{path.name}: no prompts found")
     return pa.Table.from_pylist(list(merged.values()), schema=PROMPTS_SCHEMA)

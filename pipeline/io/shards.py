@@ -121,7 +121,7 @@ def _read_parquet_rows(path: Path | None) -> tuple[dict[str, dict[str, Any]], st
         return {}, None
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is reported, not fatal
+    except Exception as exc:
         return {}, f"unreadable parquet {path.name}: {exc}"
     by_key: dict[str, dict[str, Any]] = {}
     for row in rows:

@@ -1,0 +1,173 @@
+"""The stage contract, and the one runner that makes every stage resumable.
+
+A stage declares what it is and what its output depends on; :func:`run_stage` and
+:func:`run_partitioned` do the rest, the same way for every stage:
+
+* ``name``: the done marker's name and the log prefix;
+* ``fingerprint()``: everything that changes the output (result options, schema version, inputs);
+* ``outputs()``: the files that must exist for the stage to count as done;
+* ``compute()``: the work; it writes each output atomically (:mod:`pipeline.core.storage`) and
+  returns the summary.
+
+The runner skips a stage whose marker carries the current fingerprint and whose outputs all exist,
+else runs ``compute()`` and writes the marker last, so a marker always means complete outputs.
+Partitioned stages (ingest, embed, the audit) declare ``partitions()`` (name -> signature of that
+partition's input) instead of one output set: only partitions without a matching marker are
+computed, each committed as soon as its files are written, and ``finish()`` builds the summary
+from every partition's marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.storage import DoneMarkers, fingerprint
+
+log = logging.getLogger(__name__)
+
+#: ``commit(partition, info)``: record a finished partition (its files are already written).
+Commit = Callable[[str, dict[str, Any]], None]
+
+
+def seconds_since(started: float) -> float:
+    """Wall time since ``started`` (a ``time.monotonic()`` reading), as summaries report it."""
+    return round(time.monotonic() - started, 3)
+
+
+class Stage(ABC):
+    """One step whose outputs are a function of its fingerprint."""
+
+    name: str
+
+    @abstractmethod
+    def fingerprint(self) -> Any:
+        """JSON-able description of everything the outputs depend on."""
+
+    @abstractmethod
+    def outputs(self) -> list[Path]:
+        """Files that must exist for a finished stage to be reused."""
+
+    @abstractmethod
+    def compute(self) -> dict[str, Any]:
+        """Do the work, write every output atomically, return the summary."""
+
+
+@dataclass(frozen=True)
+class FunctionStage(Stage):
+    """A stage assembled from values: for steps of a larger job (the bundle's) that need no class."""
+
+    name: str
+    inputs_fingerprint: Any
+    output_files: list[Path]
+    work: Callable[[], dict[str, Any]]
+
+    def fingerprint(self) -> Any:
+        return self.inputs_fingerprint
+
+    def outputs(self) -> list[Path]:
+        return self.output_files
+
+    def compute(self) -> dict[str, Any]:
+        return self.work()
+
+
+def run_stage(stage: Stage, marker_dir: str | Path) -> dict[str, Any]:
+    """Reuse ``stage``'s saved summary when it is done under the current fingerprint, else compute it.
+
+    The returned summary has ``skipped`` (True when nothing was computed) and, for a computed stage,
+    ``seconds`` unless the stage reported its own.
+    """
+    markers = DoneMarkers(marker_dir, fingerprint(stage.fingerprint()))
+    marker = markers.read(stage.name)
+    if marker is not None and all(path.exists() for path in stage.outputs()):
+        log.info("%s: up to date", stage.name)
+        return {**marker.get("summary", {}), "skipped": True}
+    started = time.monotonic()
+    summary = stage.compute()
+    summary = {"seconds": seconds_since(started), **summary, "skipped": False}
+    markers.write(stage.name, {"summary": summary})
+    return summary
+
+
+@dataclass(frozen=True)
+class PartitionRun:
+    """What one run of a partitioned stage found and did."""
+
+    markers: dict[str, dict[str, Any]]  # every finished partition's marker, in the stage's order
+    processed: list[str]  # computed in this run
+    pending: list[str]  # still to compute (left by a ``limit``)
+
+
+class PartitionedStage(ABC):
+    """A stage made of independent partitions (shards, prompts), each with its own done marker."""
+
+    name: str
+
+    @abstractmethod
+    def fingerprint(self) -> Any:
+        """JSON-able description of the options every partition's output depends on."""
+
+    @abstractmethod
+    def partitions(self) -> Mapping[str, Any]:
+        """Partition name -> JSON-able signature of its input (a changed input is recomputed)."""
+
+    @abstractmethod
+    def compute(self, todo: list[str], commit: Commit) -> None:
+        """Compute the ``todo`` partitions; write each one's files atomically, then ``commit`` it."""
+
+    @abstractmethod
+    def finish(self, run: PartitionRun) -> dict[str, Any]:
+        """The summary, from every partition's marker."""
+
+    def is_done(self, name: str, marker: dict[str, Any] | None, signature: Any) -> bool:
+        """Whether partition ``name`` can be reused: a marker under the same input signature."""
+        return marker is not None and marker.get("source") == signature
+
+    def select(self, todo: list[str]) -> list[str]:
+        """The partitions to compute in this run (all of ``todo``; a stage may stage its work)."""
+        return todo
+
+
+def pending_partitions(stage: PartitionedStage, markers: DoneMarkers) -> tuple[dict[str, Any], list[str]]:
+    """(all partitions with their signatures, the names still to compute), in the stage's order."""
+    partitions = dict(stage.partitions())
+    todo = [name for name, sig in partitions.items() if not stage.is_done(name, markers.read(name), sig)]
+    return partitions, todo
+
+
+def run_partitioned(stage: PartitionedStage, marker_dir: str | Path) -> dict[str, Any]:
+    """Compute the partitions of ``stage`` that are not done (those it selects), then summarise all.
+
+    Raises:
+        RuntimeError: a partition to compute was not committed by ``compute`` (its work was lost).
+    """
+    markers = DoneMarkers(marker_dir, fingerprint(stage.fingerprint()))
+    partitions, todo = pending_partitions(stage, markers)
+    now = stage.select(todo)
+    log.info(
+        "%s: %d partitions, %d done, %d to compute now",
+        stage.name,
+        len(partitions),
+        len(partitions) - len(todo),
+        len(now),
+    )
+
+    def commit(name: str, info: dict[str, Any]) -> None:
+        markers.write(name, {**info, "source": partitions[name]})
+
+    if now:
+        stage.compute(now, commit)
+    done = {name: marker for name in partitions if (marker := markers.read(name)) is not None}
+    lost = [name for name in now if not stage.is_done(name, done.get(name), partitions[name])]
+    if lost:
+        raise RuntimeError(f"{stage.name}: partitions {lost[:5]} were computed but never committed")
+    chosen = set(now)
+    return stage.finish(
+        PartitionRun(markers=done, processed=now, pending=[n for n in todo if n not in chosen])
+    )
