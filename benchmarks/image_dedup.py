@@ -46,6 +46,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import faiss
 
 from pipeline.dedup.image import phash_pairs, semantic_pairs
+from pipeline.index.faiss_index import KnnSearch
 from pipeline.io.embeddings import normalize
 
 THRESHOLD = 0.95
@@ -111,7 +112,7 @@ def perf_one(
     # Exact flat search: all rows (measured) or a sample (time extrapolated).
     if full:
         started = time.monotonic()
-        exact_pairs, _, _ = semantic_pairs(x, THRESHOLD, k=K, search="flat", use_gpu=False)
+        exact_pairs, _, _ = semantic_pairs(x, THRESHOLD, k=K, search=KnnSearch("flat", use_gpu=False))
         result["exact_seconds"] = round(time.monotonic() - started, 2)
         result["exact_timing"] = "measured (all rows)"
         _, _, seconds = exact_knn(x, x[rows], K + 1)
@@ -132,7 +133,7 @@ def perf_one(
 
     # The approximate pass (IVF), end to end.
     started = time.monotonic()
-    approx, _, info = semantic_pairs(x, THRESHOLD, k=K, search="ivf", nprobe=nprobe, use_gpu=False)
+    approx, _, info = semantic_pairs(x, THRESHOLD, k=K, search=KnnSearch("ivf", nprobe=nprobe, use_gpu=False))
     result["ivf_seconds"] = round(time.monotonic() - started, 2)
     result["ivf_nprobe"] = nprobe
     found = pair_set(approx)

@@ -340,7 +340,7 @@ class _Row:
     caption_relation: str
 
 
-def _to_rgb(pixels: np.ndarray) -> Image.Image:
+def to_rgb(pixels: np.ndarray) -> Image.Image:
     """Any scikit-image sample (bool, float, gray, RGBA) as an 8-bit RGB picture."""
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8) * 255
@@ -371,7 +371,7 @@ class _PhotoLoader:
         pixels = self.cache[photo.loader]
         if photo.part is not None:
             pixels = pixels[photo.part]
-        image = _to_rgb(np.asarray(pixels))
+        image = to_rgb(np.asarray(pixels))
         if photo.box is None:
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance
 
+from demo.data import to_rgb
 from fixtures.shard_factory import sample, write_shard
 from pipeline.core.config import EmbedConfig, ImageDedupConfig
 from pipeline.dedup.image import (
@@ -25,6 +26,7 @@ from pipeline.dedup.image import (
     semantic_pairs,
 )
 from pipeline.embed.phash import hamming_distance
+from pipeline.index.faiss_index import KnnSearch
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 192
@@ -52,20 +54,6 @@ HARD_NEGATIVES = {
 }
 
 
-def _rgb(pixels: np.ndarray) -> Image.Image:
-    if pixels.dtype == bool:
-        pixels = pixels.astype(np.uint8) * 255
-    elif pixels.dtype != np.uint8:
-        pixels = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
-    if pixels.ndim == 2:
-        return Image.fromarray(pixels, "L").convert("RGB")
-    if pixels.shape[-1] == 4:
-        return Image.alpha_composite(
-            Image.new("RGBA", pixels.shape[1::-1], "white"), Image.fromarray(pixels, "RGBA")
-        ).convert("RGB")
-    return Image.fromarray(pixels[..., :3], "RGB")
-
-
 def photo(name: str, part: int | None = None, box: tuple[int, int, int] | None = None) -> Image.Image:
     """A square picture from ``skimage.data.<name>`` (centred, or ``box`` = top, left, side)."""
     from skimage import data
@@ -73,7 +61,7 @@ def photo(name: str, part: int | None = None, box: tuple[int, int, int] | None =
     pixels = getattr(data, name)()
     if part is not None:
         pixels = pixels[part]
-    image = _rgb(np.asarray(pixels))
+    image = to_rgb(np.asarray(pixels))
     if box is None:
         side = min(image.size)
         top, left = (image.height - side) // 2, (image.width - side) // 2
@@ -366,8 +354,8 @@ def clustered(
 @pytest.mark.parametrize("search", ["ivf", "hnsw"])
 def test_semantic_pass_approximate_search_recovers_the_exact_pairs(search):
     x, _ = clustered(6000, 32, 0.2, seed=1)
-    exact, cos_exact, info = semantic_pairs(x, 0.95, k=8, search="flat")
-    approx, _, info_a = semantic_pairs(x, 0.95, k=8, search=search, nprobe=8, nlist=64)
+    exact, cos_exact, info = semantic_pairs(x, 0.95, k=8, search=KnnSearch("flat"))
+    approx, _, info_a = semantic_pairs(x, 0.95, k=8, search=KnnSearch(search, nprobe=8, nlist=64))
     assert len(exact) >= 1200  # the planted copies (cosine ~0.9998)
     assert (cos_exact >= 0.95).all()
     found = {tuple(p) for p in approx.tolist()}

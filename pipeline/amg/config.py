@@ -20,16 +20,14 @@ override any of them). No constant of the method appears as a literal elsewhere 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from pipeline.core.config import option
 
 MODES = ("paper", "reference")
 BACKENDS = ("sscd", "clip", "nl2")
 THRESHOLDS = ("parabolic", "exponential", "constant")
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -115,36 +113,38 @@ class AMGConfig:
             at every step again. 1 reproduces the paper and the released code.
     """
 
-    mode: str = _opt("reference", "paper (one gate) or reference (the authors' released behaviour)")
-    backend: str = _opt("sscd", "similarity for σ_t: sscd, clip or nl2")
-    enabled: bool = _opt(True, "False: plain sampling through the AMG loop")
-    use_spe: bool = _opt(True, "apply G_spe (despecification)")
-    use_dup: bool = _opt(True, "apply G_dup (caption deduplication)")
-    use_sim: bool = _opt(True, "apply G_sim (dissimilarity)")
-    s0: float | None = _opt(None, "CFG scale for the s1/s2 bounds (None: the pipeline's guidance_scale)")
-    c1: float = _opt(13.0, "s1 = clip(c1·σ, 0, s0−1)")
-    c2: float = _opt(13.0, "s2 = clip(c2·σ, 0, s0−s1−1)")
-    c2_saturation: float | None = _opt(None, "if set, c2 = (s0−1−s1)/c2_saturation")
-    c3: float = _opt(100.0, "G_sim = c3·√(1−ᾱ_t)·∇σ")
-    c3_sigma_offset: float | None = _opt(None, "if set, c3 ← c3·(σ − offset)")
-    c3_time_scale: float | None = _opt(None, "if set, c3 ← c3·exp((origin − t)/scale)")
-    c3_time_origin: float = _opt(1000.0, "t where the c3 time factor is 1")
-    scale_sigma_offset: float = _opt(0.0, "s1, s2 use σ − offset")
-    threshold: str = _opt("exponential", "λ_t shape: parabolic, exponential or constant")
-    lambda_start: float = _opt(0.3, "parabolic: λ at t=T; constant: λ")
-    lambda_end: float = _opt(0.4, "parabolic: λ at t=0")
-    lambda_a: float = _opt(0.3, "exponential λ = a + b·exp(−rate·t): a")
-    lambda_b: float = _opt(0.1, "exponential: b")
-    lambda_rate: float = _opt(0.005, "exponential: rate per timestep")
-    gate: str = _opt("per_term", "shared (paper) or per_term (reference)")
-    recheck_sigma: bool = _opt(True, "per_term: re-measure σ after G_spe/G_dup before G_sim")
-    dup_hold_steps: int = _opt(10, "steps G_dup stays on after a trigger")
-    dup_sticky_caption: bool = _opt(True, "keep the first y_N for the whole trajectory")
-    dup_min_count: int = _opt(2, "minimum duplicate count of n0's caption for G_dup")
-    nl2_k: int = _opt(50, "nL2 neighbour-set size k")
-    nl2_alpha: float = _opt(0.5, "nL2 α")
-    memorized_threshold: float = _opt(0.5, "σ above which an image counts as memorized")
-    detect_every: int = _opt(1, "while no gated term is active, detect only every n-th step (1: every step)")
+    mode: str = option("reference", "paper (one gate) or reference (the authors' released behaviour)")
+    backend: str = option("sscd", "similarity for σ_t: sscd, clip or nl2")
+    enabled: bool = option(True, "False: plain sampling through the AMG loop")
+    use_spe: bool = option(True, "apply G_spe (despecification)")
+    use_dup: bool = option(True, "apply G_dup (caption deduplication)")
+    use_sim: bool = option(True, "apply G_sim (dissimilarity)")
+    s0: float | None = option(None, "CFG scale for the s1/s2 bounds (None: the pipeline's guidance_scale)")
+    c1: float = option(13.0, "s1 = clip(c1·σ, 0, s0−1)")
+    c2: float = option(13.0, "s2 = clip(c2·σ, 0, s0−s1−1)")
+    c2_saturation: float | None = option(None, "if set, c2 = (s0−1−s1)/c2_saturation")
+    c3: float = option(100.0, "G_sim = c3·√(1−ᾱ_t)·∇σ")
+    c3_sigma_offset: float | None = option(None, "if set, c3 ← c3·(σ − offset)")
+    c3_time_scale: float | None = option(None, "if set, c3 ← c3·exp((origin − t)/scale)")
+    c3_time_origin: float = option(1000.0, "t where the c3 time factor is 1")
+    scale_sigma_offset: float = option(0.0, "s1, s2 use σ − offset")
+    threshold: str = option("exponential", "λ_t shape: parabolic, exponential or constant")
+    lambda_start: float = option(0.3, "parabolic: λ at t=T; constant: λ")
+    lambda_end: float = option(0.4, "parabolic: λ at t=0")
+    lambda_a: float = option(0.3, "exponential λ = a + b·exp(−rate·t): a")
+    lambda_b: float = option(0.1, "exponential: b")
+    lambda_rate: float = option(0.005, "exponential: rate per timestep")
+    gate: str = option("per_term", "shared (paper) or per_term (reference)")
+    recheck_sigma: bool = option(True, "per_term: re-measure σ after G_spe/G_dup before G_sim")
+    dup_hold_steps: int = option(10, "steps G_dup stays on after a trigger")
+    dup_sticky_caption: bool = option(True, "keep the first y_N for the whole trajectory")
+    dup_min_count: int = option(2, "minimum duplicate count of n0's caption for G_dup")
+    nl2_k: int = option(50, "nL2 neighbour-set size k")
+    nl2_alpha: float = option(0.5, "nL2 α")
+    memorized_threshold: float = option(0.5, "σ above which an image counts as memorized")
+    detect_every: int = option(
+        1, "while no gated term is active, detect only every n-th step (1: every step)"
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -20,7 +20,7 @@ The unconditional and class-conditional case applies G_sim alone.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -98,7 +98,6 @@ class AMGTrace:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
-        from dataclasses import asdict
 
         return asdict(self)
 

@@ -19,7 +19,42 @@ import torch
 from pipeline.core.neighbours import DuplicateCaption
 
 
-class InMemoryNeighbourIndex:
+class FlatVectors:
+    """Exact search over vectors held in RAM: the vector half of a :class:`NeighbourIndex`.
+
+    Args:
+        vectors (`np.ndarray`): ``(N, D)`` vectors, one per row (stored as float32).
+        metric (`str`): ``"ip"`` (inner products, higher is closer) or ``"l2"`` (squared distances).
+    """
+
+    def __init__(self, vectors: np.ndarray, metric: str = "ip"):
+        vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors must be 2-D (N, D), got shape {vectors.shape}")
+        if metric not in ("ip", "l2"):
+            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        self.metric = metric
+        self._vectors = vectors
+        flat = faiss.IndexFlatIP if metric == "ip" else faiss.IndexFlatL2
+        self._index = flat(vectors.shape[1])
+        self._index.add(vectors)
+
+    @property
+    def dim(self) -> int:
+        return int(self._vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self._vectors.shape[0])
+
+    def search_embeddings(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        return self._index.search(queries, min(int(k), len(self)))
+
+    def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
+        return self._vectors[np.asarray(row_ids, dtype=np.int64)]
+
+
+class InMemoryNeighbourIndex(FlatVectors):
     """Exact nearest-neighbour search over a few thousand vectors, with captions and duplicate counts.
 
     Args:
@@ -44,36 +79,14 @@ class InMemoryNeighbourIndex:
         keys: Sequence[str] | None = None,
         extra: Sequence[dict] | None = None,
     ):
-        vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
-        if vectors.ndim != 2 or len(vectors) != len(captions):
-            raise ValueError(f"vectors {vectors.shape} and {len(captions)} captions do not match")
-        if metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-        self.metric = metric
-        self._vectors = vectors
+        super().__init__(vectors, metric)
+        if len(self._vectors) != len(captions):
+            raise ValueError(f"vectors {self._vectors.shape} and {len(captions)} captions do not match")
         self._captions = list(captions)
         self._counts = dict(caption_counts) if caption_counts is not None else dict(Counter(self._captions))
         self.min_count = int(min_count)
-        self._keys = list(keys) if keys is not None else [str(i) for i in range(len(vectors))]
-        self._extra = list(extra) if extra is not None else [{} for _ in range(len(vectors))]
-        self._index = (
-            faiss.IndexFlatIP(vectors.shape[1]) if metric == "ip" else faiss.IndexFlatL2(vectors.shape[1])
-        )
-        self._index.add(vectors)
-
-    @property
-    def dim(self) -> int:
-        return int(self._vectors.shape[1])
-
-    def __len__(self) -> int:
-        return int(self._vectors.shape[0])
-
-    def search_embeddings(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
-        return self._index.search(queries, min(int(k), len(self)))
-
-    def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
-        return self._vectors[np.asarray(row_ids, dtype=np.int64)]
+        self._keys = list(keys) if keys is not None else [str(i) for i in range(len(self))]
+        self._extra = list(extra) if extra is not None else [{} for _ in range(len(self))]
 
     def duplicate_caption(self, row_id: int) -> DuplicateCaption:
         caption = self._captions[int(row_id)]

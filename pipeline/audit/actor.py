@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from PIL import Image
+
 from pipeline.amg import AMGConfig, AMGStableDiffusionPipeline, AntiMemorizationGuidance, MemorizationDetector
 from pipeline.amg.sampling import sample_text2img
 from pipeline.audit.criteria import carlini_flag
@@ -44,7 +47,6 @@ class WorkerSpec:
 
 def _png(image) -> bytes:
     """A ``(3, H, W)`` tensor in [−1, 1] as PNG bytes."""
-    from PIL import Image
 
     arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
@@ -59,7 +61,6 @@ class GeneratorActor:
     """
 
     def __init__(self, spec: WorkerSpec, device: str = "cpu"):
-        import torch
 
         if spec.torch_threads:
             torch.set_num_threads(int(spec.torch_threads))
@@ -113,7 +114,6 @@ class GeneratorActor:
         return result
 
     def _generate(self, prompt_id: str, prompt: str, seeds: list[int], mode: str) -> dict[str, Any]:
-        import torch
 
         spec = self.spec
         amg = self.amg if mode == "on" else None

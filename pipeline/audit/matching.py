@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pipeline.amg import NormalizedL2Backend, OpenClipBackend, SSCDBackend
+from pipeline.amg.memory_index import FlatVectors
 from pipeline.audit.layout import SIMILARITIES
 from pipeline.bundle.reader import open_bundle
 from pipeline.core.config import AuditConfig, EmbedConfig
@@ -84,7 +86,6 @@ class TrainingImages:
 
     def pixels(self, size: int) -> np.ndarray:
         """Every row's image at ``size``×``size`` as ``(N, 3, size, size)`` float32 in [−1, 1] (row order)."""
-        from PIL import Image
 
         out = np.zeros((len(self.keys), 3, size, size), dtype=np.float32)
         order = sorted(range(len(self.keys)), key=lambda i: (str(self.shards[i]), i))
@@ -100,32 +101,15 @@ class TrainingImages:
         return out
 
 
-class PixelIndex:
+class PixelIndex(FlatVectors):
     """A :class:`~pipeline.core.neighbours.NeighbourIndex` over training pixels, for the nl2 similarity:
-    exact L2 search (FAISS flat) over every bundle row's image at one size; captions, duplicate
-    captions and row metadata are the bundle's."""
+    exact L2 search over every bundle row's image at one size; captions, duplicate captions and row
+    metadata are the bundle's."""
 
     def __init__(self, bundle, pixels: np.ndarray):
-        import faiss
-
+        # NormalizedL2Backend's vectors: pixels in [0, 1]
+        super().__init__((pixels.reshape(len(pixels), -1).astype(np.float32) + 1) / 2, metric="l2")
         self.bundle = bundle
-        self._vectors = np.ascontiguousarray(pixels.reshape(len(pixels), -1).astype(np.float32))
-        self._vectors = (self._vectors + 1) / 2  # NormalizedL2Backend's vectors: pixels in [0, 1]
-        self._index = faiss.IndexFlatL2(self._vectors.shape[1])
-        self._index.add(self._vectors)
-
-    @property
-    def dim(self) -> int:
-        return int(self._vectors.shape[1])
-
-    def __len__(self) -> int:
-        return int(self._vectors.shape[0])
-
-    def search_embeddings(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), min(int(k), len(self)))
-
-    def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
-        return self._vectors[np.asarray(row_ids, dtype=np.int64)]
 
     def duplicate_caption(self, row_id: int):
         return self.bundle.duplicate_caption(row_id)

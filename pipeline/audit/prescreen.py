@@ -16,7 +16,6 @@ def wen_prescreen(
     Costs ``steps`` UNet passes (batched over seeds, both CFG branches), against the full sampling's
     ``num_inference_steps`` and the detector. Returns the score and the norms, ``(steps, seeds)``.
     """
-    import torch
 
     device = pipe._execution_device
     n = len(seeds)

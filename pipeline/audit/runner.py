@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import ray
+import yaml
+from ray.util import ActorPool
 
 from pipeline.amg import AMGConfig
 from pipeline.audit.actor import GeneratorActor, WorkerSpec
@@ -62,7 +65,6 @@ def amg_configs(cfg: AuditConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     (YAML: field -> value, or ``{paper: {...}, reference: {...}}``) changes the 'on' config. Detection
     uses the same backend and the same memorization threshold (``memorized_threshold`` overrides both).
     """
-    import yaml
 
     overrides: dict[str, Any] = {}
     if cfg.amg_overrides:
@@ -289,8 +291,6 @@ def _generate_all(
     commit: Commit,
 ) -> int:
     """Run the work on an actor pool; the driver writes each prompt's result as it arrives."""
-    import ray
-    from ray.util import ActorPool
 
     n, options, device, threads = _plan_actors(cfg, len(todo))
     spec = WorkerSpec(

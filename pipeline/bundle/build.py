@@ -36,18 +36,14 @@ Row ids number the embedded (ok) rows in partition order; the index, the tables 
 :meth:`Bundle.embeddings` all use them. Stages publish their final files into the bundle as hard
 links (a copy across filesystems).
 
-Resuming: each step writes its outputs, then ``_work/steps/<step>.done.json`` with a fingerprint of
-its options and of its inputs (the shards' sizes and mtimes, the upstream steps' fingerprints). A
-re-run skips every step whose marker matches and whose outputs exist, and rewrites nothing when all
-match; the ingest and embed stages also resume per shard inside a step. Deleting ``_work/`` only
-costs a rebuild.
+Resuming: each step is a :class:`~pipeline.core.stage.FunctionStage` run through the stage contract
+(:func:`~pipeline.core.stage.run_stage`): it writes its outputs, then ``_work/steps/<step>.done.json``
+with a fingerprint of its result options and of its inputs (the shards' sizes and mtimes, the upstream
+steps' fingerprints). A re-run skips every step whose marker matches and whose outputs exist, and
+rewrites nothing when all match; the ingest and embed stages also resume per shard inside a step.
+Deleting ``_work/`` only costs a rebuild.
 
-Consumers call :func:`open_bundle`, which checks the format version (a bundle of another version is
-refused, naming the supported one) and, unless ``verify=False``, every file's sha256 against the
-manifest (reading everything: for a LAION-scale bundle pass ``verify=False`` and check once with
-:meth:`Bundle.verify`). The returned :class:`Bundle` implements
-:class:`pipeline.core.neighbours.NeighbourIndex`; ``kind`` picks the vectors it searches: ``img_emb``
-(open_clip, the default) or ``sscd_emb``.
+Consumers open a bundle with :func:`pipeline.bundle.reader.open_bundle`.
 """
 
 from __future__ import annotations
@@ -60,6 +56,7 @@ import shutil
 import subprocess
 import time
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +129,6 @@ def _publish(src: Path, dst: Path) -> None:
 
 def code_version() -> dict[str, Any]:
     """The package version and, in a git checkout, the commit and whether the tree had changes."""
-    from importlib import metadata
 
     version: dict[str, Any] = {}
     try:

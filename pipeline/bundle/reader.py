@@ -1,5 +1,11 @@
 """Opening a bundle: format check, checksums, and the :class:`NeighbourIndex` AMG and the audits search.
 
+:func:`open_bundle` checks the format version (a bundle of another version is refused, naming the
+supported one) and, unless ``verify=False``, every file's sha256 against the manifest (reading
+everything: for a LAION-scale bundle pass ``verify=False`` and check once with :meth:`Bundle.verify`).
+The returned :class:`Bundle` implements :class:`pipeline.core.neighbours.NeighbourIndex`; ``kind``
+picks the vectors it searches: ``img_emb`` (open_clip, the default) or ``sscd_emb``.
+
 Imports nothing from the build side, so a deployment that only consumes bundles loads little.
 """
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_json, atomic_write_table
 from pipeline.dedup.union_find import component_sizes, connected_components
 from pipeline.embed.phash import HASH_BITS
-from pipeline.index.faiss_index import knn_batches
+from pipeline.index.faiss_index import KnnSearch, knn_batches
 from pipeline.io.embeddings import folder_signature, is_semantic, load_metadata, load_unit_embeddings
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,6 @@ def chance_partners(n: int, max_distance: int) -> float:
     unrelated images into large groups once this nears 1, so the radius must shrink as N grows:
     at r=12 it is 0.23 for 1M images and 23 for 100M; at r=8, 0.0003 and 0.03.
     """
-    from math import comb
 
     return (n - 1) * sum(comb(HASH_BITS, k) for k in range(max_distance + 1)) / 2.0**HASH_BITS
 
@@ -226,20 +226,13 @@ def semantic_pairs(
     threshold: float,
     *,
     k: int = 32,
-    search: str = "flat",
-    nlist: int | None = None,
-    nprobe: int = 8,
-    hnsw_m: int = 32,
-    ef_search: int = 64,
-    train_size: int = 65_536,
-    seed: int = 0,
-    use_gpu: bool = True,
-    batch: int = 16_384,
+    search: KnnSearch = KnnSearch(),
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Pairs whose embeddings have cosine >= ``threshold``, among each row's ``k`` nearest neighbours.
 
     ``vectors`` must be L2-normalised float32 (see :func:`load_unit_embeddings`); all-zero rows never
-    pair. ``search`` is flat (exact), ivf or hnsw (see :func:`pipeline.index.faiss_index.knn_batches`).
+    pair. ``search`` says how: flat (exact), ivf or hnsw, and their parameters
+    (:class:`~pipeline.index.faiss_index.KnnSearch`).
 
     Returns:
         ``(pairs, cosines, info)``; ``info['saturated_rows']`` counts rows whose k-th neighbour still
@@ -247,26 +240,14 @@ def semantic_pairs(
         transitively, but pairs beyond the k-th are not listed).
     """
     n = len(vectors)
-    info: dict[str, Any] = {"search": search, "k": int(min(k + 1, n)), "threshold": threshold}
+    info: dict[str, Any] = {"search": search.kind, "k": int(min(k + 1, n)), "threshold": threshold}
     if n < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), info
     nonzero = np.einsum("ij,ij->i", vectors, vectors) > 0.5
     found, scores_out = [], []
     saturated = 0
     started = time.monotonic()
-    for lo, scores, ids in knn_batches(
-        vectors,
-        k + 1,  # the row itself comes back too
-        kind=search,
-        nlist=nlist,
-        nprobe=nprobe,
-        hnsw_m=hnsw_m,
-        ef_search=ef_search,
-        train_size=train_size,
-        seed=seed,
-        use_gpu=use_gpu,
-        batch=batch,
-    ):
+    for lo, scores, ids in knn_batches(vectors, k + 1, search):  # k + 1: the row itself comes back too
         queries = np.arange(lo, lo + len(ids))[:, None].repeat(ids.shape[1], axis=1)
         keep = (ids >= 0) & (scores >= threshold) & (ids != queries)
         keep &= nonzero[queries] & nonzero[np.maximum(ids, 0)]
@@ -398,12 +379,8 @@ def find_image_duplicates(
         stats["passes"][METHOD_SEMANTIC] = {"skipped": "no embeddings"}
     elif run_semantic:
         started = time.monotonic()
-        search = choose_search(n, cfg)
-        p, _, info = semantic_pairs(
-            vectors,
-            cfg.semantic_threshold,
-            k=cfg.semantic_k,
-            search=search,
+        search = KnnSearch(
+            kind=choose_search(n, cfg),
             nlist=cfg.nlist,
             nprobe=cfg.nprobe,
             hnsw_m=cfg.hnsw_m,
@@ -413,6 +390,7 @@ def find_image_duplicates(
             use_gpu=cfg.use_gpu,
             batch=cfg.query_batch,
         )
+        p, _, info = semantic_pairs(vectors, cfg.semantic_threshold, k=cfg.semantic_k, search=search)
         pairs[METHOD_SEMANTIC] = p
         info["gpu"] = gpu_count(cfg.use_gpu) > 0
         stats["passes"][METHOD_SEMANTIC] = {"pairs": len(p), **info, "seconds": seconds_since(started)}
