@@ -1,0 +1,147 @@
+"""The stage contract: skip when done under the same fingerprint, recompute otherwise, marker last."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.core.config import CaptionDedupConfig, ImageDedupConfig, IndexConfig, result_options
+from pipeline.core.stage import (
+    Commit,
+    FunctionStage,
+    PartitionedStage,
+    PartitionRun,
+    run_partitioned,
+    run_stage,
+)
+from pipeline.core.storage import atomic_write_bytes
+
+
+def counting_stage(tmp_path: Path, fingerprint: Any, calls: list[str], fail: bool = False) -> FunctionStage:
+    out = tmp_path / "out.txt"
+
+    def work() -> dict[str, Any]:
+        calls.append("computed")
+        atomic_write_bytes(out, b"result")
+        if fail:
+            raise RuntimeError("killed after writing its output, before finishing")
+        return {"rows": 3}
+
+    return FunctionStage("demo_step", fingerprint, [out], work)
+
+
+def test_a_finished_stage_is_skipped_and_returns_its_saved_summary(tmp_path: Path):
+    calls: list[str] = []
+    first = run_stage(counting_stage(tmp_path, {"threshold": 0.7}, calls), tmp_path / "markers")
+    again = run_stage(counting_stage(tmp_path, {"threshold": 0.7}, calls), tmp_path / "markers")
+    assert calls == ["computed"]
+    assert first["rows"] == again["rows"] == 3
+    assert first["skipped"] is False and again["skipped"] is True
+    assert json.loads((tmp_path / "markers" / "demo_step.done.json").read_text())["summary"]["rows"] == 3
+
+
+def test_a_changed_fingerprint_or_a_missing_output_recomputes(tmp_path: Path):
+    calls: list[str] = []
+    run_stage(counting_stage(tmp_path, {"threshold": 0.7}, calls), tmp_path / "markers")
+    run_stage(counting_stage(tmp_path, {"threshold": 0.8}, calls), tmp_path / "markers")
+    assert calls == ["computed", "computed"]
+    (tmp_path / "out.txt").unlink()
+    run_stage(counting_stage(tmp_path, {"threshold": 0.8}, calls), tmp_path / "markers")
+    assert calls == ["computed"] * 3
+
+
+def test_a_stage_that_dies_leaves_no_marker_and_runs_again(tmp_path: Path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stage(counting_stage(tmp_path, "fp", calls, fail=True), tmp_path / "markers")
+    assert (tmp_path / "out.txt").exists() and not (tmp_path / "markers" / "demo_step.done.json").exists()
+    run_stage(counting_stage(tmp_path, "fp", calls), tmp_path / "markers")
+    assert calls == ["computed", "computed"]
+
+
+class Letters(PartitionedStage):
+    """One partition per input file; the output of partition ``x`` is the upper-cased input."""
+
+    name = "letters"
+
+    def __init__(self, inputs: Path, out: Path, forget: str | None = None, first_only: bool = False):
+        self.inputs, self.out, self.forget, self.first_only = inputs, out, forget, first_only
+        self.computed: list[str] = []
+
+    def fingerprint(self) -> Any:
+        return {"case": "upper"}
+
+    def partitions(self) -> dict[str, Any]:
+        return {p.stem: p.read_text() for p in sorted(self.inputs.iterdir())}
+
+    def select(self, todo: list[str]) -> list[str]:
+        return todo[:1] if self.first_only else todo
+
+    def compute(self, todo: list[str], commit: Commit) -> None:
+        for name in todo:
+            self.computed.append(name)
+            atomic_write_bytes(self.out / name, (self.inputs / f"{name}.txt").read_text().upper().encode())
+            if name != self.forget:
+                commit(name, {"chars": len((self.inputs / f"{name}.txt").read_text())})
+
+    def finish(self, run: PartitionRun) -> dict[str, Any]:
+        return {
+            "chars": sum(m["chars"] for m in run.markers.values()),
+            "processed": run.processed,
+            "pending": run.pending,
+        }
+
+
+def test_only_partitions_without_a_matching_marker_are_computed(tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, text in {"a": "one", "b": "two", "c": "three"}.items():
+        (inputs / f"{name}.txt").write_text(text)
+    stage = Letters(inputs, tmp_path / "out")
+    assert run_partitioned(stage, tmp_path / "done") == {
+        "chars": 11,
+        "processed": ["a", "b", "c"],
+        "pending": [],
+    }
+    (inputs / "b.txt").write_text("TWO!")  # a changed input: its partition only
+    stage = Letters(inputs, tmp_path / "out")
+    assert run_partitioned(stage, tmp_path / "done")["chars"] == 12
+    assert stage.computed == ["b"]
+    assert (tmp_path / "out" / "b").read_text() == "TWO!"
+
+
+def test_select_stages_the_work_and_reports_what_is_pending(tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in "xyz":
+        (inputs / f"{name}.txt").write_text(name)
+    summary = run_partitioned(Letters(inputs, tmp_path / "out", first_only=True), tmp_path / "done")
+    assert summary == {"chars": 1, "processed": ["x"], "pending": ["y", "z"]}
+    summary = run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
+    assert summary == {"chars": 3, "processed": ["y", "z"], "pending": []}
+
+
+def test_a_partition_computed_but_never_committed_is_an_error(tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.txt").write_text("a")
+    with pytest.raises(RuntimeError, match=r"\['a'\].*never committed"):
+        run_partitioned(Letters(inputs, tmp_path / "out", forget="a"), tmp_path / "done")
+
+
+@pytest.mark.parametrize(
+    ("cfg", "neutral", "result"),
+    [
+        (ImageDedupConfig(), {"embeddings", "out", "use_gpu", "query_batch"}, {"phash_max_distance", "seed"}),
+        (IndexConfig(), {"embeddings", "out", "use_gpu", "duplicates"}, {"kind", "target_recall"}),
+        (CaptionDedupConfig(), {"input", "out", "batch_size", "ray_min_rows"}, {"threshold", "num_perm"}),
+    ],
+)
+def test_result_options_leave_out_exactly_the_fields_marked_result_neutral(cfg, neutral, result):
+    options = result_options(cfg)
+    assert set(options) == {f.name for f in dataclasses.fields(cfg)} - neutral
+    assert result <= set(options)
