@@ -19,9 +19,17 @@ from pipeline.core.offline import apply_offline_defaults  # noqa: E402 (needs RO
 apply_offline_defaults()
 
 
+EXIT_LOCKED = 3  # another run holds the output folder: see pipeline.core.lock
+
+
 def run_job(main: Callable[[list[str] | None], dict]) -> None:
-    """Run a job's ``main`` and print its summary as the last stdout line; errors exit non-zero."""
+    """Run a job's ``main`` and print its summary as the last stdout line; errors exit non-zero.
+
+    Bad input (a missing file, an invalid option) exits 2 and a locked output folder exits 3, each
+    with a one-line message and no traceback.
+    """
     from pipeline.core.cli import emit_summary
+    from pipeline.core.lock import OutputLockedError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -29,4 +37,7 @@ def run_job(main: Callable[[list[str] | None], dict]) -> None:
     except (FileNotFoundError, ValueError) as exc:
         logging.getLogger("job").error("%s", exc)
         sys.exit(2)
+    except OutputLockedError as exc:  # another run writes the same --out (or took it over from this one)
+        logging.getLogger("job").error("%s", exc)
+        sys.exit(EXIT_LOCKED)
     emit_summary(summary)

@@ -15,12 +15,14 @@ from _bootstrap import run_job
 
 from pipeline.audit.runner import run_audit
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="audit", extra=("ray",)), argv)
     # Ray starts (or is joined) only when there is something to generate, after every check passed.
-    return run_audit(cfg.audit, cfg.ray)
+    with output_lock(cfg.audit.out, job="audit"):
+        return run_audit(cfg.audit, cfg.ray)
 
 
 if __name__ == "__main__":

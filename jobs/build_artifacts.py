@@ -18,13 +18,14 @@ from _bootstrap import run_job
 from pipeline.bundle.build import build_bundle
 from pipeline.bundle.layout import BundleError
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import ray_session
 
 
 def main(argv: list[str] | None = None) -> dict:
     extra = ("ray", "ingest", "embed", "image_dedup", "caption_dedup", "index")
     cfg = parse_config(build_parser(__doc__, main="bundle", extra=extra), argv)
-    with ray_session(cfg.ray):
+    with output_lock(cfg.bundle.out, job="build_artifacts"), ray_session(cfg.ray):
         try:
             return build_bundle(cfg)
         except BundleError as exc:

@@ -14,13 +14,14 @@ self-check) and, with --duplicates, OUT/dup_image.index over the duplicated imag
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import ray_session
 from pipeline.index.build import run_build_index
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="index"), argv)
-    with ray_session(cfg.ray):
+    with output_lock(cfg.index.out, job="build_index"), ray_session(cfg.ray):
         return run_build_index(cfg.index)
 
 

@@ -12,12 +12,14 @@ input row, in input order) and OUT/caption_dedup_summary.json. Inputs with fewer
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.dedup.caption import run_caption_dedup
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="caption_dedup"), argv)
-    summary = run_caption_dedup(cfg.caption_dedup, cfg.ray)
+    with output_lock(cfg.caption_dedup.out, job="dedup_captions"):
+        summary = run_caption_dedup(cfg.caption_dedup, cfg.ray)
     summary.pop("stage_seconds")  # kept in caption_dedup_summary.json; the stdout line stays short
     return summary
 

@@ -13,13 +13,14 @@ holding one GPU. A re-run with the same options over unchanged inputs does nothi
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import on_gpu_worker, ray_session
 from pipeline.dedup.image import run_image_dedup
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="image_dedup"), argv)
-    with ray_session(cfg.ray):
+    with output_lock(cfg.image_dedup.out, job="dedup_images"), ray_session(cfg.ray):
         summary = on_gpu_worker(run_image_dedup, cfg.image_dedup)
     summary.pop("passes", None)  # kept in image_dedup_summary.json; the stdout line stays short
     return summary

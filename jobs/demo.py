@@ -12,13 +12,14 @@ from _bootstrap import run_job
 
 from demo.run import run_demo
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import ray_session
 
 
 def main(argv: list[str] | None = None) -> dict:
     extra = ("ray", "download", "ingest", "embed", "bundle", "audit", "amg")
     cfg = parse_config(build_parser(__doc__, main="demo", extra=extra), argv)
-    with ray_session(cfg.ray):
+    with output_lock(cfg.demo.out, job="demo"), ray_session(cfg.ray):
         summary = run_demo(cfg)
     verdict = "passed" if summary["audit_check_passed"] else "FAILED"
     print(

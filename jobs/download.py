@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import ray_session
 from pipeline.download.downloader import run_download
 
@@ -20,7 +21,8 @@ from pipeline.download.downloader import run_download
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="download"), argv)
     # Only the ray distributor needs Ray; the default multiprocessing one must not pay for starting it.
-    with ray_session(cfg.ray) if cfg.download.distributor == "ray" else nullcontext():
+    ray = ray_session(cfg.ray) if cfg.download.distributor == "ray" else nullcontext()
+    with output_lock(cfg.download.out, job="download"), ray:
         return run_download(cfg.download)
 
 

@@ -9,13 +9,14 @@ ray job submit --working-dir . -- python jobs/embed.py --shards DIR --out DIR --
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import ray_session
 from pipeline.embed.embed import run_embed
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="embed"), argv)
-    with ray_session(cfg.ray):
+    with output_lock(cfg.embed.out, job="embed"), ray_session(cfg.ray):
         summary = run_embed(cfg.embed)
     summary.pop("per_partition")  # kept in embed_summary.json; the stdout line stays one short line
     return summary

@@ -14,11 +14,13 @@ from _bootstrap import run_job
 
 from demo.memorizing.evaluation import run_amg_evaluation
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="amg", extra=()), argv).amg
-    return {"job": "evaluate_amg", **run_amg_evaluation(cfg)}
+    with output_lock(cfg.out, job="evaluate_amg"):
+        return {"job": "evaluate_amg", **run_amg_evaluation(cfg)}
 
 
 if __name__ == "__main__":

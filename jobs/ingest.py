@@ -7,13 +7,14 @@ ray job submit --working-dir . -- python jobs/ingest.py --shards DIR --out DIR
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import ray_session
 from pipeline.ingest.ingest import run_ingest
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="ingest"), argv)
-    with ray_session(cfg.ray):
+    with output_lock(cfg.ingest.out, job="ingest"), ray_session(cfg.ray):
         summary = run_ingest(cfg.ingest)
     summary.pop("per_shard")  # kept in ingest_summary.json; the stdout line stays one short line
     return summary

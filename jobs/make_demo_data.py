@@ -11,11 +11,13 @@ from _bootstrap import run_job
 
 from demo.data import make_demo_data
 from pipeline.core.cli import build_parser, parse_config
+from pipeline.core.lock import output_lock
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="demo", extra=()), argv)
-    return make_demo_data(cfg.demo)
+    with output_lock(cfg.demo.out, job="make_demo_data"):
+        return make_demo_data(cfg.demo)
 
 
 if __name__ == "__main__":

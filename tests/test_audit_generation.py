@@ -62,6 +62,7 @@ def _spec(model: str, **changes) -> WorkerSpec:
     spec = WorkerSpec(
         model_dir=model,
         bundle="",
+        bundle_root="",
         similarity="sscd",
         sscd_checkpoint=None,
         amg_on=on,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.audit.identity import run_identity, sample_seed, tree_checksum
+from pipeline.audit.matching import check_model_file
 from pipeline.audit.runner import check_config, run_audit
 from pipeline.core.config import AuditConfig, result_options
-from pipeline.core.storage import fingerprint
+from pipeline.core.storage import fingerprint, sha256_file
 from pipeline.io.prompts import PromptListError, prompt_id
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,3 +132,15 @@ def test_tree_checksum_follows_content_and_caches_by_size_and_mtime(tmp_path: Pa
     assert tree_checksum(model, cache) == first and cache.is_file()
     (model / "unet" / "w.bin").write_bytes(b"\x01" * 100)
     assert tree_checksum(model, cache) != first
+
+
+def test_a_model_file_named_by_a_bundle_is_loaded_only_with_its_recorded_sha256(tmp_path: Path):
+    model = tmp_path / "sscd.pt"
+    model.write_bytes(b"weights")
+    assert check_model_file(str(model), sha256_file(model), "SSCD model", "b") == sha256_file(model)
+    assert check_model_file(None, None, "CLIP checkpoint", "b") is None  # a hub model: no file named
+    with pytest.raises(ValueError, match="without its sha256"):
+        check_model_file(str(model), None, "SSCD model", "b")
+    model.write_bytes(b"other weights, same path")
+    with pytest.raises(ValueError, match="is not the SSCD model"):
+        check_model_file(str(model), hashlib.sha256(b"weights").hexdigest(), "SSCD model", "b")

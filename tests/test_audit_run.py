@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,9 +34,9 @@ from pipeline.audit.layout import PROMPTS_SCHEMA, RESULTS_SCHEMA
 from pipeline.audit.matching import open_matcher
 from pipeline.audit.runner import run_audit
 from pipeline.bundle.build import build_bundle
+from pipeline.bundle.layout import BundleChecksumError, BundleContentError
 from pipeline.bundle.reader import open_bundle
 from pipeline.core.config import AuditConfig, BundleConfig, EmbedConfig, PipelineConfig
-from pipeline.core.storage import sha256_file
 from pipeline.io.prompts import prompt_id
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +127,29 @@ def test_matchers_make_queries_like_the_bundle_for_each_similarity(world):
         open_matcher(world["bundle"], "sscd", sscd_checkpoint=str(other))
 
 
+def test_the_audit_refuses_a_tampered_bundle_and_actors_check_the_root_hash(world, tmp_path: Path):
+    """The driver checks every file (sha256 by default) before anything runs; actors pin its root hash."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(world["bundle"], copy)
+    table = copy / "caption_dedup_table.parquet"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 check sees it
+    table.write_bytes(bytes(data))
+    prompts = prompt_file(tmp_path / "p.txt", PROMPTS[:1])
+    cfg = dataclasses.replace(config(world, tmp_path / "audit", prompts), bundle=str(copy))
+    with pytest.raises(BundleChecksumError, match=r"caption_dedup_table\.parquet \(sha256"):
+        run_audit(cfg)
+    assert not (tmp_path / "audit" / "runs").exists()  # refused before any generation
+    (copy / "index" / "unlisted.bin").write_bytes(b"x")
+    with pytest.raises(BundleContentError, match="unlisted"):
+        run_audit(dataclasses.replace(cfg, verify_bundle=False))
+    # An actor opening the bundle later gets the driver's root hash and refuses any other bundle.
+    root = open_bundle(world["bundle"], verify=False).root_hash
+    assert open_matcher(world["bundle"], "sscd", expect=root).index.root_hash == root
+    with pytest.raises(BundleChecksumError, match=f"expected {'f' * 64}"):
+        open_matcher(world["bundle"], "sscd", expect="f" * 64)
+
+
 def test_audit_outputs_resume_and_incremental_lists(world, tmp_path: Path):
     out = tmp_path / "audit"
     three = prompt_file(tmp_path / "three.txt", PROMPTS[:3])
@@ -165,7 +189,7 @@ def test_audit_outputs_resume_and_incremental_lists(world, tmp_path: Path):
         assert block["n_samples"] == 3 * SAMPLES and 0 <= block["frac_memorized"] <= 1
         assert block["top1"] >= block["top5pct"] and block["n_prompts"] == 3
     prov = summary["provenance"]
-    assert prov["bundle_checksum"] == sha256_file(world["bundle"] / "manifest.json")
+    assert prov["bundle_checksum"] == json.loads((world["bundle"] / "manifest.json").read_text())["root_hash"]
     assert (
         prov["prompts_checksum"]
         and prov["model_checksum"]

@@ -13,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from test_image_dedup import VERBATIM_CAPTION, planted_images
 
-from pipeline.bundle.build import build_bundle
+from pipeline.bundle.build import build_bundle, check_invariants
 from pipeline.bundle.layout import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST,
+    TABLE_NAME,
     WORK,
     BundleChecksumError,
+    BundleContentError,
     BundleError,
     BundleFormatError,
 )
@@ -175,20 +177,74 @@ def test_duplicate_caption_lookup_for_verbatim_rows_and_below_the_minimum(built)
     assert all(r["knn_k"] == KNN_K for r in table)
 
 
+def edit_manifest(bundle: Path, change) -> None:
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    change(manifest)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
 @pytest.mark.slow
 def test_tampered_or_missing_file_fails_the_checksum(built, tmp_path):
     root, _, _, _ = built
     copy = copy_bundle(root / "bundle", tmp_path / "copy")
-    open_bundle(copy)  # the copy verifies
+    assert open_bundle(copy).root_hash == json.loads((copy / MANIFEST).read_text())["root_hash"]
     target = copy / "caption_dedup_table.parquet"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     with pytest.raises(BundleChecksumError, match=r"caption_dedup_table\.parquet"):
         open_bundle(copy)
+    target.write_bytes(bytes(data) + b"injected")  # a changed size is caught without reading the data
+    with pytest.raises(BundleChecksumError, match=r"caption_dedup_table\.parquet \(size"):
+        open_bundle(copy, verify=False)
     (copy / "index" / "dup_image.index").unlink()
-    with pytest.raises(BundleChecksumError, match=r"dup_image\.index \(missing\)"):
-        open_bundle(copy)
+    with pytest.raises(BundleContentError, match=r"missing \['index/dup_image\.index'\]"):
+        open_bundle(copy, verify=False)
+
+
+@pytest.mark.slow
+def test_the_files_must_be_exactly_the_manifest_s_whatever_verify_says(built, tmp_path):
+    root, _, _, _ = built
+    for name, change, error, message in [
+        ("entry dropped", lambda m: m["files"].pop(TABLE_NAME), BundleContentError, "unlisted"),
+        ("no files", lambda m: m.update(files={}), BundleContentError, "lists no files"),
+        (
+            "path outside",
+            lambda m: m["files"].update({"../../etc/hostname": {"bytes": 1, "sha256": "0"}}),
+            BundleContentError,
+            "outside the bundle",
+        ),
+        (
+            "y_N minimum count edited",
+            lambda m: m["thresholds"].update(duplicate_caption_min_count=1),
+            BundleChecksumError,
+            "root hash",
+        ),
+        (
+            "sha edited",
+            lambda m: m["files"][TABLE_NAME].update(sha256="0" * 64),
+            BundleChecksumError,
+            "root hash",
+        ),
+    ]:
+        copy = copy_bundle(root / "bundle", tmp_path / name.replace(" ", "_"))
+        edit_manifest(copy, change)
+        for verify in (True, False):
+            with pytest.raises(error, match=message):
+                open_bundle(copy, verify=verify)
+    copy = copy_bundle(root / "bundle", tmp_path / "extra")
+    (copy / "index" / "planted.index").write_bytes(b"not from this build")
+    with pytest.raises(BundleContentError, match=r"unlisted \['index/planted\.index'\]"):
+        open_bundle(copy, verify=False)
+
+
+@pytest.mark.slow
+def test_consumers_pin_the_root_hash(built, tmp_path):
+    root, _, _, _ = built
+    bundle = open_bundle(root / "bundle", verify=False)
+    assert open_bundle(root / "bundle", verify=False, expect=bundle.root_hash).root_hash == bundle.root_hash
+    with pytest.raises(BundleChecksumError, match=f"expected {'0' * 64}"):
+        open_bundle(root / "bundle", verify=False, expect="0" * 64)
 
 
 @pytest.mark.slow
@@ -207,6 +263,32 @@ def test_unknown_format_version_and_non_bundles_are_refused_clearly(built, tmp_p
     (copy / MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         open_bundle(copy)
+
+
+@pytest.mark.slow
+def test_a_rebuild_removes_files_it_did_not_produce(built):
+    root, cfg, _, _ = built
+    path = root / "bundle"
+    stray = path / "index" / "sscd.index"  # e.g. left by an earlier build with SSCD descriptors
+    stray.write_bytes(b"from an earlier build")
+    build_bundle(cfg)
+    assert not stray.exists()
+    open_bundle(path, verify=False)  # the files are exactly the manifest's again
+
+
+@pytest.mark.slow
+def test_row_counts_must_agree_across_the_bundle(built, tmp_path):
+    root, _, _, _ = built
+    invariants = json.loads((root / "bundle" / MANIFEST).read_text())["invariants"]
+    rows = invariants["rows"]
+    assert rows == invariants["samples_ok"] == invariants["index_ntotal"] == invariants["table_rows"] > 0
+    copy = copy_bundle(root / "bundle", tmp_path / "copy")
+    table = pq.read_table(copy / TABLE_NAME)
+    pq.write_table(table.slice(0, rows - 1), copy / TABLE_NAME)  # one row short
+    with pytest.raises(BundleError, match=f"table_rows = {rows - 1}"):
+        check_invariants(copy, {"ok": rows})
+    with pytest.raises(BundleError, match=f"samples_ok = {rows + 1}"):
+        check_invariants(root / "bundle", {"ok": rows + 1})
 
 
 @pytest.mark.slow

@@ -83,3 +83,13 @@ def test_cluster_file_is_valid_for_the_ray_cluster_launcher():
     gpu_types = [t for t in cluster["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_types, "the cluster needs GPU workers for embedding and audits"
     assert any("pip install" in cmd and "-e ." in cmd for cmd in cluster["setup_commands"])
+
+
+def test_cluster_file_turns_token_auth_on_and_keeps_the_dashboard_off_the_network():
+    cluster = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    ray_starts = [cmd for cmd in starts if "ray start" in cmd]
+    assert ray_starts and all("RAY_AUTH_MODE=token ray start" in cmd for cmd in ray_starts)
+    head = " ".join(cmd for cmd in cluster["head_start_ray_commands"] if "--head" in cmd)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert cluster["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"

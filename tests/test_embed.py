@@ -23,7 +23,7 @@ from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from pipeline.core.config import EmbedConfig, IngestConfig
 from pipeline.core.ray_runtime import cluster_gpus
 from pipeline.embed.clip_models import ModelLoadError, load_clip
-from pipeline.embed.embed import EmbedActor, Progress, plan_compute, run_embed
+from pipeline.embed.embed import EmbedActor, PartitionWriter, Progress, plan_compute, run_embed
 from pipeline.embed.phash import phash_images
 from pipeline.embed.prepare import NO_ERROR, PIXELS, DecodePlan, prepare_batch, read_rows
 from pipeline.ingest.ingest import run_ingest
@@ -72,7 +72,11 @@ def build_shards(folder: Path, peer_dir: Path | None) -> Path:
 
 @pytest.fixture(scope="module")
 def run(ray_local, tmp_path_factory) -> dict:
-    """One ingest and one embed (tiny model + a tiny SSCD) of the same shards, shared by the Ray tests."""
+    """One ingest and one embed (tiny model + a tiny SSCD) of the same shards, shared by the Ray tests.
+
+    The peer shards (clip-retrieval's) and the zero-byte tar have no _stats.json: both stages are
+    told to read them anyway (``require_stats=False``), the opt-in for shards of other tools.
+    """
     root = tmp_path_factory.mktemp("embed")
     peer = REPO.parent / "shared" / "data" / "peer_samples" / "clip-retrieval"
     shards = build_shards(root / "shards", peer if peer.is_dir() else None)
@@ -83,8 +87,9 @@ def run(ray_local, tmp_path_factory) -> dict:
         decode_batch_size=8,
         sscd_checkpoint=str(write_tiny_sscd(root / "sscd.pt")),
         sscd_image_size=64,
+        require_stats=False,
     )
-    ingest = run_ingest(IngestConfig(shards=str(shards), out=str(root / "ingest")))
+    ingest = run_ingest(IngestConfig(shards=str(shards), out=str(root / "ingest"), require_stats=False))
     return {"cfg": cfg, "root": root, "ingest": ingest, "summary": run_embed(cfg), "peer": peer.is_dir()}
 
 
@@ -137,6 +142,14 @@ def test_mapper_decodes_once_and_keeps_rejected_rows_in_place(tmp_path: Path):
     images = [row for row in batch.to_pylist() if row["read_error"] is None]
     decoded = [decode_image(row["image"], plan.max_pixels) for row in images]
     assert out["phash"][ok].tolist() == phash_images([d.image for d in decoded if d.ok]).tolist()
+
+
+def test_reader_applies_the_member_cap(tmp_path: Path):
+    shards = {s.name: s for s in list_shards(build_shards(tmp_path, None))}
+    capped = read_rows({"shard": "00000"}, shards, max_member_bytes=8)  # below every file
+    assert [r["row"] for r in capped] == list(range(8))
+    assert all(r["read_error"].startswith("member_too_large") for r in capped)
+    assert all(r["read_error"] is None for r in read_rows({"shard": "00000"}, shards))
 
 
 def test_actor_embeds_decoded_rows_and_passes_rejected_ones_through(tmp_path: Path):
@@ -252,6 +265,9 @@ def test_counts_match_ingest_and_every_row_is_accounted_for(run):
     for column in ("sha256", "width", "height", "url", "caption"):
         assert (joined[column] == joined[f"{column}_ingest"]).all(), column
     assert summary["partitions"] == len(ingest["per_shard"]) == summary["partitions_processed"]
+    for stage in (summary, ingest):
+        assert stage["shards_incomplete"] == stage["shards_changed_during_read"] == []
+        assert stage["shards_stats_mismatch"] == {}
 
 
 @pytest.mark.slow
@@ -335,6 +351,7 @@ def test_second_run_through_the_job_is_a_no_op(run, capsys):
         cfg.sscd_checkpoint,
         "--sscd-image-size",
         "64",
+        "--no-require-stats",
         "--no-ray-progress-bars",
     ]
     summary = _load_job().main(argv)
@@ -388,6 +405,42 @@ def test_resume_after_a_killed_driver_and_a_killed_actor_gives_identical_outputs
     assert {k: summary[k] for k in ("rows_seen", "embedded", "skipped_by_reason")} == {
         k: run["summary"][k] for k in ("rows_seen", "embedded", "skipped_by_reason")
     }
+
+
+@pytest.mark.slow
+def test_only_complete_unchanged_fully_counted_shards_are_embedded(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Issue 12, item 3, on embed's side: the same shards ingest leaves for later get no partition."""
+    folder = tmp_path / "shards"
+
+    def photos(shard: int, n: int) -> list:
+        return [sample(f"{shard:05d}{i:04d}", encode(random_photo(shard * 100 + i))) for i in range(n)]
+
+    write_shard(folder, 0, photos(0, 2))
+    write_shard(folder, 1, photos(1, 2), with_stats=False)  # still downloading
+    write_shard(folder, 2, photos(2, 2))
+    (folder / "00002_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
+    write_shard(folder, 3, photos(3, 2))
+    original = PartitionWriter.__call__
+
+    def grows_while_read(self, name, rows):
+        if name == "00003":  # img2dataset rewrote the shard after the reader's pass
+            write_shard(folder, 3, photos(3, 3))
+        return original(self, name, rows)
+
+    monkeypatch.setattr(PartitionWriter, "__call__", grows_while_read)
+    out = tmp_path / "out"
+    summary = run_embed(EmbedConfig(shards=str(folder), out=str(out), batch_size=8, decode_batch_size=8))
+
+    assert summary["shards_incomplete"] == ["00001"]
+    assert summary["shards_changed_during_read"] == ["00003"]
+    assert summary["shards_stats_mismatch"] == {"00002": {"rows_seen": 2, "stats_count": 3}}
+    assert list(summary["per_partition"]) == ["00000"] and summary["partitions"] == 1
+    assert (summary["partitions_processed"], summary["partitions_skipped"]) == (1, 0)
+    assert summary["embedded"] == 2
+    assert sorted(p.name for p in (out / "done").iterdir()) == ["00000.done.json"]
+    assert [p.name for p in list_partitions(out)] == ["00000"]  # later stages see only the finished one
 
 
 @pytest.mark.slow

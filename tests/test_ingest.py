@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from test_decode import bomb_png
 
 from fixtures.shard_factory import FakeSample, encode, random_photo, sample, write_shard
 from pipeline.core.config import IngestConfig
-from pipeline.ingest.ingest import run_ingest
+from pipeline.ingest.ingest import ShardAssembler, run_ingest
 from pipeline.io.shards import iter_tar_samples, list_shards, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +75,8 @@ def shard_dir(tmp_path: Path) -> Path:
     with tarfile.open(tar_path) as archive:
         cut = next(m for m in archive.getmembers() if m.name == "000000202.jpg")
     write_shard(folder, 2, samples, truncate_to=cut.offset_data + cut.size // 2)
-    # Shard 3: an empty tar with an empty parquet; shard 4: a zero-byte tar and nothing else.
+    # Shard 3: an empty tar with an empty parquet; shard 4: a zero-byte tar and nothing else (a download
+    # that has just started: no _stats.json, so it is incomplete).
     write_shard(folder, 3, [])
     (folder / "00004.tar").write_bytes(b"")
     return folder
@@ -104,7 +106,10 @@ def test_every_row_is_accounted_for(ray_local, shard_dir: Path, tmp_path: Path):
         assert counts["ok"] + counts["rejected"] == counts["rows_seen"], name
         assert counts["rows_seen"] == int((samples["shard"] == name).sum())
     assert summary["per_shard"]["00003"]["rows_seen"] == 0
-    assert summary["per_shard"]["00004"]["rows_seen"] == 0
+    assert summary["shards_incomplete"] == ["00004"] and "00004" not in summary["per_shard"]
+    assert not (tmp_path / "out" / "parts" / "00004.done.json").exists()
+    assert summary["shards"] == 4 and summary["shards_processed"] == 4
+    assert summary["shards_changed_during_read"] == [] and summary["shards_stats_mismatch"] == {}
 
     valid = by_key.loc[[f"00000000{i}" for i in range(8)]]
     assert (valid["status"] == "ok").all(), valid["error"].tolist()
@@ -161,16 +166,91 @@ def test_rerun_reads_nothing_and_a_changed_shard_is_read_again(ray_local, shard_
 
 @pytest.mark.slow
 def test_shards_without_parquet_or_captions(ray_local, shared_data: Path, tmp_path: Path):
-    """clip-retrieval's caption-less tars: read by their tar alone, exact duplicates keep their hash."""
-    summary = run_ingest(
-        IngestConfig(shards=str(shared_data / "peer_samples" / "clip-retrieval"), out=str(tmp_path))
-    )
+    """clip-retrieval's caption-less tars: read by their tar alone, exact duplicates keep their hash.
+
+    They have no _stats.json, so by default they count as unfinished downloads; --no-require-stats
+    is the explicit opt-in for shards written by other tools.
+    """
+    peer = str(shared_data / "peer_samples" / "clip-retrieval")
+    waiting = run_ingest(IngestConfig(shards=peer, out=str(tmp_path / "default")))
+    assert waiting["shards_incomplete"] == ["image1", "image2", "image3", "image4"]
+    assert waiting["rows_seen"] == waiting["shards"] == 0
+    summary = run_ingest(IngestConfig(shards=peer, out=str(tmp_path), require_stats=False))
+    assert summary["shards_incomplete"] == []
+    assert {counts["stats_count"] for counts in summary["per_shard"].values()} == {None}  # nothing to check
     samples = pd.read_parquet(tmp_path / "samples.parquet")
     assert summary["rows_seen"] == summary["ok"] == 4 + 3 + 2 + 2
     assert (samples["caption"] == "").all()
     first = set(samples.loc[samples["shard"] == "image1", "sha256"])
     repeats = samples.loc[samples["shard"].isin(["image3", "image4"]), "sha256"]
     assert len(repeats) == 4 and set(repeats) <= first  # image3 and image4 repeat image1's photos
+
+
+def photos(shard: int, n: int, size: tuple[int, int] = (48, 40)) -> list[FakeSample]:
+    return [sample(f"{shard:05d}{i:04d}", encode(random_photo(shard * 100 + i, size))) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_only_complete_unchanged_fully_counted_shards_are_marked_done(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Issue 12, item 3: an unfinished download, a shard that grows while it is read and a shard whose
+    rows disagree with its _stats.json are reported and not marked done; a later run takes them once
+    they are whole. The same run rejects an oversized member and a repeated key row by row."""
+    folder = tmp_path / "shards"
+    write_shard(folder, 0, photos(0, 3))
+    killed = photos(1, 5)
+    for s in killed[2:]:
+        s.in_tar = False  # img2dataset was killed after two samples: no _stats.json yet
+    write_shard(folder, 1, killed, with_stats=False)
+    write_shard(folder, 2, photos(2, 3))
+    stats = json.loads((folder / "00002_stats.json").read_text())
+    (folder / "00002_stats.json").write_text(json.dumps({**stats, "count": 4}))  # a URL lost on the way
+    write_shard(folder, 3, photos(3, 2))
+    big = photos(4, 1, (160, 160))[0]
+    small = photos(4, 3)
+    repeated = sample(small[1].key, encode(random_photo(999)))  # the same key written twice in one tar
+    write_shard(folder, 4, [big, small[1], repeated, small[2]])
+    cap = (len(big.files["jpg"]) + max(len(s.files["jpg"]) for s in [*small, repeated])) // 2
+
+    original = ShardAssembler.write
+    grown: list[str] = []
+
+    def grows_while_read(self, shard, rows):
+        if shard == "00003" and not grown:  # img2dataset rewrote the shard after the reader's pass
+            grown.append(shard)
+            write_shard(folder, 3, photos(3, 4))
+        return original(self, shard, rows)
+
+    monkeypatch.setattr(ShardAssembler, "write", grows_while_read)
+    cfg = IngestConfig(shards=str(folder), out=str(tmp_path / "out"), max_member_bytes=cap)
+    first = run_ingest(cfg)
+
+    assert first["shards_incomplete"] == ["00001"]
+    assert first["shards_changed_during_read"] == ["00003"]
+    assert first["shards_stats_mismatch"] == {"00002": {"rows_seen": 3, "stats_count": 4}}
+    assert set(first["per_shard"]) == {"00000", "00004"} and first["shards"] == 2
+    assert [first["per_shard"][n]["stats_count"] for n in ("00000", "00004")] == [3, 4]
+    assert first["shards_processed"] == 2 and first["shards_skipped"] == 0
+    markers = {p.name for p in (tmp_path / "out" / "parts").glob("*.done.json")}
+    assert markers == {"00000.done.json", "00004.done.json"}
+    samples = pd.read_parquet(tmp_path / "out" / "samples.parquet")
+    assert set(samples["shard"]) == {"00000", "00004"} and len(samples) == first["rows_seen"] == 3 + 4
+    by_key = samples.set_index("key")
+    assert by_key.loc[big.key, "error"].startswith("member_too_large")
+    assert by_key.loc[f"{small[1].key}:duplicate-1", "error"].startswith("duplicate_key")
+    assert by_key.loc[small[1].key, "sha256"] == hashlib.sha256(small[1].files["jpg"]).hexdigest()
+    assert first["rejected_by_reason"] == {"duplicate_key": 1, "member_too_large": 1}
+    written = json.loads((tmp_path / "out" / "ingest_summary.json").read_text())
+    assert written["shards_stats_mismatch"] == first["shards_stats_mismatch"]
+
+    write_shard(folder, 1, photos(1, 5))  # the download finished
+    second = run_ingest(cfg)
+    assert second["shards_processed"] == 2 and second["shards_skipped"] == 2
+    assert (second["per_shard"]["00001"]["rows_seen"], second["per_shard"]["00003"]["rows_seen"]) == (5, 4)
+    assert second["shards_incomplete"] == [] and second["shards_changed_during_read"] == []
+    assert second["shards_stats_mismatch"] == {"00002": {"rows_seen": 3, "stats_count": 4}}  # never accepted
+    assert not (tmp_path / "out" / "parts" / "00002.done.json").exists()
 
 
 def test_missing_shard_folder_is_a_clear_error(tmp_path: Path):

@@ -68,8 +68,16 @@ class Letters(PartitionedStage):
 
     name = "letters"
 
-    def __init__(self, inputs: Path, out: Path, forget: str | None = None, first_only: bool = False):
+    def __init__(
+        self,
+        inputs: Path,
+        out: Path,
+        forget: str | None = None,
+        first_only: bool = False,
+        defer: dict[str, str] | None = None,
+    ):
         self.inputs, self.out, self.forget, self.first_only = inputs, out, forget, first_only
+        self.defer = defer or {}
         self.computed: list[str] = []
 
     def fingerprint(self) -> Any:
@@ -85,7 +93,9 @@ class Letters(PartitionedStage):
         for name in todo:
             self.computed.append(name)
             atomic_write_bytes(self.out / name, (self.inputs / f"{name}.txt").read_text().upper().encode())
-            if name != self.forget:
+            if name in self.defer:
+                commit.defer(name, self.defer[name])
+            elif name != self.forget:
                 commit(name, {"chars": len((self.inputs / f"{name}.txt").read_text())})
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
@@ -93,6 +103,7 @@ class Letters(PartitionedStage):
             "chars": sum(m["chars"] for m in run.markers.values()),
             "processed": run.processed,
             "pending": run.pending,
+            "deferred": run.deferred,
         }
 
 
@@ -106,6 +117,7 @@ def test_only_partitions_without_a_matching_marker_are_computed(tmp_path: Path):
         "chars": 11,
         "processed": ["a", "b", "c"],
         "pending": [],
+        "deferred": {},
     }
     (inputs / "b.txt").write_text("TWO!")  # a changed input: its partition only
     stage = Letters(inputs, tmp_path / "out")
@@ -120,9 +132,9 @@ def test_select_stages_the_work_and_reports_what_is_pending(tmp_path: Path):
     for name in "xyz":
         (inputs / f"{name}.txt").write_text(name)
     summary = run_partitioned(Letters(inputs, tmp_path / "out", first_only=True), tmp_path / "done")
-    assert summary == {"chars": 1, "processed": ["x"], "pending": ["y", "z"]}
+    assert summary == {"chars": 1, "processed": ["x"], "pending": ["y", "z"], "deferred": {}}
     summary = run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
-    assert summary == {"chars": 3, "processed": ["y", "z"], "pending": []}
+    assert summary == {"chars": 3, "processed": ["y", "z"], "pending": [], "deferred": {}}
 
 
 def test_a_partition_computed_but_never_committed_is_an_error(tmp_path: Path):
@@ -131,6 +143,44 @@ def test_a_partition_computed_but_never_committed_is_an_error(tmp_path: Path):
     (inputs / "a.txt").write_text("a")
     with pytest.raises(RuntimeError, match=r"\['a'\].*never committed"):
         run_partitioned(Letters(inputs, tmp_path / "out", forget="a"), tmp_path / "done")
+
+
+def test_a_deferred_partition_is_left_unfinished_with_its_reason(tmp_path: Path, caplog):
+    """Deferring (say, an input that changed while it was read) is no error; the next run computes it."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, text in {"a": "one", "b": "two", "c": "three"}.items():
+        (inputs / f"{name}.txt").write_text(text)
+    stage = Letters(inputs, tmp_path / "out", defer={"b": "changed_during_read: grew"})
+    with caplog.at_level("WARNING", logger="pipeline.core.stage"):
+        summary = run_partitioned(stage, tmp_path / "done")
+    assert summary == {
+        "chars": 8,
+        "processed": ["a", "c"],
+        "pending": [],
+        "deferred": {"b": "changed_during_read: grew"},
+    }
+    assert not (tmp_path / "done" / "b.done.json").exists()
+    assert any("b" in m and "changed_during_read: grew" in m for m in caplog.messages)
+    stage = Letters(inputs, tmp_path / "out")
+    assert run_partitioned(stage, tmp_path / "done")["chars"] == 11
+    assert stage.computed == ["b"]
+
+
+def test_deferring_a_recomputed_partition_drops_its_old_marker(tmp_path: Path):
+    """The old marker described files this run may already have overwritten: it must not survive."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in "ab":
+        (inputs / f"{name}.txt").write_text(name)
+    run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
+    assert (tmp_path / "done" / "b.done.json").exists()
+    (inputs / "b.txt").write_text("bb")
+    stage = Letters(inputs, tmp_path / "out", defer={"b": "stats_mismatch: 2 rows read, 3 expected"})
+    summary = run_partitioned(stage, tmp_path / "done")
+    assert stage.computed == ["b"] and summary["processed"] == [] and summary["chars"] == 1
+    assert summary["deferred"] == {"b": "stats_mismatch: 2 rows read, 3 expected"}
+    assert not (tmp_path / "done" / "b.done.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ class WorkerSpec:
 
     model_dir: str
     bundle: str
+    bundle_root: str  # the root hash the driver checked: every actor opens that bundle or fails
     similarity: str
     sscd_checkpoint: str | None
     amg_on: dict[str, Any]
@@ -70,7 +71,12 @@ class GeneratorActor:
         self.pipe.set_progress_bar_config(disable=True)
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.matcher = open_matcher(
-            spec.bundle, spec.similarity, spec.sscd_checkpoint, device, pixel_size=size
+            spec.bundle,
+            spec.similarity,
+            spec.sscd_checkpoint,
+            device,
+            pixel_size=size,
+            expect=spec.bundle_root,
         )
         backend, index = self.matcher.backend, self.matcher.index
         self.detector = MemorizationDetector(backend, index, AMGConfig(**spec.detection))

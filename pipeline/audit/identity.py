@@ -86,19 +86,9 @@ def run_identity(
     return {
         "schema": AUDIT_SCHEMA_VERSION,
         "model_checksum": model_checksum,
-        "bundle_checksum": bundle_checksum,
+        "bundle_checksum": bundle_checksum,  # the bundle's root hash
         "descriptor_checksum": descriptor_checksum,
         "settings": settings,
         "amg_on": amg_on,
         "detection": detection,
     }
-
-
-def bundle_checksum(bundle: str | Path) -> str:
-    """The bundle's version: SHA-256 of its ``manifest.json`` (which lists every file's SHA-256)."""
-    manifest = Path(bundle) / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"bundle {bundle} has no manifest.json (build it with jobs/build_artifacts.py)"
-        )
-    return sha256_file(manifest)

@@ -124,12 +124,32 @@ def _embed_config(manifest: dict[str, Any]):
     return EmbedConfig(**{k: v for k, v in manifest.get("config", {}).get("embed", {}).items() if k in known})
 
 
+def check_model_file(path: str | None, sha256: str | None, what: str, bundle: str | Path) -> str | None:
+    """The sha256 of a model file a bundle names, after checking it is the file the manifest recorded.
+
+    Raises:
+        ValueError: the manifest has no sha256 for it, or the file differs.
+    """
+    if not path:
+        return None
+    if not sha256:
+        raise ValueError(
+            f"bundle {bundle} names the {what} ({path}) without its sha256, so it cannot be checked; "
+            f"rebuild the bundle with jobs/build_artifacts.py"
+        )
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise ValueError(f"{path} is not the {what} (sha256 {digest[:12]}..., bundle {sha256[:12]}...)")
+    return digest
+
+
 def open_matcher(
     bundle: str | Path,
     similarity: str,
     sscd_checkpoint: str | None = None,
     device: str = "cpu",
     pixel_size: int = 32,
+    expect: str | None = None,
 ) -> Matcher:
     """The backend and bundle index for ``similarity``, so that queries are made like the bundle's vectors.
 
@@ -138,10 +158,13 @@ def open_matcher(
     * ``clip``: the bundle's ``img_emb`` index and the open_clip model of its manifest;
     * ``nl2``: Carlini's normalised L2 over every training image at ``pixel_size`` (read from the
       bundle's shards; small bundles only), with the bundle's captions and duplicate counts.
+
+    ``expect`` pins the bundle's root hash (the one the audit's driver checked and recorded).
+    A model file the bundle names is loaded only when the manifest has its sha256 and the file matches.
     """
 
     if similarity == "sscd":
-        index = open_bundle(bundle, verify=False, kind=SSCD_EMB)
+        index = open_bundle(bundle, verify=False, kind=SSCD_EMB, expect=expect)
         model = index.manifest.get("indexes", {}).get(SSCD_EMB, {}).get("model", {})
         path = sscd_checkpoint or model.get("checkpoint")
         if not path or not Path(path).is_file():
@@ -149,22 +172,20 @@ def open_matcher(
                 f"the SSCD model the bundle was embedded with ({model.get('checkpoint')}) is not here; "
                 f"pass --sscd-checkpoint FILE (sha256 {model.get('sha256')})"
             )
-        digest = sha256_file(path)
-        if model.get("sha256") and digest != model["sha256"]:
-            raise ValueError(
-                f"--sscd-checkpoint {path} is not the model the bundle's SSCD descriptors were made "
-                f"with (sha256 {digest[:12]}..., bundle {model['sha256'][:12]}...)"
-            )
+        what = "model the bundle's SSCD descriptors were made with"
+        digest = check_model_file(path, model.get("sha256"), what, bundle)
         backend = SSCDBackend.from_file(path, image_size=int(model.get("image_size") or 320), device=device)
         descriptor = f"SSCD {path}"
     elif similarity == "clip":
-        index = open_bundle(bundle, verify=False, kind=IMG_EMB)
+        index = open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect)
+        model = index.manifest.get("model", {})
+        check_model_file(model.get("checkpoint"), model.get("checkpoint_sha256"), "CLIP checkpoint", bundle)
         loaded = load_clip(_embed_config(index.manifest), device)
         backend = OpenClipBackend.from_loaded_clip(loaded).to(device)
         digest = None
         descriptor = f"open_clip {loaded.spec.name}"
     elif similarity == "nl2":
-        base = open_bundle(bundle, verify=False, kind=IMG_EMB)
+        base = open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect)
         if len(base) > NL2_MAX_ROWS:
             raise ValueError(
                 f"nl2 compares pixels with every training image in RAM; the bundle has {len(base)} "
@@ -181,10 +202,12 @@ def open_matcher(
     return Matcher(backend, index, descriptor, digest, TrainingImages(index))
 
 
-def training_image_reader(cfg: AuditConfig) -> Callable[[int], bytes | None] | None:
+def training_image_reader(
+    cfg: AuditConfig, expect: str | None = None
+) -> Callable[[int], bytes | None] | None:
     """Encoded bytes of a bundle row's training image (for the report), or None when they cannot be read."""
     try:
-        return TrainingImages(open_bundle(cfg.bundle, verify=False))
+        return TrainingImages(open_bundle(cfg.bundle, verify=False, expect=expect))
     except (OSError, ValueError, RuntimeError) as exc:  # the report still renders, with placeholders
         log.warning("no training images for the report: %s", exc)
         return None

@@ -407,7 +407,7 @@ def write_report(
     wanted = {p["matched_key"]: p for p in prompt_rows if p["prompt_id"] in flagged and p.get("matched_key")}
     if wanted:
         rows_by_key = {r["matched_key"]: r["matched_row"] for r in results if r["matched_key"] in wanted}
-        fetch = training_image_reader(cfg)
+        fetch = training_image_reader(cfg, expect=summary["provenance"]["bundle_checksum"])
         for key, row_id in rows_by_key.items():
             data = fetch(int(row_id)) if fetch else None
             if data:

@@ -41,9 +41,10 @@ from ray.util import ActorPool
 from pipeline.amg import AMGConfig
 from pipeline.audit.actor import GeneratorActor, WorkerSpec
 from pipeline.audit.aggregate import aggregate
-from pipeline.audit.identity import bundle_checksum, resolve_model_dir, run_identity, tree_checksum
+from pipeline.audit.identity import resolve_model_dir, run_identity, tree_checksum
 from pipeline.audit.layout import AMG_CHOICES, PROMPTS, SIMILARITIES, SUMMARY
 from pipeline.audit.store import RunStore, partition_name
+from pipeline.bundle.reader import bundle_root_hash
 from pipeline.core.config import AuditConfig, RayConfig
 from pipeline.core.ray_runtime import cluster_gpus, cpu_actor_pool_size, ray_session
 from pipeline.core.stage import Commit, PartitionedStage, PartitionRun, run_partitioned, seconds_since
@@ -151,7 +152,7 @@ class AuditStage(PartitionedStage):
         out = Path(cfg.out)
         self.model_dir = resolve_model_dir(cfg.model)
         cache = out / ".cache" / "checksums.json"
-        self.bundle_sum = bundle_checksum(cfg.bundle)
+        self.bundle_sum = bundle_root_hash(cfg.bundle, verify=cfg.verify_bundle)
         self.model_sum = tree_checksum(self.model_dir, cache)
         descriptor_sum = tree_checksum(cfg.sscd_checkpoint, cache) if cfg.sscd_checkpoint else None
         self.amg_on, self.detection = amg_configs(cfg)
@@ -198,7 +199,14 @@ class AuditStage(PartitionedStage):
         )
         with ray_session(self.ray_cfg):
             self.generated = _generate_all(
-                self.cfg, self.store, self.model_dir, self.amg_on, self.detection, work, commit
+                self.cfg,
+                self.store,
+                self.model_dir,
+                self.bundle_sum,
+                self.amg_on,
+                self.detection,
+                work,
+                commit,
             )
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
@@ -285,6 +293,7 @@ def _generate_all(
     cfg: AuditConfig,
     store: RunStore,
     model_dir: Path,
+    bundle_root: str,
     amg_on: dict[str, Any],
     detection: dict[str, Any],
     todo: list[tuple[dict[str, Any], list[str]]],
@@ -296,6 +305,7 @@ def _generate_all(
     spec = WorkerSpec(
         model_dir=str(model_dir.resolve()),
         bundle=str(Path(cfg.bundle).resolve()),
+        bundle_root=bundle_root,
         similarity=cfg.similarity,
         sscd_checkpoint=str(Path(cfg.sscd_checkpoint).resolve()) if cfg.sscd_checkpoint else None,
         amg_on=amg_on,

@@ -76,8 +76,11 @@ from pipeline.bundle.layout import (
     STEPS,
     TABLE_NAME,
     WORK,
+    BundleError,
+    bundle_files,
+    root_hash,
 )
-from pipeline.bundle.reader import apply_search_params, verify_files
+from pipeline.bundle.reader import apply_search_params, check_files
 from pipeline.bundle.tables import build_dedup_table, rows_with_duplicate_caption
 from pipeline.core.config import PipelineConfig, result_options, to_dict
 from pipeline.core.ray_runtime import on_gpu_worker
@@ -86,11 +89,14 @@ from pipeline.core.storage import (
     atomic_write_json,
     atomic_write_table,
     fingerprint,
+    publish_tmp,
     sha256_file,
+    unique_tmp_path,
 )
 from pipeline.dedup.caption import find_caption_duplicates
 from pipeline.dedup.image import OUTPUT_NAME as IMAGE_DUPLICATES
 from pipeline.dedup.image import run_image_dedup
+from pipeline.embed.clip_models import clip_spec
 from pipeline.embed.embed import run_embed
 from pipeline.index.build import (
     DUP_INDEX_NAME,
@@ -118,17 +124,21 @@ def _publish(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() and os.path.samefile(src, dst):
         return
-    tmp = dst.with_name(f".{dst.name}.link-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    tmp = unique_tmp_path(dst, "link")
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        publish_tmp(tmp, dst)  # fsync (a no-op for a link to a synced file), rename, fsync the folder
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def code_version() -> dict[str, Any]:
-    """The package version and, in a git checkout, the commit and whether the tree had changes."""
+    """The package version, in a git checkout the commit and whether the tree had changes, and the
+    versions of the libraries that decide the numbers."""
 
     version: dict[str, Any] = {}
     try:
@@ -151,7 +161,23 @@ def code_version() -> dict[str, Any]:
         version.update(git_commit=commit, git_dirty=bool(dirty))
     except (OSError, subprocess.SubprocessError):
         version.update(git_commit=None, git_dirty=None)
+    version["libraries"] = {name: _installed(name) for name in KEY_LIBRARIES}
     return version
+
+
+#: Libraries whose version can change a bundle's numbers (decoding, models, indexes, tables).
+KEY_LIBRARIES = ("torch", "open_clip_torch", "faiss-gpu", "numpy", "pyarrow", "pillow", "ray", "datasketch")
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _sha256_or_none(path: str | None) -> str | None:
+    return sha256_file(path) if path else None
 
 
 def _schema_of(path: Path) -> list[dict[str, str]]:
@@ -198,7 +224,9 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         duplicates=str(work / "image_dedup" / IMAGE_DUPLICATES),
     )
     sscd_cfg = dataclasses.replace(index_cfg, out=str(work / "sscd_index"), duplicates=None)
-    fp_embed = fingerprint({"embed": result_options(embed_cfg), "shards": shards_sig})
+    # Models by content: weights replaced in place under the same path are a new model.
+    models = {"clip": clip_spec(embed_cfg).identity(), "sscd": _sha256_or_none(embed_cfg.sscd_checkpoint)}
+    fp_embed = fingerprint({"embed": result_options(embed_cfg), "models": models, "shards": shards_sig})
     fp_dedup = fingerprint({"image_dedup": result_options(dedup_cfg), "embed": fp_embed})
     fp_caption = fingerprint({"caption_dedup": result_options(cfg.caption_dedup), "embed": fp_embed})
     fp_index = fingerprint({"index": result_options(index_cfg), "embed": fp_embed, "image_dedup": fp_dedup})
@@ -214,6 +242,7 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     def embed() -> dict[str, Any]:
         summary = run_embed(embed_cfg)
         summary.pop("per_partition", None)
+        summary["models"] = models  # hashed before embedding: what the manifest vouches for
         return summary
 
     def image_dedup() -> dict[str, Any]:
@@ -323,19 +352,24 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     )
     manifest_path = root / MANIFEST
     current = _read_json(manifest_path)
+    _remove_strays(root, [path for step in steps for path in step.outputs()])
     if ran or current is None or current.get("build_fingerprint") != fp_manifest:
+        ingest = _read_json(root / WORK / "ingest" / "ingest_summary.json") or summaries["ingest"]
+        invariants = check_invariants(root, ingest)
         manifest = _manifest(root, cfg, summaries, fp_manifest)
+        manifest["invariants"] = invariants
+        manifest["root_hash"] = root_hash(manifest)
         atomic_write_json(manifest_path, manifest)
         manifest_written = True
     else:
         manifest = current
         manifest_written = False
-    if b.verify_checksums and manifest_written:
-        verify_files(root, manifest)
+    bundle_root = check_files(root, manifest, full=b.verify_checksums and manifest_written)
     summary = {
         "job": "build_artifacts",
         "out": str(root),
         "format_version": BUNDLE_FORMAT_VERSION,
+        "root_hash": bundle_root,
         "rows": manifest["counts"]["rows"],
         "image_duplicate_groups": manifest["counts"]["image_duplicate_groups"],
         "caption_duplicate_groups": manifest["counts"]["caption_duplicate_groups"],
@@ -357,22 +391,64 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _bundle_files(root: Path) -> list[Path]:
-    """Every file of the bundle: all but the manifest itself and the ``_work/`` resume state."""
-    files = []
-    for path in sorted(root.rglob("*")):
+def _remove_strays(root: Path, outputs: list[Path]) -> None:
+    """Delete bundle files no step of this build wrote (e.g. an SSCD index from an earlier build).
+
+    Everything under ``embeddings/`` is the embed stage's, which keeps that folder equal to its
+    current input itself; elsewhere only the steps' declared outputs may remain.
+    """
+    keep = {path.resolve() for path in outputs}
+    for path in bundle_files(root):
         rel = path.relative_to(root)
-        if not path.is_file() or rel.parts[0] == WORK or rel.as_posix() == MANIFEST:
+        if rel.parts[0] == EMBEDDINGS or path.resolve() in keep:
             continue
-        if path.name.startswith("."):  # a temporary file of an interrupted write
-            continue
-        files.append(path)
-    return files
+        log.warning("bundle: removing %s, which this build does not produce", rel)
+        path.unlink()
+
+
+def check_invariants(root: Path, ingest: dict[str, Any]) -> dict[str, Any]:
+    """Row counts that must agree across the bundle's files, read from the files themselves.
+
+    Ingest's ok rows = embedded rows = rows of the index (and of the SSCD index) = rows of the G_dup
+    table = rows of the caption groups; every image-group row id is one of those rows; and every
+    shard ingest counted saw as many rows as its ``_stats.json`` says (when it says).
+
+    Raises:
+        BundleError: a count disagrees; the message names each one (no manifest is written).
+    """
+    rows = sum(partition.num_rows() for partition in list_partitions(root / EMBEDDINGS))
+    counts = {
+        "samples_ok": ingest.get("ok"),
+        "embedded_rows": rows,
+        "index_ntotal": json.loads((root / INDEX_DIR / INFO_NAME).read_text())["index"]["ntotal"],
+        "table_rows": pq.ParquetFile(root / TABLE_NAME).metadata.num_rows,
+        "caption_group_rows": pq.ParquetFile(root / CAPTION_DUPLICATES).metadata.num_rows,
+    }
+    if (root / INDEX_DIR / SSCD_INFO_NAME).is_file():
+        counts["sscd_index_ntotal"] = json.loads((root / INDEX_DIR / SSCD_INFO_NAME).read_text())["index"][
+            "ntotal"
+        ]
+    image_rows = pq.read_table(root / IMAGE_DUPLICATES, columns=["row_id"]).column("row_id").to_numpy()
+    problems = [f"{name} = {value}" for name, value in counts.items() if value != rows]
+    if len(image_rows) and (image_rows.min() < 0 or image_rows.max() >= rows):
+        problems.append(f"image_duplicates row ids span {image_rows.min()}..{image_rows.max()}")
+    mismatched = {
+        shard: counts_
+        for shard, counts_ in ingest.get("per_shard", {}).items()
+        if counts_.get("stats_count") is not None and counts_["stats_count"] != counts_["rows_seen"]
+    }
+    if mismatched:
+        problems.append(f"shards whose rows differ from their _stats.json count: {mismatched}")
+    if problems:
+        raise BundleError(
+            f"bundle {root} is inconsistent (expected {rows} rows everywhere): {'; '.join(problems)}"
+        )
+    return {"rows": rows, **counts, "shards_checked": len(ingest.get("per_shard", {}))}
 
 
 def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp: str) -> dict[str, Any]:
     files = {}
-    for path in _bundle_files(root):
+    for path in bundle_files(root):
         files[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
     def artifact(rel: str, description: str, **extra: Any) -> dict[str, Any]:
@@ -406,6 +482,7 @@ def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp:
             "dim": embed.get("dim"),
             "pretrained": cfg.embed.pretrained,
             "checkpoint": cfg.embed.checkpoint,
+            "checkpoint_sha256": embed.get("models", {}).get("clip", {}).get("checkpoint_sha256"),
         },
         "thresholds": {
             "image_exact": cfg.image_dedup.exact,
@@ -445,7 +522,7 @@ def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp:
             "target_recall": check["target_recall"],
             "duplicates_subindex_rows": index_info.get("duplicates_subindex", {}).get("rows"),
         },
-        "indexes": _indexed_kinds(root, cfg),
+        "indexes": _indexed_kinds(root, cfg, s.get("embed", {}).get("models", {})),
         "config": {
             name: to_dict(getattr(cfg, name))
             for name in ("ingest", "embed", "image_dedup", "caption_dedup", "index", "bundle")
@@ -481,7 +558,7 @@ def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp:
     }
 
 
-def _indexed_kinds(root: Path, cfg: PipelineConfig) -> dict[str, Any]:
+def _indexed_kinds(root: Path, cfg: PipelineConfig, models: dict[str, Any]) -> dict[str, Any]:
     """The manifest's ``indexes``: each embedding kind the bundle can be searched by, its index file and,
     for SSCD, the descriptor model (TorchScript file, its sha256, input size) queries must be made with."""
     out: dict[str, Any] = {}
@@ -493,7 +570,7 @@ def _indexed_kinds(root: Path, cfg: PipelineConfig) -> dict[str, Any]:
             checkpoint = cfg.embed.sscd_checkpoint
             entry["model"] = {
                 "checkpoint": checkpoint,
-                "sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+                "sha256": models.get("sscd"),  # of the file the descriptors were made with
                 "image_size": cfg.embed.sscd_image_size,
             }
         out[kind] = entry

@@ -27,8 +27,12 @@ from pipeline.bundle.layout import (
     MANIFEST,
     TABLE_NAME,
     BundleChecksumError,
+    BundleContentError,
     BundleError,
     BundleFormatError,
+    bundle_files,
+    confined,
+    root_hash,
 )
 from pipeline.core.neighbours import DuplicateCaption
 from pipeline.core.storage import sha256_file
@@ -41,25 +45,54 @@ def apply_search_params(index: Any, info: dict[str, Any]) -> None:
     set_search_params(index, nprobe=params.get("nprobe"), ef_search=params.get("ef_search"))
 
 
-def verify_files(root: str | Path, manifest: dict[str, Any]) -> None:
-    """Check every file listed in ``manifest`` exists with its recorded size and sha256.
+def check_files(
+    root: str | Path, manifest: dict[str, Any], full: bool = True, expect: str | None = None
+) -> str:
+    """Check that the bundle's files are exactly the manifest's; return the bundle's root hash.
+
+    Always: every manifest path is confined to the bundle; the files on disk (see
+    :func:`~pipeline.bundle.layout.bundle_files`) are the listed ones, none missing or unlisted, no
+    symbolic links; each size matches; the root hash of the manifest equals its recorded one (and
+    ``expect``, when a consumer pins one). With ``full``, also every file's sha256 (reads everything).
 
     Raises:
-        BundleChecksumError: some file is missing or differs (the first few are named).
+        BundleContentError: a path outside the bundle, a missing, unlisted or linked file.
+        BundleChecksumError: a size, sha256 or root hash differs.
     """
     root = Path(root)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleContentError(f"bundle {root}: the manifest lists no files")
+    outside = [rel for rel in files if not isinstance(rel, str) or not confined(rel)]
+    if outside:
+        raise BundleContentError(f"bundle {root}: manifest paths outside the bundle: {outside[:5]}")
+    on_disk = {path.relative_to(root).as_posix(): path for path in bundle_files(root)}
+    missing, unlisted = sorted(set(files) - set(on_disk)), sorted(set(on_disk) - set(files))
+    linked = sorted(rel for rel, path in on_disk.items() if path.is_symlink())
+    if missing or unlisted or linked:
+        raise BundleContentError(
+            f"bundle {root} is not its manifest: missing {missing[:5]}, unlisted {unlisted[:5]}, "
+            f"symbolic links {linked[:5]}"
+        )
+    computed = root_hash(manifest)
+    if manifest.get("root_hash") != computed:
+        raise BundleChecksumError(
+            f"bundle {root}: the manifest's root hash {manifest.get('root_hash')} is not that of its "
+            f"content ({computed}); the manifest was edited"
+        )
+    if expect is not None and expect != computed:
+        raise BundleChecksumError(f"bundle {root} has root hash {computed}, expected {expect}")
     bad = []
-    for rel, entry in manifest.get("files", {}).items():
-        path = root / rel
-        if not path.is_file():
-            bad.append(f"{rel} (missing)")
-        elif path.stat().st_size != entry["bytes"]:
-            bad.append(f"{rel} (size {path.stat().st_size}, manifest {entry['bytes']})")
-        elif sha256_file(path) != entry["sha256"]:
+    for rel, entry in files.items():
+        size = on_disk[rel].stat().st_size
+        if size != entry.get("bytes"):
+            bad.append(f"{rel} (size {size}, manifest {entry.get('bytes')})")
+        elif full and sha256_file(on_disk[rel]) != entry.get("sha256"):
             bad.append(f"{rel} (sha256 differs from the manifest)")
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise BundleChecksumError(f"bundle {root} fails its checksums: {', '.join(bad[:5])}{more}")
+    return computed
 
 
 class Bundle:
@@ -70,11 +103,14 @@ class Bundle:
     Attributes:
         path (`Path`): the bundle folder.
         manifest (`dict`): the parsed ``manifest.json``.
+        root_hash (`str`): the bundle's identity, checked against its files when it was opened.
         min_count (`int`): the y_N minimum count (``thresholds.duplicate_caption_min_count``).
         kind (`str`): the vectors searched and returned: ``img_emb`` or ``sscd_emb``.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mmap: bool = True, kind: str = IMG_EMB):
+    def __init__(
+        self, path: Path, manifest: dict[str, Any], root_hash: str, mmap: bool = True, kind: str = IMG_EMB
+    ):
         if kind not in INDEXED_KINDS:
             raise ValueError(f"kind must be one of {', '.join(INDEXED_KINDS)}, got {kind!r}")
         index_name, info_name = INDEXED_KINDS[kind]
@@ -85,6 +121,7 @@ class Bundle:
             )
         self.path = path
         self.manifest = manifest
+        self.root_hash = root_hash
         self.kind = kind
         self.min_count = int(manifest["thresholds"]["duplicate_caption_min_count"])
         self.index = load_index(path / INDEX_DIR / index_name, mmap=mmap)
@@ -182,17 +219,25 @@ class Bundle:
         return self._key_to_row[key]
 
     def verify(self) -> None:
-        """Check every file against the manifest (see :func:`verify_files`)."""
-        verify_files(self.path, self.manifest)
+        """Check every file's sha256 against the manifest (see :func:`check_files`)."""
+        check_files(self.path, self.manifest, full=True, expect=self.root_hash)
 
 
-def open_bundle(path: str | Path, verify: bool = True, mmap: bool = True, kind: str = IMG_EMB) -> Bundle:
-    """Open a bundle written by :func:`build_bundle`.
+def open_bundle(
+    path: str | Path, verify: bool = True, mmap: bool = True, kind: str = IMG_EMB, expect: str | None = None
+) -> Bundle:
+    """Open a bundle written by :func:`~pipeline.bundle.build.build_bundle`.
+
+    The files on disk must be exactly the manifest's, with its sizes and root hash, whatever
+    ``verify`` says (:func:`check_files`).
 
     Args:
         path: the bundle folder.
-        verify (`bool`): check every file's size and sha256 against the manifest first. This reads
-            the whole bundle; for very large bundles pass False and call :meth:`Bundle.verify` once.
+        verify (`bool`): also check every file's sha256. This reads the whole bundle; for very large
+            bundles pass False (sizes and the root hash are still checked) and call
+            :meth:`Bundle.verify` once.
+        expect (`str`, *optional*): the root hash the caller pins (e.g. the one an audit recorded);
+            any other bundle is refused.
         mmap (`bool`): memory-map the index (and the embeddings, always mapped).
         kind (`str`): vectors to search: ``img_emb`` (open_clip image embeddings) or ``sscd_emb``
             (SSCD copy descriptors; the bundle must have been built with ``--embed-sscd-checkpoint``).
@@ -200,7 +245,21 @@ def open_bundle(path: str | Path, verify: bool = True, mmap: bool = True, kind: 
     Raises:
         BundleError: no readable manifest, or inconsistent contents.
         BundleFormatError: the manifest's ``format_version`` is not :data:`BUNDLE_FORMAT_VERSION`.
-        BundleChecksumError: with ``verify``, a file is missing or differs from the manifest.
+        BundleContentError: the files are not the manifest's (missing, unlisted, outside, linked).
+        BundleChecksumError: a size, the root hash, ``expect`` or (with ``verify``) a sha256 differs.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    checked = check_files(path, manifest, full=verify, expect=expect)
+    return Bundle(path, manifest, checked, mmap=mmap, kind=kind)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The bundle's parsed manifest, after checking it exists, parses and has the supported format.
+
+    Raises:
+        BundleError: no readable manifest.
+        BundleFormatError: another ``format_version`` than :data:`BUNDLE_FORMAT_VERSION`.
     """
     path = Path(path)
     manifest_path = path / MANIFEST
@@ -217,6 +276,9 @@ def open_bundle(path: str | Path, verify: bool = True, mmap: bool = True, kind: 
             f"{BUNDLE_FORMAT_VERSION} only (rebuild it with jobs/build_artifacts.py, or use the code "
             f"version that wrote it: {manifest.get('code_version') if isinstance(manifest, dict) else None})"
         )
-    if verify:
-        verify_files(path, manifest)
-    return Bundle(path, manifest, mmap=mmap, kind=kind)
+    return manifest
+
+
+def bundle_root_hash(path: str | Path, verify: bool = True) -> str:
+    """The root hash of the bundle at ``path``, after :func:`check_files` (every sha256 with ``verify``)."""
+    return check_files(path, read_manifest(path), full=verify)

@@ -73,6 +73,20 @@ class DownloadConfig:
     incremental_mode: str = option("incremental", "incremental (resume), overwrite or extend")
 
 
+#: Options shared by the two stages that read shards (ingest, embed).
+REQUIRE_STATS_HELP = (
+    "read a shard only once its NNNNN_stats.json exists (img2dataset writes it last); shards without "
+    "one are reported as incomplete and left for a later run. --no-require-stats also reads shards "
+    "written by other tools, which have no stats file (e.g. clip-retrieval's tars); a shard with a "
+    "stats file is still checked against its count either way"
+)
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+MAX_MEMBER_BYTES_HELP = (
+    "tar members larger than this are never read into memory: their sample is rejected as "
+    "member_too_large (sparse members always are, as sparse_member)"
+)
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """Reading img2dataset shards, decoding every image, accounting for every row."""
@@ -89,6 +103,8 @@ class IngestConfig:
         89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
     )
     read_num_cpus: float = option(0.5, "CPUs reserved per shard read task", fingerprint=False)
+    require_stats: bool = option(True, REQUIRE_STATS_HELP)
+    max_member_bytes: int = option(MAX_MEMBER_BYTES, MAX_MEMBER_BYTES_HELP)
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,8 @@ class EmbedConfig:
     max_image_pixels: int = option(
         89_478_485, "images with more pixels are rejected as decompression bombs (Pillow's default)"
     )
+    require_stats: bool = option(True, REQUIRE_STATS_HELP)
+    max_member_bytes: int = option(MAX_MEMBER_BYTES, MAX_MEMBER_BYTES_HELP)
     sscd_checkpoint: str | None = option(None, "SSCD TorchScript file: also write sscd_emb/ copy descriptors")
     sscd_image_size: int = option(320, "side of the square SSCD input (SSCD's 'skew 320' resize)")
     log_every_s: float = option(10.0, "seconds between progress log lines (images/s, ETA)", fingerprint=False)
@@ -335,6 +353,12 @@ class AuditConfig:
         None, "stop after this many prompts are finished (testing, staged runs)", fingerprint=False
     )
     thumbnail_size: int = option(96, "side of the report's image thumbnails, in pixels", fingerprint=False)
+    verify_bundle: bool = option(
+        True,
+        "check every bundle file's sha256 once before auditing (reads the whole bundle; the file list, "
+        "sizes and root hash are always checked, by the driver and by every actor)",
+        fingerprint=False,
+    )
     dry_run: bool = option(False, "only read the prompt list and write prompts.parquet", fingerprint=False)
 
 

@@ -14,7 +14,9 @@ else runs ``compute()`` and writes the marker last, so a marker always means com
 Partitioned stages (ingest, embed, the audit) declare ``partitions()`` (name -> signature of that
 partition's input) instead of one output set: only partitions without a matching marker are
 computed, each committed as soon as its files are written, and ``finish()`` builds the summary
-from every partition's marker.
+from every partition's marker. A partition whose input cannot be trusted this run (a shard that
+changed while it was read) is deferred instead (``commit.defer(name, reason)``): it gets no marker,
+any older marker of it is removed, and the next run computes it again.
 """
 
 from __future__ import annotations
@@ -23,16 +25,23 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.core.storage import DoneMarkers, fingerprint
 
 log = logging.getLogger(__name__)
 
-#: ``commit(partition, info)``: record a finished partition (its files are already written).
-Commit = Callable[[str, dict[str, Any]], None]
+
+class Commit(Protocol):
+    """What ``PartitionedStage.compute`` reports each partition's outcome through."""
+
+    def __call__(self, name: str, info: dict[str, Any]) -> None:
+        """Record a finished partition (its files are already written): its done marker."""
+
+    def defer(self, name: str, reason: str) -> None:
+        """Leave a computed partition unfinished this run, with the reason (logged and summarised)."""
 
 
 def seconds_since(started: float) -> float:
@@ -100,8 +109,9 @@ class PartitionRun:
     """What one run of a partitioned stage found and did."""
 
     markers: dict[str, dict[str, Any]]  # every finished partition's marker, in the stage's order
-    processed: list[str]  # computed in this run
+    processed: list[str]  # computed and committed in this run
     pending: list[str]  # still to compute (left by a ``limit``)
+    deferred: dict[str, str] = field(default_factory=dict)  # computed, not committed: name -> reason
 
 
 class PartitionedStage(ABC):
@@ -119,7 +129,8 @@ class PartitionedStage(ABC):
 
     @abstractmethod
     def compute(self, todo: list[str], commit: Commit) -> None:
-        """Compute the ``todo`` partitions; write each one's files atomically, then ``commit`` it."""
+        """Compute the ``todo`` partitions; write each one's files atomically, then ``commit`` it
+        (or ``commit.defer`` it, with a reason, when its result cannot be trusted this run)."""
 
     @abstractmethod
     def finish(self, run: PartitionRun) -> dict[str, Any]:
@@ -141,11 +152,39 @@ def pending_partitions(stage: PartitionedStage, markers: DoneMarkers) -> tuple[d
     return partitions, todo
 
 
+class _Ledger:
+    """The :class:`Commit` handed to ``compute``: writes markers, records deferrals."""
+
+    def __init__(self, stage: PartitionedStage, markers: DoneMarkers, partitions: dict[str, Any]):
+        self.stage = stage
+        self.markers = markers
+        self.partitions = partitions
+        self.deferred: dict[str, str] = {}
+
+    def __call__(self, name: str, info: dict[str, Any]) -> None:
+        self.deferred.pop(name, None)
+        self.markers.write(name, {**info, "source": self.partitions[name]})
+
+    def defer(self, name: str, reason: str) -> None:
+        if name not in self.partitions:
+            raise KeyError(f"{self.stage.name}: no partition {name!r} to defer")
+        # An older marker describes files this run may already have overwritten: it must go.
+        self.markers.path(name).unlink(missing_ok=True)
+        self.deferred[name] = reason
+        log.warning(
+            "%s: partition %s not marked done, left for a later run: %s", self.stage.name, name, reason
+        )
+
+
 def run_partitioned(stage: PartitionedStage, marker_dir: str | Path) -> dict[str, Any]:
     """Compute the partitions of ``stage`` that are not done (those it selects), then summarise all.
 
+    Deferred partitions (``commit.defer``) have no marker afterwards and are left out of
+    ``PartitionRun.markers`` and ``processed``; they are listed, with their reasons, in ``deferred``.
+
     Raises:
-        RuntimeError: a partition to compute was not committed by ``compute`` (its work was lost).
+        RuntimeError: a partition to compute was neither committed nor deferred by ``compute`` (its
+            work was lost).
     """
     markers = DoneMarkers(marker_dir, fingerprint(stage.fingerprint()))
     partitions, todo = pending_partitions(stage, markers)
@@ -158,16 +197,28 @@ def run_partitioned(stage: PartitionedStage, marker_dir: str | Path) -> dict[str
         len(now),
     )
 
-    def commit(name: str, info: dict[str, Any]) -> None:
-        markers.write(name, {**info, "source": partitions[name]})
-
+    ledger = _Ledger(stage, markers, partitions)
     if now:
-        stage.compute(now, commit)
-    done = {name: marker for name in partitions if (marker := markers.read(name)) is not None}
-    lost = [name for name in now if not stage.is_done(name, done.get(name), partitions[name])]
+        stage.compute(now, ledger)
+    deferred = dict(ledger.deferred)
+    done = {
+        name: marker
+        for name in partitions
+        if name not in deferred and (marker := markers.read(name)) is not None
+    }
+    lost = [
+        name
+        for name in now
+        if name not in deferred and not stage.is_done(name, done.get(name), partitions[name])
+    ]
     if lost:
         raise RuntimeError(f"{stage.name}: partitions {lost[:5]} were computed but never committed")
     chosen = set(now)
     return stage.finish(
-        PartitionRun(markers=done, processed=now, pending=[n for n in todo if n not in chosen])
+        PartitionRun(
+            markers=done,
+            processed=[n for n in now if n not in deferred],
+            pending=[n for n in todo if n not in chosen],
+            deferred=deferred,
+        )
     )

@@ -26,7 +26,6 @@ which other rows share its batch, so re-runs and retries reproduce outputs bit f
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from PIL import Image
 
 from pipeline.core.config import EmbedConfig
+from pipeline.core.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,14 @@ class ClipSpec:
     quick_gelu: bool = False
 
     def identity(self) -> dict[str, Any]:
-        """What makes outputs reusable: the model's name and, for a checkpoint, the file's size and mtime."""
+        """What makes outputs reusable: the model's name and, for a checkpoint, the file's sha256.
+
+        By content, not path or mtime: weights replaced in place are a new model (hashing a ViT-L
+        checkpoint takes seconds, once per run).
+        """
         ident: dict[str, Any] = {"name": self.name}
         if self.checkpoint:
-            st = os.stat(self.checkpoint)
-            ident["checkpoint"] = [str(Path(self.checkpoint).resolve()), st.st_size, st.st_mtime_ns]
+            ident["checkpoint_sha256"] = sha256_file(self.checkpoint)
         return ident
 
 

@@ -16,6 +16,10 @@ Stages, each testable alone (the shape of :mod:`pipeline.ingest.ingest`):
 Decoding and inference are separate Ray operators, so they overlap. Rejected rows (download
 failures, broken or non-image files) are not embedded but counted by reason: for every partition,
 rows seen = embedded + skipped.
+
+The shards embedded are those ingest takes (:func:`~pipeline.io.shards.complete_shards`), and a
+partition gets its done marker only if its shard did not change while it was read and its rows
+equal the shard's ``_stats.json`` count; otherwise it is deferred to a later run and reported.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +78,14 @@ from pipeline.io.embeddings import (
     metadata_path,
 )
 from pipeline.io.partitions import PartitionAssembler, shard_sizes
-from pipeline.io.shards import Shard, list_shards
+from pipeline.io.shards import (
+    Shard,
+    ShardProblem,
+    check_after_read,
+    complete_shards,
+    deferral_summary,
+    list_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +159,36 @@ def partition_counts(rows: pa.Table | None) -> dict[str, Any]:
 class PartitionWriter:
     """Writer: one partition's embeddings and metadata, each file atomically, then its done marker.
 
+    Just before the commit the shard is checked again (:func:`~pipeline.io.shards.check_after_read`):
+    one that changed since ``signatures`` (taken before the read) or whose rows differ from its
+    ``_stats.json`` count is deferred instead (no marker; the problem is kept in ``problems``).
+
     Args:
         out (`Path`): output folder.
         commit (`Commit`): records a finished partition (its done marker under ``out/done``).
         spec (`ClipSpec`): the model, for labels and the width of empty partitions.
         sscd_dim (`int`, *optional*): SSCD descriptor width; None when no SSCD model is used.
+        shards (`dict[str, Shard]`): the input shards, by partition name.
+        signatures (`Mapping[str, Any]`): each shard's signature taken before the read.
     """
 
-    def __init__(self, out: Path, commit: Commit, spec: ClipSpec, sscd_dim: int | None):
+    def __init__(
+        self,
+        out: Path,
+        commit: Commit,
+        spec: ClipSpec,
+        sscd_dim: int | None,
+        *,
+        shards: dict[str, Shard],
+        signatures: Mapping[str, Any],
+    ):
         self.out = out
         self.commit = commit
         self.spec = spec
         self.dims = {IMG_EMB: spec.dim, TEXT_EMB: spec.dim} | ({SSCD_EMB: sscd_dim} if sscd_dim else {})
+        self.shards = shards
+        self.signatures = signatures
+        self.problems: dict[str, ShardProblem] = {}
 
     def __call__(self, name: str, rows: pa.Table | None) -> dict[str, Any]:
         counts = partition_counts(rows)
@@ -178,6 +207,11 @@ class PartitionWriter:
             "model": self.spec.name,
             "semantic": self.spec.semantic,
         }
+        problem = check_after_read(self.shards[name], self.signatures[name], counts["rows_seen"])
+        if problem is not None:
+            self.problems[name] = problem
+            self.commit.defer(name, str(problem))
+            return info
         self.commit(name, info)
         return info
 
@@ -318,7 +352,11 @@ def build_dataset(
         sscd_image_size=cfg.sscd_image_size if cfg.sscd_checkpoint else None,
     )
     ds = ray.data.from_items([{"shard": name} for name in todo], override_num_blocks=len(todo))
-    ds = ds.flat_map(read_rows, fn_kwargs={"shards": shards}, num_cpus=cfg.decode_num_cpus)
+    ds = ds.flat_map(
+        read_rows,
+        fn_kwargs={"shards": shards, "max_member_bytes": cfg.max_member_bytes},
+        num_cpus=cfg.decode_num_cpus,
+    )
     ds = ds.map_batches(
         prepare_batch,
         batch_size=cfg.decode_batch_size,
@@ -350,14 +388,19 @@ class EmbedStage(PartitionedStage):
             load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, "cpu").dim if cfg.sscd_checkpoint else None
         )
         self.plan = plan_compute(cfg, cluster_gpus(), cpu_actor_pool_size())
-        self.shards = {s.name: s for s in list_shards(cfg.shards)}
+        complete, self.incomplete = complete_shards(list_shards(cfg.shards), cfg.require_stats)
+        self.shards = {s.name: s for s in complete}
+        self.signatures: dict[str, Any] = {}
+        self.problems: dict[str, ShardProblem] = {}
         self.progress: Progress | None = None
 
     def fingerprint(self) -> str:
         return embed_fingerprint(self.cfg, self.spec, self.plan.precision)
 
     def partitions(self) -> dict[str, Any]:
-        return {name: shard.signature() for name, shard in self.shards.items()}
+        """Each shard's signature, taken here, before any read; the writer compares it after the read."""
+        self.signatures = {name: shard.signature() for name, shard in self.shards.items()}
+        return self.signatures
 
     def compute(self, todo: list[str], commit: Commit) -> None:
         label = "semantic" if self.spec.semantic else "NON-SEMANTIC: random weights"
@@ -372,7 +415,11 @@ class EmbedStage(PartitionedStage):
         )
         fetch_weights(self.spec)
         self.progress = Progress(len(todo), self.cfg.log_every_s)
-        assembler = PartitionAssembler(PartitionWriter(self.out, commit, self.spec, self.sscd_dim))
+        writer = PartitionWriter(
+            self.out, commit, self.spec, self.sscd_dim, shards=self.shards, signatures=self.signatures
+        )
+        self.problems = writer.problems
+        assembler = PartitionAssembler(writer)
         dataset = build_dataset(self.cfg, self.shards, todo, self.spec, self.plan, self.actor_cls)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             self.progress.update(batch, len(assembler.add(batch)))
@@ -380,11 +427,13 @@ class EmbedStage(PartitionedStage):
         log.info("%s", self.progress.line())
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
-        summary = summarize(self.out, run.markers, sorted(self.shards), self.spec, self.plan)
+        done = sorted(name for name in self.shards if name not in run.deferred)
+        summary = summarize(self.out, run.markers, done, self.spec, self.plan)
         progress = self.progress
+        summary.update(deferral_summary(self.incomplete, self.problems))
         summary.update(
             partitions_processed=len(run.processed),
-            partitions_skipped=len(self.shards) - len(run.processed),
+            partitions_skipped=len(done) - len(run.processed),
             embedded_this_run=progress.embedded if progress else 0,
             first_batch_s=None
             if progress is None or progress.first_batch_s is None

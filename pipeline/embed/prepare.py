@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.embed.phash import SIDE, grayscale_thumbnail, phash_thumbnails
 from pipeline.io.decode import decode_image
-from pipeline.io.shards import Shard, read_shard
+from pipeline.io.shards import DEFAULT_MAX_MEMBER_BYTES, Shard, read_shard
 
 NO_ERROR = ""
 
@@ -65,9 +65,14 @@ class DecodePlan:
     sscd_image_size: int | None = None
 
 
-def read_rows(item: dict[str, Any], shards: dict[str, Shard]) -> list[dict[str, Any]]:
-    """Reader: the raw rows of the shard named in ``item``, each with its position ``row`` in the shard."""
-    rows = read_shard(shards[item["shard"]])
+def read_rows(
+    item: dict[str, Any], shards: dict[str, Shard], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> list[dict[str, Any]]:
+    """Reader: the raw rows of the shard named in ``item``, each with its position ``row`` in the shard.
+
+    Tar members over ``max_member_bytes`` are not read (their rows are rejected, ``member_too_large``).
+    """
+    rows = read_shard(shards[item["shard"]], max_member_bytes)
     for index, row in enumerate(rows):
         row["row"] = index
     return rows

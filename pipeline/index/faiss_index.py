@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ import faiss
 import numpy as np
 
 from pipeline.core.ray_runtime import gpu_count
+from pipeline.core.storage import publish_tmp, unique_tmp_path
 
 log = logging.getLogger(__name__)
 
@@ -425,12 +425,16 @@ def tune_search(
 
 
 def save_index(index: faiss.Index, path: str | Path) -> None:
-    """Write ``index`` atomically (a temporary name, then a rename)."""
+    """Write ``index`` atomically and durably (a unique temporary name, fsync, rename, fsync the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    tmp = unique_tmp_path(path)
+    try:
+        faiss.write_index(index, str(tmp))
+        publish_tmp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_index(path: str | Path, mmap: bool = True) -> faiss.Index:

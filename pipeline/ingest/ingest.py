@@ -8,7 +8,11 @@ Stages, each testable alone:
   ``parts/<shard>.parquet`` and its done marker as soon as the shard is complete;
 * runner (:func:`run_ingest`): skips finished shards, runs the rest, merges the parts.
 
-A re-run reads no shard that already has a valid done marker.
+A re-run reads no shard that already has a valid done marker. Only complete shards are read (their
+``_stats.json`` exists, unless ``require_stats`` is off), and a shard is marked done only if it did
+not change while it was read and its rows equal its stats ``count``; otherwise it is reported in the
+summary (``shards_incomplete``, ``shards_changed_during_read``, ``shards_stats_mismatch``), left out
+of ``samples.parquet`` and read again by the next run.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,19 @@ from tqdm import tqdm
 
 from pipeline.core.config import IngestConfig, result_options
 from pipeline.core.stage import Commit, PartitionedStage, PartitionRun, run_partitioned, seconds_since
-from pipeline.core.storage import atomic_write_json, atomic_write_table, fingerprint
+from pipeline.core.storage import atomic_parquet_writer, atomic_write_json, atomic_write_table, fingerprint
 from pipeline.io.decode import decode_image, reason_of
 from pipeline.io.partitions import PartitionAssembler
-from pipeline.io.shards import Shard, list_shards, read_shard
+from pipeline.io.shards import (
+    Shard,
+    ShardProblem,
+    check_after_read,
+    complete_shards,
+    deferral_summary,
+    list_shards,
+    read_shard,
+    stats_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +104,38 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
 
 
 class ShardAssembler(PartitionAssembler):
-    """Writer: buffers decoded rows per shard and writes each shard once all its rows arrived."""
+    """Writer: buffers decoded rows per shard and writes each shard once all its rows arrived.
 
-    def __init__(self, parts_dir: Path, commit: Commit, shards: dict[str, Shard]):
+    Just before a shard's commit it checks the shard again (:func:`~pipeline.io.shards.check_after_read`)
+    against ``signatures``, taken before the read: a shard that changed meanwhile, or whose rows
+    differ from its ``_stats.json`` count, is deferred (no done marker), and its problem kept in
+    ``problems`` for the summary.
+    """
+
+    def __init__(
+        self,
+        parts_dir: Path,
+        commit: Commit,
+        shards: dict[str, Shard],
+        signatures: Mapping[str, Any],
+    ):
         super().__init__(self.write)
         self.parts_dir = parts_dir
         self.commit = commit
         self.shards = shards
+        self.signatures = signatures
+        self.problems: dict[str, ShardProblem] = {}
 
     def write(self, shard: str, rows: pa.Table | None) -> dict[str, Any]:
         table = _to_samples_table(rows)
         table = table.sort_by([("key", "ascending")])
         atomic_write_table(self.parts_dir / f"{shard}.parquet", table)
-        info = {"shard": shard, **shard_counts(table)}
+        info = {"shard": shard, **shard_counts(table), "stats_count": stats_count(self.shards[shard])}
+        problem = check_after_read(self.shards[shard], self.signatures[shard], info["rows_seen"])
+        if problem is not None:
+            self.problems[shard] = problem
+            self.commit.defer(shard, str(problem))
+            return info
         self.commit(shard, info)
         return info
 
@@ -128,20 +161,29 @@ class IngestStage(PartitionedStage):
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.parts_dir = self.out / "parts"
-        self.shards = {s.name: s for s in list_shards(cfg.shards)}
+        complete, self.incomplete = complete_shards(list_shards(cfg.shards), cfg.require_stats)
+        self.shards = {s.name: s for s in complete}
+        self.signatures: dict[str, Any] = {}
+        self.problems: dict[str, ShardProblem] = {}
 
     def fingerprint(self) -> str:
         return ingest_fingerprint(self.cfg)
 
     def partitions(self) -> dict[str, Any]:
-        return {name: shard.signature() for name, shard in self.shards.items()}
+        """Each shard's signature, taken here, before any read; the writer compares it after the read."""
+        self.signatures = {name: shard.signature() for name, shard in self.shards.items()}
+        return self.signatures
 
     def compute(self, todo: list[str], commit: Commit) -> None:
         cfg, shards = self.cfg, self.shards
-        assembler = ShardAssembler(self.parts_dir, commit, shards)
+        assembler = ShardAssembler(self.parts_dir, commit, shards, self.signatures)
+        self.problems = assembler.problems
         items = [{"shard": name} for name in todo]
+        max_member_bytes = cfg.max_member_bytes
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(lambda item: read_shard(shards[item["shard"]]), num_cpus=cfg.read_num_cpus)
+        ds = ds.flat_map(
+            lambda item: read_shard(shards[item["shard"]], max_member_bytes), num_cpus=cfg.read_num_cpus
+        )
         ds = ds.map_batches(
             decode_batch,
             batch_size=cfg.decode_batch_size,
@@ -155,9 +197,11 @@ class IngestStage(PartitionedStage):
             bar.update(len(todo) - bar.n)
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
-        summary = merge_parts(self.out, self.parts_dir, run.markers, sorted(self.shards))
-        summary["shards_skipped"] = len(self.shards) - len(run.processed)
+        done = sorted(name for name in self.shards if name not in run.deferred)
+        summary = merge_parts(self.out, self.parts_dir, run.markers, done)
+        summary["shards_skipped"] = len(done) - len(run.processed)
         summary["shards_processed"] = len(run.processed)
+        summary.update(deferral_summary(self.incomplete, self.problems))
         return summary
 
 
@@ -180,15 +224,15 @@ def merge_parts(
 ) -> dict[str, Any]:
     """Concatenate the shard parts into ``samples.parquet`` (streamed) and total their counts."""
     per_shard = {}
-    tmp = out / ".samples.parquet.tmp"
-    with pq.ParquetWriter(tmp, SAMPLES_SCHEMA) as writer:
+    out.mkdir(parents=True, exist_ok=True)  # no part at all when every shard is still incomplete
+    with atomic_parquet_writer(out / "samples.parquet", SAMPLES_SCHEMA) as writer:
         for name in names:
             marker = markers.get(name)
             if marker is None:
                 raise RuntimeError(f"shard {name} has no done marker after ingest")
             writer.write_table(pq.read_table(parts_dir / f"{name}.parquet", schema=SAMPLES_SCHEMA))
             per_shard[name] = {k: marker[k] for k in ("rows_seen", "ok", "rejected", "rejected_by_reason")}
-    tmp.replace(out / "samples.parquet")
+            per_shard[name]["stats_count"] = marker.get("stats_count")  # = rows_seen; None: no stats file
     reasons: Counter[str] = Counter()
     for counts in per_shard.values():
         reasons.update(counts["rejected_by_reason"])
