@@ -16,13 +16,18 @@ from _bootstrap import run_job
 from pipeline.audit.runner import run_audit
 from pipeline.core.cli import build_parser, parse_config
 from pipeline.core.lock import output_lock
+from pipeline.core.ray_runtime import ray_session
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="audit", extra=("ray",)), argv)
     # Ray starts (or is joined) only when there is something to generate, after every check passed.
-    with output_lock(cfg.audit.out, job="audit"):
-        return run_audit(cfg.audit, cfg.ray)
+    with output_lock(cfg.audit.out, job="audit"), ray_session(cfg.ray, lazy=True) as ray:
+        summary = run_audit(cfg.audit, cfg.ray)
+    if not cfg.audit.dry_run:
+        summary.update(up_to_date=summary["prompts_audited_now"] == 0 and summary["complete"])
+    summary.update(ray_started=ray.started)
+    return summary
 
 
 if __name__ == "__main__":

@@ -25,11 +25,14 @@ from pipeline.core.ray_runtime import ray_session
 def main(argv: list[str] | None = None) -> dict:
     extra = ("ray", "ingest", "embed", "image_dedup", "caption_dedup", "index")
     cfg = parse_config(build_parser(__doc__, main="bundle", extra=extra), argv)
-    with output_lock(cfg.bundle.out, job="build_artifacts"), ray_session(cfg.ray):
+    # Ray starts with the first step that needs it (ingest or embed with shards to read).
+    with output_lock(cfg.bundle.out, job="build_artifacts"), ray_session(cfg.ray, lazy=True) as ray:
         try:
-            return build_bundle(cfg)
+            summary = build_bundle(cfg)
         except BundleError as exc:
             raise ValueError(str(exc)) from exc
+    summary.update(up_to_date=not summary["steps_run"], ray_started=ray.started)
+    return summary
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ from pipeline.index.build import run_build_index
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="index"), argv)
-    with output_lock(cfg.index.out, job="build_index"), ray_session(cfg.ray):
-        return run_build_index(cfg.index)
+    # A local Ray is never started (its GPU task would run here anyway); a cluster is joined.
+    with output_lock(cfg.index.out, job="build_index"), ray_session(cfg.ray, lazy=True) as ray:
+        summary = run_build_index(cfg.index)
+    summary.update(up_to_date=summary["skipped"], ray_started=ray.started)
+    return summary
 
 
 if __name__ == "__main__":

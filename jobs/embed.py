@@ -16,9 +16,11 @@ from pipeline.embed.embed import run_embed
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="embed"), argv)
-    with output_lock(cfg.embed.out, job="embed"), ray_session(cfg.ray):
+    # Ray starts only if a shard is to be embedded: a re-run over embedded shards does without it.
+    with output_lock(cfg.embed.out, job="embed"), ray_session(cfg.ray, lazy=True) as ray:
         summary = run_embed(cfg.embed)
     summary.pop("per_partition")  # kept in embed_summary.json; the stdout line stays one short line
+    summary.update(up_to_date=summary["partitions_processed"] == 0, ray_started=ray.started)
     return summary
 
 

@@ -14,9 +14,11 @@ from pipeline.ingest.ingest import run_ingest
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="ingest"), argv)
-    with output_lock(cfg.ingest.out, job="ingest"), ray_session(cfg.ray):
+    # Ray starts only if a shard is to be read: a re-run over ingested shards does without it.
+    with output_lock(cfg.ingest.out, job="ingest"), ray_session(cfg.ray, lazy=True) as ray:
         summary = run_ingest(cfg.ingest)
     summary.pop("per_shard")  # kept in ingest_summary.json; the stdout line stays one short line
+    summary.update(up_to_date=summary["shards_processed"] == 0, ray_started=ray.started)
     return summary
 
 

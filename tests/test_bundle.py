@@ -77,7 +77,15 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 @pytest.mark.slow
 def test_build_runs_every_step_and_the_manifest_matches_the_files(built):
     root, _, summary, truth = built
-    assert summary["steps_run"] == ["ingest", "embed", "image_dedup", "caption_dedup", "index", "tables"]
+    assert summary["steps_run"] == [
+        "ingest",
+        "embed",
+        "image_dedup",
+        "caption_dedup",
+        "index",
+        "tables",
+        "report",
+    ]
     path = root / "bundle"
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["format_version"] == BUNDLE_FORMAT_VERSION
@@ -291,6 +299,49 @@ def test_row_counts_must_agree_across_the_bundle(built, tmp_path):
         check_invariants(root / "bundle", {"ok": rows + 1})
 
 
+def bundle_rows(path: Path) -> dict[str, set[str]]:
+    """The keys each row-bearing part of a bundle holds."""
+    bundle = open_bundle(path)
+    samples = pq.read_table(path / "samples.parquet", columns=["key", "status"]).to_pylist()
+    return {
+        "samples_ok": {row["key"] for row in samples if row["status"] == "ok"},
+        "table": set(bundle.table.column("key").to_pylist()),
+        "index_rows": set(pq.read_table(path / "index" / "index_rows.parquet").column("key").to_pylist()),
+        "captions": set(pq.read_table(path / "caption_duplicates.parquet").column("key").to_pylist()),
+        "index_ntotal": {str(i) for i in range(len(bundle))},
+    }
+
+
+@pytest.mark.slow
+def test_a_bundle_rebuilt_after_a_shard_is_removed_or_renamed_holds_exactly_the_input(built, tmp_path):
+    root, _, _, _ = built
+    shutil.copytree(root / "shards", tmp_path / "shards")
+    cfg = bundle_config(tmp_path)
+    build_bundle(cfg)
+    shard_keys = {
+        tar.stem: set(pq.read_table(tar.with_suffix(".parquet")).column("key").to_pylist())
+        for tar in sorted((tmp_path / "shards").glob("*.tar"))
+    }
+    assert len(shard_keys) >= 2
+    first, *rest = sorted(shard_keys)
+    for suffix in (".tar", ".parquet", "_stats.json"):  # a takedown: the first shard is gone
+        (tmp_path / "shards" / f"{first}{suffix}").unlink()
+    build_bundle(cfg)
+    rows = bundle_rows(tmp_path / "bundle")
+    expected = set().union(*(shard_keys[name] for name in rest))
+    assert rows["samples_ok"] <= expected and rows["table"] == rows["index_rows"] == rows["captions"]
+    assert rows["table"] == rows["samples_ok"] and not (rows["table"] & shard_keys[first])
+    assert len(rows["index_ntotal"]) == len(rows["table"])
+    assert not list((tmp_path / "bundle" / "embeddings" / "img_emb").glob(f"img_emb_{first}.npy"))
+    # Re-sharded input: the same rows under a new shard name are counted once, not twice.
+    last = rest[-1]
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        (tmp_path / "shards" / f"{last}{suffix}").rename(tmp_path / "shards" / f"9{last}{suffix}")
+    build_bundle(cfg)
+    renamed = bundle_rows(tmp_path / "bundle")
+    assert renamed["table"] == rows["table"] and len(renamed["index_ntotal"]) == len(rows["table"])
+
+
 @pytest.mark.slow
 def test_rerun_is_a_no_op(built):
     root, cfg, _, _ = built
@@ -298,7 +349,7 @@ def test_rerun_is_a_no_op(built):
     before = {rel: (path / rel).stat().st_mtime_ns for rel in bundle_files(path) | {MANIFEST}}
     summary = build_bundle(cfg)
     assert summary["steps_run"] == [] and summary["manifest_written"] is False
-    assert len(summary["steps_skipped"]) == 6
+    assert len(summary["steps_skipped"]) == 7
     assert {rel: (path / rel).stat().st_mtime_ns for rel in before} == before
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipeline.embed.clip_models import (
     normalize_pixels,
     resolve_precision,
 )
+from pipeline.embed.embed import embed_fingerprint
 from pipeline.embed.prepare import fit_to_model
 
 TINY = EmbedConfig(shards="unused", out="unused")
@@ -205,3 +207,20 @@ def test_gpu_half_precision_matches_cpu_fp32(tiny, precision: str):
     assert (on_gpu * on_cpu).sum(axis=1).min() > 0.99
     text_gpu = gpu.encode_texts(["a photo", ""], 8).astype(np.float32)
     assert (text_gpu * tiny.encode_texts(["a photo", ""], 8).astype(np.float32)).sum(axis=1).min() > 0.99
+
+
+def test_model_files_count_by_content_not_by_path_or_mtime(tmp_path: Path):
+    """Weights replaced in place (same path, same size, same mtime) are a new model: re-embed."""
+    checkpoint, sscd = tmp_path / "clip.pt", tmp_path / "sscd.pt"
+    checkpoint.write_bytes(b"A" * 64)
+    sscd.write_bytes(b"S" * 64)
+    cfg = EmbedConfig(shards="s", out="o", sscd_checkpoint=str(sscd))
+    spec = clip_spec(cfg)
+    spec_with_checkpoint = dataclasses.replace(spec, checkpoint=str(checkpoint))
+    before = embed_fingerprint(cfg, spec_with_checkpoint, "fp32"), spec_with_checkpoint.identity()
+    for path, data in ((checkpoint, b"B" * 64), (sscd, b"T" * 64)):
+        stat = path.stat()
+        path.write_bytes(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = embed_fingerprint(cfg, spec_with_checkpoint, "fp32"), spec_with_checkpoint.identity()
+    assert before[0] != after[0] and before[1] != after[1]

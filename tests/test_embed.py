@@ -158,7 +158,7 @@ def test_actor_embeds_decoded_rows_and_passes_rejected_ones_through(tmp_path: Pa
         pa.Table.from_pylist(read_rows({"shard": "00001"}, shards)),
         DecodePlan(max_pixels=89_478_485, clip_preprocess=_tiny_preprocess()),
     )
-    actor = EmbedActor(EmbedConfig(shards="x", out="x", batch_size=4), precision="auto")
+    actor = EmbedActor(EmbedConfig(shards="x", out=str(tmp_path / "out"), batch_size=4), precision="auto")
     out = actor(batch)
     ok = out["error"] == NO_ERROR
     assert PIXELS not in out and SSCD_EMB not in out

@@ -409,3 +409,56 @@ def test_bad_options_are_refused():
     ):
         with pytest.raises(ValueError):
             find_image_duplicates(meta, None, ImageDedupConfig(embeddings="x", out="y", **bad))
+
+
+# ----------------------------------------------------------------------------------------------
+# The dedup report on the planted photographs.
+# ----------------------------------------------------------------------------------------------
+
+REPORT_SECTIONS = ("counts", "histograms", "image-groups", "borderline", "removable", "sampling")
+
+
+@pytest.mark.slow
+def test_dedup_report_renders_in_headless_chromium(planted, tmp_path: Path):
+    """dedup_images writes dedup_report.html with thumbnails from the shards; it renders offline in
+    headless Chromium with every section, and a missing report makes the stage run again."""
+    from test_report import _run_chromium
+
+    from pipeline.dedup.report import REPORT_NAME
+
+    root, _ = planted
+    cfg = ImageDedupConfig(
+        embeddings=str(root / "emb"), out=str(root / "dedup_report"), shards=str(root / "shards")
+    )
+    summary = run_image_dedup(cfg)
+    page = Path(summary["report"])
+    assert page == root / "dedup_report" / REPORT_NAME and page.is_file()
+    text = page.read_text()
+    assert len(text.encode()) < 3_000_000
+    assert text.count('class="group"') == 8  # the eight photographs with copies
+    assert text.count("data:image/jpeg;base64,") >= 8 * 7  # their thumbnails, read from the tars
+    assert 'data-method="phash"' in text  # borderline pHash pairs
+    # What Chromium renders (offline: any request but the file itself would fail).
+    offline = ["--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"]
+    dom = _run_chromium([*offline, "--dump-dom", page.as_uri()], tmp_path).stdout
+    for section in REPORT_SECTIONS:
+        assert f'id="{section}"' in dom, section
+    for element in ('id="pass-exact"', 'id="pass-phash"', 'id="hist-phash"', 'class="threshold"'):
+        assert element in dom, element
+    shot = tmp_path / "dedup_report.png"
+    done = _run_chromium(
+        [*offline, f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri()], tmp_path
+    )
+    assert shot.is_file(), done.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2400)
+        arr = np.asarray(im.convert("RGB"))
+    # Rendered photographs, not a blank page: many colours, and a good part of the page is not white.
+    colours = len(np.unique(arr.reshape(-1, 3)[::7], axis=0))
+    inked = (arr.min(axis=2) < 200).mean()
+    print(f"\ndedup report: {len(text.encode()) / 1e3:.0f} kB, {colours} colours, {inked:.1%} inked; {shot}")
+    assert colours > 5000 and inked > 0.08
+    # The report is an output of the stage: without it, the stage runs again.
+    page.unlink()
+    again = run_image_dedup(cfg)
+    assert again["skipped"] is False and page.is_file()

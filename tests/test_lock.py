@@ -223,6 +223,7 @@ LOCKED_JOBS = [
     "dedup_captions",
     "build_index",
     "build_artifacts",
+    "apply_dedup",
     "audit",
     "download",
     "demo",
@@ -295,3 +296,23 @@ def test_failed_run_leaves_no_folder_it_created(tmp_path: Path):
     with output_lock(tmp_path / "kept", job="audit"):
         pass
     assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
+
+
+def test_a_fresh_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path: Path, caplog):
+    """A killed run (SIGKILL: no release) on this machine: its pid is gone, so no need to wait the lease."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)  # a pid that has just exited
+    _stale_lock(tmp_path, age_s=1, lease_s=600, holder=f"{host_name()}:{pid}:dead")
+    lock = json.loads((tmp_path / LOCK_NAME).read_text())
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**lock, "pid": pid}))
+    caplog.set_level(logging.WARNING, logger="pipeline.core.lock")
+    with output_lock(tmp_path, job="embed") as held:
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["holder"] == held.holder
+    # A live process of this host keeps its lock for its lease.
+    _stale_lock(tmp_path, age_s=1, lease_s=600, holder=f"{host_name()}:{os.getppid()}:alive")
+    lock = json.loads((tmp_path / LOCK_NAME).read_text())
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**lock, "pid": os.getppid()}))
+    with pytest.raises(OutputLockedError, match="alive"), output_lock(tmp_path, job="embed"):
+        pass

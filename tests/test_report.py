@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.audit.report import histogram_svg, render_report, thumbnail_png
+from pipeline.audit.report import render_report
+from pipeline.core.html import histogram_svg, thumbnail_png
 
 CHROMIUM_FLAGS = [
     "--headless",

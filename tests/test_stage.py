@@ -186,12 +186,61 @@ def test_deferring_a_recomputed_partition_drops_its_old_marker(tmp_path: Path):
 @pytest.mark.parametrize(
     ("cfg", "neutral", "result"),
     [
-        (ImageDedupConfig(), {"embeddings", "out", "use_gpu", "query_batch"}, {"phash_max_distance", "seed"}),
+        (
+            ImageDedupConfig(),
+            {"embeddings", "out", "use_gpu", "query_batch", "shards", "report"},
+            {"phash_max_distance", "seed"},
+        ),
         (IndexConfig(), {"embeddings", "out", "use_gpu", "duplicates"}, {"kind", "target_recall"}),
-        (CaptionDedupConfig(), {"input", "out", "batch_size", "ray_min_rows"}, {"threshold", "num_perm"}),
+        (
+            CaptionDedupConfig(),
+            {"input", "out", "batch_size", "ray_min_rows", "report"},
+            {"threshold", "num_perm"},
+        ),
     ],
 )
 def test_result_options_leave_out_exactly_the_fields_marked_result_neutral(cfg, neutral, result):
     options = result_options(cfg)
     assert set(options) == {f.name for f in dataclasses.fields(cfg)} - neutral
     assert result <= set(options)
+
+
+class PurgingLetters(Letters):
+    """Letters whose output folder must equal its current input (as ingest's and embed's)."""
+
+    def remove(self, name: str) -> None:
+        (self.out / name).unlink(missing_ok=True)
+
+
+def test_partitions_whose_input_is_gone_are_removed_with_their_marker(tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in "abc":
+        (inputs / f"{name}.txt").write_text(name)
+    run_partitioned(PurgingLetters(inputs, tmp_path / "out"), tmp_path / "done")
+    (inputs / "b.txt").unlink()  # a takedown
+    summary = run_partitioned(PurgingLetters(inputs, tmp_path / "out"), tmp_path / "done")
+    assert summary["chars"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "c"]
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["a.done.json", "c.done.json"]
+    # A stage that keeps stale partitions (the audit keeps prompts dropped from a list) keeps them.
+    (inputs / "c.txt").unlink()
+    run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
+    assert (tmp_path / "out" / "c").exists() and (tmp_path / "done" / "c.done.json").exists()
+
+
+def test_a_partition_being_recomputed_has_no_marker_while_its_files_are_rewritten(tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.txt").write_text("one")
+    run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
+    (inputs / "a.txt").write_text("two")
+
+    class Killed(Letters):
+        def compute(self, todo: list[str], commit: Commit) -> None:
+            atomic_write_bytes(self.out / "a", b"TW")  # half of the new output, then the process dies
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_partitioned(Killed(inputs, tmp_path / "out"), tmp_path / "done")
+    assert not (tmp_path / "done" / "a.done.json").exists()  # no reader trusts the torn file

@@ -18,6 +18,7 @@ Images are ``(B, 3, H, W)`` tensors in [−1, 1], what a VAE decoder or a pixel-
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,7 +137,12 @@ class SSCDBackend(_CosineBackend):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"SSCD TorchScript file {path} does not exist")
-        model = torch.jit.load(str(path), map_location=device).eval()
+        # SSCD is released only as TorchScript: torch 2.9+ deprecates torch.jit.load with a FutureWarning
+        # per load (every audit actor) that names no way to load such a file without it. Only that
+        # warning, only around this load.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning)
+            model = torch.jit.load(str(path), map_location=device).eval()
         return cls(model, image_size=image_size, **kwargs).to(device)
 
 

@@ -24,7 +24,7 @@ from pipeline.core.storage import sha256_file
 from pipeline.embed.clip_models import load_clip
 from pipeline.io.decode import decode_image
 from pipeline.io.embeddings import IMG_EMB, SSCD_EMB, load_metadata
-from pipeline.io.shards import IMAGE_EXTENSIONS, iter_tar_samples
+from pipeline.io.images import ShardImages
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +62,13 @@ class TrainingImages:
         meta = load_metadata(bundle.path / "embeddings", ["key", "shard"])
         self.keys = meta.column("key").to_pylist()
         self.shards = meta.column("shard").to_pylist()
-        self._cache: dict[str, dict[str, bytes]] = {}
-
-    def _shard(self, name: str) -> dict[str, bytes]:
-        if name not in self._cache:
-            found: dict[str, bytes] = {}
-            tar = self.folder / f"{name}.tar"
-            if tar.is_file():
-                for sample in iter_tar_samples(tar):
-                    data = next((sample.files[e] for e in IMAGE_EXTENSIONS if e in sample.files), None)
-                    if data:
-                        found[sample.key] = data
-            else:
-                log.warning("training images: shard %s not found (bundle built from %s)", tar, self.folder)
-            self._cache = {name: found}  # one shard at a time: rows are asked for shard by shard
-        return self._cache[name]
+        self.images = ShardImages(self.folder)  # one shard at a time: rows are asked for shard by shard
 
     def __call__(self, row_id: int) -> bytes | None:
         row_id = int(row_id)
         if not 0 <= row_id < len(self.keys) or not self.shards[row_id]:
             return None
-        return self._shard(str(self.shards[row_id])).get(str(self.keys[row_id]))
+        return self.images.image(str(self.shards[row_id]), str(self.keys[row_id]))
 
     def pixels(self, size: int) -> np.ndarray:
         """Every row's image at ``size``×``size`` as ``(N, 3, size, size)`` float32 in [−1, 1] (row order)."""

@@ -14,188 +14,36 @@ Nothing in the page is fetched: it opens from a file, offline, in any browser. S
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from pipeline.audit.layout import REPORT
 from pipeline.audit.matching import training_image_reader
 from pipeline.audit.store import RunStore
 from pipeline.core.config import AuditConfig
+from pipeline.core.html import (
+    fmt,
+    histogram_svg,
+    html_page,
+    img_tag,
+    key_value_table,
+    table_html,
+    td,
+    thumbnail_png,
+)
 from pipeline.core.storage import atomic_write_bytes
 
 MODE_COLOURS = {"off": "#d9534f", "on": "#2b7bb9"}
 MODE_LABELS = {"off": "AMG off", "on": "AMG on"}
 
 _CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-.sub{color:#666;font-size:13px}
-.cards{display:flex;gap:16px;flex-wrap:wrap;margin:12px 0}
-.card{border:1px solid #ddd;border-radius:6px;padding:10px 14px;min-width:220px}
-.card h3{margin:0 0 6px;font-size:15px} .big{font-size:26px;font-weight:600}
-table{border-collapse:collapse;font-size:13px} th,td{border:1px solid #ddd;padding:4px 8px;text-align:left}
-th{background:#f4f4f4;cursor:pointer;user-select:none;vertical-align:bottom}
-.scroll{overflow-x:auto} td.text{min-width:260px} th.asc:after{content:" \\25B2"}
-th.desc:after{content:" \\25BC"} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.flag td{background:#fff3f2} .yes{color:#c9302c;font-weight:600} .no{color:#3c763d}
-.prov td:first-child{color:#666;white-space:nowrap}
-.prov td{font-family:monospace;font-size:12px;word-break:break-all}
-.pair{display:flex;gap:18px;align-items:flex-start;flex-wrap:wrap;margin:8px 0 22px}
-.col{display:flex;flex-direction:column;gap:4px} .col .lab{font-size:12px;color:#555}
-.strip{display:flex;gap:4px;flex-wrap:wrap} figure{margin:0;text-align:center;font-size:11px;color:#444}
-figure img{display:block;image-rendering:pixelated;border:3px solid transparent}
 figure.mem img{border-color:#d9534f} figure.ok img{border-color:#5cb85c}
 .prompt{font-weight:600;margin:14px 0 2px}
 """
-
-_SCRIPT = """
-document.querySelectorAll('table.sortable th').forEach(function(th, col){
-  th.addEventListener('click', function(){
-    var table = th.closest('table'), body = table.tBodies[0];
-    var asc = !th.classList.contains('asc');
-    table.querySelectorAll('th').forEach(function(h){h.classList.remove('asc','desc');});
-    th.classList.add(asc ? 'asc' : 'desc');
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function(a, b){
-      var x = a.cells[col].getAttribute('data-v'), y = b.cells[col].getAttribute('data-v');
-      var nx = parseFloat(x), ny = parseFloat(y), r;
-      if (!isNaN(nx) && !isNaN(ny)) r = nx - ny; else r = String(x).localeCompare(String(y));
-      return asc ? r : -r;
-    });
-    rows.forEach(function(r){ body.appendChild(r); });
-  });
-});
-"""
-
-
-def thumbnail_png(data: bytes, size: int) -> bytes:
-    """PNG bytes of an image no larger than ``size`` on its longer side (smaller ones are kept as is)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if max(im.size) > size:
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", optimize=True)
-        return buf.getvalue()
-
-
-def _img(data: bytes | None, size: int, alt: str) -> str:
-    if not data:
-        return f'<div style="width:{size}px;height:{size}px;background:#eee;font-size:11px">no image</div>'
-    b64 = base64.b64encode(data).decode("ascii")
-    return f'<img src="data:image/png;base64,{b64}" width="{size}" height="{size}" alt="{html.escape(alt)}">'
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _sort_value(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-1e99"
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
-
-
-def histogram_svg(
-    values: Mapping[str, Sequence[float]],
-    threshold: float | None,
-    label: str,
-    bins: int = 30,
-    width: int = 640,
-    height: int = 240,
-) -> str:
-    """An inline SVG histogram, one translucent bar series per key of ``values`` (AMG mode)."""
-    finite = {
-        k: [float(x) for x in v if x is not None and math.isfinite(float(x))] for k, v in values.items()
-    }
-    everything = [x for v in finite.values() for x in v] + ([threshold] if threshold is not None else [])
-    if not any(finite.values()):
-        return '<p class="sub">No samples.</p>'
-    lo, hi = min(everything), max(everything)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = 0.02 * (hi - lo)
-    lo, hi = lo - pad, hi + pad
-    step = (hi - lo) / bins
-    counts = {k: [0] * bins for k in finite}
-    for k, v in finite.items():
-        for x in v:
-            counts[k][min(bins - 1, int((x - lo) / step))] += 1
-    top = max(max(c) for c in counts.values()) or 1
-    left, right, upper, lower = 44, 12, 26, 34
-    pw, ph = width - left - right, height - upper - lower
-
-    def sx(x: float) -> float:
-        return left + (x - lo) / (hi - lo) * pw
-
-    def sy(c: float) -> float:
-        return upper + ph - c / top * ph
-
-    parts = [
-        (
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(label)} histogram">'
-        ),
-        f'<rect x="{left}" y="{upper}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>',
-    ]
-    for k, c in counts.items():
-        colour = MODE_COLOURS.get(k, "#777")
-        for i, n in enumerate(c):
-            if n:
-                x0, x1 = sx(lo + i * step), sx(lo + (i + 1) * step)
-                parts.append(
-                    f'<rect x="{x0:.1f}" y="{sy(n):.1f}" width="{max(0.5, x1 - x0 - 1):.1f}" '
-                    f'height="{ph + upper - sy(n):.1f}" fill="{colour}" fill-opacity="0.55">'
-                    f"<title>{html.escape(MODE_LABELS.get(k, k))}: {n} in [{lo + i * step:.3f}, "
-                    f"{lo + (i + 1) * step:.3f})</title></rect>"
-                )
-    for j in range(6):  # x ticks
-        x = lo + j * (hi - lo) / 5
-        parts.append(
-            f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{upper + ph}" y2="{upper + ph + 4}" stroke="#666"/>'
-            f'<text x="{sx(x):.1f}" y="{upper + ph + 16}" font-size="11" text-anchor="middle">{x:.2f}</text>'
-        )
-    parts.extend(  # y ticks, whole counts
-        f'<text x="{left - 6}" y="{sy(c) + 4:.1f}" font-size="11" text-anchor="end">{c:.0f}</text>'
-        for c in sorted({round(top * j / 2) for j in range(3)})
-    )
-    if threshold is not None:
-        parts.append(
-            f'<line x1="{sx(threshold):.1f}" x2="{sx(threshold):.1f}" y1="{upper}" y2="{upper + ph}" '
-            f'stroke="#000" stroke-dasharray="4 3"/><text x="{sx(threshold) + 4:.1f}" y="{upper + 12}" '
-            f'font-size="11">threshold {threshold:g}</text>'
-        )
-    parts.append(
-        f'<text x="{left + pw / 2:.1f}" y="{height - 4}" font-size="12" text-anchor="middle">'
-        f"{html.escape(label)}</text>"
-    )
-    x = left
-    for k in counts:  # legend, top
-        colour = MODE_COLOURS.get(k, "#777")
-        name = f"{MODE_LABELS.get(k, k)} (n={len(finite[k])})"
-        parts.append(
-            f'<rect x="{x}" y="6" width="12" height="12" fill="{colour}" fill-opacity="0.55"/>'
-            f'<text x="{x + 16}" y="16" font-size="12">{html.escape(name)}</text>'
-        )
-        x += 30 + 7 * len(name)
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 #: (column of prompts.parquet, header, decimals) of the prompt table; ``{m}`` is the AMG mode.
@@ -217,25 +65,18 @@ def _prompt_table(prompts: Sequence[Mapping[str, Any]], modes: Sequence[str]) ->
         else:
             columns.append((col, head, digits))
     columns.append(("matched_key", "matched training key", None))
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
     rows = []
     for p in prompts:
         cells = []
         for col, _, digits in columns:
             v = p.get(col)
-            css = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-            if col == "prompt":
-                css = ' class="text"'
+            css = "text" if col == "prompt" else None
             if isinstance(v, bool):
-                css = ' class="yes"' if v else ' class="no"'
-            text = _fmt(v, digits) if digits is not None else _fmt(v)
-            cells.append(f'<td{css} data-v="{html.escape(_sort_value(v))}">{html.escape(text)}</td>')
+                css = "yes" if v else "no"
+            cells.append(td(v, digits, css))
         flagged = any(p.get(f"{m}_flagged") for m in modes)
         rows.append(f"<tr{' class=flag' if flagged else ''}>{''.join(cells)}</tr>")
-    return (
-        f'<div class="scroll"><table class="sortable" id="prompts"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    return table_html("prompts", [h for _, h, _ in columns], rows)
 
 
 def _cards(summary: Mapping[str, Any], modes: Sequence[str]) -> str:
@@ -248,7 +89,7 @@ def _cards(summary: Mapping[str, Any], modes: Sequence[str]) -> str:
             f'<div class="big">{100 * s.get("frac_memorized", 0):.1f}% memorized</div>'
             f"<div>{s.get('n_memorized', 0)} of {s.get('n_samples', 0)} samples; "
             f"<b>{s.get('n_prompts_flagged', 0)}</b> of {s.get('n_prompts', 0)} prompts flagged</div>"
-            f"<div>Top-5%: {_fmt(s.get('top5pct'))} · Top-1: {_fmt(s.get('top1'))}</div>"
+            f"<div>Top-5%: {fmt(s.get('top5pct'))} · Top-1: {fmt(s.get('top1'))}</div>"
             f"<div>Carlini cliques: {s.get('n_prompts_clique', 0)} prompts</div></div>"
         )
     return f'<div class="cards">{"".join(cards)}</div>'
@@ -268,15 +109,10 @@ def _provenance(summary: Mapping[str, Any]) -> str:
         "descriptor",
         "created",
     )
-    rows = [
-        f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(prov[key]))}</td></tr>"
-        for key in keys
-        if key in prov
-    ]
+    rows = [(key, str(prov[key])) for key in keys if key in prov]
     if "config" in prov:
-        cfg = json.dumps(prov["config"], sort_keys=True)
-        rows.append(f"<tr><td>config</td><td>{html.escape(cfg)}</td></tr>")
-    return f'<table class="prov">{"".join(rows)}</table>'
+        rows.append(("config", json.dumps(prov["config"], sort_keys=True)))
+    return key_value_table(rows)
 
 
 def _gallery(
@@ -297,7 +133,7 @@ def _gallery(
         pid = p["prompt_id"]
         rows = sorted(by_prompt.get(pid, []), key=lambda r: (r["amg_mode"], r["sample_index"]))
         key = p.get("matched_key")
-        training = _img(training_images.get(key) if key else None, size, f"training {key}")
+        training = img_tag(training_images.get(key) if key else None, size, f"training {key}")
         label = f"<figcaption>key {html.escape(str(key))}</figcaption>"
         cols = [
             '<div class="col"><span class="lab">matched training image</span>'
@@ -309,8 +145,8 @@ def _gallery(
                 css = "mem" if r.get("memorized") else "ok"
                 strip.append(
                     f'<figure class="{css}">'
-                    f"{_img(sample_images.get((pid, m, r['sample_index'])), size, 'sample')}"
-                    f"<figcaption>{_fmt(r.get('similarity'))}</figcaption></figure>"
+                    f"{img_tag(sample_images.get((pid, m, r['sample_index'])), size, 'sample')}"
+                    f"<figcaption>{fmt(r.get('similarity'))}</figcaption></figure>"
                 )
             verdict = "flagged" if p.get(f"{m}_flagged") else "not flagged"
             cols.append(
@@ -354,6 +190,8 @@ def render_report(
         {m: [s["similarity"] for s in samples if s["amg_mode"] == m] for m in modes},
         threshold,
         f"{similarity} similarity to the nearest training image",
+        colours=MODE_COLOURS,
+        names=MODE_LABELS,
     )
     flagged = [p for p in prompts if any(p.get(f"{m}_flagged") for m in modes)]
     criteria = summary.get("criteria", {})
@@ -364,11 +202,7 @@ def render_report(
     )
     run_id = summary.get("provenance", {}).get("run_id", "")
     title = "Memorization audit"
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{title} {html.escape(run_id)}</title>"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<style>{_CSS}</style></head><body>"
+    body = (
         f'<h1>{title}</h1><div class="sub">run {html.escape(run_id)} · {len(prompts)} prompts · '
         f"{len(samples)} samples · {html.escape(str(summary.get('provenance', {}).get('created', '')))}</div>"
         f'{_cards(summary, modes)}<ul class="sub">{crit}</ul>'
@@ -379,8 +213,8 @@ def render_report(
         f"AMG off and on; red frame: memorized (similarity above the threshold), green: not.</p>"
         f"{_gallery(flagged, samples, modes, sample_images, training_images, thumbnail_size)}"
         f"<h2>Provenance</h2>{_provenance(summary)}"
-        f"<script>{_SCRIPT}</script></body></html>\n"
     )
+    return html_page(f"{title} {run_id}", body, _CSS)
 
 
 def write_report(

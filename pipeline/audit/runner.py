@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import ray
 import yaml
-from ray.util import ActorPool
+from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 
 from pipeline.amg import AMGConfig
 from pipeline.audit.actor import GeneratorActor, WorkerSpec
@@ -88,6 +90,10 @@ def amg_configs(cfg: AuditConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def check_config(cfg: AuditConfig) -> None:
     """Clear errors for settings that cannot work, before anything starts."""
+    if cfg.max_attempts < 1 or cfg.prompt_timeout_s < 0:
+        raise ValueError(
+            "audit.max_attempts must be at least 1 and audit.prompt_timeout_s at least 0 (0: none)"
+        )
     if cfg.amg not in AMG_CHOICES:
         raise ValueError(f"--amg must be off, on or both, got {cfg.amg!r}")
     if cfg.mode not in ("paper", "reference"):
@@ -144,8 +150,15 @@ class AuditStage(PartitionedStage):
 
     name = "audit"
 
-    def __init__(self, cfg: AuditConfig, ray_cfg: RayConfig | None, prompts: list[dict[str, Any]]):
+    def __init__(
+        self,
+        cfg: AuditConfig,
+        ray_cfg: RayConfig | None,
+        prompts: list[dict[str, Any]],
+        actor_cls: type[GeneratorActor] = GeneratorActor,
+    ):
         self.cfg = cfg
+        self.actor_cls = actor_cls
         self.ray_cfg = ray_cfg or RayConfig()
         self.prompts = prompts
         self.modes = AMG_CHOICES[cfg.amg]
@@ -166,7 +179,7 @@ class AuditStage(PartitionedStage):
                 self.store.root / "run.json",
                 {"run_id": run_id, **self.identity, "model": str(self.model_dir), "bundle": str(cfg.bundle)},
             )
-        self.generated = 0
+        self.generation = Generation()
 
     def fingerprint(self) -> dict[str, Any]:
         return self.identity
@@ -198,7 +211,7 @@ class AuditStage(PartitionedStage):
             ",".join(self.modes),
         )
         with ray_session(self.ray_cfg):
-            self.generated = _generate_all(
+            self.generation = _generate_all(
                 self.cfg,
                 self.store,
                 self.model_dir,
@@ -207,6 +220,7 @@ class AuditStage(PartitionedStage):
                 self.detection,
                 work,
                 commit,
+                self.actor_cls,
             )
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
@@ -221,12 +235,15 @@ class AuditStage(PartitionedStage):
             self.bundle_sum,
             self.model_sum,
         )
-        pending = _prompt_ids(run.pending)
+        # Given-up prompts' partitions are deferred: pending for the next run, like those left by a limit.
+        pending = _prompt_ids([*run.pending, *run.deferred])
         summary.update(
             prompts_total=len(self.prompts),
             prompts_audited_now=len(_prompt_ids(run.processed)),
-            samples_generated_now=self.generated,
+            samples_generated_now=self.generation.generated,
             prompts_pending=len(pending),
+            prompts_retried=self.generation.retried,
+            prompts_given_up=self.generation.given_up,
             complete=not pending,
         )
         return summary
@@ -237,12 +254,20 @@ def _prompt_ids(partitions: list[str]) -> list[str]:
     return list(dict.fromkeys(name.split("/", 1)[0] for name in partitions))
 
 
-def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
+def run_audit(
+    cfg: AuditConfig, ray_cfg: RayConfig | None = None, *, actor_cls: type[GeneratorActor] = GeneratorActor
+) -> dict[str, Any]:
     """Audit ``cfg.model`` on ``cfg.prompts`` against ``cfg.bundle``; return the summary (``summary.json``).
 
     Everything is checked before Ray is touched. Ray is used only when there is something to generate:
     the session already up, else one joined or started from ``ray_cfg`` for the generation alone (see
     :func:`pipeline.core.ray_runtime.ray_session`); a re-run of a finished audit only re-aggregates.
+
+    Args:
+        cfg (`AuditConfig`): the audit's options.
+        ray_cfg (`RayConfig`, *optional*): how to reach Ray.
+        actor_cls (`type`, *optional*): the generator actor class (a subclass of :class:`GeneratorActor`);
+            tests pass one that dies or hangs to prove retries and timeouts.
 
     Raises:
         PromptListError: the prompt list cannot be read (unknown layout, no prompt column, no prompts).
@@ -255,7 +280,7 @@ def run_audit(cfg: AuditConfig, ray_cfg: RayConfig | None = None) -> dict[str, A
     prompts_table = read_prompts(cfg.prompts, cfg.prompt_column)
     if cfg.dry_run:
         return _write_prompts_only(cfg, prompts_table, started)
-    stage = AuditStage(cfg, ray_cfg, prompts_table.to_pylist())
+    stage = AuditStage(cfg, ray_cfg, prompts_table.to_pylist(), actor_cls)
     summary = run_partitioned(stage, stage.store.markers_dir)
     summary["seconds"] = seconds_since(started)
     atomic_write_json(out / SUMMARY, summary)
@@ -274,6 +299,8 @@ def job_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "prompts_audited_now",
         "samples_generated_now",
         "prompts_pending",
+        "prompts_retried",
+        "prompts_given_up",
         "seconds",
     )
     short = {k: summary[k] for k in keep if k in summary}
@@ -289,6 +316,33 @@ def job_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return short
 
 
+#: What a lost actor looks like to the driver: the actor process or its node died (``ActorDiedError``),
+#: it cannot be reached (``ActorUnavailableError``; both are ``RayActorError``s), its worker crashed,
+#: or its finished result was lost with its node before the driver fetched it.
+ACTOR_LOST = (RayActorError, WorkerCrashedError, ObjectLostError)
+
+
+@dataclass
+class Generation:
+    """What :func:`_generate_all` did: samples generated, and the prompts retried or given up (with why)."""
+
+    generated: int = 0
+    retried: dict[str, list[str]] = field(default_factory=dict)  # prompt id -> reason of each retry
+    given_up: dict[str, str] = field(default_factory=dict)  # prompt id -> reason of its last attempt
+
+
+@dataclass
+class _InFlight:
+    """One prompt on one actor. ``started`` is None until the actor is ready (a new actor first loads
+    its models, which the prompt's timeout does not count); ``ready`` is that actor's ping."""
+
+    actor: Any
+    item: tuple[dict[str, Any], list[str]]
+    attempt: int
+    started: float | None
+    ready: Any = None
+
+
 def _generate_all(
     cfg: AuditConfig,
     store: RunStore,
@@ -298,8 +352,16 @@ def _generate_all(
     detection: dict[str, Any],
     todo: list[tuple[dict[str, Any], list[str]]],
     commit: Commit,
-) -> int:
-    """Run the work on an actor pool; the driver writes each prompt's result as it arrives."""
+    actor_cls: type[GeneratorActor] = GeneratorActor,
+) -> Generation:
+    """Run the work on actors, one prompt in flight per actor; the driver writes each result as it arrives.
+
+    An actor that dies (its process, or its node) is replaced and its prompt queued again; so is one
+    whose prompt runs longer than ``cfg.prompt_timeout_s`` (killed first). After ``cfg.max_attempts``
+    failed attempts a prompt is given up for this run: its partitions are deferred (no marker; the
+    next run computes them) and the other prompts go on. An actor that fails in its constructor (a
+    wrong bundle, a missing model) or a prompt that raises is an error, not a fault: it stops the run.
+    """
 
     n, options, device, threads = _plan_actors(cfg, len(todo))
     spec = WorkerSpec(
@@ -324,32 +386,93 @@ def _generate_all(
         torch_threads=threads,
     )
     log.info("audit: %d %s actor(s)%s", n, device, f", {threads} torch thread(s) each" if threads else "")
-    actor_cls = ray.remote(GeneratorActor).options(**options)
-    actors = [actor_cls.remote(spec, device) for _ in range(n)]
-    pool = ActorPool(actors)
-    generated = 0
+    # No Ray-level max_restarts / max_task_retries: Ray would re-run a prompt on a restarted actor
+    # without our knowing, so it could neither be counted against max_attempts nor reported, and
+    # a retry would not be told apart from a hang by the timeout. The loop below replaces a lost actor
+    # with a fresh one (scheduled on any live node) and requeues the prompt itself, once per failure.
+    remote_cls = ray.remote(actor_cls).options(**options)
+    timeout = cfg.prompt_timeout_s if cfg.prompt_timeout_s and cfg.prompt_timeout_s > 0 else None
+    outcome = Generation()
+    queue = deque((item, 1) for item in todo)
+    idle: list[tuple[Any, bool]] = []  # (actor, new): actors waiting for a prompt; started on demand
+    running: dict[Any, _InFlight] = {}  # prompt ref -> its slot
+    starting: dict[Any, Any] = {}  # a new actor's ping ref -> its prompt ref
     done = 0
     t0 = time.monotonic()
 
-    def submit(actor, item):
+    def submit(actor: Any, new: bool, item: tuple[dict[str, Any], list[str]], attempt: int) -> None:
         prompt, modes = item
-        return actor.audit_prompt.remote(
+        slot = _InFlight(actor, item, attempt, started=None if new else time.monotonic())
+        ref = actor.audit_prompt.remote(
             prompt["prompt_id"], prompt["prompt"], modes, wen=store.wen(prompt["prompt_id"])
         )
+        if new:  # actor tasks run in order: the ping answers once the constructor is done
+            slot.ready = actor.ping.remote()
+            starting[slot.ready] = ref
+        running[ref] = slot
+
+    def failed(slot: _InFlight, reason: str) -> None:
+        """A lost or killed actor: drop it (a new one starts when a prompt needs it); requeue its
+        prompt, or give the prompt up."""
+        ray.kill(slot.actor)  # a dead actor is already gone; an unreachable or hung one must go
+        prompt, modes = slot.item
+        pid = prompt["prompt_id"]
+        if slot.attempt >= cfg.max_attempts:
+            outcome.given_up[pid] = reason
+            for mode in modes:
+                commit.defer(partition_name(pid, mode), f"given up after {slot.attempt} attempts: {reason}")
+            log.warning("audit: prompt %s given up after %d attempts: %s", pid, slot.attempt, reason)
+            return
+        outcome.retried.setdefault(pid, []).append(reason)
+        queue.append((slot.item, slot.attempt + 1))
+        log.warning("audit: prompt %s, attempt %d failed (%s); queued again", pid, slot.attempt, reason)
 
     try:
-        for result in pool.map_unordered(submit, todo):
-            store.write(result, commit)
-            done += 1
-            generated += sum(len(part["rows"]) for part in result["modes"].values())
-            log.info(
-                "audit: %d/%d prompts (%s), %.1fs",
-                done,
-                len(todo),
-                result["prompt_id"],
-                time.monotonic() - t0,
-            )
+        while queue or running:
+            while queue and (idle or len(running) < n):
+                actor, new = idle.pop() if idle else (remote_cls.remote(spec, device), True)
+                item, attempt = queue.popleft()
+                submit(actor, new, item, attempt)
+            now = time.monotonic()
+            deadlines = [s.started + timeout for s in running.values() if timeout and s.started is not None]
+            wait_s = max(0.0, min(deadlines) - now) if deadlines else None
+            ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=wait_s)
+            for ref in ready:
+                if ref in starting:  # a new actor is up: its prompt's clock starts now
+                    slot = running.get(starting.pop(ref))
+                    if slot is not None:
+                        slot.started, slot.ready = time.monotonic(), None
+                    continue
+                slot = running.pop(ref)
+                if slot.ready is not None:
+                    starting.pop(slot.ready, None)
+                try:
+                    result = ray.get(ref)
+                except ACTOR_LOST as err:
+                    if isinstance(err, RayActorError) and err.actor_init_failed:
+                        raise  # the constructor failed: a configuration error, the same on any actor
+                    cause = type(err).__name__
+                    if isinstance(err, RayActorError) and err.preempted:
+                        cause += ", node preempted"
+                    failed(slot, f"actor died ({cause})")
+                    continue
+                store.write(result, commit)
+                idle.append((slot.actor, False))
+                done += 1
+                outcome.generated += sum(len(part["rows"]) for part in result["modes"].values())
+                log.info(
+                    "audit: %d/%d prompts (%s), %.1fs",
+                    done,
+                    len(todo),
+                    result["prompt_id"],
+                    time.monotonic() - t0,
+                )
+            now = time.monotonic()
+            for ref, slot in list(running.items()):
+                if timeout and slot.started is not None and now - slot.started >= timeout:
+                    del running[ref]
+                    failed(slot, f"timed out after {timeout:g}s")
     finally:
-        for actor in actors:
+        for actor in [slot.actor for slot in running.values()] + [actor for actor, _ in idle]:
             ray.kill(actor)
-    return generated
+    return outcome

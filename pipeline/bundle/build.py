@@ -13,8 +13,10 @@ Built by ``jobs/build_artifacts.py`` (:func:`build_bundle`) from img2dataset sha
    ``sscd_index``: when the embed stage wrote SSCD copy descriptors (``--embed-sscd-checkpoint``), an
    index over them too (``index/sscd.index``), so audits and AMG can search by copy similarity;
 6. ``tables``: the G_dup table (:mod:`pipeline.bundle.tables`) -> ``caption_dedup_table.parquet``;
-7. ``manifest.json``, written last: format version, code version, model, thresholds, counts, and
-   every file's path, size and sha256 (plus schemas of the tables).
+   ``report``: the dedup report (:mod:`pipeline.dedup.report`) -> ``dedup_report.html``;
+7. ``manifest.json``, written last, after the row counts were checked to agree across files: format
+   version, root hash, code and library versions, model, thresholds, counts, invariants, and every
+   file's path, size and sha256 (plus schemas of the tables).
 
 Layout::
 
@@ -24,6 +26,7 @@ Layout::
     image_duplicates.parquet        pipeline.dedup.image
     caption_duplicates.parquet      pipeline.dedup.caption (row order = the bundle's row ids)
     caption_dedup_table.parquet     pipeline.bundle.tables (G_dup)
+    dedup_report.html               pipeline.dedup.report (groups, thresholds, borderline pairs)
     index/image.index               FAISS index over img_emb, row ids = bundle row ids
     index/dup_image.index           FAISS IDMap over the images that have duplicates (ids = row ids)
     index/index_rows.parquet        row_id -> key, caption, partition, partition_row
@@ -95,9 +98,12 @@ from pipeline.core.storage import (
 )
 from pipeline.dedup.caption import find_caption_duplicates
 from pipeline.dedup.image import OUTPUT_NAME as IMAGE_DUPLICATES
+from pipeline.dedup.image import SUMMARY_NAME as IMAGE_DEDUP_SUMMARY
 from pipeline.dedup.image import run_image_dedup
+from pipeline.dedup.report import REPORT_NAME as DEDUP_REPORT
+from pipeline.dedup.report import REPORT_VERSION, write_dedup_report
 from pipeline.embed.clip_models import clip_spec
-from pipeline.embed.embed import run_embed
+from pipeline.embed.embed import POISON_BATCH, run_embed
 from pipeline.index.build import (
     DUP_INDEX_NAME,
     INDEX_NAME,
@@ -216,7 +222,10 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     shards_sig = _shards_signature(b.shards)
     ingest_cfg = dataclasses.replace(cfg.ingest, shards=b.shards, out=str(work / "ingest"))
     embed_cfg = dataclasses.replace(cfg.embed, shards=b.shards, out=str(emb_dir))
-    dedup_cfg = dataclasses.replace(cfg.image_dedup, embeddings=str(emb_dir), out=str(work / "image_dedup"))
+    # The bundle's own report step covers images and captions, with thumbnails from the shards.
+    dedup_cfg = dataclasses.replace(
+        cfg.image_dedup, embeddings=str(emb_dir), out=str(work / "image_dedup"), report=False
+    )
     index_cfg = dataclasses.replace(
         cfg.index,
         embeddings=str(emb_dir),
@@ -234,13 +243,13 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     sscd_files = (SSCD_INDEX_NAME, SSCD_INFO_NAME)
 
     def ingest() -> dict[str, Any]:
-        summary = run_ingest(ingest_cfg)
+        summary = _all_shards_read(run_ingest(ingest_cfg), "ingest")
         summary.pop("per_shard", None)
         _publish(work / "ingest" / SAMPLES, root / SAMPLES)
         return summary
 
     def embed() -> dict[str, Any]:
-        summary = run_embed(embed_cfg)
+        summary = _all_shards_read(run_embed(embed_cfg), "embed")
         summary.pop("per_partition", None)
         summary["models"] = models  # hashed before embedding: what the manifest vouches for
         return summary
@@ -276,6 +285,20 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     def tables() -> dict[str, Any]:
         return _write_dedup_table(root, b.knn_k)
 
+    def report() -> dict[str, Any]:
+        return write_dedup_report(
+            root / DEDUP_REPORT,
+            image_duplicates=root / IMAGE_DUPLICATES,
+            image_summary=work / "image_dedup" / IMAGE_DEDUP_SUMMARY,
+            image_cfg=dedup_cfg,
+            embeddings=emb_dir,
+            shards=b.shards,
+            caption_duplicates=root / CAPTION_DUPLICATES,
+            caption_summary=work / "caption_dedup" / "caption_dedup_summary.json",
+            caption_cfg=cfg.caption_dedup,
+            title="Bundle duplicates",
+        )
+
     steps = [
         FunctionStage(
             "ingest",
@@ -297,7 +320,30 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         {"knn_k": b.knn_k, "index": fp_index, "image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": 1}
     )
     steps.append(FunctionStage("tables", fp_tables, [root / TABLE_NAME], tables))
+    fp_report = fingerprint({"image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": REPORT_VERSION})
+    steps.append(FunctionStage("report", fp_report, [root / DEDUP_REPORT], report))
     return steps
+
+
+def _all_shards_read(summary: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``summary``, after checking the stage left no shard out; a bundle is all of its input or nothing.
+
+    Raises:
+        BundleError: shards incomplete (no ``_stats.json`` yet), changed while read, or whose row count
+            differs from their stats file; the message names them.
+    """
+    left_out = {
+        "incomplete (no _stats.json yet)": summary.get("shards_incomplete") or [],
+        "changed while being read": summary.get("shards_changed_during_read") or [],
+        "row count differs from _stats.json": sorted(summary.get("shards_stats_mismatch") or {}),
+    }
+    problems = [f"{why}: {names[:10]}" for why, names in left_out.items() if names]
+    if problems:
+        raise BundleError(
+            f"bundle: the {stage} stage left shards out ({'; '.join(problems)}); a bundle holds all of its "
+            f"input: finish or fix the download (or remove those shards) and build again"
+        )
+    return summary
 
 
 def _write_dedup_table(root: Path, knn_k: int) -> dict[str, Any]:
@@ -354,8 +400,7 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     current = _read_json(manifest_path)
     _remove_strays(root, [path for step in steps for path in step.outputs()])
     if ran or current is None or current.get("build_fingerprint") != fp_manifest:
-        ingest = _read_json(root / WORK / "ingest" / "ingest_summary.json") or summaries["ingest"]
-        invariants = check_invariants(root, ingest)
+        invariants = check_invariants(root, summaries["ingest"], summaries["embed"])
         manifest = _manifest(root, cfg, summaries, fp_manifest)
         manifest["invariants"] = invariants
         manifest["root_hash"] = root_hash(manifest)
@@ -406,19 +451,23 @@ def _remove_strays(root: Path, outputs: list[Path]) -> None:
         path.unlink()
 
 
-def check_invariants(root: Path, ingest: dict[str, Any]) -> dict[str, Any]:
+def check_invariants(
+    root: Path, ingest: dict[str, Any], embed: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Row counts that must agree across the bundle's files, read from the files themselves.
 
-    Ingest's ok rows = embedded rows = rows of the index (and of the SSCD index) = rows of the G_dup
-    table = rows of the caption groups; every image-group row id is one of those rows; and every
-    shard ingest counted saw as many rows as its ``_stats.json`` says (when it says).
+    Ingest's ok rows (less those embed gave up as poison batches) = embedded rows = rows of the
+    index (and of the SSCD index) = rows of the G_dup table = rows of the caption groups; and every
+    image-group row id is one of those rows. (Each shard's rows equal its ``_stats.json`` count
+    already: ingest and embed leave out any that differ, and the build refuses to go on without them.)
 
     Raises:
         BundleError: a count disagrees; the message names each one (no manifest is written).
     """
     rows = sum(partition.num_rows() for partition in list_partitions(root / EMBEDDINGS))
+    poison = int((embed or {}).get("skipped_by_reason", {}).get(POISON_BATCH, 0))
     counts = {
-        "samples_ok": ingest.get("ok"),
+        "samples_ok": None if ingest.get("ok") is None else ingest["ok"] - poison,
         "embedded_rows": rows,
         "index_ntotal": json.loads((root / INDEX_DIR / INFO_NAME).read_text())["index"]["ntotal"],
         "table_rows": pq.ParquetFile(root / TABLE_NAME).metadata.num_rows,
@@ -432,18 +481,11 @@ def check_invariants(root: Path, ingest: dict[str, Any]) -> dict[str, Any]:
     problems = [f"{name} = {value}" for name, value in counts.items() if value != rows]
     if len(image_rows) and (image_rows.min() < 0 or image_rows.max() >= rows):
         problems.append(f"image_duplicates row ids span {image_rows.min()}..{image_rows.max()}")
-    mismatched = {
-        shard: counts_
-        for shard, counts_ in ingest.get("per_shard", {}).items()
-        if counts_.get("stats_count") is not None and counts_["stats_count"] != counts_["rows_seen"]
-    }
-    if mismatched:
-        problems.append(f"shards whose rows differ from their _stats.json count: {mismatched}")
     if problems:
         raise BundleError(
             f"bundle {root} is inconsistent (expected {rows} rows everywhere): {'; '.join(problems)}"
         )
-    return {"rows": rows, **counts, "shards_checked": len(ingest.get("per_shard", {}))}
+    return {"rows": rows, **counts, "poison_batch_rows": poison}
 
 
 def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp: str) -> dict[str, Any]:

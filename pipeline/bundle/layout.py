@@ -35,7 +35,7 @@ SAMPLES = "samples.parquet"
 EMBEDDINGS = "embeddings"
 CAPTION_DUPLICATES = "caption_duplicates.parquet"
 INDEX_DIR = "index"
-STEPS = ("ingest", "embed", "image_dedup", "caption_dedup", "index", "sscd_index", "tables")
+STEPS = ("ingest", "embed", "image_dedup", "caption_dedup", "index", "sscd_index", "tables", "report")
 
 
 #: Embedding kinds a bundle can be searched by -> (index file, info file) under ``index/``.

@@ -23,6 +23,9 @@ from pipeline.core.config import (
     with_overrides,
 )
 
+#: Options every job takes under a shorter name as well (``--verbose`` for ``--ray-verbose``).
+SHORT_FLAGS = {("ray", "verbose"): "--verbose"}
+
 
 def _flag(section: str, name: str, main: str) -> str:
     stem = name if section == main else f"{section}_{name}"
@@ -54,7 +57,10 @@ def build_parser(description: str, main: str, extra: Sequence[str] = ("ray",)) -
             else:
                 kwargs["type"] = kind
                 kwargs["metavar"] = f.name.upper()
-            group.add_argument(_flag(section, f.name, main), **kwargs)
+            flags = [_flag(section, f.name, main)]
+            if (section, f.name) in SHORT_FLAGS and SHORT_FLAGS[section, f.name] not in flags:
+                flags.append(SHORT_FLAGS[section, f.name])
+            group.add_argument(*flags, **kwargs)
     parser.set_defaults(_main_section=main)
     return parser
 

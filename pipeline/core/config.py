@@ -37,7 +37,16 @@ class RayConfig:
     )
     num_cpus: int | None = option(None, "CPUs of a local Ray (default: all cores of this machine)")
     object_store_mb: int = option(1024, "object store of a local Ray, in MiB (capped so tests fit)")
-    progress_bars: bool = option(True, "Ray Data progress bars on stderr")
+    progress_bars: bool = option(
+        False,
+        "Ray Data's per-operator progress (bars on a terminal, logged lines otherwise); off by default: "
+        "each stage prints its own progress line",
+    )
+    verbose: bool = option(
+        False,
+        "Ray's own console output too (also --verbose): its INFO logs, Ray Data's progress and "
+        "'execution finished' lines, and the workers' stdout/stderr forwarded to this console",
+    )
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,12 @@ class EmbedConfig:
     sscd_checkpoint: str | None = option(None, "SSCD TorchScript file: also write sscd_emb/ copy descriptors")
     sscd_image_size: int = option(320, "side of the square SSCD input (SSCD's 'skew 320' resize)")
     log_every_s: float = option(10.0, "seconds between progress log lines (images/s, ETA)", fingerprint=False)
+    max_batch_attempts: int = option(
+        3,
+        "a model batch whose worker died this many times is given up: its rows are rejected as "
+        "poison_batch instead of being retried forever",
+        fingerprint=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,9 @@ class CaptionDedupConfig:
         fingerprint=False,
     )
     out: str = option("", "output folder for caption_duplicates.parquet", True, fingerprint=False)
+    report: bool = option(
+        True, "also write dedup_report.html (caption groups, removable rows)", fingerprint=False
+    )
     caption_col: str | None = option(None, "caption column (default: detected: caption, TEXT or text)")
     key_col: str | None = option(None, "key column (default: key, else the row number)")
     threshold: float = option(0.7, "Jaccard similarity of shingle sets at which two captions are duplicates")
@@ -185,6 +203,15 @@ class ImageDedupConfig:
     )
     out: str = option(
         "", "output folder for image_duplicates.parquet and image_dedup_summary.json", True, fingerprint=False
+    )
+    shards: str | None = option(
+        None,
+        "folder of the img2dataset shards the embeddings were made from: thumbnails in dedup_report.html "
+        "(without it the report shows the groups without pictures)",
+        fingerprint=False,
+    )
+    report: bool = option(
+        True, "also write dedup_report.html (groups, thresholds, borderline pairs)", fingerprint=False
     )
     exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
     phash: bool = option(True, "pixel-level pass: pHash Hamming distance through a FAISS binary index")
@@ -285,6 +312,60 @@ class BundleConfig:
 
 
 @dataclass(frozen=True)
+class ApplyDedupConfig:
+    """Acting on duplicates: keep-list / drop-list and, optionally, filtered shards (jobs/apply_dedup.py)."""
+
+    bundle: str = option(
+        "",
+        "bundle folder (jobs/build_artifacts.py): takes its duplicate tables, its embedding metadata and "
+        "(unless --shards is given) the shards it was built from",
+        fingerprint=False,
+    )
+    shards: str = option(
+        "", "folder of the img2dataset shards the duplicate tables describe", fingerprint=False
+    )
+    image_duplicates: str = option("", "image_duplicates.parquet (jobs/dedup_images.py)", fingerprint=False)
+    caption_duplicates: str = option(
+        "", "caption_duplicates.parquet (jobs/dedup_captions.py); used with --captions", fingerprint=False
+    )
+    embeddings: str = option(
+        "",
+        "embedding folder the tables were computed from: its metadata names the embedded rows and gives "
+        "url/width/height (without it every image is decoded to tell)",
+        fingerprint=False,
+    )
+    out: str = option(
+        "",
+        "output folder: keep_list.parquet, drop_list.parquet, shards/ (with --filter-shards)",
+        True,
+        fingerprint=False,
+    )
+    images: bool = option(True, "act on image duplicate groups (image_duplicates.parquet)")
+    captions: bool = option(
+        False,
+        "also act on caption duplicate groups; they are joined with the image groups into connected "
+        "components over keys, and each component keeps one row",
+    )
+    policy: str = option(
+        "largest",
+        "row a group keeps: largest (most pixels, width*height), earliest (smallest key) or score "
+        "(highest --score-column); ties go to the smallest key",
+    )
+    score_column: str | None = option(
+        None,
+        "score policy: numeric column of the shard parquet (else the embedding metadata), e.g. aesthetic",
+    )
+    filter_shards: bool = option(
+        False, "also write OUT/shards/: a copy of every shard (same names) that holds only the kept rows"
+    )
+    require_stats: bool = option(True, REQUIRE_STATS_HELP)
+    max_member_bytes: int = option(MAX_MEMBER_BYTES, MAX_MEMBER_BYTES_HELP)
+    max_image_pixels: int = option(
+        89_478_485, "without --embeddings: images with more pixels count as rejected, as ingest rejects them"
+    )
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """Memorization audit of a text-to-image model: generate per prompt, match with the bundle, flag, report.
 
@@ -353,6 +434,18 @@ class AuditConfig:
         None, "stop after this many prompts are finished (testing, staged runs)", fingerprint=False
     )
     thumbnail_size: int = option(96, "side of the report's image thumbnails, in pixels", fingerprint=False)
+    prompt_timeout_s: float = option(
+        1800.0,
+        "seconds a prompt may run on a ready actor before that actor is killed and the prompt retried "
+        "(0: no limit)",
+        fingerprint=False,
+    )
+    max_attempts: int = option(
+        3,
+        "attempts per prompt (a lost actor or node, a timeout); after the last, its partitions are "
+        "left for the next run and the summary names it",
+        fingerprint=False,
+    )
     verify_bundle: bool = option(
         True,
         "check every bundle file's sha256 once before auditing (reads the whole bundle; the file list, "
@@ -415,6 +508,7 @@ class PipelineConfig:
     image_dedup: ImageDedupConfig = field(default_factory=ImageDedupConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
+    apply_dedup: ApplyDedupConfig = field(default_factory=ApplyDedupConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     amg: AMGJobConfig = field(default_factory=AMGJobConfig)

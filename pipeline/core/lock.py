@@ -78,6 +78,24 @@ class _Snapshot:
         except (KeyError, TypeError, ValueError):
             return now - self.mtime
 
+    def holder_died_here(self) -> bool:
+        """Whether the holder ran on this host and its process is gone (a killed run): no need to wait
+        for its lease. A reused pid only makes us wait for the lease, never take a live lock."""
+        info = self.info or {}
+        try:
+            pid = int(info["pid"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if info.get("host") != host_name() or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
     def describe(self, now: float, default_lease: float) -> str:
         info = self.info or {}
         return (
@@ -160,7 +178,7 @@ class OutputLock:
             if snap is None:  # released between our create and our read: try again
                 continue
             now = time.time()
-            if snap.age(now) <= snap.lease(self.lease_s):
+            if snap.age(now) <= snap.lease(self.lease_s) and not snap.holder_died_here():
                 holder = snap.describe(now, self.lease_s)
                 raise OutputLockedError(
                     f"output folder {self.folder} is in use by another run ({holder}). "

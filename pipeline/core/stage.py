@@ -144,6 +144,12 @@ class PartitionedStage(ABC):
         """The partitions to compute in this run (all of ``todo``; a stage may stage its work)."""
         return todo
 
+    def remove(self, name: str) -> None:
+        """Delete the files of partition ``name``, whose input is gone or was made under another
+        fingerprint. Stages whose folder must equal their current input (ingest, embed) override it;
+        by default stale partitions are kept (the audit keeps prompts dropped from a list)."""
+        raise NotImplementedError
+
 
 def pending_partitions(stage: PartitionedStage, markers: DoneMarkers) -> tuple[dict[str, Any], list[str]]:
     """(all partitions with their signatures, the names still to compute), in the stage's order."""
@@ -176,6 +182,31 @@ class _Ledger:
         )
 
 
+def purge_stale(stage: PartitionedStage, markers: DoneMarkers, partitions: dict[str, Any]) -> list[str]:
+    """Remove partitions that are not the stage's current output: marker first, then the files.
+
+    Stale means a marker (in the marker folder, not nested) whose partition is no longer an input,
+    or that was written under another fingerprint. Stages that keep stale partitions (``remove``
+    not overridden) are left alone.
+    """
+    if type(stage).remove is PartitionedStage.remove:
+        return []
+    stale = []
+    for path in sorted(markers.folder.glob("*.done.json")):
+        name = path.name.removesuffix(".done.json")
+        if name in partitions and markers.read(name) is not None:
+            continue
+        stale.append(name)
+        path.unlink(missing_ok=True)
+        stage.remove(name)
+        log.warning(
+            "%s: removed partition %s (its input is gone or it was made under other options)",
+            stage.name,
+            name,
+        )
+    return stale
+
+
 def run_partitioned(stage: PartitionedStage, marker_dir: str | Path) -> dict[str, Any]:
     """Compute the partitions of ``stage`` that are not done (those it selects), then summarise all.
 
@@ -197,9 +228,15 @@ def run_partitioned(stage: PartitionedStage, marker_dir: str | Path) -> dict[str
         len(now),
     )
 
+    # The marker folder exists before any partition file does: a reader that finds partition files
+    # and a marker folder trusts only marked partitions (without one it would take a released folder).
+    markers.folder.mkdir(parents=True, exist_ok=True)
+    for name in now:  # from here on these files may be rewritten: no marker may vouch for them
+        markers.path(name).unlink(missing_ok=True)
     ledger = _Ledger(stage, markers, partitions)
     if now:
         stage.compute(now, ledger)
+    purge_stale(stage, markers, partitions)
     deferred = dict(ledger.deferred)
     done = {
         name: marker

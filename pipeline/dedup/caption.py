@@ -80,6 +80,7 @@ from pipeline.core.ray_runtime import ray_session
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_json, atomic_write_table, files_signature
 from pipeline.dedup.minhash import SCHEMES, MinHasher, band_hashes, char_shingles, lsh_params, shingle_hashes
+from pipeline.dedup.report import REPORT_NAME, write_dedup_report
 from pipeline.dedup.text_normalize import normalize_captions
 from pipeline.dedup.union_find import component_sizes, connected_components
 
@@ -639,7 +640,8 @@ def find_caption_duplicates(
 
 
 class CaptionDedupStage(Stage):
-    """Parquet captions -> ``caption_duplicates.parquet`` and ``caption_dedup_summary.json``."""
+    """Parquet captions -> ``caption_duplicates.parquet``, ``caption_dedup_summary.json`` and (unless
+    ``cfg.report`` is off) ``dedup_report.html`` (:mod:`pipeline.dedup.report`)."""
 
     name = "caption_dedup"
 
@@ -662,7 +664,7 @@ class CaptionDedupStage(Stage):
         }
 
     def outputs(self) -> list[Path]:
-        return [self.out / OUTPUT_NAME]
+        return [self.out / OUTPUT_NAME] + ([self.out / REPORT_NAME] if self.cfg.report else [])
 
     def compute(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -691,6 +693,16 @@ class CaptionDedupStage(Stage):
             "shingle_size": cfg.shingle_size,
             "seconds": seconds_since(started),
         }
+        if cfg.report:
+            write_dedup_report(
+                self.out / REPORT_NAME,
+                caption_duplicates=result.table,
+                caption_summary=result.stats,
+                caption_cfg=cfg,
+                captions=captions,
+                title="Caption duplicates",
+            )
+            summary["report"] = str(self.out / REPORT_NAME)
         atomic_write_json(self.out / SUMMARY_NAME, summary)
         return summary
 

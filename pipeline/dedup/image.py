@@ -64,6 +64,7 @@ from pipeline.core.config import ImageDedupConfig, result_options
 from pipeline.core.ray_runtime import gpu_count
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_json, atomic_write_table
+from pipeline.dedup.report import REPORT_NAME, write_dedup_report
 from pipeline.dedup.union_find import component_sizes, connected_components
 from pipeline.embed.phash import HASH_BITS
 from pipeline.index.faiss_index import KnnSearch, knn_batches
@@ -523,7 +524,9 @@ def check_config(cfg: ImageDedupConfig) -> None:
 
 
 class ImageDedupStage(Stage):
-    """Embedding folder -> ``image_duplicates.parquet`` and ``image_dedup_summary.json``."""
+    """Embedding folder -> ``image_duplicates.parquet``, ``image_dedup_summary.json`` and (unless
+    ``cfg.report`` is off) ``dedup_report.html`` (:mod:`pipeline.dedup.report`; thumbnails from
+    ``cfg.shards`` when given)."""
 
     name = "image_dedup"
 
@@ -541,7 +544,7 @@ class ImageDedupStage(Stage):
         }
 
     def outputs(self) -> list[Path]:
-        return [self.out / OUTPUT_NAME]
+        return [self.out / OUTPUT_NAME] + ([self.out / REPORT_NAME] if self.cfg.report else [])
 
     def compute(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -566,6 +569,19 @@ class ImageDedupStage(Stage):
             "seconds": seconds_since(started),
             "skipped": False,
         }
+        if cfg.report:
+            write_dedup_report(
+                self.out / REPORT_NAME,
+                image_duplicates=result.table,
+                image_summary=result.stats,
+                image_cfg=cfg,
+                embeddings=cfg.embeddings,
+                vectors=vectors,
+                meta=meta,
+                shards=cfg.shards,
+                title="Image duplicates",
+            )
+            summary["report"] = str(self.out / REPORT_NAME)
         atomic_write_json(self.out / SUMMARY_NAME, summary)
         return summary
 

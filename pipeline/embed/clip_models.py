@@ -26,6 +26,7 @@ which other rows share its batch, so re-runs and retries reproduce outputs bit f
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -372,7 +373,12 @@ def load_sscd(path: str | Path, image_size: int, device: torch.device | str) -> 
     """
     device = torch.device(device)
     try:
-        model = torch.jit.load(str(path), map_location=device).eval()
+        # SSCD is released only as TorchScript (sscd_disc_mixup.torchscript.pt): torch 2.9+ deprecates
+        # torch.jit.load with a FutureWarning per load (driver and every actor) that names no way to
+        # load such a file without it. Only that warning, only around this load.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning)
+            model = torch.jit.load(str(path), map_location=device).eval()
         with torch.inference_mode():
             probe = model(torch.zeros(1, 3, image_size, image_size, device=device))
     except Exception as exc:

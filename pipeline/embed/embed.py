@@ -24,7 +24,9 @@ equal the shard's ``_stats.json`` count; otherwise it is deferred to a later run
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import time
@@ -49,6 +51,8 @@ from pipeline.core.storage import (
     atomic_write_json,
     atomic_write_table,
     fingerprint,
+    sha256_file,
+    unique_tmp_path,
 )
 from pipeline.embed.clip_models import (
     ClipSpec,
@@ -70,6 +74,7 @@ from pipeline.embed.prepare import (
 from pipeline.io.decode import reason_of
 from pipeline.io.embeddings import (
     DONE,
+    EMBEDDING_KINDS,
     IMG_EMB,
     METADATA_SCHEMA,
     SSCD_EMB,
@@ -91,6 +96,73 @@ log = logging.getLogger(__name__)
 
 EMBED_SCHEMA_VERSION = 1
 
+#: Rejection reason of the rows of a batch that killed its model worker ``max_batch_attempts`` times.
+POISON_BATCH = "poison_batch"
+#: The attempt ledger's folder under the output folder; a dot-folder, which a bundle's file list skips.
+ATTEMPTS_DIR = ".attempts"
+
+
+class BatchAttempts:
+    """How often each model batch was started: the ledger that keeps a batch from killing workers forever.
+
+    Ray Data restarts a dead model actor and retries its task without limit, with the same input, so
+    a batch that crashes its worker (a segfault in a kernel, an out-of-memory kill) would be retried
+    forever. :meth:`start` counts an attempt in ``<folder>/<sha1 of the batch>.json`` before any model
+    work, and :meth:`finish` removes the entry once the batch is done; an entry that already counts
+    ``limit`` attempts means the batch killed its worker that many times, and it is given up.
+
+    The entry is written to a unique temporary name and renamed, so a killed process never leaves half
+    a count; it is not fsynced (it must only outlive the process, not a power loss), which keeps disk
+    flushes off the model's hot path. A folder that cannot be written (an output folder the worker's
+    node does not share) disables the ledger with a warning; the run itself goes on.
+
+    Args:
+        folder (`Path`): the ledger's folder (``OUT/.attempts``); the output folder must be shared by
+            the workers' nodes for counts to add up across nodes.
+        limit (`int`): attempts after which a batch is given up.
+        salt (`str`): the result options' fingerprint: a batch under other options is another batch.
+    """
+
+    def __init__(self, folder: Path, limit: int, salt: str):
+        self.folder = folder
+        self.limit = limit
+        self.salt = salt
+        self.enabled = True
+
+    def entry(self, batch: dict[str, np.ndarray]) -> Path:
+        """The batch's ledger file: a hash of its rows' shard, row number, key and image sha256."""
+        digest = hashlib.sha1(self.salt.encode(), usedforsecurity=False)
+        for column in ("shard", "row", "key", "sha256"):
+            digest.update(json.dumps([str(value) for value in batch[column]]).encode())
+        return self.folder / f"{digest.hexdigest()}.json"
+
+    def start(self, batch: dict[str, np.ndarray]) -> Path | None:
+        """Count an attempt at ``batch``; its entry, or None when it has used up its attempts."""
+        path = self.entry(batch)
+        try:
+            count = int(json.loads(path.read_text())["attempts"])
+        except FileNotFoundError:
+            count = 0
+        except (OSError, ValueError, KeyError, TypeError):
+            count = 0  # an unreadable entry counts as none: at worst a batch gets its attempts again
+        if count >= self.limit:
+            return None
+        if self.enabled:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp = unique_tmp_path(path)
+                tmp.write_text(json.dumps({"attempts": count + 1}))
+                os.replace(tmp, path)
+            except OSError as exc:
+                self.enabled = False
+                log.warning("embed: no batch attempt ledger (%s): a crashing batch is not bounded", exc)
+        return path
+
+    def finish(self, path: Path) -> None:
+        """The batch is done: forget its attempts."""
+        if self.enabled:
+            path.unlink(missing_ok=True)
+
 
 class EmbedActor:
     """Model stage: image and caption embeddings (and SSCD descriptors) for the decoded rows of a batch.
@@ -110,9 +182,30 @@ class EmbedActor:
             load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, device) if cfg.sscd_checkpoint else None
         )
         self.batch_size = cfg.batch_size
+        self.attempts = BatchAttempts(
+            Path(cfg.out) / ATTEMPTS_DIR, cfg.max_batch_attempts, fingerprint(result_options(cfg))
+        )
         log.info("embed actor: %s on %s (%s)", self.clip.name, device, self.clip.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed the ok rows of ``batch``; rejected rows pass through with zero vectors.
+
+        A batch that already killed its worker ``max_batch_attempts`` times (see
+        :class:`BatchAttempts`) gets no model work: its ok rows are rejected as ``poison_batch``.
+        """
+        ok = batch["error"] == NO_ERROR
+        entry = None
+        if ok.any():  # a batch of rejected rows only gets no model work: nothing to count
+            entry = self.attempts.start(batch)
+            if entry is None:
+                return self._given_up(batch, ok)
+        out = self.embed(batch)
+        if entry is not None:
+            self.attempts.finish(entry)
+        return out
+
+    def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model work: the row columns, and the embeddings of the ok rows (zeros for the others)."""
         ok = batch["error"] == NO_ERROR
         out = {name: batch[name] for name in ROW_COLUMNS}
         captions = [str(caption) for caption in batch["caption"][ok]]
@@ -121,6 +214,24 @@ class EmbedActor:
         if self.sscd is not None:
             out[SSCD_EMB] = _scatter(self.sscd.encode(batch[SSCD_PIXELS][ok], self.batch_size), ok)
         return out
+
+    def _given_up(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`embed`'s output without the model: the ok rows rejected as ``poison_batch`` (rows
+        rejected before keep their reason), every embedding zero."""
+        reason = f"{POISON_BATCH}: its model worker died {self.attempts.limit} times on this batch"
+        log.warning(
+            "embed: giving up a batch of %d rows (shards %s, keys %s...): %s",
+            len(ok),
+            sorted({str(s) for s in batch["shard"]}),
+            [str(k) for k in batch["key"][:3]],
+            reason,
+        )
+        errors = [reason if good else str(e) for e, good in zip(batch["error"], ok, strict=True)]
+        out = {name: batch[name] for name in ROW_COLUMNS} | {"error": np.array(errors, dtype=object)}
+        dims = {IMG_EMB: self.clip.dim, TEXT_EMB: self.clip.dim}
+        if self.sscd is not None:
+            dims[SSCD_EMB] = self.sscd.dim
+        return out | {kind: np.zeros((len(ok), dim), dtype=np.float16) for kind, dim in dims.items()}
 
 
 def _scatter(rows: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -262,11 +373,11 @@ def plan_compute(cfg: EmbedConfig, gpus: int, cpu_pool_size: int) -> ComputePlan
 
 
 def embed_fingerprint(cfg: EmbedConfig, spec: ClipSpec, precision: str) -> str:
-    """What makes a finished partition reusable: model and its weights, precision, decode rules, SSCD file."""
-    sscd = None
-    if cfg.sscd_checkpoint:
-        st = os.stat(cfg.sscd_checkpoint)
-        sscd = [str(Path(cfg.sscd_checkpoint).resolve()), st.st_size, st.st_mtime_ns, cfg.sscd_image_size]
+    """What makes a finished partition reusable: model and its weights, precision, decode rules, SSCD file.
+
+    Model files count by content (sha256), so weights replaced in place under the same path re-embed.
+    """
+    sscd = sha256_file(cfg.sscd_checkpoint) if cfg.sscd_checkpoint else None
     return fingerprint(
         {
             "schema": EMBED_SCHEMA_VERSION,
@@ -401,6 +512,13 @@ class EmbedStage(PartitionedStage):
         """Each shard's signature, taken here, before any read; the writer compares it after the read."""
         self.signatures = {name: shard.signature() for name, shard in self.shards.items()}
         return self.signatures
+
+    def remove(self, name: str) -> None:
+        """A shard that is no longer an input, or one embedded under other options: every file goes,
+        so the folder holds exactly the current input's rows for every later stage."""
+        for kind in EMBEDDING_KINDS:
+            embedding_path(self.out, kind, name).unlink(missing_ok=True)
+        metadata_path(self.out, name).unlink(missing_ok=True)
 
     def compute(self, todo: list[str], commit: Commit) -> None:
         label = "semantic" if self.spec.semantic else "NON-SEMANTIC: random weights"

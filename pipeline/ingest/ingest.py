@@ -174,6 +174,10 @@ class IngestStage(PartitionedStage):
         self.signatures = {name: shard.signature() for name, shard in self.shards.items()}
         return self.signatures
 
+    def remove(self, name: str) -> None:
+        """A shard that is no longer an input: its part goes, so ``samples.parquet`` never holds it."""
+        (self.parts_dir / f"{name}.parquet").unlink(missing_ok=True)
+
     def compute(self, todo: list[str], commit: Commit) -> None:
         cfg, shards = self.cfg, self.shards
         assembler = ShardAssembler(self.parts_dir, commit, shards, self.signatures)

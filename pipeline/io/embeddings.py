@@ -11,11 +11,13 @@ Layout, one partition ``{i}`` per input shard, row-aligned across the three fold
 LAION's released folders name partitions ``0, 1, ...`` (ours use the shard name, e.g. ``00000``)
 and their metadata has other columns; :meth:`Partition.metadata` fills the columns a file lacks with
 nulls, so later stages read both alike. Where a ``done/`` folder exists, only partitions with a marker
-are listed: the others may be half-written by a run that was killed.
+are listed: the others may be half-written by a run that was killed; and markers from two different
+runs (another model, other options) are refused rather than mixed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,14 +132,34 @@ def list_partitions(folder: str | Path) -> list[Partition]:
         raise FileNotFoundError(f"{folder} is not an embedding folder (no {IMG_EMB}/)")
     done_dir = folder / DONE
     names = []
+    runs: dict[str, list[str]] = {}
     for path in img_dir.iterdir():
         match = _IMG_NAME.match(path.name)
         if match is None or not metadata_path(folder, match["name"]).is_file():
             continue
-        if done_dir.is_dir() and not (done_dir / f"{match['name']}.done.json").is_file():
-            continue
+        if done_dir.is_dir():
+            marker = _read_marker(done_dir / f"{match['name']}.done.json")
+            if marker is None:
+                continue
+            runs.setdefault(str(marker.get("config_fingerprint")), []).append(match["name"])
         names.append(match["name"])
+    if len(runs) > 1:
+        detail = "; ".join(
+            f"{fp}: {sorted(parts, key=_natural_key)[:3]}" for fp, parts in sorted(runs.items())
+        )
+        raise ValueError(
+            f"{folder} holds partitions embedded under different options or models ({detail}); "
+            f"run the embed stage on it again to finish the interrupted run"
+        )
     return [Partition(folder, name) for name in sorted(names, key=_natural_key)]
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def load_embeddings(folder: str | Path, kind: str = IMG_EMB) -> np.ndarray:
