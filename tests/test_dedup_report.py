@@ -16,7 +16,6 @@ from PIL import Image
 from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from pipeline.core.config import CaptionDedupConfig, ImageDedupConfig
 from pipeline.core.html import thumbnail
-from pipeline.dedup import image, report
 from pipeline.dedup.image import SCHEMA
 from pipeline.dedup.report import (
     CaptionSection,
@@ -162,12 +161,6 @@ def test_every_element_is_on_the_page():
     assert 'id="sampling"' in page and "1,000 seeded sample rows" in page
     # thumbnails: 9 group members + 12 pair images
     assert page.count("data:image/jpeg;base64,") == 9 + 12
-
-
-def test_method_names_are_the_image_tables():
-    names = ("METHOD_REPRESENTATIVE", "METHOD_EXACT", "METHOD_PHASH", "METHOD_SEMANTIC", "METHOD_TRANSITIVE")
-    assert [getattr(report, n) for n in names] == [getattr(image, n) for n in names]
-    assert report.PASSES == image.PASSES
 
 
 def test_caption_only_report_and_missing_thumbnails():

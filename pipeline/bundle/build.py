@@ -97,9 +97,9 @@ from pipeline.core.storage import (
     unique_tmp_path,
 )
 from pipeline.dedup.caption import find_caption_duplicates
-from pipeline.dedup.image import OUTPUT_NAME as IMAGE_DUPLICATES
-from pipeline.dedup.image import SUMMARY_NAME as IMAGE_DEDUP_SUMMARY
 from pipeline.dedup.image import run_image_dedup
+from pipeline.dedup.names import OUTPUT_NAME as IMAGE_DUPLICATES
+from pipeline.dedup.names import SUMMARY_NAME as IMAGE_DEDUP_SUMMARY
 from pipeline.dedup.report import REPORT_NAME as DEDUP_REPORT
 from pipeline.dedup.report import REPORT_VERSION, write_dedup_report
 from pipeline.embed.clip_models import clip_spec

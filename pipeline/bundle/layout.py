@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.bundle.tables import OUTPUT_NAME as TABLE_NAME
-from pipeline.dedup.image import OUTPUT_NAME as IMAGE_DUPLICATES
+from pipeline.dedup.names import OUTPUT_NAME as IMAGE_DUPLICATES
 from pipeline.index.build import (
     DUP_INDEX_NAME,
     INDEX_NAME,

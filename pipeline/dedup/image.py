@@ -64,6 +64,16 @@ from pipeline.core.config import ImageDedupConfig, result_options
 from pipeline.core.ray_runtime import gpu_count
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_json, atomic_write_table
+from pipeline.dedup.names import (
+    METHOD_EXACT,
+    METHOD_PHASH,
+    METHOD_REPRESENTATIVE,
+    METHOD_SEMANTIC,
+    METHOD_TRANSITIVE,
+    OUTPUT_NAME,
+    PASSES,
+    SUMMARY_NAME,
+)
 from pipeline.dedup.report import REPORT_NAME, write_dedup_report
 from pipeline.dedup.union_find import component_sizes, connected_components
 from pipeline.embed.phash import HASH_BITS
@@ -72,15 +82,7 @@ from pipeline.io.embeddings import folder_signature, is_semantic, load_metadata,
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAME = "image_duplicates.parquet"
-SUMMARY_NAME = "image_dedup_summary.json"
 SCHEMA_VERSION = 1
-METHOD_REPRESENTATIVE = "representative"
-METHOD_EXACT = "exact"
-METHOD_PHASH = "phash"
-METHOD_SEMANTIC = "semantic"
-METHOD_TRANSITIVE = "transitive"
-PASSES = (METHOD_EXACT, METHOD_PHASH, METHOD_SEMANTIC)
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),

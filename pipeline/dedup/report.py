@@ -63,20 +63,20 @@ from pipeline.core.html import (
 )
 from pipeline.core.stage import seconds_since
 from pipeline.core.storage import atomic_write_bytes
+from pipeline.dedup.names import (
+    METHOD_EXACT,
+    METHOD_PHASH,
+    METHOD_REPRESENTATIVE,
+    METHOD_SEMANTIC,
+    METHOD_TRANSITIVE,
+    PASSES,
+)
 from pipeline.io.embeddings import IMG_EMB, list_partitions, load_metadata, normalize
 from pipeline.io.images import ShardImages
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "dedup_report.html"
-# The ``method`` values of image_duplicates.parquet (pipeline.dedup.image imports this module, so it
-# cannot be imported from here; tests/test_dedup_report.py checks that the names agree).
-METHOD_REPRESENTATIVE = "representative"
-METHOD_EXACT = "exact"
-METHOD_PHASH = "phash"
-METHOD_SEMANTIC = "semantic"
-METHOD_TRANSITIVE = "transitive"
-PASSES = (METHOD_EXACT, METHOD_PHASH, METHOD_SEMANTIC)
 #: Version of the page's content; part of the bundle's report step fingerprint.
 REPORT_VERSION = 1
 #: Shown captions and keys are cut to this many characters (LAION captions can be pages long).
