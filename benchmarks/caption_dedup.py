@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and tests/fixtures (planted captions)
 
 from fixtures.planted_captions import generate, pair_scores
 from pipeline.core.config import CaptionDedupConfig
