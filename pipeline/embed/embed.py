@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,14 +83,7 @@ from pipeline.io.embeddings import (
     metadata_path,
 )
 from pipeline.io.partitions import PartitionAssembler, shard_sizes
-from pipeline.io.shards import (
-    Shard,
-    ShardProblem,
-    check_after_read,
-    complete_shards,
-    deferral_summary,
-    list_shards,
-)
+from pipeline.io.shards import Shard, ShardInputs
 
 log = logging.getLogger(__name__)
 
@@ -270,17 +263,16 @@ def partition_counts(rows: pa.Table | None) -> dict[str, Any]:
 class PartitionWriter:
     """Writer: one partition's embeddings and metadata, each file atomically, then its done marker.
 
-    Just before the commit the shard is checked again (:func:`~pipeline.io.shards.check_after_read`):
-    one that changed since ``signatures`` (taken before the read) or whose rows differ from its
-    ``_stats.json`` count is deferred instead (no marker; the problem is kept in ``problems``).
+    The partition is committed through ``inputs`` (:meth:`~pipeline.io.shards.ShardInputs.commit_checked`):
+    a shard that changed while it was read, or whose rows differ from its ``_stats.json`` count, is
+    deferred instead (no marker).
 
     Args:
         out (`Path`): output folder.
         commit (`Commit`): records a finished partition (its done marker under ``out/done``).
         spec (`ClipSpec`): the model, for labels and the width of empty partitions.
         sscd_dim (`int`, *optional*): SSCD descriptor width; None when no SSCD model is used.
-        shards (`dict[str, Shard]`): the input shards, by partition name.
-        signatures (`Mapping[str, Any]`): each shard's signature taken before the read.
+        inputs (`ShardInputs`): the input shards, signed before the read.
     """
 
     def __init__(
@@ -289,17 +281,13 @@ class PartitionWriter:
         commit: Commit,
         spec: ClipSpec,
         sscd_dim: int | None,
-        *,
-        shards: dict[str, Shard],
-        signatures: Mapping[str, Any],
+        inputs: ShardInputs,
     ):
         self.out = out
         self.commit = commit
         self.spec = spec
         self.dims = {IMG_EMB: spec.dim, TEXT_EMB: spec.dim} | ({SSCD_EMB: sscd_dim} if sscd_dim else {})
-        self.shards = shards
-        self.signatures = signatures
-        self.problems: dict[str, ShardProblem] = {}
+        self.inputs = inputs
 
     def __call__(self, name: str, rows: pa.Table | None) -> dict[str, Any]:
         counts = partition_counts(rows)
@@ -318,12 +306,7 @@ class PartitionWriter:
             "model": self.spec.name,
             "semantic": self.spec.semantic,
         }
-        problem = check_after_read(self.shards[name], self.signatures[name], counts["rows_seen"])
-        if problem is not None:
-            self.problems[name] = problem
-            self.commit.defer(name, str(problem))
-            return info
-        self.commit(name, info)
+        self.inputs.commit_checked(self.commit, name, info, counts["rows_seen"])
         return info
 
     def _metadata(self, rows: pa.Table | None) -> pa.Table:
@@ -499,19 +482,15 @@ class EmbedStage(PartitionedStage):
             load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, "cpu").dim if cfg.sscd_checkpoint else None
         )
         self.plan = plan_compute(cfg, cluster_gpus(), cpu_actor_pool_size())
-        complete, self.incomplete = complete_shards(list_shards(cfg.shards), cfg.require_stats)
-        self.shards = {s.name: s for s in complete}
-        self.signatures: dict[str, Any] = {}
-        self.problems: dict[str, ShardProblem] = {}
+        self.inputs = ShardInputs(cfg.shards, cfg.require_stats)
         self.progress: Progress | None = None
 
     def fingerprint(self) -> str:
         return embed_fingerprint(self.cfg, self.spec, self.plan.precision)
 
     def partitions(self) -> dict[str, Any]:
-        """Each shard's signature, taken here, before any read; the writer compares it after the read."""
-        self.signatures = {name: shard.signature() for name, shard in self.shards.items()}
-        return self.signatures
+        """Each shard's signature, taken before any read; the writer compares it after the read."""
+        return self.inputs.sign()
 
     def remove(self, name: str) -> None:
         """A shard that is no longer an input, or one embedded under other options: every file goes,
@@ -533,22 +512,19 @@ class EmbedStage(PartitionedStage):
         )
         fetch_weights(self.spec)
         self.progress = Progress(len(todo), self.cfg.log_every_s)
-        writer = PartitionWriter(
-            self.out, commit, self.spec, self.sscd_dim, shards=self.shards, signatures=self.signatures
-        )
-        self.problems = writer.problems
+        writer = PartitionWriter(self.out, commit, self.spec, self.sscd_dim, self.inputs)
         assembler = PartitionAssembler(writer)
-        dataset = build_dataset(self.cfg, self.shards, todo, self.spec, self.plan, self.actor_cls)
+        dataset = build_dataset(self.cfg, self.inputs.shards, todo, self.spec, self.plan, self.actor_cls)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             self.progress.update(batch, len(assembler.add(batch)))
         self.progress.partitions_done += len(assembler.finish_empty(todo))
         log.info("%s", self.progress.line())
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
-        done = sorted(name for name in self.shards if name not in run.deferred)
+        done = sorted(name for name in self.inputs.shards if name not in run.deferred)
         summary = summarize(self.out, run.markers, done, self.spec, self.plan)
         progress = self.progress
-        summary.update(deferral_summary(self.incomplete, self.problems))
+        summary.update(self.inputs.summary())
         summary.update(
             partitions_processed=len(run.processed),
             partitions_skipped=len(done) - len(run.processed),

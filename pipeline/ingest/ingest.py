@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,7 @@ from pipeline.core.stage import Commit, PartitionedStage, PartitionRun, run_part
 from pipeline.core.storage import atomic_parquet_writer, atomic_write_json, atomic_write_table, fingerprint
 from pipeline.io.decode import decode_image, reason_of
 from pipeline.io.partitions import PartitionAssembler
-from pipeline.io.shards import (
-    Shard,
-    ShardProblem,
-    check_after_read,
-    complete_shards,
-    deferral_summary,
-    list_shards,
-    read_shard,
-    stats_count,
-)
+from pipeline.io.shards import ShardInputs, read_shard, stats_count
 
 log = logging.getLogger(__name__)
 
@@ -106,37 +96,23 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
 class ShardAssembler(PartitionAssembler):
     """Writer: buffers decoded rows per shard and writes each shard once all its rows arrived.
 
-    Just before a shard's commit it checks the shard again (:func:`~pipeline.io.shards.check_after_read`)
-    against ``signatures``, taken before the read: a shard that changed meanwhile, or whose rows
-    differ from its ``_stats.json`` count, is deferred (no done marker), and its problem kept in
-    ``problems`` for the summary.
+    The shard is committed through ``inputs`` (:meth:`~pipeline.io.shards.ShardInputs.commit_checked`):
+    one that changed while it was read, or whose rows differ from its ``_stats.json`` count, is
+    deferred (no done marker).
     """
 
-    def __init__(
-        self,
-        parts_dir: Path,
-        commit: Commit,
-        shards: dict[str, Shard],
-        signatures: Mapping[str, Any],
-    ):
+    def __init__(self, parts_dir: Path, commit: Commit, inputs: ShardInputs):
         super().__init__(self.write)
         self.parts_dir = parts_dir
         self.commit = commit
-        self.shards = shards
-        self.signatures = signatures
-        self.problems: dict[str, ShardProblem] = {}
+        self.inputs = inputs
 
     def write(self, shard: str, rows: pa.Table | None) -> dict[str, Any]:
         table = _to_samples_table(rows)
         table = table.sort_by([("key", "ascending")])
         atomic_write_table(self.parts_dir / f"{shard}.parquet", table)
-        info = {"shard": shard, **shard_counts(table), "stats_count": stats_count(self.shards[shard])}
-        problem = check_after_read(self.shards[shard], self.signatures[shard], info["rows_seen"])
-        if problem is not None:
-            self.problems[shard] = problem
-            self.commit.defer(shard, str(problem))
-            return info
-        self.commit(shard, info)
+        info = {"shard": shard, **shard_counts(table), "stats_count": stats_count(self.inputs.shards[shard])}
+        self.inputs.commit_checked(self.commit, shard, info, info["rows_seen"])
         return info
 
 
@@ -161,27 +137,22 @@ class IngestStage(PartitionedStage):
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.parts_dir = self.out / "parts"
-        complete, self.incomplete = complete_shards(list_shards(cfg.shards), cfg.require_stats)
-        self.shards = {s.name: s for s in complete}
-        self.signatures: dict[str, Any] = {}
-        self.problems: dict[str, ShardProblem] = {}
+        self.inputs = ShardInputs(cfg.shards, cfg.require_stats)
 
     def fingerprint(self) -> str:
         return ingest_fingerprint(self.cfg)
 
     def partitions(self) -> dict[str, Any]:
-        """Each shard's signature, taken here, before any read; the writer compares it after the read."""
-        self.signatures = {name: shard.signature() for name, shard in self.shards.items()}
-        return self.signatures
+        """Each shard's signature, taken before any read; the writer compares it after the read."""
+        return self.inputs.sign()
 
     def remove(self, name: str) -> None:
         """A shard that is no longer an input: its part goes, so ``samples.parquet`` never holds it."""
         (self.parts_dir / f"{name}.parquet").unlink(missing_ok=True)
 
     def compute(self, todo: list[str], commit: Commit) -> None:
-        cfg, shards = self.cfg, self.shards
-        assembler = ShardAssembler(self.parts_dir, commit, shards, self.signatures)
-        self.problems = assembler.problems
+        cfg, shards = self.cfg, self.inputs.shards
+        assembler = ShardAssembler(self.parts_dir, commit, self.inputs)
         items = [{"shard": name} for name in todo]
         max_member_bytes = cfg.max_member_bytes
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -201,11 +172,11 @@ class IngestStage(PartitionedStage):
             bar.update(len(todo) - bar.n)
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
-        done = sorted(name for name in self.shards if name not in run.deferred)
+        done = sorted(name for name in self.inputs.shards if name not in run.deferred)
         summary = merge_parts(self.out, self.parts_dir, run.markers, done)
         summary["shards_skipped"] = len(done) - len(run.processed)
         summary["shards_processed"] = len(run.processed)
-        summary.update(deferral_summary(self.incomplete, self.problems))
+        summary.update(self.inputs.summary())
         return summary
 
 

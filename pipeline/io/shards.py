@@ -36,6 +36,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.core.stage import Commit
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -188,19 +190,48 @@ def check_after_read(shard: Shard, before: Mapping[str, Any], rows_seen: int) ->
     return None
 
 
-def deferral_summary(incomplete: list[str], problems: Mapping[str, ShardProblem]) -> dict[str, Any]:
-    """Summary fields of ingest and embed: the shards not marked done in this run, and why."""
-    return {
-        "shards_incomplete": list(incomplete),
-        "shards_changed_during_read": sorted(
-            name for name, p in problems.items() if p.reason == SHARD_CHANGED_DURING_READ
-        ),
-        "shards_stats_mismatch": {
-            name: {"rows_seen": p.rows_seen, "stats_count": p.stats_count}
-            for name, p in sorted(problems.items())
-            if p.reason == SHARD_STATS_MISMATCH
-        },
-    }
+class ShardInputs:
+    """The shards a shard-partitioned stage (ingest, embed) reads, and what became of them this run.
+
+    Only complete shards are read (:func:`complete_shards`). :meth:`sign` takes every shard's
+    signature before the read; :meth:`commit_checked` checks the shard again just before its done
+    marker (:func:`check_after_read`) and defers it instead when it changed or its rows differ from
+    its ``_stats.json`` count. :meth:`summary` gives the fields that report what was left out.
+    """
+
+    def __init__(self, folder: str | Path, require_stats: bool = True):
+        complete, self.incomplete = complete_shards(list_shards(folder), require_stats)
+        self.shards = {shard.name: shard for shard in complete}
+        self.signatures: dict[str, Any] = {}
+        self.problems: dict[str, ShardProblem] = {}
+
+    def sign(self) -> dict[str, Any]:
+        """Each shard's signature, taken now, before any read (the stage's ``partitions()``)."""
+        self.signatures = {name: shard.signature() for name, shard in self.shards.items()}
+        return self.signatures
+
+    def commit_checked(self, commit: Commit, name: str, info: dict[str, Any], rows_seen: int) -> None:
+        """``commit(name, info)``, unless the shard is untrustworthy now: then ``commit.defer`` it."""
+        problem = check_after_read(self.shards[name], self.signatures[name], rows_seen)
+        if problem is None:
+            commit(name, info)
+            return
+        self.problems[name] = problem
+        commit.defer(name, str(problem))
+
+    def summary(self) -> dict[str, Any]:
+        """Summary fields of ingest and embed: the shards not marked done in this run, and why."""
+        return {
+            "shards_incomplete": list(self.incomplete),
+            "shards_changed_during_read": sorted(
+                name for name, p in self.problems.items() if p.reason == SHARD_CHANGED_DURING_READ
+            ),
+            "shards_stats_mismatch": {
+                name: {"rows_seen": p.rows_seen, "stats_count": p.stats_count}
+                for name, p in sorted(self.problems.items())
+                if p.reason == SHARD_STATS_MISMATCH
+            },
+        }
 
 
 @dataclass
