@@ -46,15 +46,20 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
 from demo.http_server import LocalHTTPServer
-from pipeline.core.config import DemoConfig, DownloadConfig
-from pipeline.core.stage import seconds_since
-from pipeline.core.storage import atomic_write_table
+from pipeline.core.config import DemoConfig, DownloadConfig, result_options
+from pipeline.core.stage import FunctionStage, run_stage, seconds_since
+from pipeline.core.storage import atomic_write_table, sha256_file
+from pipeline.core.versions import installed_version
 from pipeline.download.downloader import run_download
 
 IMAGES_DIR = "images"
 URLS_RELATIVE = "urls_relative.parquet"
 URLS = "urls.parquet"
 TRUTH = "truth.parquet"
+#: The dataset step's done marker, under the demo folder.
+DONE_DIR = ".done"
+#: Bumped when the code that plants the rows changes what it writes.
+DEMO_DATA_VERSION = 1
 SHARDS_DIR = "shards"
 
 KIND_UNIQUE = "unique"
@@ -537,8 +542,22 @@ def _plant_rows(cfg: DemoConfig) -> list[_Row]:
 def make_demo_data(cfg: DemoConfig) -> dict[str, Any]:
     """Write the demo dataset into ``cfg.out`` (see the module docstring) and summarise it.
 
-    ``images/`` is replaced as a whole, so no file of an earlier dataset lingers there.
+    A stage (:func:`~pipeline.core.stage.run_stage`): the same options, scikit-image's sample photos
+    and Pillow's JPEG encoder give the same bytes, so a dataset made under them is kept (``skipped``).
     """
+    out = Path(cfg.out)
+    inputs = {
+        "options": result_options(cfg),
+        "libraries": [installed_version("scikit-image"), installed_version("pillow")],
+        "version": DEMO_DATA_VERSION,
+    }
+    outputs = [out / IMAGES_DIR, out / TRUTH, out / URLS_RELATIVE]
+    stage = FunctionStage("demo_data", inputs, outputs, lambda: _write_demo_data(cfg))
+    return run_stage(stage, out / DONE_DIR)
+
+
+def _write_demo_data(cfg: DemoConfig) -> dict[str, Any]:
+    """The demo dataset's files; ``images/`` is replaced as a whole, so no earlier file lingers there."""
     started = time.monotonic()
     out = Path(cfg.out)
     rows = _plant_rows(cfg)
@@ -617,4 +636,5 @@ def download_demo(demo_dir: str | Path, download: DownloadConfig, samples_per_sh
             caption_col="caption",
             number_sample_per_shard=samples_per_shard,
         )
-        return run_download(cfg)
+        # The list is written anew for each server port: the download depends on the relative one.
+        return run_download(cfg, source=sha256_file(demo_dir / URLS_RELATIVE))

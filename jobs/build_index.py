@@ -21,7 +21,7 @@ from pipeline.index.build import run_build_index
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="index"), argv)
-    # A local Ray is never started (its GPU task would run here anyway); a cluster is joined.
+    # A local Ray is never started (its GPU task would run here anyway); a cluster is joined for work only.
     with output_lock(cfg.index.out, job="build_index"), ray_session(cfg.ray, lazy=True) as ray:
         summary = run_build_index(cfg.index)
     summary.update(up_to_date=summary["skipped"], ray_started=ray.started)

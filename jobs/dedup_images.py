@@ -15,15 +15,15 @@ from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
 from pipeline.core.lock import output_lock
-from pipeline.core.ray_runtime import on_gpu_worker, ray_session
+from pipeline.core.ray_runtime import ray_session
 from pipeline.dedup.image import run_image_dedup
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="image_dedup"), argv)
-    # A local Ray is never started (its GPU task would run here anyway); a cluster is joined.
+    # A local Ray is never started (its GPU task would run here anyway); a cluster is joined for work only.
     with output_lock(cfg.image_dedup.out, job="dedup_images"), ray_session(cfg.ray, lazy=True) as ray:
-        summary = on_gpu_worker(run_image_dedup, cfg.image_dedup)
+        summary = run_image_dedup(cfg.image_dedup)
     summary.pop("passes", None)  # kept in image_dedup_summary.json; the stdout line stays short
     summary.update(up_to_date=summary["skipped"], ray_started=ray.started)
     return summary

@@ -8,8 +8,6 @@ Columns are detected from the header (url/URL/image_url..., caption/TEXT/text...
 Re-running with the same --out resumes: finished shards are not downloaded again.
 """
 
-from contextlib import nullcontext
-
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
@@ -20,10 +18,10 @@ from pipeline.download.downloader import run_download
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="download"), argv)
-    # Only the ray distributor needs Ray; the default multiprocessing one must not pay for starting it.
-    ray = ray_session(cfg.ray) if cfg.download.distributor == "ray" else nullcontext()
-    with output_lock(cfg.download.out, job="download"), ray:
-        return run_download(cfg.download)
+    # Only the ray distributor needs Ray, and only when there is something to download.
+    with output_lock(cfg.download.out, job="download"), ray_session(cfg.ray, lazy=True) as ray:
+        summary = run_download(cfg.download)
+    return {**summary, "ray_started": ray.started}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from pipeline.core.lock import output_lock
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="demo", extra=()), argv)
     with output_lock(cfg.demo.out, job="make_demo_data"):
-        return make_demo_data(cfg.demo)
+        summary = make_demo_data(cfg.demo)
+    return {**summary, "up_to_date": summary.pop("skipped")}
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from pipeline.embed.clip_models import (
     load_clip,
     load_sscd,
     normalize_pixels,
-    resolve_precision,
 )
 from pipeline.embed.embed import embed_fingerprint
+from pipeline.embed.identity import model_identity, resolve_precision
 from pipeline.embed.prepare import fit_to_model
 
 TINY = EmbedConfig(shards="unused", out="unused")
@@ -214,13 +214,15 @@ def test_model_files_count_by_content_not_by_path_or_mtime(tmp_path: Path):
     checkpoint, sscd = tmp_path / "clip.pt", tmp_path / "sscd.pt"
     checkpoint.write_bytes(b"A" * 64)
     sscd.write_bytes(b"S" * 64)
-    cfg = EmbedConfig(shards="s", out="o", sscd_checkpoint=str(sscd))
-    spec = clip_spec(cfg)
-    spec_with_checkpoint = dataclasses.replace(spec, checkpoint=str(checkpoint))
-    before = embed_fingerprint(cfg, spec_with_checkpoint, "fp32"), spec_with_checkpoint.identity()
+    cfg = EmbedConfig(shards="s", out="o", checkpoint=str(checkpoint), sscd_checkpoint=str(sscd))
+    before, identity = embed_fingerprint(cfg), model_identity(cfg)
     for path, data in ((checkpoint, b"B" * 64), (sscd, b"T" * 64)):
         stat = path.stat()
         path.write_bytes(data)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    after = embed_fingerprint(cfg, spec_with_checkpoint, "fp32"), spec_with_checkpoint.identity()
-    assert before[0] != after[0] and before[1] != after[1]
+        assert embed_fingerprint(cfg) != before  # each file alone changes the fingerprint
+        before = embed_fingerprint(cfg)
+        if path == checkpoint:
+            assert model_identity(cfg)["checkpoint_sha256"] != identity["checkpoint_sha256"]
+    with pytest.raises(FileNotFoundError, match=r"gone\.pt does not exist"):
+        model_identity(dataclasses.replace(cfg, checkpoint=str(tmp_path / "gone.pt")))

@@ -18,6 +18,7 @@ from PIL import Image
 
 from demo import data as demo_data
 from demo.data import (
+    DONE_DIR,
     IMAGES_DIR,
     STOCK_SUFFIXES,
     TEMPLATE_CAPTION,
@@ -48,7 +49,11 @@ def signature(path: Path, side: int = 16) -> np.ndarray:
 
 
 def file_tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The dataset's files (not the step's done marker, which records where and when it ran)."""
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and DONE_DIR not in p.relative_to(folder).parts
+    )
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 def test_same_seed_gives_byte_identical_files(demo, tmp_path: Path):
@@ -57,6 +62,18 @@ def test_same_seed_gives_byte_identical_files(demo, tmp_path: Path):
     assert file_tree(tmp_path / "again") == file_tree(out)
     make_demo_data(DemoConfig(out=str(tmp_path / "other"), seed=1))
     assert (tmp_path / "other" / TRUTH).read_bytes() != (out / TRUTH).read_bytes()
+
+
+def test_a_rerun_keeps_the_dataset_unless_a_file_or_an_option_changed(tmp_path: Path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), image_size=32)
+    assert make_demo_data(cfg)["skipped"] is False
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+    again = make_demo_data(cfg)
+    assert again["skipped"] is True and again["rows"] > 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    (tmp_path / "demo" / TRUTH).unlink()
+    assert make_demo_data(cfg)["skipped"] is False and (tmp_path / "demo" / TRUTH).is_file()
+    assert make_demo_data(dataclasses.replace(cfg, seed=1))["skipped"] is False
 
 
 def test_planted_counts(demo):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import socket
 import time
 import urllib.error
@@ -108,7 +110,7 @@ def test_summary_counts_successes_and_failures_by_kind(scenario: Scenario):
     assert (s["shards"], s["shards_downloaded"], s["shards_skipped"], s["incomplete_shards"]) == (3, 3, 0, [])
     assert (s["input_format"], s["url_col"], s["caption_col"]) == ("parquet", "url", "caption")
     assert sorted(p.name for p in scenario.out.iterdir()) == sorted(
-        f"{n:05d}{ext}" for n in range(3) for ext in (".tar", ".parquet", "_stats.json")
+        [".download"] + [f"{n:05d}{ext}" for n in range(3) for ext in (".tar", ".parquet", "_stats.json")]
     )
 
 
@@ -161,11 +163,29 @@ def test_a_rerun_downloads_nothing(scenario: Scenario):
     again = download(scenario.url_list, scenario.out, number_sample_per_shard=4)
     assert scenario.server.request_count() == requests_before
     assert {p.name: p.stat().st_mtime_ns for p in scenario.out.iterdir()} == files_before
-    assert (again["shards_downloaded"], again["shards_skipped"]) == (0, 3)
-    skip = ("shards_downloaded", "shards_skipped", "seconds")
+    assert (again["shards_downloaded"], again["shards_skipped"], again["up_to_date"]) == (0, 3, True)
+    skip = ("shards_downloaded", "shards_skipped", "seconds", "up_to_date")
     assert {k: v for k, v in again.items() if k not in skip} == {
         k: v for k, v in scenario.summary.items() if k not in skip
     }
+
+
+@pytest.mark.slow
+def test_a_lost_shard_or_a_changed_list_brings_img2dataset_back(scenario: Scenario, tmp_path: Path):
+    """The done marker vouches for the shards it lists: one deleted is downloaded again, and a URL list
+    rewritten since is handed to img2dataset again (whose incremental mode keeps finished shards)."""
+    out = tmp_path / "shards"
+    shutil.copytree(scenario.out, out)
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        (out / f"00001{suffix}").unlink()
+    requests_before = scenario.server.request_count()
+    again = download(scenario.url_list, out, number_sample_per_shard=4)
+    assert (again["up_to_date"], again["shards_downloaded"], again["successes"]) == (False, 1, 5)
+    assert scenario.server.request_count() > requests_before
+    assert download(scenario.url_list, out, number_sample_per_shard=4)["up_to_date"] is True
+    os.utime(scenario.url_list)  # rewritten: same name, new mtime
+    touched = download(scenario.url_list, out, number_sample_per_shard=4)
+    assert (touched["up_to_date"], touched["shards_downloaded"]) == (False, 0)
 
 
 @pytest.fixture

@@ -22,8 +22,9 @@ from test_phash import textured_photo
 from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from pipeline.core.config import EmbedConfig, IngestConfig
 from pipeline.core.ray_runtime import cluster_gpus
+from pipeline.embed.actor import EmbedActor
 from pipeline.embed.clip_models import ModelLoadError, load_clip
-from pipeline.embed.embed import EmbedActor, PartitionWriter, Progress, plan_compute, run_embed
+from pipeline.embed.embed import PartitionWriter, Progress, plan_compute, run_embed
 from pipeline.embed.phash import phash_images
 from pipeline.embed.prepare import NO_ERROR, PIXELS, DecodePlan, prepare_batch, read_rows
 from pipeline.ingest.ingest import run_ingest
@@ -358,10 +359,24 @@ def test_second_run_through_the_job_is_a_no_op(run, capsys):
     assert summary["partitions_processed"] == 0 and summary["partitions_skipped"] == summary["partitions"]
     assert summary["embedded_this_run"] == 0  # no model work: no actor, no batch
     assert "per_partition" not in summary
-    assert {k: summary[k] for k in ("rows_seen", "embedded", "skipped")} == {
-        k: run["summary"][k] for k in ("rows_seen", "embedded", "skipped")
-    }
+    same = ("rows_seen", "embedded", "skipped", "model", "semantic", "dim", "precision")
+    assert {k: summary[k] for k in same} == {k: run["summary"][k] for k in same}  # read from the markers
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+@pytest.mark.slow
+def test_a_model_option_that_cannot_work_costs_no_finished_partition(run, tmp_path: Path):
+    """A typo in the model name changes the fingerprint, so every partition is to be redone; the model
+    is checked before any of them is touched, and the right name afterwards finds them all still done."""
+    out = tmp_path / "out"
+    shutil.copytree(run["cfg"].out, out)
+    cfg = dataclasses.replace(run["cfg"], out=str(out))
+    markers = {p.name: p.read_bytes() for p in (out / "done").iterdir()}
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-23'"):
+        run_embed(dataclasses.replace(cfg, model="ViT-B-23"))
+    assert {p.name: p.read_bytes() for p in (out / "done").iterdir()} == markers
+    again = run_embed(cfg)
+    assert again["partitions_processed"] == 0 and again["embedded"] == run["summary"]["embedded"]
 
 
 @pytest.mark.slow

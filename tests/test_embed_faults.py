@@ -16,8 +16,9 @@ import pytest
 
 from fixtures.shard_factory import encode, random_photo, sample, write_shard
 from pipeline.core.config import EmbedConfig
+from pipeline.embed.actor import ATTEMPTS_DIR, EmbedActor
 from pipeline.embed.clip_models import clip_spec
-from pipeline.embed.embed import ATTEMPTS_DIR, EmbedActor, partition_counts, run_embed
+from pipeline.embed.embed import partition_counts, run_embed
 from pipeline.embed.prepare import NO_ERROR, DecodePlan, prepare_batch, read_rows
 from pipeline.io.embeddings import IMG_EMB, TEXT_EMB, list_partitions
 from pipeline.io.shards import list_shards

@@ -12,18 +12,55 @@ Public API:
 * :mod:`pipeline.amg.terms`: the equations as pure functions.
 """
 
-from pipeline.amg.backends import NormalizedL2Backend, OpenClipBackend, SimilarityBackend, SSCDBackend
-from pipeline.amg.config import AMGConfig
-from pipeline.amg.detector import Detection, MemorizationDetector
-from pipeline.amg.guidance import AMGStep, AMGTrace, AntiMemorizationGuidance
-from pipeline.amg.memory_index import InMemoryNeighbourIndex
-from pipeline.amg.pipelines import (
-    AMGDDIMPipeline,
-    AMGDDPMPipeline,
-    AMGImagePipelineOutput,
-    AMGStableDiffusionPipeline,
-    AMGStableDiffusionPipelineOutput,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the module that defines it. Imported on first use (PEP 562), as diffusers does: a
+#: job that only reads :class:`AMGConfig` (the audit, with nothing to generate) loads no torch.
+_EXPORTS = {
+    "AMGConfig": "config",
+    "NormalizedL2Backend": "backends",
+    "OpenClipBackend": "backends",
+    "SimilarityBackend": "backends",
+    "SSCDBackend": "backends",
+    "Detection": "detector",
+    "MemorizationDetector": "detector",
+    "AMGStep": "guidance",
+    "AMGTrace": "guidance",
+    "AntiMemorizationGuidance": "guidance",
+    "InMemoryNeighbourIndex": "memory_index",
+    "AMGDDIMPipeline": "pipelines",
+    "AMGDDPMPipeline": "pipelines",
+    "AMGImagePipelineOutput": "pipelines",
+    "AMGStableDiffusionPipeline": "pipelines",
+    "AMGStableDiffusionPipelineOutput": "pipelines",
+}
+
+if TYPE_CHECKING:
+    from pipeline.amg.backends import NormalizedL2Backend, OpenClipBackend, SimilarityBackend, SSCDBackend
+    from pipeline.amg.config import AMGConfig
+    from pipeline.amg.detector import Detection, MemorizationDetector
+    from pipeline.amg.guidance import AMGStep, AMGTrace, AntiMemorizationGuidance
+    from pipeline.amg.memory_index import InMemoryNeighbourIndex
+    from pipeline.amg.pipelines import (
+        AMGDDIMPipeline,
+        AMGDDPMPipeline,
+        AMGImagePipelineOutput,
+        AMGStableDiffusionPipeline,
+        AMGStableDiffusionPipelineOutput,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "AMGConfig",

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray
@@ -41,15 +41,30 @@ import yaml
 from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 
 from pipeline.amg import AMGConfig
-from pipeline.audit.actor import GeneratorActor, WorkerSpec
-from pipeline.audit.aggregate import aggregate
 from pipeline.audit.identity import resolve_model_dir, run_identity, tree_checksum
-from pipeline.audit.layout import AMG_CHOICES, PROMPTS, SIMILARITIES, SUMMARY
+from pipeline.audit.layout import (
+    AMG_CHOICES,
+    AUDIT_SCHEMA_VERSION,
+    PROMPTS,
+    REPORT,
+    RESULTS,
+    RUNS,
+    SIMILARITIES,
+    SUMMARY,
+)
 from pipeline.audit.store import RunStore, partition_name
 from pipeline.bundle.reader import bundle_root_hash
-from pipeline.core.config import AuditConfig, RayConfig
+from pipeline.core.config import AuditConfig, RayConfig, to_dict
 from pipeline.core.ray_runtime import cluster_gpus, cpu_actor_pool_size, ray_session
-from pipeline.core.stage import Commit, PartitionedStage, PartitionRun, run_partitioned, seconds_since
+from pipeline.core.stage import (
+    Commit,
+    FunctionStage,
+    PartitionedStage,
+    PartitionRun,
+    run_partitioned,
+    run_stage,
+    seconds_since,
+)
 from pipeline.core.storage import (
     atomic_write_json,
     atomic_write_table,
@@ -57,6 +72,9 @@ from pipeline.core.storage import (
     sha256_file,
 )
 from pipeline.io.prompts import read_prompts
+
+if TYPE_CHECKING:  # imported for real only when there is something to generate (torch, diffusers)
+    from pipeline.audit.actor import GeneratorActor
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +173,7 @@ class AuditStage(PartitionedStage):
         cfg: AuditConfig,
         ray_cfg: RayConfig | None,
         prompts: list[dict[str, Any]],
-        actor_cls: type[GeneratorActor] = GeneratorActor,
+        actor_cls: type[GeneratorActor] | None = None,
     ):
         self.cfg = cfg
         self.actor_cls = actor_cls
@@ -165,7 +183,8 @@ class AuditStage(PartitionedStage):
         out = Path(cfg.out)
         self.model_dir = resolve_model_dir(cfg.model)
         cache = out / ".cache" / "checksums.json"
-        self.bundle_sum = bundle_root_hash(cfg.bundle, verify=cfg.verify_bundle)
+        # File list, sizes and root hash now; every file's sha256 only when there is work (prepare).
+        self.bundle_sum = bundle_root_hash(cfg.bundle, verify=False)
         self.model_sum = tree_checksum(self.model_dir, cache)
         descriptor_sum = tree_checksum(cfg.sscd_checkpoint, cache) if cfg.sscd_checkpoint else None
         self.amg_on, self.detection = amg_configs(cfg)
@@ -197,6 +216,11 @@ class AuditStage(PartitionedStage):
         chosen = set(prompts[: self.cfg.max_prompts] if self.cfg.max_prompts is not None else prompts)
         return [name for name in todo if name.split("/", 1)[0] in chosen]
 
+    def prepare(self, todo: list[str]) -> None:
+        """Before generating: every bundle file's sha256 (``verify_bundle``), which reads the whole bundle."""
+        if self.cfg.verify_bundle:
+            bundle_root_hash(self.cfg.bundle, verify=True)
+
     def compute(self, todo: list[str], commit: Commit) -> None:
         by_id = {p["prompt_id"]: p for p in self.prompts}
         modes: dict[str, list[str]] = {}
@@ -224,17 +248,9 @@ class AuditStage(PartitionedStage):
             )
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
-        summary = aggregate(
-            self.cfg,
-            self.store,
-            run.markers,
-            self.prompts,
-            self.modes,
-            self.identity,
-            self.model_dir,
-            self.bundle_sum,
-            self.model_sum,
-        )
+        summary = run_stage(self.aggregation(run), Path(self.cfg.out) / RUNS)
+        for key in ("skipped", "seconds"):  # the aggregation's own; the audit's come from run_audit
+            summary.pop(key, None)
         # Given-up prompts' partitions are deferred: pending for the next run, like those left by a limit.
         pending = _prompt_ids([*run.pending, *run.deferred])
         summary.update(
@@ -248,6 +264,45 @@ class AuditStage(PartitionedStage):
         )
         return summary
 
+    def aggregation(self, run: PartitionRun) -> FunctionStage:
+        """The step that collects the finished partitions into the outputs, summary and report.
+
+        A stage of its own, so that a re-run with nothing new reuses its outputs instead of reading
+        every partition and drawing the report again. It depends on the run, every option (the
+        summary's provenance shows them), the prompt list and what each listed prompt has: its
+        partitions' markers and its Wen pre-screen record.
+        """
+        prompt_ids = [p["prompt_id"] for p in self.prompts]
+        inputs = {
+            "schema": AUDIT_SCHEMA_VERSION,
+            "run": self.identity,
+            "config": to_dict(self.cfg),
+            "model_dir": str(self.model_dir),
+            "prompts": self.prompts,
+            "prompts_checksum": sha256_file(self.cfg.prompts),
+            "partitions": run.markers,
+            "wen": {pid: self.store.wen(pid) for pid in prompt_ids},
+        }
+        out = Path(self.cfg.out)
+
+        def collect() -> dict[str, Any]:
+            # Imported here: the report reads training images through the bundle's models (torch).
+            from pipeline.audit.aggregate import aggregate
+
+            return aggregate(
+                self.cfg,
+                self.store,
+                run.markers,
+                self.prompts,
+                self.modes,
+                self.identity,
+                self.model_dir,
+                self.bundle_sum,
+                self.model_sum,
+            )
+
+        return FunctionStage("aggregate", inputs, [out / RESULTS, out / PROMPTS, out / REPORT], collect)
+
 
 def _prompt_ids(partitions: list[str]) -> list[str]:
     """The prompt ids of (prompt, mode) partition names, in order, once each."""
@@ -255,7 +310,7 @@ def _prompt_ids(partitions: list[str]) -> list[str]:
 
 
 def run_audit(
-    cfg: AuditConfig, ray_cfg: RayConfig | None = None, *, actor_cls: type[GeneratorActor] = GeneratorActor
+    cfg: AuditConfig, ray_cfg: RayConfig | None = None, *, actor_cls: type[GeneratorActor] | None = None
 ) -> dict[str, Any]:
     """Audit ``cfg.model`` on ``cfg.prompts`` against ``cfg.bundle``; return the summary (``summary.json``).
 
@@ -266,7 +321,8 @@ def run_audit(
     Args:
         cfg (`AuditConfig`): the audit's options.
         ray_cfg (`RayConfig`, *optional*): how to reach Ray.
-        actor_cls (`type`, *optional*): the generator actor class (a subclass of :class:`GeneratorActor`);
+        actor_cls (`type`, *optional*): the generator actor class (a subclass of
+            :class:`~pipeline.audit.actor.GeneratorActor`, the default);
             tests pass one that dies or hangs to prove retries and timeouts.
 
     Raises:
@@ -352,7 +408,7 @@ def _generate_all(
     detection: dict[str, Any],
     todo: list[tuple[dict[str, Any], list[str]]],
     commit: Commit,
-    actor_cls: type[GeneratorActor] = GeneratorActor,
+    actor_cls: type[GeneratorActor] | None,
 ) -> Generation:
     """Run the work on actors, one prompt in flight per actor; the driver writes each result as it arrives.
 
@@ -362,6 +418,8 @@ def _generate_all(
     next run computes them) and the other prompts go on. An actor that fails in its constructor (a
     wrong bundle, a missing model) or a prompt that raises is an error, not a fault: it stops the run.
     """
+
+    from pipeline.audit.actor import GeneratorActor, WorkerSpec  # torch and diffusers: only for work
 
     n, options, device, threads = _plan_actors(cfg, len(todo))
     spec = WorkerSpec(
@@ -390,7 +448,7 @@ def _generate_all(
     # without our knowing, so it could neither be counted against max_attempts nor reported, and
     # a retry would not be told apart from a hang by the timeout. The loop below replaces a lost actor
     # with a fresh one (scheduled on any live node) and requeues the prompt itself, once per failure.
-    remote_cls = ray.remote(actor_cls).options(**options)
+    remote_cls = ray.remote(actor_cls or GeneratorActor).options(**options)
     timeout = cfg.prompt_timeout_s if cfg.prompt_timeout_s and cfg.prompt_timeout_s > 0 else None
     outcome = Generation()
     queue = deque((item, 1) for item in todo)

@@ -59,7 +59,6 @@ import shutil
 import subprocess
 import time
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,6 @@ from pipeline.bundle.layout import (
 from pipeline.bundle.reader import apply_search_params, check_files
 from pipeline.bundle.tables import build_dedup_table, rows_with_duplicate_caption
 from pipeline.core.config import PipelineConfig, result_options, to_dict
-from pipeline.core.ray_runtime import on_gpu_worker
 from pipeline.core.stage import FunctionStage, run_stage, seconds_since
 from pipeline.core.storage import (
     atomic_write_json,
@@ -96,14 +94,16 @@ from pipeline.core.storage import (
     sha256_file,
     unique_tmp_path,
 )
+from pipeline.core.versions import installed_version
 from pipeline.dedup.caption import find_caption_duplicates
 from pipeline.dedup.image import run_image_dedup
 from pipeline.dedup.names import OUTPUT_NAME as IMAGE_DUPLICATES
 from pipeline.dedup.names import SUMMARY_NAME as IMAGE_DEDUP_SUMMARY
 from pipeline.dedup.report import REPORT_NAME as DEDUP_REPORT
 from pipeline.dedup.report import REPORT_VERSION, write_dedup_report
-from pipeline.embed.clip_models import clip_spec
-from pipeline.embed.embed import POISON_BATCH, run_embed
+from pipeline.embed.embed import run_embed
+from pipeline.embed.identity import model_identity
+from pipeline.embed.prepare import POISON_BATCH
 from pipeline.index.build import (
     DUP_INDEX_NAME,
     INDEX_NAME,
@@ -146,11 +146,7 @@ def code_version() -> dict[str, Any]:
     """The package version, in a git checkout the commit and whether the tree had changes, and the
     versions of the libraries that decide the numbers."""
 
-    version: dict[str, Any] = {}
-    try:
-        version["package"] = metadata.version("amg-dedup-pipeline")
-    except metadata.PackageNotFoundError:
-        version["package"] = None
+    version: dict[str, Any] = {"package": installed_version("amg-dedup-pipeline")}
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
@@ -167,19 +163,12 @@ def code_version() -> dict[str, Any]:
         version.update(git_commit=commit, git_dirty=bool(dirty))
     except (OSError, subprocess.SubprocessError):
         version.update(git_commit=None, git_dirty=None)
-    version["libraries"] = {name: _installed(name) for name in KEY_LIBRARIES}
+    version["libraries"] = {name: installed_version(name) for name in KEY_LIBRARIES}
     return version
 
 
 #: Libraries whose version can change a bundle's numbers (decoding, models, indexes, tables).
 KEY_LIBRARIES = ("torch", "open_clip_torch", "faiss-gpu", "numpy", "pyarrow", "pillow", "ray", "datasketch")
-
-
-def _installed(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _sha256_or_none(path: str | None) -> str | None:
@@ -234,7 +223,7 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     )
     sscd_cfg = dataclasses.replace(index_cfg, out=str(work / "sscd_index"), duplicates=None)
     # Models by content: weights replaced in place under the same path are a new model.
-    models = {"clip": clip_spec(embed_cfg).identity(), "sscd": _sha256_or_none(embed_cfg.sscd_checkpoint)}
+    models = {"clip": model_identity(embed_cfg), "sscd": _sha256_or_none(embed_cfg.sscd_checkpoint)}
     fp_embed = fingerprint({"embed": result_options(embed_cfg), "models": models, "shards": shards_sig})
     fp_dedup = fingerprint({"image_dedup": result_options(dedup_cfg), "embed": fp_embed})
     fp_caption = fingerprint({"caption_dedup": result_options(cfg.caption_dedup), "embed": fp_embed})
@@ -255,7 +244,7 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         return summary
 
     def image_dedup() -> dict[str, Any]:
-        summary = on_gpu_worker(run_image_dedup, dedup_cfg)
+        summary = run_image_dedup(dedup_cfg)
         _publish(work / "image_dedup" / IMAGE_DUPLICATES, root / IMAGE_DUPLICATES)
         return summary
 

@@ -54,7 +54,9 @@ class DownloadConfig:
     """img2dataset download of a URL list into webdataset shards."""
 
     url_list: str = option("", "URL list: parquet, csv, tsv, jsonl or txt file (or a folder of them)", True)
-    out: str = option("", "output folder for NNNNN.tar / .parquet / _stats.json shards", True)
+    out: str = option(
+        "", "output folder for NNNNN.tar / .parquet / _stats.json shards", True, fingerprint=False
+    )
     input_format: str | None = option(None, "input format (default: from the file suffix)")
     url_col: str | None = option(None, "URL column (default: detected, e.g. url or URL)")
     caption_col: str | None = option(None, "caption column (default: detected, e.g. caption or TEXT)")
@@ -72,14 +74,20 @@ class DownloadConfig:
         None, "comma-separated input columns kept in the shards (default: all JSON-storable ones; '': none)"
     )
     number_sample_per_shard: int = option(10_000, "samples per output shard")
-    processes_count: int = option(1, "download processes (multiprocessing distributor only)")
-    thread_count: int = option(16, "download threads per process")
+    processes_count: int = option(
+        1, "download processes (multiprocessing distributor only)", fingerprint=False
+    )
+    thread_count: int = option(16, "download threads per process", fingerprint=False)
     timeout: int = option(10, "seconds before a URL counts as timed out")
     retries: int = option(0, "retries per URL")
     distributor: str = option(
-        "multiprocessing", "img2dataset distributor: multiprocessing, or ray (a task per shard; needs Ray)"
+        "multiprocessing",
+        "img2dataset distributor: multiprocessing, or ray (a task per shard; needs Ray)",
+        fingerprint=False,
     )
-    incremental_mode: str = option("incremental", "incremental (resume), overwrite or extend")
+    incremental_mode: str = option(
+        "incremental", "incremental (resume), overwrite or extend", fingerprint=False
+    )
 
 
 #: Options shared by the two stages that read shards (ingest, embed).
@@ -448,8 +456,8 @@ class AuditConfig:
     )
     verify_bundle: bool = option(
         True,
-        "check every bundle file's sha256 once before auditing (reads the whole bundle; the file list, "
-        "sizes and root hash are always checked, by the driver and by every actor)",
+        "check every bundle file's sha256 once before generating (reads the whole bundle; the file "
+        "list, sizes and root hash are always checked, by the driver and by every actor)",
         fingerprint=False,
     )
     dry_run: bool = option(False, "only read the prompt list and write prompts.parquet", fingerprint=False)
@@ -459,7 +467,7 @@ class AuditConfig:
 class DemoConfig:
     """The demo dataset: real photographs with planted duplicates, served over local HTTP."""
 
-    out: str = option("demo-output", "folder for every demo artifact", True)
+    out: str = option("demo-output", "folder for every demo artifact", True, fingerprint=False)
     seed: int = option(0, "seed of every random choice in the demo dataset")
     image_size: int = option(256, "side of the square demo images, in pixels")
     verbatim_images: int = option(4, "images repeated byte-identically with an identical caption")

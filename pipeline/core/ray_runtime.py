@@ -29,7 +29,6 @@ from typing import Any
 
 import faiss
 import ray
-import ray.data
 
 from pipeline.core.config import RayConfig
 
@@ -67,6 +66,7 @@ class RaySession:
         """Start or join Ray now, unless it is up already."""
         if ray.is_initialized():
             return
+        configure_data_context(self.cfg)
         _connect(self)
         self.started = True
 
@@ -85,13 +85,13 @@ def ray_session(cfg: RayConfig, *, lazy: bool = False) -> Iterator[RaySession]:
     so no worker log line lands after that.
     """
     global _open
-    configure_data_context(cfg)
     if _open is not None:
         if not lazy:
             _open.ensure()
         yield _open
         return
     if ray.is_initialized():  # a session of the caller's (tests, notebooks): use it, leave it up
+        configure_data_context(cfg)
         yield RaySession(cfg)
         return
     session = _open = RaySession(cfg)
@@ -216,7 +216,14 @@ def _worker_logs() -> str:
 
 
 def configure_data_context(cfg: RayConfig) -> None:
-    """Ray Data's console for this process: quiet, or everything with ``cfg.verbose``."""
+    """Ray Data's console for this process: quiet, or everything with ``cfg.verbose``.
+
+    Set when the session's Ray starts (Ray Data runs on nothing else) or, for a Ray already up, when
+    the session opens; ray.data is imported only then: half a second that a job with nothing to do
+    does not pay.
+    """
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars or cfg.verbose
     ctx.verbose_stats_logs = False

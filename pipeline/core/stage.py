@@ -4,7 +4,8 @@ A stage declares what it is and what its output depends on; :func:`run_stage` an
 :func:`run_partitioned` do the rest, the same way for every stage:
 
 * ``name``: the done marker's name and the log prefix;
-* ``fingerprint()``: everything that changes the output (result options, schema version, inputs);
+* ``fingerprint()``: everything that changes the output (result options, schema version, inputs),
+  cheap to compute: it decides whether there is any work;
 * ``outputs()``: the files that must exist for the stage to count as done;
 * ``compute()``: the work; it writes each output atomically (:mod:`pipeline.core.storage`) and
   returns the summary.
@@ -13,10 +14,11 @@ The runner skips a stage whose marker carries the current fingerprint and whose 
 else runs ``compute()`` and writes the marker last, so a marker always means complete outputs.
 Partitioned stages (ingest, embed, the audit) declare ``partitions()`` (name -> signature of that
 partition's input) instead of one output set: only partitions without a matching marker are
-computed, each committed as soon as its files are written, and ``finish()`` builds the summary
-from every partition's marker. A partition whose input cannot be trusted this run (a shard that
-changed while it was read) is deferred instead (``commit.defer(name, reason)``): it gets no marker,
-any older marker of it is removed, and the next run computes it again.
+computed (after ``prepare()``, which loads what only work needs), each committed as soon as its
+files are written, and ``finish()`` builds the summary from every partition's marker. A partition
+whose input cannot be trusted this run (a shard that changed while it was read) is deferred instead
+(``commit.defer(name, reason)``): it gets no marker, any older marker of it is removed, and the next
+run computes it again.
 """
 
 from __future__ import annotations
@@ -144,6 +146,14 @@ class PartitionedStage(ABC):
         """The partitions to compute in this run (all of ``todo``; a stage may stage its work)."""
         return todo
 
+    def prepare(self, todo: list[str]) -> None:  # noqa: B027 (an optional hook: most stages need none)
+        """Get ready to compute ``todo`` (non-empty): load what only work needs, check what can fail.
+
+        Called before any partition's marker or file is touched, and never when every partition is
+        up to date, so a slow or failing preparation (a model to load, weights to fetch, a bundle to
+        verify) neither slows a re-run with nothing to do nor costs a finished partition.
+        """
+
     def remove(self, name: str) -> None:
         """Delete the files of partition ``name``, whose input is gone or was made under another
         fingerprint. Stages whose folder must equal their current input (ingest, embed) override it;
@@ -228,6 +238,8 @@ def run_partitioned(stage: PartitionedStage, marker_dir: str | Path) -> dict[str
         len(now),
     )
 
+    if now:
+        stage.prepare(now)
     # The marker folder exists before any partition file does: a reader that finds partition files
     # and a marker folder trusts only marked partitions (without one it would take a released folder).
     markers.folder.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.config import ImageDedupConfig, result_options
-from pipeline.core.ray_runtime import gpu_count
+from pipeline.core.ray_runtime import gpu_count, on_gpu_worker
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_json, atomic_write_table
 from pipeline.dedup.names import (
@@ -549,43 +549,50 @@ class ImageDedupStage(Stage):
         return [self.out / OUTPUT_NAME] + ([self.out / REPORT_NAME] if self.cfg.report else [])
 
     def compute(self) -> dict[str, Any]:
-        started = time.monotonic()
-        cfg = self.cfg
-        meta = load_metadata(cfg.embeddings, META_COLUMNS)
-        semantic_model = is_semantic(cfg.embeddings)
-        vectors = load_unit_embeddings(cfg.embeddings)
-        log.info(
-            "image dedup: %d images from %s (semantic model: %s)",
-            meta.num_rows,
-            cfg.embeddings,
-            semantic_model,
+        # On a cluster with GPUs this machine lacks, the search runs in a Ray task holding one; a
+        # run with nothing to do never gets here, so it neither joins the cluster nor waits for a GPU.
+        return on_gpu_worker(compute_image_dedup, self.cfg)
+
+
+def compute_image_dedup(cfg: ImageDedupConfig) -> dict[str, Any]:
+    """The stage's work, where the GPU is: read the folder, find duplicates, write the outputs."""
+    started = time.monotonic()
+    out = Path(cfg.out)
+    meta = load_metadata(cfg.embeddings, META_COLUMNS)
+    semantic_model = is_semantic(cfg.embeddings)
+    vectors = load_unit_embeddings(cfg.embeddings)
+    log.info(
+        "image dedup: %d images from %s (semantic model: %s)",
+        meta.num_rows,
+        cfg.embeddings,
+        semantic_model,
+    )
+    result = find_image_duplicates(meta, vectors, cfg, semantic_model=semantic_model)
+    atomic_write_table(out / OUTPUT_NAME, result.table)
+    summary = {
+        "job": "dedup_images",
+        "out": str(out / OUTPUT_NAME),
+        "embeddings": str(cfg.embeddings),
+        "semantic_model": semantic_model,
+        **result.stats,
+        "seconds": seconds_since(started),
+        "skipped": False,
+    }
+    if cfg.report:
+        write_dedup_report(
+            out / REPORT_NAME,
+            image_duplicates=result.table,
+            image_summary=result.stats,
+            image_cfg=cfg,
+            embeddings=cfg.embeddings,
+            vectors=vectors,
+            meta=meta,
+            shards=cfg.shards,
+            title="Image duplicates",
         )
-        result = find_image_duplicates(meta, vectors, cfg, semantic_model=semantic_model)
-        atomic_write_table(self.out / OUTPUT_NAME, result.table)
-        summary = {
-            "job": "dedup_images",
-            "out": str(self.out / OUTPUT_NAME),
-            "embeddings": str(cfg.embeddings),
-            "semantic_model": semantic_model,
-            **result.stats,
-            "seconds": seconds_since(started),
-            "skipped": False,
-        }
-        if cfg.report:
-            write_dedup_report(
-                self.out / REPORT_NAME,
-                image_duplicates=result.table,
-                image_summary=result.stats,
-                image_cfg=cfg,
-                embeddings=cfg.embeddings,
-                vectors=vectors,
-                meta=meta,
-                shards=cfg.shards,
-                title="Image duplicates",
-            )
-            summary["report"] = str(self.out / REPORT_NAME)
-        atomic_write_json(self.out / SUMMARY_NAME, summary)
-        return summary
+        summary["report"] = str(out / REPORT_NAME)
+    atomic_write_json(out / SUMMARY_NAME, summary)
+    return summary
 
 
 def run_image_dedup(cfg: ImageDedupConfig) -> dict[str, Any]:

@@ -6,8 +6,11 @@ the file when the config leaves them unset, and other plain columns of the input
 shards. Afterwards the ``_stats.json`` files give successes and failures by kind.
 
 Resuming is img2dataset's own ``incremental`` mode: a shard whose ``_stats.json`` exists is not
-downloaded again. img2dataset takes *every* ``*.json`` in the output folder for shard stats, so a
-foreign JSON file there is refused before anything runs.
+downloaded again. A download that finished every shard leaves a done marker (``OUT/.download/``)
+with the fingerprint of the URL list (its files' sizes and mtimes) and of the options, and the
+signatures of the shards it wrote; a re-run that finds them all unchanged does not start img2dataset
+at all. img2dataset takes *every* ``*.json`` in the output folder for shard stats, so a foreign JSON
+file there is refused before anything runs (the marker lives in a sub-folder).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.core.config import DownloadConfig
+from pipeline.core.config import DownloadConfig, result_options
+from pipeline.core.ray_runtime import ensure_ray
 from pipeline.core.stage import seconds_since
+from pipeline.core.storage import DoneMarkers, fingerprint
 from pipeline.io.shards import list_shards
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,9 @@ RESERVED_COLUMNS = frozenset(
     }
 )
 STATS_SUFFIX = "_stats.json"
+#: The done marker's folder under the output folder (img2dataset reads every top-level *.json).
+DONE_DIR = ".download"
+DOWNLOAD_SCHEMA_VERSION = 1
 
 # Failure kinds: the first whose marker occurs in img2dataset's error message (lower-cased) wins.
 _HTTP_ERROR = re.compile(r"http error (\d{3})")
@@ -292,8 +300,6 @@ def validate(cfg: DownloadConfig) -> None:
         )
     if cfg.retries < 0:
         raise ValueError(f"download.retries must be 0 or more; got {cfg.retries}")
-    if cfg.distributor == "ray" and not ray.is_initialized():
-        raise ValueError("distributor 'ray' needs a Ray session (see pipeline.core.ray_runtime.ray_session)")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
@@ -355,16 +361,72 @@ def summarize_shards(out: str | Path) -> dict[str, Any]:
     }
 
 
-def run_download(cfg: DownloadConfig) -> dict[str, Any]:
+def url_list_signature(cfg: DownloadConfig) -> list[list[Any]]:
+    """Name, size and mtime of each file of the URL list: what the download's marker says it read."""
+    _, files = _input_files(Path(cfg.url_list), cfg.input_format)
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
+
+
+def _shard_signatures(out: Path) -> dict[str, Any]:
+    try:
+        return {shard.name: shard.signature() for shard in list_shards(out)}
+    except FileNotFoundError:  # no folder or no shard yet
+        return {}
+
+
+def run_download(cfg: DownloadConfig, *, source: Any = None) -> dict[str, Any]:
     """Download ``cfg.url_list`` into webdataset shards in ``cfg.out`` and summarise the whole folder.
 
     With ``distributor='ray'`` a Ray session must be up: img2dataset then runs one Ray task per
     shard (``processes_count`` is ignored, and a failed shard is not retried within the run).
+
+    In ``incremental`` mode, a folder whose last download finished every shard, from the same URL
+    list and options, with every shard unchanged since, is reported from its marker (``up_to_date``)
+    without starting img2dataset.
+
+    Args:
+        cfg (`DownloadConfig`): the download's options.
+        source (*optional*): what the URL list is made from, for the marker, when the list itself is
+            regenerated on each run (the demo's carries a new server port each time); by default the
+            list files' names, sizes and mtimes.
     """
     started = time.monotonic()
     validate(cfg)
     layout = inspect_url_list(cfg)
     out = Path(cfg.out)
+    inputs = {
+        "schema": DOWNLOAD_SCHEMA_VERSION,
+        "options": result_options(cfg),
+        "columns": [layout.input_format, layout.url_col, layout.caption_col, list(layout.extra_columns)],
+        "source": url_list_signature(cfg) if source is None else source,
+    }
+    markers = DoneMarkers(out / DONE_DIR, fingerprint(inputs))
+    done = markers.read("download") if cfg.incremental_mode == "incremental" else None
+    if done is not None and done.get("shards") == _shard_signatures(out):
+        log.info("download: up to date (%d shards)", len(done["shards"]))
+        return {
+            **done["summary"],
+            "shards_downloaded": 0,
+            "shards_skipped": len(done["shards"]),
+            "up_to_date": True,
+            "seconds": seconds_since(started),
+        }
+    markers.path("download").unlink(missing_ok=True)  # the shards are about to change
+    summary = _download(cfg, layout)
+    if not summary["incomplete_shards"]:
+        markers.write("download", {"summary": summary, "shards": _shard_signatures(out)})
+    return {**summary, "up_to_date": False, "seconds": seconds_since(started)}
+
+
+def _download(cfg: DownloadConfig, layout: UrlListLayout) -> dict[str, Any]:
+    """Run img2dataset; the folder's summary, with how many shards this run wrote."""
+    out = Path(cfg.out)
+    if cfg.distributor == "ray":
+        ensure_ray()  # a job's lazy session starts now, with work to do
+        if not ray.is_initialized():
+            raise ValueError(
+                "distributor 'ray' needs a Ray session (see pipeline.core.ray_runtime.ray_session)"
+            )
     before = _stats_versions(out)
     # albumentations (imported by img2dataset's resizer) asks PyPI for updates unless told not to;
     # spawned download processes inherit the setting.
@@ -420,5 +482,4 @@ def run_download(cfg: DownloadConfig) -> dict[str, Any]:
         **summary,
         "shards_downloaded": downloaded,
         "shards_skipped": len(after) - downloaded,
-        "seconds": seconds_since(started),
     }

@@ -41,20 +41,10 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from PIL import Image
 
 from pipeline.core.config import EmbedConfig
-from pipeline.core.storage import sha256_file
+from pipeline.embed.identity import RANDOM_INIT_SEED, TINY_CONFIG, TINY_MODEL, resolve_precision
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL = "tiny"
-#: Seed of every random initialisation (the tiny preset, or an architecture asked for without weights).
-RANDOM_INIT_SEED = 0
-#: The tiny preset: ViT with 16 patches of 16 px, 64-wide towers of two layers, 32-token captions.
-TINY_CONFIG: dict[str, Any] = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # SSCD was trained on ImageNet-normalised inputs (facebookresearch/sscd-copy-detection README).
 SSCD_MEAN = (0.485, 0.456, 0.406)
@@ -99,17 +89,6 @@ class ClipSpec:
     dim: int
     preprocess: dict[str, Any]
     quick_gelu: bool = False
-
-    def identity(self) -> dict[str, Any]:
-        """What makes outputs reusable: the model's name and, for a checkpoint, the file's sha256.
-
-        By content, not path or mtime: weights replaced in place are a new model (hashing a ViT-L
-        checkpoint takes seconds, once per run).
-        """
-        ident: dict[str, Any] = {"name": self.name}
-        if self.checkpoint:
-            ident["checkpoint_sha256"] = sha256_file(self.checkpoint)
-        return ident
 
 
 def clip_spec(cfg: EmbedConfig) -> ClipSpec:
@@ -185,19 +164,6 @@ def fetch_weights(spec: ClipSpec) -> None:
         raise ModelLoadError(_refusal(spec, exc)) from exc
 
 
-def resolve_precision(requested: str, device: torch.device | str) -> str:
-    """The precision a model runs in: fp32 on CPU; on GPU the requested one, ``auto`` meaning fp16.
-
-    fp16 keeps more mantissa than bf16 for CLIP inference, runs on every CUDA GPU and is what
-    clip-retrieval uses; bf16 is there for models whose activations overflow fp16.
-    """
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision {requested!r}: expected one of {', '.join(PRECISIONS)}")
-    if torch.device(device).type != "cuda":
-        return "fp32"
-    return "fp16" if requested == "auto" else requested
-
-
 @dataclass
 class LoadedClip:
     """A ready model with its tokenizer and preprocessing; see :func:`load_clip`.
@@ -256,7 +222,7 @@ def load_clip(cfg: EmbedConfig, device: torch.device | str, precision: str = "fp
     """
     spec = clip_spec(cfg)
     device = torch.device(device)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device.type)
     weights = spec.pretrained or spec.checkpoint
     if not spec.semantic:
         log.warning("%s: random weights (seed %d), embeddings are NOT semantic", spec.name, RANDOM_INIT_SEED)

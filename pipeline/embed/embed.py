@@ -24,24 +24,20 @@ equal the shard's ``_stats.json`` count; otherwise it is deferred to a later run
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-import torch
 
 from pipeline.core.config import EmbedConfig, result_options
 from pipeline.core.ray_runtime import cluster_gpus, cpu_actor_pool_size
@@ -52,21 +48,10 @@ from pipeline.core.storage import (
     atomic_write_table,
     fingerprint,
     sha256_file,
-    unique_tmp_path,
 )
-from pipeline.embed.clip_models import (
-    ClipSpec,
-    clip_spec,
-    fetch_weights,
-    load_clip,
-    load_sscd,
-    resolve_precision,
-)
+from pipeline.embed.identity import model_identity, resolve_precision
 from pipeline.embed.prepare import (
     NO_ERROR,
-    PIXELS,
-    ROW_COLUMNS,
-    SSCD_PIXELS,
     DecodePlan,
     prepare_batch,
     read_rows,
@@ -85,153 +70,13 @@ from pipeline.io.embeddings import (
 from pipeline.io.partitions import PartitionAssembler, shard_sizes
 from pipeline.io.shards import Shard, ShardInputs
 
+if TYPE_CHECKING:  # imported for real only when there is work: torch and open_clip take seconds to load
+    from pipeline.embed.actor import EmbedActor
+    from pipeline.embed.clip_models import ClipSpec
+
 log = logging.getLogger(__name__)
 
-EMBED_SCHEMA_VERSION = 1
-
-#: Rejection reason of the rows of a batch that killed its model worker ``max_batch_attempts`` times.
-POISON_BATCH = "poison_batch"
-#: The attempt ledger's folder under the output folder; a dot-folder, which a bundle's file list skips.
-ATTEMPTS_DIR = ".attempts"
-
-
-class BatchAttempts:
-    """How often each model batch was started: the ledger that keeps a batch from killing workers forever.
-
-    Ray Data restarts a dead model actor and retries its task without limit, with the same input, so
-    a batch that crashes its worker (a segfault in a kernel, an out-of-memory kill) would be retried
-    forever. :meth:`start` counts an attempt in ``<folder>/<sha1 of the batch>.json`` before any model
-    work, and :meth:`finish` removes the entry once the batch is done; an entry that already counts
-    ``limit`` attempts means the batch killed its worker that many times, and it is given up.
-
-    The entry is written to a unique temporary name and renamed, so a killed process never leaves half
-    a count; it is not fsynced (it must only outlive the process, not a power loss), which keeps disk
-    flushes off the model's hot path. A folder that cannot be written (an output folder the worker's
-    node does not share) disables the ledger with a warning; the run itself goes on.
-
-    Args:
-        folder (`Path`): the ledger's folder (``OUT/.attempts``); the output folder must be shared by
-            the workers' nodes for counts to add up across nodes.
-        limit (`int`): attempts after which a batch is given up.
-        salt (`str`): the result options' fingerprint: a batch under other options is another batch.
-    """
-
-    def __init__(self, folder: Path, limit: int, salt: str):
-        self.folder = folder
-        self.limit = limit
-        self.salt = salt
-        self.enabled = True
-
-    def entry(self, batch: dict[str, np.ndarray]) -> Path:
-        """The batch's ledger file: a hash of its rows' shard, row number, key and image sha256."""
-        digest = hashlib.sha1(self.salt.encode(), usedforsecurity=False)
-        for column in ("shard", "row", "key", "sha256"):
-            digest.update(json.dumps([str(value) for value in batch[column]]).encode())
-        return self.folder / f"{digest.hexdigest()}.json"
-
-    def start(self, batch: dict[str, np.ndarray]) -> Path | None:
-        """Count an attempt at ``batch``; its entry, or None when it has used up its attempts."""
-        path = self.entry(batch)
-        try:
-            count = int(json.loads(path.read_text())["attempts"])
-        except FileNotFoundError:
-            count = 0
-        except (OSError, ValueError, KeyError, TypeError):
-            count = 0  # an unreadable entry counts as none: at worst a batch gets its attempts again
-        if count >= self.limit:
-            return None
-        if self.enabled:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                tmp = unique_tmp_path(path)
-                tmp.write_text(json.dumps({"attempts": count + 1}))
-                os.replace(tmp, path)
-            except OSError as exc:
-                self.enabled = False
-                log.warning("embed: no batch attempt ledger (%s): a crashing batch is not bounded", exc)
-        return path
-
-    def finish(self, path: Path) -> None:
-        """The batch is done: forget its attempts."""
-        if self.enabled:
-            path.unlink(missing_ok=True)
-
-
-class EmbedActor:
-    """Model stage: image and caption embeddings (and SSCD descriptors) for the decoded rows of a batch.
-
-    The device is chosen here, not on the driver: Ray hides GPUs from actors that did not ask for one.
-
-    Args:
-        cfg (`EmbedConfig`): model, batch size and SSCD options.
-        precision (`str`): see :func:`~pipeline.embed.clip_models.resolve_precision` (fp32 on CPU regardless).
-    """
-
-    def __init__(self, cfg: EmbedConfig, precision: str):
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.clip = load_clip(cfg, device, precision)
-        self.sscd = (
-            load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, device) if cfg.sscd_checkpoint else None
-        )
-        self.batch_size = cfg.batch_size
-        self.attempts = BatchAttempts(
-            Path(cfg.out) / ATTEMPTS_DIR, cfg.max_batch_attempts, fingerprint(result_options(cfg))
-        )
-        log.info("embed actor: %s on %s (%s)", self.clip.name, device, self.clip.dtype)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Embed the ok rows of ``batch``; rejected rows pass through with zero vectors.
-
-        A batch that already killed its worker ``max_batch_attempts`` times (see
-        :class:`BatchAttempts`) gets no model work: its ok rows are rejected as ``poison_batch``.
-        """
-        ok = batch["error"] == NO_ERROR
-        entry = None
-        if ok.any():  # a batch of rejected rows only gets no model work: nothing to count
-            entry = self.attempts.start(batch)
-            if entry is None:
-                return self._given_up(batch, ok)
-        out = self.embed(batch)
-        if entry is not None:
-            self.attempts.finish(entry)
-        return out
-
-    def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The model work: the row columns, and the embeddings of the ok rows (zeros for the others)."""
-        ok = batch["error"] == NO_ERROR
-        out = {name: batch[name] for name in ROW_COLUMNS}
-        captions = [str(caption) for caption in batch["caption"][ok]]
-        out[IMG_EMB] = _scatter(self.clip.encode_images(batch[PIXELS][ok], self.batch_size), ok)
-        out[TEXT_EMB] = _scatter(self.clip.encode_texts(captions, self.batch_size), ok)
-        if self.sscd is not None:
-            out[SSCD_EMB] = _scatter(self.sscd.encode(batch[SSCD_PIXELS][ok], self.batch_size), ok)
-        return out
-
-    def _given_up(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
-        """:meth:`embed`'s output without the model: the ok rows rejected as ``poison_batch`` (rows
-        rejected before keep their reason), every embedding zero."""
-        reason = f"{POISON_BATCH}: its model worker died {self.attempts.limit} times on this batch"
-        log.warning(
-            "embed: giving up a batch of %d rows (shards %s, keys %s...): %s",
-            len(ok),
-            sorted({str(s) for s in batch["shard"]}),
-            [str(k) for k in batch["key"][:3]],
-            reason,
-        )
-        errors = [reason if good else str(e) for e, good in zip(batch["error"], ok, strict=True)]
-        out = {name: batch[name] for name in ROW_COLUMNS} | {"error": np.array(errors, dtype=object)}
-        dims = {IMG_EMB: self.clip.dim, TEXT_EMB: self.clip.dim}
-        if self.sscd is not None:
-            dims[SSCD_EMB] = self.sscd.dim
-        return out | {kind: np.zeros((len(ok), dim), dtype=np.float16) for kind, dim in dims.items()}
-
-
-def _scatter(rows: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Embeddings of the ``ok`` rows placed back among all rows; rejected rows get zeros."""
-    full = np.zeros((len(ok), rows.shape[1]), dtype=rows.dtype)
-    full[ok] = rows
-    return full
+EMBED_SCHEMA_VERSION = 2
 
 
 def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
@@ -272,6 +117,7 @@ class PartitionWriter:
         commit (`Commit`): records a finished partition (its done marker under ``out/done``).
         spec (`ClipSpec`): the model, for labels and the width of empty partitions.
         sscd_dim (`int`, *optional*): SSCD descriptor width; None when no SSCD model is used.
+        precision (`str`): the precision the model runs in, recorded in each marker.
         inputs (`ShardInputs`): the input shards, signed before the read.
     """
 
@@ -281,11 +127,13 @@ class PartitionWriter:
         commit: Commit,
         spec: ClipSpec,
         sscd_dim: int | None,
+        precision: str,
         inputs: ShardInputs,
     ):
         self.out = out
         self.commit = commit
         self.spec = spec
+        self.precision = precision
         self.dims = {IMG_EMB: spec.dim, TEXT_EMB: spec.dim} | ({SSCD_EMB: sscd_dim} if sscd_dim else {})
         self.inputs = inputs
 
@@ -305,6 +153,8 @@ class PartitionWriter:
             **counts,
             "model": self.spec.name,
             "semantic": self.spec.semantic,
+            "dim": self.spec.dim,
+            "precision": self.precision,
         }
         self.inputs.commit_checked(self.commit, name, info, counts["rows_seen"])
         return info
@@ -355,21 +205,28 @@ def plan_compute(cfg: EmbedConfig, gpus: int, cpu_pool_size: int) -> ComputePlan
     return ComputePlan(cfg.num_actors or cpu_pool_size, None, resolve_precision(cfg.precision, "cpu"))
 
 
-def embed_fingerprint(cfg: EmbedConfig, spec: ClipSpec, precision: str) -> str:
-    """What makes a finished partition reusable: model and its weights, precision, decode rules, SSCD file.
+def embed_fingerprint(cfg: EmbedConfig) -> str:
+    """What makes a finished partition reusable: result options, the model by content, the SSCD file.
 
-    Model files count by content (sha256), so weights replaced in place under the same path re-embed.
+    Cheap on purpose (no model is loaded, nothing but the model files is read: see
+    :mod:`pipeline.embed.identity`), so an up-to-date folder is recognised in about a second. The
+    precision counts as asked for: ``auto`` embeddings made on CPU (fp32) are kept when the cluster
+    later has GPUs (fp16); each partition's marker records the precision it was made in.
     """
     sscd = sha256_file(cfg.sscd_checkpoint) if cfg.sscd_checkpoint else None
     return fingerprint(
-        {
-            "schema": EMBED_SCHEMA_VERSION,
-            **result_options(cfg),
-            "model": spec.identity(),
-            "precision": precision,
-            "sscd": sscd,
-        }
+        {"schema": EMBED_SCHEMA_VERSION, **result_options(cfg), "model": model_identity(cfg), "sscd": sscd}
     )
+
+
+@dataclass(frozen=True)
+class ModelWork:
+    """What computing partitions needs beyond the fingerprint: found by :meth:`EmbedStage.prepare`."""
+
+    spec: ClipSpec
+    sscd_dim: int | None
+    plan: ComputePlan
+    actor_cls: type[EmbedActor]
 
 
 class Progress:
@@ -437,7 +294,7 @@ def build_dataset(
     todo: list[str],
     spec: ClipSpec,
     plan: ComputePlan,
-    actor_cls: type[EmbedActor] = EmbedActor,
+    actor_cls: type[EmbedActor],
 ) -> ray.data.Dataset:
     """The Ray Data pipeline: one read task per shard -> CPU decode tasks -> model actor pool."""
     decode_plan = DecodePlan(
@@ -469,28 +326,44 @@ def build_dataset(
 
 
 class EmbedStage(PartitionedStage):
-    """One partition per shard: ``img_emb``/``text_emb``(/``sscd_emb``) arrays and metadata, row-aligned."""
+    """One partition per shard: ``img_emb``/``text_emb``(/``sscd_emb``) arrays and metadata, row-aligned.
+
+    Up-to-date partitions are recognised from options, model files and shard signatures alone; the
+    model's description, its weights and the actor pool are found (:meth:`prepare`) only when a
+    partition is to be computed.
+    """
 
     name = "embed"
 
-    def __init__(self, cfg: EmbedConfig, actor_cls: type[EmbedActor] = EmbedActor):
+    def __init__(self, cfg: EmbedConfig, actor_cls: type[EmbedActor] | None = None):
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.actor_cls = actor_cls
-        self.spec = clip_spec(cfg)
-        self.sscd_dim = (
-            load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, "cpu").dim if cfg.sscd_checkpoint else None
-        )
-        self.plan = plan_compute(cfg, cluster_gpus(), cpu_actor_pool_size())
         self.inputs = ShardInputs(cfg.shards, cfg.require_stats)
+        self.fingerprint_ = embed_fingerprint(cfg)
+        self.work: ModelWork | None = None
         self.progress: Progress | None = None
 
     def fingerprint(self) -> str:
-        return embed_fingerprint(self.cfg, self.spec, self.plan.precision)
+        return self.fingerprint_
 
     def partitions(self) -> dict[str, Any]:
         """Each shard's signature, taken before any read; the writer compares it after the read."""
         return self.inputs.sign()
+
+    def prepare(self, todo: list[str]) -> None:
+        """Check the model options, fetch pretrained weights and plan the actors, before any partition
+        is touched: a model that cannot be loaded fails here, with
+        :class:`~pipeline.embed.clip_models.ModelLoadError`, and costs no finished partition."""
+        from pipeline.embed.actor import EmbedActor
+        from pipeline.embed.clip_models import clip_spec, fetch_weights, load_sscd
+
+        cfg = self.cfg
+        spec = clip_spec(cfg)
+        fetch_weights(spec)
+        sscd = load_sscd(cfg.sscd_checkpoint, cfg.sscd_image_size, "cpu") if cfg.sscd_checkpoint else None
+        plan = plan_compute(cfg, cluster_gpus(), cpu_actor_pool_size())
+        self.work = ModelWork(spec, sscd.dim if sscd else None, plan, self.actor_cls or EmbedActor)
 
     def remove(self, name: str) -> None:
         """A shard that is no longer an input, or one embedded under other options: every file goes,
@@ -500,21 +373,22 @@ class EmbedStage(PartitionedStage):
         metadata_path(self.out, name).unlink(missing_ok=True)
 
     def compute(self, todo: list[str], commit: Commit) -> None:
-        label = "semantic" if self.spec.semantic else "NON-SEMANTIC: random weights"
+        work = self.work
+        assert work is not None, "run_partitioned calls prepare() before compute()"
+        spec, plan = work.spec, work.plan
         log.info(
             "embed: %d shards with %s (%s) on %d %s actor(s), %s",
             len(todo),
-            self.spec.name,
-            label,
-            self.plan.actors,
-            self.plan.device,
-            self.plan.precision,
+            spec.name,
+            "semantic" if spec.semantic else "NON-SEMANTIC: random weights",
+            plan.actors,
+            plan.device,
+            plan.precision,
         )
-        fetch_weights(self.spec)
         self.progress = Progress(len(todo), self.cfg.log_every_s)
-        writer = PartitionWriter(self.out, commit, self.spec, self.sscd_dim, self.inputs)
+        writer = PartitionWriter(self.out, commit, spec, work.sscd_dim, plan.precision, self.inputs)
         assembler = PartitionAssembler(writer)
-        dataset = build_dataset(self.cfg, self.inputs.shards, todo, self.spec, self.plan, self.actor_cls)
+        dataset = build_dataset(self.cfg, self.inputs.shards, todo, spec, plan, work.actor_cls)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             self.progress.update(batch, len(assembler.add(batch)))
         self.progress.partitions_done += len(assembler.finish_empty(todo))
@@ -522,7 +396,7 @@ class EmbedStage(PartitionedStage):
 
     def finish(self, run: PartitionRun) -> dict[str, Any]:
         done = sorted(name for name in self.inputs.shards if name not in run.deferred)
-        summary = summarize(self.out, run.markers, done, self.spec, self.plan)
+        summary = summarize(self.out, run.markers, done, self.work.plan if self.work else None)
         progress = self.progress
         summary.update(self.inputs.summary())
         summary.update(
@@ -536,17 +410,19 @@ class EmbedStage(PartitionedStage):
         return summary
 
 
-def run_embed(cfg: EmbedConfig, *, actor_cls: type[EmbedActor] = EmbedActor) -> dict[str, Any]:
+def run_embed(cfg: EmbedConfig, *, actor_cls: type[EmbedActor] | None = None) -> dict[str, Any]:
     """Runner: embed every shard without a valid done marker; return (and save) the run's summary.
 
-    Needs a Ray session (see :func:`pipeline.core.ray_runtime.ray_session`). Model options are checked and
-    pretrained weights fetched on the driver before any Ray work, so a model that cannot be loaded
-    fails at once, with :class:`~pipeline.embed.clip_models.ModelLoadError`.
+    Needs a Ray session (see :func:`pipeline.core.ray_runtime.ray_session`), used only when a shard is
+    to be embedded. Model options are checked and pretrained weights fetched on the driver before any
+    Ray work, so a model that cannot be loaded fails at once, with
+    :class:`~pipeline.embed.clip_models.ModelLoadError`.
 
     Args:
         cfg (`EmbedConfig`): the stage's options.
-        actor_cls (`type`, *optional*): the model actor class (a subclass of :class:`EmbedActor`);
-            tests pass one that kills its own process to prove resumption.
+        actor_cls (`type`, *optional*): the model actor class (a subclass of
+            :class:`~pipeline.embed.actor.EmbedActor`, the default); tests pass one that kills its own
+            process to prove resumption.
     """
     started = time.monotonic()
     stage = EmbedStage(cfg, actor_cls)
@@ -561,9 +437,13 @@ def run_embed(cfg: EmbedConfig, *, actor_cls: type[EmbedActor] = EmbedActor) -> 
 
 
 def summarize(
-    out: Path, markers: dict[str, dict[str, Any]], names: list[str], spec: ClipSpec, plan: ComputePlan
+    out: Path, markers: dict[str, dict[str, Any]], names: list[str], plan: ComputePlan | None
 ) -> dict[str, Any]:
-    """Totals over every partition's marker: rows seen = embedded + skipped, skips by reason."""
+    """Totals over every partition's marker: rows seen = embedded + skipped, skips by reason.
+
+    The model's name, kind and width come from the markers (one fingerprint, one model); device and
+    actors describe this run's compute (``plan``; none when nothing was computed).
+    """
     per_partition = {}
     for name in names:
         marker = markers.get(name)
@@ -576,15 +456,16 @@ def summarize(
     for counts in per_partition.values():
         reasons.update(counts["skipped_by_reason"])
     totals = {k: sum(c[k] for c in per_partition.values()) for k in ("rows_seen", "embedded", "skipped")}
+    first = markers[names[0]] if names else {}
     return {
         "job": "embed",
         "out": str(out),
-        "model": spec.name,
-        "semantic": spec.semantic,
-        "dim": spec.dim,
-        "device": plan.device,
-        "precision": plan.precision,
-        "actors": plan.actors,
+        "model": first.get("model"),
+        "semantic": first.get("semantic"),
+        "dim": first.get("dim"),
+        "device": plan.device if plan else None,
+        "precision": ",".join(sorted({str(markers[name]["precision"]) for name in names})) or None,
+        "actors": plan.actors if plan else 0,
         "partitions": len(names),
         **totals,
         "skipped_by_reason": dict(sorted(reasons.items())),

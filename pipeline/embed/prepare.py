@@ -23,6 +23,8 @@ from pipeline.io.decode import decode_image
 from pipeline.io.shards import DEFAULT_MAX_MEMBER_BYTES, Shard, read_shard
 
 NO_ERROR = ""
+#: Rejection reason of the rows of a batch that killed its model worker ``max_batch_attempts`` times.
+POISON_BATCH = "poison_batch"
 
 
 PIXELS = "pixels"
