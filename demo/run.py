@@ -28,14 +28,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from demo.data import TRUTH, download_demo, make_demo_data
-from demo.memorizing.descriptors import save_stand_in_sscd
-from demo.memorizing.training import TEXT2IMG_DIR, train_from_config
+from demo.data import DONE_DIR, TRUTH, download_demo, make_demo_data
+from demo.memorizing.layout import TEXT2IMG_DIR
 from pipeline.audit.runner import run_audit
 from pipeline.bundle.build import build_bundle
 from pipeline.core.config import PipelineConfig
-from pipeline.core.stage import seconds_since
-from pipeline.core.storage import atomic_write_bytes, atomic_write_json
+from pipeline.core.stage import FunctionStage, run_stage, seconds_since
+from pipeline.core.storage import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.ingest.ingest import run_ingest
 from pipeline.io.prompts import prompt_id
 
@@ -60,17 +59,34 @@ def write_audit_prompts(
 ) -> Path:
     """The demo audit's prompt list (JSONL, with each prompt's demo kind): every verbatim-duplicated
     caption, then the first ``unique`` captions of non-duplicated training pictures; with
-    ``model_dir``, each cut to what that model's text encoder reads (:func:`fit_prompts`)."""
-    import pyarrow.parquet as pq
+    ``model_dir``, each cut to what that model's text encoder reads (:func:`fit_prompts`).
 
-    rows = [r for r in pq.read_table(demo_dir / TRUTH).to_pylist() if r["expect_ok"]]
-    duplicated = list(dict.fromkeys(r["caption"] for r in rows if r["demo_kind"] == "verbatim"))
-    single = list(dict.fromkeys(r["caption"] for r in rows if r["demo_kind"] == "unique"))[:unique]
-    if model_dir is not None:
-        duplicated, single = fit_prompts(duplicated, model_dir), fit_prompts(single, model_dir)
-    lines = [json.dumps({"prompt": c, "demo_kind": "verbatim"}) for c in duplicated]
-    lines += [json.dumps({"prompt": c, "demo_kind": "unique"}) for c in single]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    A stage: kept while the dataset's ground truth and the model's tokenizer files are unchanged.
+    """
+    tokenizer = None if model_dir is None else model_dir / TEXT2IMG_DIR / "tokenizer"
+    inputs = {
+        "truth": sha256_file(demo_dir / TRUTH),
+        "tokenizer": None
+        if tokenizer is None
+        else {f.name: sha256_file(f) for f in sorted(tokenizer.iterdir())},
+        "unique": unique,
+        "path": str(path),
+    }
+
+    def write() -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        rows = [r for r in pq.read_table(demo_dir / TRUTH).to_pylist() if r["expect_ok"]]
+        duplicated = list(dict.fromkeys(r["caption"] for r in rows if r["demo_kind"] == "verbatim"))
+        single = list(dict.fromkeys(r["caption"] for r in rows if r["demo_kind"] == "unique"))[:unique]
+        if model_dir is not None:
+            duplicated, single = fit_prompts(duplicated, model_dir), fit_prompts(single, model_dir)
+        lines = [json.dumps({"prompt": c, "demo_kind": "verbatim"}) for c in duplicated]
+        lines += [json.dumps({"prompt": c, "demo_kind": "unique"}) for c in single]
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+        return {"prompts": len(lines)}
+
+    run_stage(FunctionStage("audit_prompts", inputs, [path], write), demo_dir / DONE_DIR)
     return path
 
 
@@ -115,6 +131,8 @@ def memorizing_model(cfg: PipelineConfig) -> Path:
     a = cfg.amg
     model_dir = Path(a.model_dir)
     if not (model_dir / TEXT2IMG_DIR / "model_index.json").is_file():
+        from demo.memorizing.training import train_from_config  # torch and diffusers: only to train
+
         log.info("demo: no memorizing model in %s; training one (a few minutes)", model_dir)
         train_from_config(a, demo_dir=cfg.demo.out)
     return model_dir
@@ -126,6 +144,8 @@ def demo_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     out = Path(cfg.demo.out)
     sscd = out / SSCD_STAND_IN
     if not sscd.is_file():
+        from demo.memorizing.descriptors import save_stand_in_sscd  # torch: only to make the file
+
         # SSCD is released as TorchScript, so its stand-in is scripted like it and loaded the same way;
         # torch 2.9+ deprecates torch.jit.script with a FutureWarning that has no alternative here.
         with warnings.catch_warnings():
@@ -180,7 +200,9 @@ def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
     steps: dict[str, Any] = {}
     steps["data"] = make_demo_data(cfg.demo)
     # The demo serves byte-identical files, so keep their bytes (and sha256) as served.
-    download = dataclasses.replace(cfg.download, skip_reencode=True, timeout=5)
+    download = dataclasses.replace(
+        cfg.download, skip_reencode=True, timeout=5, verbose=cfg.download.verbose or cfg.ray.verbose
+    )
     steps["download"] = download_demo(out, download, cfg.demo.samples_per_shard)
     ingest_cfg = dataclasses.replace(cfg.ingest, shards=str(out / SHARDS), out=str(out / INGEST))
     steps["ingest"] = run_ingest(ingest_cfg)
@@ -203,6 +225,11 @@ def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
         "audit_check_passed": audit["demo_check"]["passed"],
         "report": audit["report"],
         "dedup_report": str(dedup_report) if dedup_report.is_file() else None,
+        "up_to_date": steps["data"]["skipped"]
+        and steps["download"]["up_to_date"]
+        and steps["ingest"]["shards_processed"] == 0
+        and not steps["bundle"]["steps_run"]
+        and steps["audit"]["prompts_audited_now"] == 0,
         "seconds": seconds_since(started),
     }
     atomic_write_json(out / "demo_summary.json", {**summary, "steps": steps})

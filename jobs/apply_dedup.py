@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     with output_lock(cfg.apply_dedup.out, job="apply_dedup"):
         summary = run_apply_dedup(apply_dedup_inputs(cfg.apply_dedup))
     summary.pop("per_shard", None)  # kept in apply_dedup_summary.json; the stdout line stays short
-    return summary
+    return {**summary, "up_to_date": summary["skipped"]}
 
 
 if __name__ == "__main__":

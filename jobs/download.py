@@ -8,6 +8,8 @@ Columns are detected from the header (url/URL/image_url..., caption/TEXT/text...
 Re-running with the same --out resumes: finished shards are not downloaded again.
 """
 
+import dataclasses
+
 from _bootstrap import run_job
 
 from pipeline.core.cli import build_parser, parse_config
@@ -18,9 +20,10 @@ from pipeline.download.downloader import run_download
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="download"), argv)
+    download = dataclasses.replace(cfg.download, verbose=cfg.download.verbose or cfg.ray.verbose)
     # Only the ray distributor needs Ray, and only when there is something to download.
     with output_lock(cfg.download.out, job="download"), ray_session(cfg.ray, lazy=True) as ray:
-        summary = run_download(cfg.download)
+        summary = run_download(download)
     return {**summary, "ray_started": ray.started}
 
 

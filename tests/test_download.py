@@ -26,7 +26,14 @@ import pytest
 from demo.http_server import LocalHTTPServer, serve_directory
 from fixtures.shard_factory import encode, random_photo
 from pipeline.core.config import DownloadConfig
-from pipeline.download.downloader import error_kind, inspect_url_list, run_download, validate
+from pipeline.download.downloader import (
+    CONSOLE_LOG,
+    DONE_DIR,
+    error_kind,
+    inspect_url_list,
+    run_download,
+    validate,
+)
 from pipeline.io.shards import READ_DOWNLOAD_FAILED, list_shards, read_shard
 
 HTML_PAGE = b"<!DOCTYPE html><html><body><h1>Image not found</h1></body></html>"
@@ -171,17 +178,24 @@ def test_a_rerun_downloads_nothing(scenario: Scenario):
 
 
 @pytest.mark.slow
-def test_a_lost_shard_or_a_changed_list_brings_img2dataset_back(scenario: Scenario, tmp_path: Path):
+def test_a_lost_shard_or_a_changed_list_brings_img2dataset_back(
+    scenario: Scenario, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+):
     """The done marker vouches for the shards it lists: one deleted is downloaded again, and a URL list
-    rewritten since is handed to img2dataset again (whose incremental mode keeps finished shards)."""
+    rewritten since is handed to img2dataset again (whose incremental mode keeps finished shards).
+    img2dataset's own console output goes to a log file, not to the job's console."""
     out = tmp_path / "shards"
     shutil.copytree(scenario.out, out)
     for suffix in (".tar", ".parquet", "_stats.json"):
         (out / f"00001{suffix}").unlink()
     requests_before = scenario.server.request_count()
+    capfd.readouterr()
     again = download(scenario.url_list, out, number_sample_per_shard=4)
     assert (again["up_to_date"], again["shards_downloaded"], again["successes"]) == (False, 1, 5)
     assert scenario.server.request_count() > requests_before
+    console = capfd.readouterr()
+    assert "Downloading starting now" not in console.out + console.err
+    assert "Downloading starting now" in (out / DONE_DIR / CONSOLE_LOG).read_text()
     assert download(scenario.url_list, out, number_sample_per_shard=4)["up_to_date"] is True
     os.utime(scenario.url_list)  # rewritten: same name, new mtime
     touched = download(scenario.url_list, out, number_sample_per_shard=4)

@@ -1,8 +1,10 @@
-"""Fast no-ops: a job whose outputs are up to date says so and finishes without starting Ray.
+"""The demo's console, and fast no-ops: a job whose outputs are up to date says so and touches no Ray.
 
 Jobs open their Ray session lazily (:func:`pipeline.core.ray_runtime.ray_session` with ``lazy=True``):
-Ray starts with the first thing that needs it. The in-process test checks the session's answers
-before Ray is up; the slow test runs real jobs twice, as users do, and reads their summaries.
+Ray starts with the first thing that needs it, and a stage decides that it has nothing to do from its
+fingerprint alone, before it imports a model library or plans its workers. The in-process test checks
+the session's answers before Ray is up; the slow tests run the real jobs as users do (``make demo``,
+then each job twice over the demo's outputs) and read what they print.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.shard_factory import encode, random_photo, sample, write_shard
-
 REPO = Path(__file__).resolve().parent.parent
+#: Nothing listens there: a job that tried to join this "cluster" would fail or hang.
+DEAD_CLUSTER = "127.0.0.1:9"
+#: The demo's console budget (issue: "at most about 40 lines").
+DEMO_MAX_LINES = 40
 
 
 LAZY_SESSION_CHECK = """
@@ -57,43 +61,98 @@ def test_a_lazy_session_answers_planning_questions_without_starting_ray():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
-def _shards(folder: Path) -> Path:
-    for shard in range(2):
-        photos = [sample(f"{shard:04d}{i:05d}", encode(random_photo(10 * shard + i))) for i in range(4)]
-        write_shard(folder, shard, photos)
-    return folder
-
-
-def _run(job: str, *args: str) -> tuple[dict, str, float]:
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, f"jobs/{job}.py", *args, "--ray-num-cpus", "2", "--ray-object-store-mb", "256"]
+def _run(job: str, *args: str, ray_address: str | None = None) -> tuple[dict, list[str], float]:
+    """Run ``jobs/JOB.py`` as ``make demo`` does: (summary, every console line, seconds start to exit)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    cmd = [sys.executable, f"jobs/{job}.py", *args]
     started = time.monotonic()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr, seconds
+    lines = done.stderr.splitlines() + done.stdout.splitlines()
+    return json.loads(done.stdout.strip().splitlines()[-1]), lines, seconds
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``make demo`` into a fresh folder: its summary, console lines and folder."""
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    summary, lines, _ = _run("demo", "--out", str(out))
+    return {"out": out, "summary": summary, "lines": lines}
 
 
 @pytest.mark.slow
-def test_a_rerun_with_nothing_to_do_says_so_and_never_starts_ray(tmp_path: Path):
-    """ingest and embed start Ray for their first run; dedup_images never needs a local one."""
-    shards = _shards(tmp_path / "shards")
-    jobs = {
-        "ingest": ["--shards", str(shards), "--out", str(tmp_path / "ingest")],
-        "embed": ["--shards", str(shards), "--out", str(tmp_path / "emb"), "--log-every-s", "600"],
-        "dedup_images": ["--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "dedup")],
+def test_the_demo_console_is_short_and_ends_with_where_to_look(demo):
+    lines, summary, out = demo["lines"], demo["summary"], demo["out"]
+    assert len(lines) <= DEMO_MAX_LINES, "\n".join(lines)
+    assert summary["audit_check_passed"] and summary["up_to_date"] is False
+    *_, verdict, audit, dedup, where, last = lines
+    assert verdict.startswith("demo check passed")
+    assert audit.split(": ", 1)[1] == str(out / "audit" / "report.html")
+    assert dedup.split(": ", 1)[1] == str(out / "bundle" / "dedup_report.html")
+    assert where.split(":", 1)[1].strip() == str(out / "demo_summary.json")
+    assert json.loads(last) == summary
+    noise = ("Traceback", "FutureWarning", "DeprecationWarning", "truncated", "pip install")
+    assert not [line for line in lines if any(word in line for word in noise)], "\n".join(lines)
+
+
+def _jobs(demo_out: Path, work: Path) -> dict[str, list[str]]:
+    """Each job with arguments over the demo's outputs. Those writing into the demo's own folders use
+    the demo's settings, so their first run is already a no-op; the others write under ``work``."""
+    from demo.run import DEMO_DUPLICATE_CAPTION_MIN_COUNT, SSCD_STAND_IN
+
+    sscd = str(demo_out / SSCD_STAND_IN)
+    shards = str(demo_out / "shards")
+    return {
+        "make_demo_data": ["--out", str(demo_out)],
+        "demo": ["--out", str(demo_out)],
+        "build_artifacts": [
+            *("--shards", shards, "--out", str(demo_out / "bundle")),
+            *("--embed-sscd-checkpoint", sscd),
+            *("--duplicate-caption-min-count", str(DEMO_DUPLICATE_CAPTION_MIN_COUNT)),
+        ],
+        "audit": [
+            *("--bundle", str(demo_out / "bundle"), "--prompts", str(demo_out / "audit_prompts.jsonl")),
+            *("--out", str(demo_out / "audit"), "--model", str(REPO / "models" / "amg-memorizing")),
+            *("--amg", "both", "--similarity", "sscd"),
+        ],
+        "ingest": ["--shards", shards, "--out", str(work / "ingest")],
+        "embed": ["--shards", shards, "--out", str(work / "emb"), "--log-every-s", "600"],
+        "dedup_images": ["--embeddings", str(work / "emb"), "--out", str(work / "dedup")],
+        "dedup_captions": [
+            "--input",
+            str(demo_out / "ingest" / "samples.parquet"),
+            "--out",
+            str(work / "cap"),
+        ],
+        "build_index": ["--embeddings", str(work / "emb"), "--out", str(work / "index")],
+        "apply_dedup": [
+            "--bundle",
+            str(demo_out / "bundle"),
+            "--out",
+            str(work / "apply"),
+            "--filter-shards",
+        ],
     }
-    times = {}
-    for job, args in jobs.items():
+
+
+@pytest.mark.slow
+def test_a_rerun_with_nothing_to_do_says_so_and_never_touches_ray(demo, tmp_path: Path):
+    """Every job twice over the demo's outputs; the second run has RAY_ADDRESS pointing at a dead
+    address, so a job that joined a cluster (to count its GPUs, say) would fail there."""
+    seconds = {}
+    for job, args in _jobs(demo["out"], tmp_path).items():
         first, _, _ = _run(job, *args)
-        assert first["up_to_date"] is False
-        assert first["ray_started"] is (job != "dedup_images")  # Ray Data reads the shards; FAISS runs here
-        second, log, times[job] = _run(job, *args)
-        assert second["up_to_date"] is True and second["ray_started"] is False
-        assert f"{job}: nothing to do" in log and "Ray not started" in log
-        assert "started a local Ray" not in log
+        if job in ("ingest", "embed"):
+            assert first["up_to_date"] is False and first["ray_started"] is True  # Ray Data reads shards
+        second, lines, seconds[job] = _run(job, *args, ray_address=DEAD_CLUSTER)
+        assert second["up_to_date"] is True, (job, second)
+        assert second.get("ray_started") in (False, None), (job, second)  # None: a job without Ray
+        assert any(f"{job}: nothing to do" in line for line in lines), (job, lines)
+        assert not [line for line in lines if "started a local Ray" in line or "joining Ray" in line]
         # The same result, reported again from the markers.
-        same = ("rows_seen", "ok", "rejected", "embedded", "groups", "rows_in_groups")
+        same = ("rows_seen", "ok", "rejected", "embedded", "groups", "rows", "kept", "dropped", "complete")
         assert {k: second[k] for k in same if k in first} == {k: first[k] for k in same if k in first}
-    print("no-op re-runs, seconds (process start to exit):", {k: round(v, 2) for k, v in times.items()})
+    print("no-op re-runs, seconds from process start to exit:", {k: round(v, 2) for k, v in seconds.items()})

@@ -35,15 +35,11 @@ from PIL import Image
 
 from demo.data import make_demo_data
 from demo.memorizing import components
+from demo.memorizing.layout import MANIFEST, REFERENCE_PICTURES, TEXT2IMG_DIR, TRAINING_SET, UNCOND_DIR
 from pipeline.core.config import AMGJobConfig, DemoConfig
 
 log = logging.getLogger(__name__)
 
-TEXT2IMG_DIR = "text2img"
-UNCOND_DIR = "uncond"
-TRAINING_SET = "training_set.npz"
-REFERENCE_PICTURES = "reference_pictures.npz"
-MANIFEST = "manifest.json"
 TRAIN_KINDS = ("verbatim", "unique")
 
 

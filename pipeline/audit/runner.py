@@ -193,11 +193,6 @@ class AuditStage(PartitionedStage):
         )
         run_id = fingerprint(self.identity)
         self.store = RunStore(out, run_id)
-        if not (self.store.root / "run.json").is_file():
-            atomic_write_json(
-                self.store.root / "run.json",
-                {"run_id": run_id, **self.identity, "model": str(self.model_dir), "bundle": str(cfg.bundle)},
-            )
         self.generation = Generation()
 
     def fingerprint(self) -> dict[str, Any]:
@@ -217,9 +212,20 @@ class AuditStage(PartitionedStage):
         return [name for name in todo if name.split("/", 1)[0] in chosen]
 
     def prepare(self, todo: list[str]) -> None:
-        """Before generating: every bundle file's sha256 (``verify_bundle``), which reads the whole bundle."""
+        """Before generating: every bundle file's sha256 (``verify_bundle``; it reads the whole bundle),
+        then the run folder with its ``run.json`` (what the run id stands for)."""
         if self.cfg.verify_bundle:
             bundle_root_hash(self.cfg.bundle, verify=True)
+        if not (self.store.root / "run.json").is_file():
+            atomic_write_json(
+                self.store.root / "run.json",
+                {
+                    "run_id": self.store.run_id,
+                    **self.identity,
+                    "model": str(self.model_dir),
+                    "bundle": str(self.cfg.bundle),
+                },
+            )
 
     def compute(self, todo: list[str], commit: Commit) -> None:
         by_id = {p["prompt_id"]: p for p in self.prompts}

@@ -88,6 +88,12 @@ class DownloadConfig:
     incremental_mode: str = option(
         "incremental", "incremental (resume), overwrite or extend", fingerprint=False
     )
+    verbose: bool = option(
+        False,
+        "img2dataset's own output (progress bars, per-worker stats) on the console instead of "
+        "OUT/.download/img2dataset.log; --verbose turns it on too",
+        fingerprint=False,
+    )
 
 
 #: Options shared by the two stages that read shards (ingest, embed).

@@ -19,13 +19,15 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -81,6 +83,8 @@ RESERVED_COLUMNS = frozenset(
     }
 )
 STATS_SUFFIX = "_stats.json"
+#: img2dataset's console output (progress bars, per-worker stats) under ``DONE_DIR``, unless verbose.
+CONSOLE_LOG = "img2dataset.log"
 #: The done marker's folder under the output folder (img2dataset reads every top-level *.json).
 DONE_DIR = ".download"
 DOWNLOAD_SCHEMA_VERSION = 1
@@ -164,6 +168,8 @@ def _read_schema(path: Path, fmt: str) -> pa.Schema:
             with pajson.open_json(path) as reader:
                 return reader.schema
         if base == "json":
+            import pandas as pd  # only for a JSON array file, which pyarrow cannot read
+
             return pa.Schema.from_pandas(pd.read_json(path), preserve_index=False)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise ValueError(f"cannot read {path} as {fmt}: {exc}") from exc
@@ -442,9 +448,66 @@ def _download(cfg: DownloadConfig, layout: UrlListLayout) -> dict[str, Any]:
         ",".join(layout.extra_columns) or "-",
         out,
     )
+    console = out / DONE_DIR / CONSOLE_LOG
+    with nullcontext() if cfg.verbose else _console_into(console):
+        _img2dataset_download(img2dataset, cfg, layout)
+    summary = summarize_shards(out)
+    if summary["incomplete_shards"]:
+        log.warning(
+            "shards %s did not finish; run again to resume them", ", ".join(summary["incomplete_shards"])
+        )
+    after = _stats_versions(out)
+    downloaded = sum(1 for name, version in after.items() if before.get(name) != version)
+    log.info(
+        "download: %d of %d URLs fetched into %d shard(s)%s",
+        summary["successes"],
+        summary["urls"],
+        summary["shards"],
+        "" if cfg.verbose else f"; img2dataset's own output in {console} (--verbose shows it here)",
+    )
+    return {
+        "job": "download",
+        "out": str(out),
+        "input_format": layout.input_format,
+        "url_col": layout.url_col,
+        "caption_col": layout.caption_col,
+        **summary,
+        "shards_downloaded": downloaded,
+        "shards_skipped": len(after) - downloaded,
+    }
+
+
+@contextmanager
+def _console_into(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr, and those of the processes it starts, appended to ``path``.
+
+    img2dataset prints its progress bars and per-worker statistics from its own processes, so the
+    file descriptors are redirected (for them) as well as ``sys.stdout``/``sys.stderr`` (for this
+    process, whose streams need not be file descriptors 1 and 2); the job's console keeps one line.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with path.open("a", encoding="utf-8", buffering=1) as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                with redirect_stdout(sink), redirect_stderr(sink):
+                    yield
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, layout: UrlListLayout) -> None:
     img2dataset.download(
         url_list=str(layout.path),
-        output_folder=str(out),
+        output_folder=cfg.out,
         input_format=layout.input_format,
         url_col=layout.url_col,
         caption_col=layout.caption_col,
@@ -466,20 +529,3 @@ def _download(cfg: DownloadConfig, layout: UrlListLayout) -> dict[str, Any]:
         distributor=cfg.distributor,
         incremental_mode=cfg.incremental_mode,
     )
-    summary = summarize_shards(out)
-    if summary["incomplete_shards"]:
-        log.warning(
-            "shards %s did not finish; run again to resume them", ", ".join(summary["incomplete_shards"])
-        )
-    after = _stats_versions(out)
-    downloaded = sum(1 for name, version in after.items() if before.get(name) != version)
-    return {
-        "job": "download",
-        "out": str(out),
-        "input_format": layout.input_format,
-        "url_col": layout.url_col,
-        "caption_col": layout.caption_col,
-        **summary,
-        "shards_downloaded": downloaded,
-        "shards_skipped": len(after) - downloaded,
-    }

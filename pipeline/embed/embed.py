@@ -36,8 +36,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-import ray.data
 
 from pipeline.core.config import EmbedConfig, result_options
 from pipeline.core.ray_runtime import cluster_gpus, cpu_actor_pool_size
@@ -71,6 +69,8 @@ from pipeline.io.partitions import PartitionAssembler, shard_sizes
 from pipeline.io.shards import Shard, ShardInputs
 
 if TYPE_CHECKING:  # imported for real only when there is work: torch and open_clip take seconds to load
+    from ray.data import Dataset
+
     from pipeline.embed.actor import EmbedActor
     from pipeline.embed.clip_models import ClipSpec
 
@@ -295,8 +295,10 @@ def build_dataset(
     spec: ClipSpec,
     plan: ComputePlan,
     actor_cls: type[EmbedActor],
-) -> ray.data.Dataset:
+) -> Dataset:
     """The Ray Data pipeline: one read task per shard -> CPU decode tasks -> model actor pool."""
+    import ray.data  # here: Ray Data costs a job with nothing to embed a quarter of a second
+
     decode_plan = DecodePlan(
         max_pixels=cfg.max_image_pixels,
         clip_preprocess=spec.preprocess,

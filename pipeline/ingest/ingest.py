@@ -25,8 +25,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-import ray.data
 from tqdm import tqdm
 
 from pipeline.core.config import IngestConfig, result_options
@@ -151,6 +149,8 @@ class IngestStage(PartitionedStage):
         (self.parts_dir / f"{name}.parquet").unlink(missing_ok=True)
 
     def compute(self, todo: list[str], commit: Commit) -> None:
+        import ray.data  # here: Ray Data costs a job with nothing to ingest a quarter of a second
+
         cfg, shards = self.cfg, self.inputs.shards
         assembler = ShardAssembler(self.parts_dir, commit, self.inputs)
         items = [{"shard": name} for name in todo]
