@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.audit.identity import run_identity, sample_seed, tree_checksum
-from pipeline.audit.matching import check_model_file
 from pipeline.audit.runner import check_config, run_audit
+from pipeline.bundle.reader import check_model_file
 from pipeline.core.config import AuditConfig, result_options
 from pipeline.core.storage import fingerprint, sha256_file
 from pipeline.io.prompts import PromptListError, prompt_id

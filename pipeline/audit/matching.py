@@ -5,7 +5,6 @@ The matcher compares an audit sample with the bundle by SSCD, CLIP or nL2 simila
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +17,8 @@ from PIL import Image
 from pipeline.amg import NormalizedL2Backend, OpenClipBackend, SSCDBackend
 from pipeline.amg.memory_index import FlatVectors
 from pipeline.audit.layout import SIMILARITIES
-from pipeline.bundle.reader import open_bundle
-from pipeline.core.config import AuditConfig, EmbedConfig
-from pipeline.core.storage import sha256_file
-from pipeline.embed.clip_models import load_clip
+from pipeline.bundle.reader import check_model_file, open_bundle
+from pipeline.core.config import AuditConfig
 from pipeline.io.decode import decode_image
 from pipeline.io.embeddings import IMG_EMB, SSCD_EMB, load_metadata
 from pipeline.io.images import ShardImages
@@ -104,31 +101,6 @@ class PixelIndex(FlatVectors):
         return self.bundle.row(row_id)
 
 
-def _embed_config(manifest: dict[str, Any]):
-
-    known = {f.name for f in dataclasses.fields(EmbedConfig)}
-    return EmbedConfig(**{k: v for k, v in manifest.get("config", {}).get("embed", {}).items() if k in known})
-
-
-def check_model_file(path: str | None, sha256: str | None, what: str, bundle: str | Path) -> str | None:
-    """The sha256 of a model file a bundle names, after checking it is the file the manifest recorded.
-
-    Raises:
-        ValueError: the manifest has no sha256 for it, or the file differs.
-    """
-    if not path:
-        return None
-    if not sha256:
-        raise ValueError(
-            f"bundle {bundle} names the {what} ({path}) without its sha256, so it cannot be checked; "
-            f"rebuild the bundle with jobs/build_artifacts.py"
-        )
-    digest = sha256_file(path)
-    if digest != sha256:
-        raise ValueError(f"{path} is not the {what} (sha256 {digest[:12]}..., bundle {sha256[:12]}...)")
-    return digest
-
-
 def open_matcher(
     bundle: str | Path,
     similarity: str,
@@ -164,9 +136,7 @@ def open_matcher(
         descriptor = f"SSCD {path}"
     elif similarity == "clip":
         index = open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect)
-        model = index.manifest.get("model", {})
-        check_model_file(model.get("checkpoint"), model.get("checkpoint_sha256"), "CLIP checkpoint", bundle)
-        loaded = load_clip(_embed_config(index.manifest), device)
+        loaded = index.clip_model(device)
         backend = OpenClipBackend.from_loaded_clip(loaded).to(device)
         digest = None
         descriptor = f"open_clip {loaded.spec.name}"

@@ -11,6 +11,7 @@ Imports nothing from the build side, so a deployment that only consumes bundles 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from pipeline.bundle.layout import (
     confined,
     root_hash,
 )
+from pipeline.core.config import EmbedConfig
 from pipeline.core.neighbours import DuplicateCaption
 from pipeline.core.storage import sha256_file
 from pipeline.index.faiss_index import load_index, set_search_params
@@ -221,6 +223,43 @@ class Bundle:
     def verify(self) -> None:
         """Check every file's sha256 against the manifest (see :func:`check_files`)."""
         check_files(self.path, self.manifest, full=True, expect=self.root_hash)
+
+    def embed_config(self) -> EmbedConfig:
+        """The embed options the bundle's embeddings were made with (model, checkpoint, SSCD file)."""
+        known = {f.name for f in dataclasses.fields(EmbedConfig)}
+        recorded = self.manifest.get("config", {}).get("embed", {})
+        return EmbedConfig(**{k: v for k, v in recorded.items() if k in known})
+
+    def clip_model(self, device: Any = "cpu") -> Any:
+        """The open_clip model behind the bundle's embeddings (a
+        :class:`~pipeline.embed.clip_models.LoadedClip`), its checkpoint file checked against the
+        manifest first: queries must be embedded by the model the rows were."""
+        from pipeline.embed.clip_models import load_clip  # torch and open_clip: only for queries to embed
+
+        model = self.manifest.get("model", {})
+        check_model_file(
+            model.get("checkpoint"), model.get("checkpoint_sha256"), "CLIP checkpoint", self.path
+        )
+        return load_clip(self.embed_config(), device)
+
+
+def check_model_file(path: str | None, sha256: str | None, what: str, bundle: str | Path) -> str | None:
+    """The sha256 of a model file a bundle names, after checking it is the file the manifest recorded.
+
+    Raises:
+        ValueError: the manifest has no sha256 for it, or the file differs.
+    """
+    if not path:
+        return None
+    if not sha256:
+        raise ValueError(
+            f"bundle {bundle} names the {what} ({path}) without its sha256, so it cannot be checked; "
+            f"rebuild the bundle with jobs/build_artifacts.py"
+        )
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise ValueError(f"{path} is not the {what} (sha256 {digest[:12]}..., bundle {sha256[:12]}...)")
+    return digest
 
 
 def open_bundle(

@@ -470,6 +470,55 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The clip-retrieval-compatible kNN service over bundles (jobs/serve_knn.py, pipeline/serve)."""
+
+    bundle: str = option("", "bundle folder to serve; several: comma-separated", True, fingerprint=False)
+    indice_name: str | None = option(
+        None,
+        "name clients pass as indice_name; several bundles: comma-separated, one per bundle "
+        "(default: each bundle folder's name)",
+        fingerprint=False,
+    )
+    host: str = option(
+        "127.0.0.1", "address the HTTP proxy listens on (0.0.0.0: every interface)", fingerprint=False
+    )
+    port: int = option(1234, "HTTP port", fingerprint=False)
+    public_url: str | None = option(
+        None,
+        "base URL clients reach the service at, used in result urls (default: http://HOST:PORT)",
+        fingerprint=False,
+    )
+    min_replicas: int = option(1, "replicas kept running", fingerprint=False)
+    max_replicas: int = option(
+        1, "replicas the load may scale up to (autoscaling when above min)", fingerprint=False
+    )
+    replica_num_cpus: float = option(1.0, "CPUs each replica reserves", fingerprint=False)
+    replica_num_gpus: float = option(
+        0.0, "GPUs each replica reserves (for text and image queries)", fingerprint=False
+    )
+    max_batch_size: int = option(32, "searches batched into one FAISS call per replica", fingerprint=False)
+    batch_wait_s: float = option(0.002, "how long a search waits for others to batch with", fingerprint=False)
+    max_results: int = option(
+        10_000, "largest num_images / num_result_ids a request may ask", fingerprint=False
+    )
+    max_image_bytes: int = option(
+        16 * 1024 * 1024, "largest query image accepted, in bytes", fingerprint=False
+    )
+    max_image_pixels: int = option(40_000_000, "largest query image accepted, in pixels", fingerprint=False)
+    include_images: bool = option(
+        False,
+        "add each result's image as base64 (`image`), as clip back does with image_path",
+        fingerprint=False,
+    )
+    cache_dir: str = option(
+        "~/.cache/amg-dedup/knn",
+        "folder for the per-bundle row cache (derived once per bundle)",
+        fingerprint=False,
+    )
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The demo dataset: real photographs with planted duplicates, served over local HTTP."""
 
@@ -524,6 +573,7 @@ class PipelineConfig:
     bundle: BundleConfig = field(default_factory=BundleConfig)
     apply_dedup: ApplyDedupConfig = field(default_factory=ApplyDedupConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     amg: AMGJobConfig = field(default_factory=AMGJobConfig)
 

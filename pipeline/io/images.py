@@ -7,15 +7,26 @@ its shard (the metadata's ``shard`` column, e.g. ``00000`` for ``00000.tar``) an
 Tars are read with :func:`pipeline.io.shards.iter_tar_samples` (streamed, members capped in size);
 :meth:`ShardImages.read` reads each needed tar once and keeps only the wanted images, and
 :meth:`ShardImages.image` keeps one whole shard at a time for callers that go shard by shard.
+:class:`TarImageIndex` serves single images in random order (the kNN service): it reads a tar's
+headers once, keeps each image member's offset, and then reads only the bytes asked for.
 """
 
 from __future__ import annotations
 
 import logging
+import tarfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.io.shards import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS, iter_tar_samples
+from pipeline.io.shards import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    IMAGE_EXTENSIONS,
+    iter_tar_samples,
+    member_problem,
+    split_member_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +91,64 @@ class ShardImages:
             for key, data in self._scan(shard, by_shard[shard]).items():
                 out[(shard, key)] = data
         return out
+
+
+class TarImageIndex:
+    """Random access to sample images in a folder of webdataset tars: one header scan per shard, then
+    one read of the image's own bytes per request.
+
+    A shard's offsets (key -> position and size of its image member) are kept for the ``max_shards``
+    shards asked for most recently (a few hundred kB for a 10,000-sample shard), so memory is bounded
+    whatever the folder's size. Members that :func:`pipeline.io.shards.iter_tar_samples` would refuse
+    (sparse, over ``max_member_bytes``) are not indexed; of a key met twice the first is kept, as
+    there. Safe to share between threads.
+    """
+
+    def __init__(
+        self, folder: str | Path, max_shards: int = 64, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    ):
+        self.folder = Path(folder)
+        self.max_shards = max_shards
+        self.max_member_bytes = max_member_bytes
+        self._offsets: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _scan(self, shard: str) -> dict[str, tuple[int, int]]:
+        offsets: dict[str, tuple[int, int]] = {}
+        tar = self.folder / f"{shard}.tar"
+        try:
+            with tarfile.open(tar, mode="r:") as archive:
+                for member in archive:  # headers only: a seekable tar skips over the data
+                    key, ext = split_member_name(member.name)
+                    if not member.isfile() or ext not in IMAGE_EXTENSIONS or key in offsets:
+                        continue
+                    if member_problem(member, self.max_member_bytes) is None:
+                        offsets[key] = (member.offset_data, member.size)
+        except (tarfile.TarError, OSError) as exc:  # a broken tail keeps what was indexed before it
+            log.warning("images: shard %s read up to a problem: %s", tar, exc)
+        return offsets
+
+    def _shard(self, shard: str) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            if shard in self._offsets:
+                self._offsets.move_to_end(shard)
+                return self._offsets[shard]
+        offsets = self._scan(shard)  # outside the lock: other shards' requests go on meanwhile
+        with self._lock:
+            self._offsets[shard] = offsets
+            while len(self._offsets) > self.max_shards:
+                self._offsets.popitem(last=False)
+        return offsets
+
+    def image(self, shard: str, key: str) -> bytes | None:
+        """The encoded image of sample ``key`` in ``shard``, or None when the shard has none for it."""
+        if "/" in shard or shard.startswith("."):
+            return None  # shard names come from the bundle's metadata; never a path elsewhere
+        entry = self._shard(shard).get(key)
+        if entry is None:
+            return None
+        offset, size = entry
+        with (self.folder / f"{shard}.tar").open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+        return data if len(data) == size else None

@@ -243,7 +243,7 @@ class TarSample:
     error: str | None = None
 
 
-def _split_member_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
     """``dir/000001.jpg`` -> (``dir/000001``, ``jpg``); the key is everything before the first dot."""
     head, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
@@ -265,7 +265,7 @@ def _key_problem(key: str) -> str | None:
     return f"{READ_BAD_KEY}: {problem} in key {key!r}; not read"
 
 
-def _member_problem(member: tarfile.TarInfo, max_member_bytes: int) -> str | None:
+def member_problem(member: tarfile.TarInfo, max_member_bytes: int) -> str | None:
     """Why a member's data is not read (its sample is rejected), or None."""
     if member.issparse():
         return (
@@ -309,7 +309,7 @@ def iter_tar_samples(path: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTE
             for member in archive:
                 if not member.isfile():
                     continue
-                key, ext = _split_member_name(member.name)
+                key, ext = split_member_name(member.name)
                 if current is not None and (key != group or ext in extensions):
                     yield current
                     current = None
@@ -324,7 +324,7 @@ def iter_tar_samples(path: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTE
                 extensions.add(ext)
                 if current.error is not None and current.error.startswith((READ_DUPLICATE_KEY, READ_BAD_KEY)):
                     continue  # nothing of such a sample is used: read none of it
-                problem = _member_problem(member, max_member_bytes)
+                problem = member_problem(member, max_member_bytes)
                 if problem is not None:
                     current.error = current.error or problem
                     continue
