@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# clip-retrieval's ClipClient, for the kNN service's tests: without its dependencies (it pins
+	# numpy<2 and pyarrow<16); the tests load its clip_client.py alone, which needs only requests.
+	$(PY) -m pip install --quiet --no-deps clip-retrieval==2.45.0
 	touch $(STAMP)
 
 demo: $(STAMP)

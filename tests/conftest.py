@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -79,6 +80,25 @@ def shared_data() -> Path:
 
 
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``make demo`` once per session, into a fresh folder, as a user runs it (a subprocess with its
+    own local Ray): ``{"out": folder, "summary": its JSON line, "lines": every console line}``."""
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "jobs/demo.py", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines() + done.stdout.splitlines()
+    return {"out": out, "summary": json.loads(done.stdout.strip().splitlines()[-1]), "lines": lines}
 
 
 def free_port() -> int:

@@ -75,17 +75,9 @@ def _run(job: str, *args: str, ray_address: str | None = None) -> tuple[dict, li
     return json.loads(done.stdout.strip().splitlines()[-1]), lines, seconds
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``make demo`` into a fresh folder: its summary, console lines and folder."""
-    out = tmp_path_factory.mktemp("demo") / "demo-output"
-    summary, lines, _ = _run("demo", "--out", str(out))
-    return {"out": out, "summary": summary, "lines": lines}
-
-
 @pytest.mark.slow
-def test_the_demo_console_is_short_and_ends_with_where_to_look(demo):
-    lines, summary, out = demo["lines"], demo["summary"], demo["out"]
+def test_the_demo_console_is_short_and_ends_with_where_to_look(demo_run):
+    lines, summary, out = demo_run["lines"], demo_run["summary"], demo_run["out"]
     assert len(lines) <= DEMO_MAX_LINES, "\n".join(lines)
     assert summary["audit_check_passed"] and summary["up_to_date"] is False
     *_, verdict, audit, dedup, where, last = lines
@@ -139,11 +131,11 @@ def _jobs(demo_out: Path, work: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_a_rerun_with_nothing_to_do_says_so_and_never_touches_ray(demo, tmp_path: Path):
+def test_a_rerun_with_nothing_to_do_says_so_and_never_touches_ray(demo_run, tmp_path: Path):
     """Every job twice over the demo's outputs; the second run has RAY_ADDRESS pointing at a dead
     address, so a job that joined a cluster (to count its GPUs, say) would fail there."""
     seconds = {}
-    for job, args in _jobs(demo["out"], tmp_path).items():
+    for job, args in _jobs(demo_run["out"], tmp_path).items():
         first, _, _ = _run(job, *args)
         if job in ("ingest", "embed"):
             assert first["up_to_date"] is False and first["ray_started"] is True  # Ray Data reads shards

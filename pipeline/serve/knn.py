@@ -39,7 +39,7 @@ from pipeline.bundle.layout import EMBEDDINGS, TABLE_NAME
 from pipeline.bundle.reader import Bundle, open_bundle
 from pipeline.core.storage import unique_tmp_path
 from pipeline.embed.prepare import fit_to_model
-from pipeline.io.decode import decode_image
+from pipeline.io.decode import DECOMPRESSION_BOMB, decode_image, reason_of
 from pipeline.io.embeddings import TEXT_EMB, list_partitions, normalize
 from pipeline.io.images import TarImageIndex
 from pipeline.serve.protocol import BadRequest, KnnRequest, Limits
@@ -183,7 +183,7 @@ class ServedBundle:
         data = request.image if request.image is not None else self._download(request.image_url or "")
         decoded = decode_image(data, self.options.limits.max_image_pixels)
         if decoded.image is None:
-            status = 413 if "pixels" in (decoded.error or "") else 400
+            status = 413 if reason_of(decoded.error or "") == DECOMPRESSION_BOMB else 400
             raise BadRequest(f"the query image cannot be used: {decoded.error}", status=status)
         model = self.model()
         pixels = np.asarray(fit_to_model(decoded.image, model.spec.preprocess), dtype=np.uint8)[None]
