@@ -18,6 +18,8 @@ import time
 
 from _bootstrap import run_job
 
+from pipeline.bundle.layout import BundleError
+from pipeline.bundle.reader import bundle_root_hash
 from pipeline.core.cli import build_parser, parse_config
 from pipeline.core.ray_runtime import ray_session
 from pipeline.serve.app import build_app, serve_options, served_bundles
@@ -25,13 +27,18 @@ from pipeline.serve.app import build_app, serve_options, served_bundles
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="serve"), argv)
-    bundles = served_bundles(cfg.serve)  # bad options fail here, before Ray starts
+    bundles = served_bundles(cfg.serve)  # bad options and bundles fail here, before Ray starts
+    for path in bundles.values():
+        try:
+            bundle_root_hash(path, verify=False)
+        except BundleError as exc:
+            raise ValueError(str(exc)) from exc
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     started = time.monotonic()
     with ray_session(cfg.ray):
         from ray import serve  # after the session: Serve attaches to this job's Ray
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are about itself
 
         serve.start(
             http_options={"host": cfg.serve.host, "port": cfg.serve.port},
@@ -39,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         serve.run(build_app(cfg.serve), name="knn", route_prefix="/")
         url = serve_options(cfg.serve).public_url
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
         logging.getLogger("job").info(
             "serve_knn: %s at %s/knn-service (Ctrl-C to stop)", ", ".join(bundles), url
         )

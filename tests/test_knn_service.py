@@ -279,3 +279,16 @@ def test_bad_requests_get_4xx_and_the_replica_keeps_serving(service):
         embedding_input=[0.1] * service["bundle"].dim
     )
     assert len(good) == 3
+
+
+@pytest.mark.slow
+def test_a_folder_that_is_not_a_bundle_is_refused_before_ray_starts(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "jobs/serve_knn.py", "--bundle", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "is not a bundle: no manifest.json" in done.stderr
+    assert "started a local Ray" not in done.stderr
