@@ -152,9 +152,6 @@ class ServedBundle:
         self.images = TarImageIndex(shards)
         self._model: Any = None
         self._model_lock = threading.Lock()
-        self._text = [
-            p.embeddings(TEXT_EMB, mmap=True) for p in list_partitions(self.bundle.path / EMBEDDINGS)
-        ]
 
     @property
     def dim(self) -> int:
@@ -206,7 +203,8 @@ class ServedBundle:
         """``(scores, row ids)`` of the ``k`` nearest rows to each query, best first (ids -1 past N)."""
         if modality == "image":
             return self.bundle.search_embeddings(queries, k)
-        return _exact_search(self._text, normalize(queries), k)
+        parts = [p.embeddings(TEXT_EMB, mmap=True) for p in list_partitions(self.bundle.path / EMBEDDINGS)]
+        return _exact_search(parts, normalize(queries), k)
 
     def answer(self, request: KnnRequest, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
         """clip back's answer from one query's search results (``scores``, ``ids``: 1-D, best first)."""

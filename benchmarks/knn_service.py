@@ -1,0 +1,275 @@
+"""kNN service load test: throughput and p50/p99 latency of /knn-service, against FAISS in-process.
+
+    python benchmarks/knn_service.py --rows 1000000 --json knn.json
+
+1. **Bundle.** N rows are built into a real bundle by ``build_bundle`` from a synthetic embedding
+   folder in LAION's layout (512-d float16 vectors, clustered, 5% near-copies and 0.5% exact copies:
+   ``image_dedup.synthetic_embeddings``; captions with 2% repeats). The folder stands in for the
+   ingest and embed steps, whose step markers are written so the build starts at image dedup; image
+   dedup runs its exact pass only (the other passes are measured by ``image_dedup.py``), the index
+   is what the auto rules choose for N, the G_dup table counts ``--knn-k`` neighbours. The shards
+   folder holds no images: the load test downloads none.
+2. **Floor.** The same index, opened as a replica opens it (``open_bundle``, memory-mapped), searched
+   in this process: one query at a time (latency) and in batches of 32 (throughput).
+3. **Service.** ``jobs/serve_knn.py`` on 127.0.0.1 with one replica; C client threads in this
+   process post ``embedding_input`` queries (held-out vectors near the data) for ``--seconds``
+   each; every answer is checked to rank as the floor does (the same similarity at each rank).
+
+Client threads, the HTTP proxy, the replica and the floor share the machine's cores, so on a small
+machine the service's figures include the clients' own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from image_dedup import synthetic_embeddings
+
+from pipeline.bundle.build import build_bundle, bundle_steps
+from pipeline.bundle.layout import SAMPLES, WORK
+from pipeline.bundle.reader import open_bundle
+from pipeline.core.config import PipelineConfig
+from pipeline.core.storage import DoneMarkers, atomic_write_table, fingerprint
+from pipeline.io.embeddings import IMG_EMB, METADATA_SCHEMA, embedding_path, metadata_path
+
+PART_ROWS = 100_000
+DIM = 512
+
+
+def write_embedding_folder(folder: Path, n: int, seed: int) -> None:
+    """LAION-layout partitions of ``n`` rows: vectors, and metadata with exact copies sharing sha256."""
+    vectors, copy_of = synthetic_embeddings(n, DIM, seed)
+    rng = np.random.default_rng(seed + 7)
+    exact = rng.choice(n // 2, n // 200, replace=False)  # 0.5%: rows n/2.. copy rows 0..n/2 byte for byte
+    targets = np.arange(n // 2, n // 2 + len(exact))
+    vectors[targets] = vectors[exact]
+    sha = np.array([f"{i:064x}" for i in range(n)], dtype=object)
+    sha[targets] = sha[exact]
+    captions = np.array([f"synthetic caption number {i}" for i in range(n)], dtype=object)
+    repeats = rng.choice(n, n // 50, replace=False)
+    captions[repeats] = [f"a repeated stock caption {r % 200}" for r in range(len(repeats))]
+    del copy_of
+    for part, lo in enumerate(range(0, n, PART_ROWS)):
+        hi = min(lo + PART_ROWS, n)
+        name = f"{part:05d}"
+        path = embedding_path(folder, IMG_EMB, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, vectors[lo:hi])
+        meta = pa.table(
+            {
+                "key": [f"{i:09d}" for i in range(lo, hi)],
+                "caption": captions[lo:hi].tolist(),
+                "url": [f"http://example.invalid/{i}.jpg" for i in range(lo, hi)],
+                "sha256": sha[lo:hi].tolist(),
+                "width": pa.array(np.full(hi - lo, 256), pa.int32()),
+                "height": pa.array(np.full(hi - lo, 256), pa.int32()),
+                "shard": [name] * (hi - lo),
+                "phash": pa.array(rng.integers(0, 2**63, hi - lo, dtype=np.int64).astype(np.uint64)),
+            },
+            schema=METADATA_SCHEMA.with_metadata({"embed_model": "synthetic", "semantic": "true"}),
+        )
+        metadata_path(folder, name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_table(metadata_path(folder, name), meta)
+
+
+def build_synthetic_bundle(root: Path, n: int, knn_k: int, seed: int) -> dict:
+    """The bundle of N synthetic rows (see the module docstring); returns the build summary."""
+    shards = root.parent / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    atomic_write_table(shards / "00000.parquet", pa.table({"key": pa.array([], pa.string())}))
+    cfg = PipelineConfig()
+    cfg = dataclasses.replace(
+        cfg,
+        bundle=dataclasses.replace(
+            cfg.bundle, shards=str(shards), out=str(root), knn_k=knn_k, verify_checksums=False
+        ),
+        image_dedup=dataclasses.replace(cfg.image_dedup, phash=False, semantic="off"),
+    )
+    write_embedding_folder(root / "embeddings", n, seed)
+    atomic_write_table(root / SAMPLES, pa.table({"key": [f"{i:09d}" for i in range(n)]}))
+    steps = {step.name: step for step in bundle_steps(cfg)}
+    summaries = {
+        "ingest": {"rows_seen": n, "ok": n, "rejected": 0},
+        "embed": {"embedded": n, "model": "synthetic", "semantic": True, "dim": DIM, "skipped_by_reason": {}},
+    }
+    for name, summary in summaries.items():
+        DoneMarkers(root / WORK / "steps", fingerprint(steps[name].fingerprint())).write(
+            name, {"summary": {**summary, "skipped": False}}
+        )
+    return build_bundle(cfg)
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+    }
+
+
+def floor(bundle, queries: np.ndarray, k: int) -> dict:
+    """FAISS in this process, through the bundle the replica opens: single-query latency, batch-32 rate."""
+    bundle.search_embeddings(queries[:32], k)  # warm-up
+    single = []
+    for q in queries[:500]:
+        started = time.perf_counter()
+        bundle.search_embeddings(q, k)
+        single.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    done = 0
+    while time.perf_counter() - started < 10:
+        bundle.search_embeddings(queries[done % len(queries) : done % len(queries) + 32], k)
+        done += 32
+    return {
+        **percentiles(single),
+        "qps_single": round(len(single) / sum(single), 1),
+        "qps_batch32": round(done / (time.perf_counter() - started), 1),
+    }
+
+
+def load(url: str, queries: np.ndarray, k: int, clients: int, seconds: float, expect) -> dict:
+    """``clients`` threads posting queries for ``seconds``; latency per request, answers checked."""
+    latencies: list[float] = []
+    wrong = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        i = offset
+        while time.perf_counter() < stop:
+            q = queries[i % len(queries)]
+            body = json.dumps(
+                {"embedding_input": q.tolist(), "num_images": k, "indice_name": "bench"}
+            ).encode()
+            started = time.perf_counter()
+            with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=120) as response:
+                answer = json.loads(response.read())
+            took = time.perf_counter() - started
+            with lock:
+                latencies.append(took)
+                wrong[0] += not expect(i % len(queries), answer)
+            i += clients
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "qps": round(len(latencies) / elapsed, 1),
+        **percentiles(latencies),
+        "answers_ranked_unlike_floor": wrong[0],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--knn-k", type=int, default=21, help="G_dup table neighbours (build time)")
+    parser.add_argument("--ks", default="40,1000", help="num_images per request (ClipClient default, AMG-sd)")
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--work", default=None, help="folder for the bundle (default: a temporary one)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="knn-bench-"))
+    root = work / "bundle"
+    result: dict = {"rows": args.rows, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    started = time.monotonic()
+    if not (root / "manifest.json").is_file():
+        build = build_synthetic_bundle(root, args.rows, args.knn_k, seed=0)
+        result["build"] = {"seconds": round(time.monotonic() - started, 1), "index": build["index"]}
+    bundle = open_bundle(root, verify=False)
+    rng = np.random.default_rng(1)
+    base = bundle.embeddings(rng.choice(len(bundle), 2000, replace=False))
+    queries = base + rng.normal(0, 0.03, base.shape).astype(np.float32)
+    result["index"] = bundle.manifest["index"]["factory"]
+    result["floor"], result["service"] = {}, {}
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [
+        sys.executable,
+        "jobs/serve_knn.py",
+        "--bundle",
+        str(root),
+        "--indice-name",
+        "bench",
+        "--port",
+        str(port),
+        "--cache-dir",
+        str(work / "cache"),
+        "--ray-num-cpus",
+        str(os.cpu_count()),
+    ]
+    with (work / "serve.log").open("w") as log:
+        server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/indices-list", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"the service did not start: see {work / 'serve.log'}") from None
+                time.sleep(1)
+        for k in (int(x) for x in args.ks.split(",")):
+            result["floor"][k] = floor(bundle, queries, k)
+            scores = bundle.search_embeddings(queries, k)[0]
+
+            def expect(i: int, answer: list[dict], scores: np.ndarray = scores) -> bool:
+                """The answer ranks as the floor does: the same similarity at every rank (ties and
+                last-bit differences between batch shapes may swap equal-scored ids)."""
+                got = np.array([a["similarity"] for a in answer], dtype=np.float32)
+                return len(got) == len(scores[i]) and bool(np.allclose(got, scores[i], atol=1e-4))
+
+            load(f"http://127.0.0.1:{port}/knn-service", queries, k, 1, 3, expect)  # warm-up
+            result["service"][k] = [
+                load(f"http://127.0.0.1:{port}/knn-service", queries, k, int(c), args.seconds, expect)
+                for c in args.clients.split(",")
+            ]
+            print(
+                json.dumps({"k": k, "floor": result["floor"][k], "service": result["service"][k]}), flush=True
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
