@@ -82,20 +82,24 @@ def shared_data() -> Path:
 BIN = Path(sys.executable).parent
 
 
+def run_script(
+    script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from the repository root, as a user runs a job; output captured.
+
+    Without ``env``, this environment less ``RAY_ADDRESS``: a job starts its own local Ray.
+    """
+    env = env if env is not None else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, script, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """``make demo`` once per session, into a fresh folder, as a user runs it (a subprocess with its
     own local Ray): ``{"out": folder, "summary": its JSON line, "lines": every console line}``."""
     out = tmp_path_factory.mktemp("demo") / "demo-output"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "jobs/demo.py", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_script("jobs/demo.py", "--out", str(out), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines() + done.stdout.splitlines()
     return {"out": out, "summary": json.loads(done.stdout.strip().splitlines()[-1]), "lines": lines}

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import submit_job
+from conftest import run_script, submit_job
 from PIL import Image
 
 from demo.memorizing.components import tiny_sd_components
@@ -291,14 +291,7 @@ def test_killed_job_resumes_without_regenerating_finished_prompts(world, tmp_pat
     assert 2 <= len(done) < 6, "the job finished or never started before the kill"
     run_id = next(out.glob("runs/*")).name
     before = {k: v for k, v in part_files(out, run_id).items() if k.split("/")[1] in done}
-    resumed = subprocess.run(
-        [sys.executable, *_job_args(world, out, prompts)],
-        cwd=REPO,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_script(*_job_args(world, out, prompts))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["run_id"] == run_id and summary["complete"]

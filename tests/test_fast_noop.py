@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parent.parent
 #: Nothing listens there: a job that tried to join this "cluster" would fail or hang.
@@ -66,9 +67,8 @@ def _run(job: str, *args: str, ray_address: str | None = None) -> tuple[dict, li
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    cmd = [sys.executable, f"jobs/{job}.py", *args]
     started = time.monotonic()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = run_script(f"jobs/{job}.py", *args, env=env, timeout=900)
     seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines() + done.stdout.splitlines()

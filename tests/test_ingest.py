@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_script
 from PIL import Image
 from test_decode import bomb_png
 
@@ -284,12 +285,5 @@ def test_ingest_job_prints_its_summary_last(shard_dir: Path, tmp_path: Path):
     assert summary["job"] == "ingest" and summary["rows_seen"] == 20
     assert summary["ok"] + summary["rejected"] == 20
 
-    missing = subprocess.run(
-        [sys.executable, "jobs/ingest.py", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = run_script("jobs/ingest.py", "--out", str(tmp_path), env=env, timeout=120)
     assert missing.returncode == 2 and "--shards is required" in missing.stderr

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port, wait_for
+from conftest import REPO, free_port, run_script, wait_for
 from PIL import Image
 
 from pipeline.bundle.reader import open_bundle
@@ -283,12 +283,6 @@ def test_bad_requests_get_4xx_and_the_replica_keeps_serving(service):
 
 @pytest.mark.slow
 def test_a_folder_that_is_not_a_bundle_is_refused_before_ray_starts(tmp_path: Path):
-    done = subprocess.run(
-        [sys.executable, "jobs/serve_knn.py", "--bundle", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script("jobs/serve_knn.py", "--bundle", str(tmp_path), timeout=120)
     assert done.returncode == 2 and "is not a bundle: no manifest.json" in done.stderr
     assert "started a local Ray" not in done.stderr
