@@ -201,7 +201,10 @@ def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
     steps["data"] = make_demo_data(cfg.demo)
     # The demo serves byte-identical files, so keep their bytes (and sha256) as served.
     download = dataclasses.replace(
-        cfg.download, skip_reencode=True, timeout=5, verbose=cfg.download.verbose or cfg.ray.verbose
+        cfg.download,
+        skip_reencode=True,
+        timeout=5,
+        img2dataset_console=cfg.download.img2dataset_console or cfg.ray.verbose,
     )
     steps["download"] = download_demo(out, download, cfg.demo.samples_per_shard)
     ingest_cfg = dataclasses.replace(cfg.ingest, shards=str(out / SHARDS), out=str(out / INGEST))

@@ -20,7 +20,9 @@ from pipeline.download.downloader import run_download
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(build_parser(__doc__, main="download"), argv)
-    download = dataclasses.replace(cfg.download, verbose=cfg.download.verbose or cfg.ray.verbose)
+    download = dataclasses.replace(
+        cfg.download, img2dataset_console=cfg.download.img2dataset_console or cfg.ray.verbose
+    )
     # Only the ray distributor needs Ray, and only when there is something to download.
     with output_lock(cfg.download.out, job="download"), ray_session(cfg.ray, lazy=True) as ray:
         summary = run_download(download)

@@ -88,7 +88,7 @@ class DownloadConfig:
     incremental_mode: str = option(
         "incremental", "incremental (resume), overwrite or extend", fingerprint=False
     )
-    verbose: bool = option(
+    img2dataset_console: bool = option(
         False,
         "img2dataset's own output (progress bars, per-worker stats) on the console instead of "
         "OUT/.download/img2dataset.log; --verbose turns it on too",

@@ -449,7 +449,7 @@ def _download(cfg: DownloadConfig, layout: UrlListLayout) -> dict[str, Any]:
         out,
     )
     console = out / DONE_DIR / CONSOLE_LOG
-    with nullcontext() if cfg.verbose else _console_into(console):
+    with nullcontext() if cfg.img2dataset_console else _console_into(console):
         _img2dataset_download(img2dataset, cfg, layout)
     summary = summarize_shards(out)
     if summary["incomplete_shards"]:
@@ -463,7 +463,9 @@ def _download(cfg: DownloadConfig, layout: UrlListLayout) -> dict[str, Any]:
         summary["successes"],
         summary["urls"],
         summary["shards"],
-        "" if cfg.verbose else f"; img2dataset's own output in {console} (--verbose shows it here)",
+        ""
+        if cfg.img2dataset_console
+        else f"; img2dataset's own output in {console} (--verbose shows it here)",
     )
     return {
         "job": "download",
