@@ -167,14 +167,14 @@ class ServedBundle:
             return self._model
 
     def query_vector(self, request: KnnRequest) -> np.ndarray:
-        """The request's query as a ``(dim,)`` unit float32 vector."""
+        """The request's query as a ``(dim,)`` float32 vector (the search L2-normalises it)."""
         if request.embedding is not None:
             vector = np.asarray(request.embedding, dtype=np.float32)
             if vector.shape != (self.dim,):
                 raise BadRequest(f"embedding_input has {vector.size} numbers; this index needs {self.dim}")
             if not np.any(vector):
                 raise BadRequest("embedding_input is all zeros")
-            return normalize(vector[None, :])[0]
+            return vector  # normalised by the search, once, as a direct search_embeddings call does
         if request.text is not None:
             return self.model().encode_texts([request.text], 1).astype(np.float32)[0]
         data = request.image if request.image is not None else self._download(request.image_url or "")
