@@ -4,11 +4,10 @@
 
 1. **Bundle.** N rows are built into a real bundle by ``build_bundle`` from a synthetic embedding
    folder in LAION's layout (512-d float16 vectors, clustered, 5% near-copies and 0.5% exact copies:
-   ``image_dedup.synthetic_embeddings``; captions with 2% repeats). The folder stands in for the
-   ingest and embed steps, whose step markers are written so the build starts at image dedup; image
+   ``image_dedup.synthetic_embeddings``; 8-word captions, 2% repeated), given to the build as
+   ``--embeddings`` (as LAION's released embeddings would be: no ingest, no embed, no images). Image
    dedup runs its exact pass only (the other passes are measured by ``image_dedup.py``), the index
-   is what the auto rules choose for N, the G_dup table counts ``--knn-k`` neighbours. The shards
-   folder holds no images: the load test downloads none.
+   is what the auto rules choose for N, the G_dup table counts ``--knn-k`` neighbours.
 2. **Floor.** The same index, opened as a replica opens it (``open_bundle``, memory-mapped), searched
    in this process: one query at a time (latency) and in batches of 32 (throughput).
 3. **Service.** ``jobs/serve_knn.py`` on 127.0.0.1 with one replica. First one client GETs
@@ -46,11 +45,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from image_dedup import synthetic_embeddings
 
-from pipeline.bundle.build import build_bundle, bundle_steps
-from pipeline.bundle.layout import SAMPLES, WORK
+from pipeline.bundle.build import build_bundle
 from pipeline.bundle.reader import open_bundle
 from pipeline.core.config import PipelineConfig
-from pipeline.core.storage import DoneMarkers, atomic_write_table, fingerprint
+from pipeline.core.storage import atomic_write_table
 from pipeline.io.embeddings import IMG_EMB, METADATA_SCHEMA, embedding_path, metadata_path
 
 PART_ROWS = 100_000
@@ -98,29 +96,18 @@ def write_embedding_folder(folder: Path, n: int, seed: int) -> None:
 
 
 def build_synthetic_bundle(root: Path, n: int, knn_k: int, seed: int) -> dict:
-    """The bundle of N synthetic rows (see the module docstring); returns the build summary."""
-    shards = root.parent / "shards"
-    shards.mkdir(parents=True, exist_ok=True)
-    atomic_write_table(shards / "00000.parquet", pa.table({"key": pa.array([], pa.string())}))
+    """The bundle of N synthetic rows, built from their embedding folder (``--embeddings``)."""
+    source = root.parent / "embeddings"
+    if not (source / IMG_EMB).is_dir():
+        write_embedding_folder(source, n, seed)
     cfg = PipelineConfig()
     cfg = dataclasses.replace(
         cfg,
         bundle=dataclasses.replace(
-            cfg.bundle, shards=str(shards), out=str(root), knn_k=knn_k, verify_checksums=False
+            cfg.bundle, embeddings=str(source), out=str(root), knn_k=knn_k, verify_checksums=False
         ),
         image_dedup=dataclasses.replace(cfg.image_dedup, phash=False, semantic="off"),
     )
-    write_embedding_folder(root / "embeddings", n, seed)
-    atomic_write_table(root / SAMPLES, pa.table({"key": [f"{i:09d}" for i in range(n)]}))
-    steps = {step.name: step for step in bundle_steps(cfg)}
-    summaries = {
-        "ingest": {"rows_seen": n, "ok": n, "rejected": 0},
-        "embed": {"embedded": n, "model": "synthetic", "semantic": True, "dim": DIM, "skipped_by_reason": {}},
-    }
-    for name, summary in summaries.items():
-        DoneMarkers(root / WORK / "steps", fingerprint(steps[name].fingerprint())).write(
-            name, {"summary": {**summary, "skipped": False}}
-        )
     return build_bundle(cfg)
 
 

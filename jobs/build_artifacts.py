@@ -1,6 +1,8 @@
 """Build the artifact bundle AMG and the audits open: ingest -> embed -> dedup -> index -> G_dup tables.
 
     python jobs/build_artifacts.py --shards DIR --out BUNDLE
+    python jobs/build_artifacts.py --embeddings LAION_EMB_DIR --out BUNDLE --embed-model ViT-L-14 \
+        --embed-pretrained openai        # LAION's released embeddings: no ingest, no embed
     python jobs/build_artifacts.py --shards DIR --out BUNDLE --embed-model ViT-B-32 \
         --embed-pretrained laion2b_s34b_b79k --duplicate-caption-min-count 21
     ray job submit --working-dir . -- python jobs/build_artifacts.py --shards DIR --out BUNDLE

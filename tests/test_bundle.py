@@ -452,3 +452,41 @@ def test_knn_caption_is_the_dominant_caption_among_neighbours():
         ]["knn_k"]
         == 1
     )
+
+
+@pytest.mark.slow
+def test_a_bundle_built_from_an_embedding_folder_answers_as_the_one_built_from_shards(built, tmp_path):
+    """``--embeddings``: the shards-built bundle's embedding folder, given as LAION's release is (no
+    done markers), builds an equal bundle without ingest or embed; without sha256 and pHash columns
+    those two passes are off, and the build says so."""
+    root, cfg, _, _ = built
+    source = tmp_path / "laion"
+    shutil.copytree(root / "bundle" / "embeddings", source, ignore=shutil.ignore_patterns("done", "*.json"))
+    other = dataclasses.replace(
+        cfg, bundle=dataclasses.replace(cfg.bundle, shards="", embeddings=str(source))
+    )
+    other = dataclasses.replace(other, bundle=dataclasses.replace(other.bundle, out=str(tmp_path / "b")))
+    summary = build_bundle(other)
+    assert "ingest" not in summary["steps_run"] + summary["steps_skipped"] and "embed" in summary["steps_run"]
+    a, b = open_bundle(root / "bundle"), open_bundle(tmp_path / "b")
+    assert len(a) == len(b) and "samples" not in b.manifest["artifacts"]
+    assert b.manifest["counts"]["samples_ok"] is None and b.manifest["invariants"]["rows"] == len(a)
+    queries = a.embeddings(np.arange(0, len(a), 3))
+    assert np.array_equal(a.search_embeddings(queries, 5)[1], b.search_embeddings(queries, 5)[1])
+    assert [a.duplicate_caption(r) for r in range(len(a))] == [b.duplicate_caption(r) for r in range(len(b))]
+    img = "embeddings/img_emb/img_emb_00000.npy"
+    assert (tmp_path / "b" / img).stat().st_ino == (source / "img_emb" / "img_emb_00000.npy").stat().st_ino
+    assert build_bundle(other)["steps_run"] == []  # nothing changed: nothing to do
+
+    # LAION's release has no sha256 or pHash of the images: those passes are off, with a reason.
+    for meta in (source / "metadata").glob("*.parquet"):
+        pq.write_table(pq.read_table(meta).drop_columns(["sha256", "phash"]), meta)
+    summary = build_bundle(other)
+    assert summary["steps_run"][:2] == ["embed", "image_dedup"]
+    passes = json.loads((tmp_path / "b" / WORK / "image_dedup" / "image_dedup_summary.json").read_text())[
+        "passes"
+    ]
+    assert passes["exact"] == {"skipped": "no sha256 column in the metadata"}
+    assert passes["phash"] == {"skipped": "no phash column in the metadata"}
+    with pytest.raises(ValueError, match=r"give --shards .* or --embeddings"):
+        build_bundle(dataclasses.replace(cfg, bundle=dataclasses.replace(cfg.bundle, shards="")))

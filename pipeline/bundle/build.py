@@ -84,7 +84,7 @@ from pipeline.bundle.layout import (
 )
 from pipeline.bundle.reader import apply_search_params, check_files
 from pipeline.bundle.tables import build_dedup_table, rows_with_duplicate_caption
-from pipeline.core.config import PipelineConfig, result_options, to_dict
+from pipeline.core.config import EmbedConfig, PipelineConfig, result_options, to_dict
 from pipeline.core.stage import FunctionStage, run_stage, seconds_since
 from pipeline.core.storage import (
     atomic_write_json,
@@ -114,11 +114,18 @@ from pipeline.index.build import (
 from pipeline.index.faiss_index import load_index
 from pipeline.ingest.ingest import ingest_fingerprint, run_ingest
 from pipeline.io.embeddings import (
+    DONE,
+    EMBEDDING_KINDS,
     IMG_EMB,
     SSCD_EMB,
+    embedding_model,
+    embedding_path,
+    folder_signature,
+    is_semantic,
     list_partitions,
     load_metadata,
     load_unit_embeddings,
+    metadata_path,
 )
 from pipeline.io.shards import list_shards
 
@@ -208,7 +215,7 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     work = root / WORK
     emb_dir = root / EMBEDDINGS
     index_dir = root / INDEX_DIR
-    shards_sig = _shards_signature(b.shards)
+    shards_sig = _shards_signature(b.shards) if b.shards else None
     ingest_cfg = dataclasses.replace(cfg.ingest, shards=b.shards, out=str(work / "ingest"))
     embed_cfg = dataclasses.replace(cfg.embed, shards=b.shards, out=str(emb_dir))
     # The bundle's own report step covers images and captions, with thumbnails from the shards.
@@ -224,7 +231,10 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     sscd_cfg = dataclasses.replace(index_cfg, out=str(work / "sscd_index"), duplicates=None)
     # Models by content: weights replaced in place under the same path are a new model.
     models = {"clip": model_identity(embed_cfg), "sscd": _sha256_or_none(embed_cfg.sscd_checkpoint)}
-    fp_embed = fingerprint({"embed": result_options(embed_cfg), "models": models, "shards": shards_sig})
+    if b.embeddings:  # built from a given embedding folder: its files and the model named for it
+        fp_embed = fingerprint({"embeddings": folder_signature(b.embeddings), "models": models})
+    else:
+        fp_embed = fingerprint({"embed": result_options(embed_cfg), "models": models, "shards": shards_sig})
     fp_dedup = fingerprint({"image_dedup": result_options(dedup_cfg), "embed": fp_embed})
     fp_caption = fingerprint({"caption_dedup": result_options(cfg.caption_dedup), "embed": fp_embed})
     fp_index = fingerprint({"index": result_options(index_cfg), "embed": fp_embed, "image_dedup": fp_dedup})
@@ -238,8 +248,11 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         return summary
 
     def embed() -> dict[str, Any]:
-        summary = _all_shards_read(run_embed(embed_cfg), "embed")
-        summary.pop("per_partition", None)
+        if b.embeddings:
+            summary = import_embeddings(Path(b.embeddings), emb_dir, embed_cfg)
+        else:
+            summary = _all_shards_read(run_embed(embed_cfg), "embed")
+            summary.pop("per_partition", None)
         summary["models"] = models  # hashed before embedding: what the manifest vouches for
         return summary
 
@@ -288,13 +301,11 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
             title="Bundle duplicates",
         )
 
-    steps = [
-        FunctionStage(
-            "ingest",
-            fingerprint({"ingest": ingest_fingerprint(ingest_cfg), "shards": shards_sig}),
-            [root / SAMPLES],
-            ingest,
-        ),
+    steps = []
+    if not b.embeddings:
+        fp_ingest = fingerprint({"ingest": ingest_fingerprint(ingest_cfg), "shards": shards_sig})
+        steps.append(FunctionStage("ingest", fp_ingest, [root / SAMPLES], ingest))
+    steps += [
         FunctionStage("embed", fp_embed, [emb_dir / IMG_EMB], embed),
         FunctionStage("image_dedup", fp_dedup, [root / IMAGE_DUPLICATES], image_dedup),
         FunctionStage("caption_dedup", fp_caption, [root / CAPTION_DUPLICATES], caption_dedup),
@@ -312,6 +323,44 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
     fp_report = fingerprint({"image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": REPORT_VERSION})
     steps.append(FunctionStage("report", fp_report, [root / DEDUP_REPORT], report))
     return steps
+
+
+def import_embeddings(source: Path, dest: Path, embed_cfg: EmbedConfig) -> dict[str, Any]:
+    """Mirror a LAION-layout embedding folder into the bundle, as the embed step's output.
+
+    Each partition's files (``img_emb``, ``text_emb``/``sscd_emb`` when present, ``metadata``, and our
+    own embed stage's done marker) are hard-linked, or copied where the filesystems differ; a file of
+    an earlier import that the source no longer has is removed. The model is the folder's
+    ``embed_model`` label when our embed stage wrote one, else the one named by ``embed_cfg``
+    (LAION's release carries no label).
+
+    Raises:
+        FileNotFoundError: ``source`` is not an embedding folder, or has no partition.
+    """
+    partitions = list_partitions(source)  # also refuses a folder holding two runs' partitions
+    if not partitions:
+        raise FileNotFoundError(f"{source} has no partitions ({IMG_EMB}/*.npy with their metadata/)")
+    wanted: dict[Path, Path] = {}
+    for partition in partitions:
+        files = [embedding_path(source, kind, partition.name) for kind in EMBEDDING_KINDS]
+        files += [metadata_path(source, partition.name), source / DONE / f"{partition.name}.done.json"]
+        wanted |= {path.relative_to(source): path for path in files if path.is_file()}
+    for rel, path in wanted.items():
+        _publish(path, dest / rel)
+    for path in [p for p in dest.rglob("*") if p.is_file()]:
+        if path.relative_to(dest) not in wanted:
+            path.unlink()
+    named = embed_cfg.model + (f"/{embed_cfg.pretrained}" if embed_cfg.pretrained else "")
+    log.info("bundle: embeddings of %d partitions taken from %s", len(partitions), source)
+    return {
+        "source": str(source),
+        "partitions": len(partitions),
+        "embedded": sum(p.num_rows() for p in list_partitions(dest)),
+        "dim": int(partitions[0].embeddings(IMG_EMB, mmap=True).shape[1]),
+        "model": embedding_model(dest) or named,
+        "semantic": is_semantic(dest),
+        "skipped_by_reason": {},
+    }
 
 
 def _all_shards_read(summary: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -370,6 +419,10 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     b = cfg.bundle
     if b.knn_k < 1 or b.duplicate_caption_min_count < 1:
         raise ValueError("bundle.knn_k and bundle.duplicate_caption_min_count must be at least 1")
+    if not (b.shards or b.embeddings):
+        raise ValueError(
+            "give --shards (img2dataset shards) or --embeddings (a LAION-layout embedding folder)"
+        )
     root = Path(b.out)
     # 1-6. the steps, each skipped when its marker matches and its outputs exist
     steps = bundle_steps(cfg)
@@ -389,7 +442,7 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     current = _read_json(manifest_path)
     _remove_strays(root, [path for step in steps for path in step.outputs()])
     if ran or current is None or current.get("build_fingerprint") != fp_manifest:
-        invariants = check_invariants(root, summaries["ingest"], summaries["embed"])
+        invariants = check_invariants(root, summaries.get("ingest"), summaries["embed"])
         manifest = _manifest(root, cfg, summaries, fp_manifest)
         manifest["invariants"] = invariants
         manifest["root_hash"] = root_hash(manifest)
@@ -441,11 +494,12 @@ def _remove_strays(root: Path, outputs: list[Path]) -> None:
 
 
 def check_invariants(
-    root: Path, ingest: dict[str, Any], embed: dict[str, Any] | None = None
+    root: Path, ingest: dict[str, Any] | None, embed: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Row counts that must agree across the bundle's files, read from the files themselves.
 
-    Ingest's ok rows (less those embed gave up as poison batches) = embedded rows = rows of the
+    Ingest's ok rows (less those embed gave up as poison batches; when the bundle was built from
+    ingested shards) = embedded rows = rows of the
     index (and of the SSCD index) = rows of the G_dup table = rows of the caption groups; and every
     image-group row id is one of those rows. (Each shard's rows equal its ``_stats.json`` count
     already: ingest and embed leave out any that differ, and the build refuses to go on without them.)
@@ -456,7 +510,11 @@ def check_invariants(
     rows = sum(partition.num_rows() for partition in list_partitions(root / EMBEDDINGS))
     poison = int((embed or {}).get("skipped_by_reason", {}).get(POISON_BATCH, 0))
     counts = {
-        "samples_ok": None if ingest.get("ok") is None else ingest["ok"] - poison,
+        **(
+            {}
+            if ingest is None
+            else {"samples_ok": None if ingest.get("ok") is None else ingest["ok"] - poison}
+        ),
         "embedded_rows": rows,
         "index_ntotal": json.loads((root / INDEX_DIR / INFO_NAME).read_text())["index"]["ntotal"],
         "table_rows": pq.ParquetFile(root / TABLE_NAME).metadata.num_rows,
@@ -560,7 +618,11 @@ def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp:
         },
         "steps": {step: {"seconds": s.get(step, {}).get("seconds")} for step in STEPS},
         "artifacts": {
-            "samples": artifact(SAMPLES, "every sample seen by ingest, rejected ones included"),
+            **(
+                {"samples": artifact(SAMPLES, "every sample seen by ingest, rejected ones included")}
+                if SAMPLES in files
+                else {}
+            ),
             "embeddings": {
                 "path": EMBEDDINGS,
                 "format": (

@@ -306,7 +306,18 @@ class IndexConfig:
 class BundleConfig:
     """The versioned artifact bundle AMG and the audits open: ingest -> embed -> dedup -> index -> tables."""
 
-    shards: str = option("", "folder of img2dataset shards", True, fingerprint=False)
+    shards: str = option(
+        "",
+        "folder of img2dataset shards (or --embeddings; with both, thumbnails come from here)",
+        fingerprint=False,
+    )
+    embeddings: str = option(
+        "",
+        "build from this LAION-layout embedding folder (img_emb/, metadata/, optional text_emb/), e.g. "
+        "LAION's released ViT-L/14 embeddings, without ingest or embed; --embed-model/--embed-pretrained "
+        "name the model that made them",
+        fingerprint=False,
+    )
     out: str = option(
         "",
         "bundle folder (manifest.json, samples.parquet, embeddings/, tables, index)",

@@ -330,7 +330,11 @@ def find_image_duplicates(
     keys = meta.column("key").to_pylist()
     stats: dict[str, Any] = {"rows": n, "passes": {}}
     pairs: dict[str, np.ndarray] = {}
-    if cfg.exact:
+    if cfg.exact and n and meta.column("sha256").null_count == n:
+        # LAION's released metadata has no image hash: nothing to compare, said once.
+        log.info("image dedup: exact pass off, the metadata has no sha256 of the image bytes")
+        stats["passes"][METHOD_EXACT] = {"skipped": "no sha256 column in the metadata"}
+    elif cfg.exact:
         started = time.monotonic()
         pairs[METHOD_EXACT] = exact_pairs(meta.column("sha256"))
         stats["passes"][METHOD_EXACT] = {"pairs": len(pairs[METHOD_EXACT]), "seconds": seconds_since(started)}
@@ -347,6 +351,7 @@ def find_image_duplicates(
     if cfg.phash:
         started = time.monotonic()
         if hashes is None or not has_hash.any():
+            log.info("image dedup: pHash pass off, the metadata has no phash column")
             stats["passes"][METHOD_PHASH] = {"skipped": "no phash column in the metadata"}
         else:
             p, _, info = phash_pairs(

@@ -149,7 +149,7 @@ class ServedBundle:
         self.rows = RowStore(self.bundle, cache_dir)
         self.options = options
         shards = self.bundle.manifest.get("config", {}).get("bundle", {}).get("shards") or ""
-        self.images = TarImageIndex(shards)
+        self.images = TarImageIndex(shards) if shards else None  # a bundle built from embeddings alone
         self._model: Any = None
         self._model_lock = threading.Lock()
 
@@ -223,7 +223,7 @@ class ServedBundle:
                 row = described[rank]
                 result = {"url": self.image_url(row["key"]), "caption": row["caption"]}
                 if self.options.include_images:
-                    image = self.images.image(row["shard"], row["key"])
+                    image = self.images.image(row["shard"], row["key"]) if self.images else None
                     result["image"] = None if image is None else _b64(image)
             result.update(id=int(row_id), similarity=float(score))
             results.append(result)
@@ -247,6 +247,8 @@ class ServedBundle:
 
     def image(self, key: str) -> tuple[bytes, str]:
         """The encoded image of sample ``key``, read from its shard, and its media type."""
+        if self.images is None:
+            raise BadRequest(f"{self.name} was built from embeddings alone: it has no images", status=404)
         row = self.rows.row_of_key(key)
         if row is None:
             raise BadRequest(f"no sample with key {key!r} in {self.name}", status=404)
