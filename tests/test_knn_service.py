@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port, run_script, wait_for
+from conftest import REPO, free_port, run_script
 from PIL import Image
 
 from pipeline.bundle.reader import open_bundle
@@ -120,13 +121,25 @@ def service(demo_run, tmp_path_factory: pytest.TempPathFactory):
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=sink, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{base}/indices-list", 240)
+        _wait_for_route(f"{base}/indices-list", process, 240)
         yield {"base": base, "bundle": open_bundle(bundle, verify=False), "demo": demo_run["out"]}
     finally:
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, log.read_text()[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["indices"] == {INDEX: str(bundle)}
+
+
+def _wait_for_route(url: str, process: subprocess.Popen, seconds: float) -> None:
+    """Until ``url`` answers 200: Serve's proxy answers 404 for a while before the app's routes exist."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:  # refused, or an HTTPError (404) from a proxy without the routes yet
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer 200 within {seconds}s (exit code {process.poll()})")
 
 
 def _client(service, deduplicate: bool, num_images: int = 1000):
