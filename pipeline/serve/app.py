@@ -12,6 +12,8 @@ own CLI: ``serve run pipeline.serve.app:app_builder bundle=DIR port=1234``.
 
 import asyncio
 import json
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,22 @@ class KnnService:
             for row, i in enumerate(members):
                 out[i] = (scores[row, : ks[i]], ids[row, : ks[i]])
         return out
+
+
+def wait_until_routed(cfg: ServeConfig, timeout_s: float = 120) -> None:
+    """Return once ``GET /indices-list`` answers 200 on this node: Serve's proxy answers 404 for a
+    moment after ``serve.run`` returns, until it has the application's routes."""
+    host = "127.0.0.1" if cfg.host in ("", "0.0.0.0", "::") else cfg.host
+    url = f"http://{host}:{cfg.port}/indices-list"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError as exc:  # refused, or 404 from a proxy without the routes yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s: {exc}") from exc
+            time.sleep(0.5)
 
 
 def build_app(cfg: ServeConfig) -> Any:
