@@ -50,6 +50,7 @@ from pipeline.bundle.reader import open_bundle
 from pipeline.core.config import PipelineConfig
 from pipeline.core.storage import atomic_write_table
 from pipeline.io.embeddings import IMG_EMB, METADATA_SCHEMA, embedding_path, metadata_path
+from pipeline.serve.app import wait_until_routed
 
 PART_ROWS = 100_000
 DIM = 512
@@ -240,15 +241,10 @@ def main() -> None:
     with (work / "serve.log").open("w") as log:
         server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/indices-list", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"the service did not start: see {work / 'serve.log'}") from None
-                time.sleep(1)
+        try:
+            wait_until_routed(f"http://127.0.0.1:{port}", 600, running=lambda: server.poll() is None)
+        except RuntimeError as exc:
+            raise RuntimeError(f"the service did not start: see {work / 'serve.log'}") from exc
         result["serve_floor"] = route_floor(f"http://127.0.0.1:{port}/indices-list")
         print(json.dumps({"serve_floor": result["serve_floor"]}), flush=True)
         for k in (int(x) for x in args.ks.split(",")):

@@ -22,7 +22,7 @@ from pipeline.bundle.layout import BundleError
 from pipeline.bundle.reader import bundle_root_hash
 from pipeline.core.cli import build_parser, parse_config
 from pipeline.core.ray_runtime import ray_session
-from pipeline.serve.app import build_app, serve_options, served_bundles, wait_until_routed
+from pipeline.serve.app import build_app, local_url, serve_options, served_bundles, wait_until_routed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging_config={"log_level": "WARNING"},
         )
         serve.run(build_app(cfg.serve), name="knn", route_prefix="/")
-        wait_until_routed(cfg.serve)
+        wait_until_routed(local_url(cfg.serve))
         url = serve_options(cfg.serve).public_url
         for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs its own handlers
             signal.signal(sig, lambda *_: stop.set())

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -33,6 +32,7 @@ from pipeline.bundle.reader import open_bundle
 from pipeline.dedup.text_normalize import normalize_captions
 from pipeline.io.embeddings import load_metadata
 from pipeline.io.images import ShardImages
+from pipeline.serve.app import wait_until_routed
 from pipeline.serve.protocol import BadRequest, Limits, parse_knn_request, parse_metadata_request
 
 INDEX = "laion5B-L-14"  # the name AMG-sd asks for; served here under it
@@ -121,25 +121,13 @@ def service(demo_run, tmp_path_factory: pytest.TempPathFactory):
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=sink, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_route(f"{base}/indices-list", process, 240)
+        wait_until_routed(base, 240, running=lambda: process.poll() is None)
         yield {"base": base, "bundle": open_bundle(bundle, verify=False), "demo": demo_run["out"]}
     finally:
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, log.read_text()[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["indices"] == {INDEX: str(bundle)}
-
-
-def _wait_for_route(url: str, process: subprocess.Popen, seconds: float) -> None:
-    """Until ``url`` answers 200: Serve's proxy answers 404 for a while before the app's routes exist."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:  # refused, or an HTTPError (404) from a proxy without the routes yet
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer 200 within {seconds}s (exit code {process.poll()})")
 
 
 def _client(service, deduplicate: bool, num_images: int = 1000):

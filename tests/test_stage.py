@@ -107,11 +107,17 @@ class Letters(PartitionedStage):
         }
 
 
-def test_only_partitions_without_a_matching_marker_are_computed(tmp_path: Path):
+def letter_inputs(tmp_path: Path, texts: dict[str, str]) -> Path:
+    """``tmp_path/in/NAME.txt`` holding each text: a :class:`Letters` stage's input folder."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for name, text in {"a": "one", "b": "two", "c": "three"}.items():
+    for name, text in texts.items():
         (inputs / f"{name}.txt").write_text(text)
+    return inputs
+
+
+def test_only_partitions_without_a_matching_marker_are_computed(tmp_path: Path):
+    inputs = letter_inputs(tmp_path, {"a": "one", "b": "two", "c": "three"})
     stage = Letters(inputs, tmp_path / "out")
     assert run_partitioned(stage, tmp_path / "done") == {
         "chars": 11,
@@ -127,10 +133,7 @@ def test_only_partitions_without_a_matching_marker_are_computed(tmp_path: Path):
 
 
 def test_select_stages_the_work_and_reports_what_is_pending(tmp_path: Path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in "xyz":
-        (inputs / f"{name}.txt").write_text(name)
+    inputs = letter_inputs(tmp_path, {name: name for name in "xyz"})
     summary = run_partitioned(Letters(inputs, tmp_path / "out", first_only=True), tmp_path / "done")
     assert summary == {"chars": 1, "processed": ["x"], "pending": ["y", "z"], "deferred": {}}
     summary = run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
@@ -138,19 +141,14 @@ def test_select_stages_the_work_and_reports_what_is_pending(tmp_path: Path):
 
 
 def test_a_partition_computed_but_never_committed_is_an_error(tmp_path: Path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    (inputs / "a.txt").write_text("a")
+    inputs = letter_inputs(tmp_path, {"a": "a"})
     with pytest.raises(RuntimeError, match=r"\['a'\].*never committed"):
         run_partitioned(Letters(inputs, tmp_path / "out", forget="a"), tmp_path / "done")
 
 
 def test_a_deferred_partition_is_left_unfinished_with_its_reason(tmp_path: Path, caplog):
     """Deferring (say, an input that changed while it was read) is no error; the next run computes it."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name, text in {"a": "one", "b": "two", "c": "three"}.items():
-        (inputs / f"{name}.txt").write_text(text)
+    inputs = letter_inputs(tmp_path, {"a": "one", "b": "two", "c": "three"})
     stage = Letters(inputs, tmp_path / "out", defer={"b": "changed_during_read: grew"})
     with caplog.at_level("WARNING", logger="pipeline.core.stage"):
         summary = run_partitioned(stage, tmp_path / "done")
@@ -169,10 +167,7 @@ def test_a_deferred_partition_is_left_unfinished_with_its_reason(tmp_path: Path,
 
 def test_deferring_a_recomputed_partition_drops_its_old_marker(tmp_path: Path):
     """The old marker described files this run may already have overwritten: it must not survive."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in "ab":
-        (inputs / f"{name}.txt").write_text(name)
+    inputs = letter_inputs(tmp_path, {name: name for name in "ab"})
     run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
     assert (tmp_path / "done" / "b.done.json").exists()
     (inputs / "b.txt").write_text("bb")
@@ -213,10 +208,7 @@ class PurgingLetters(Letters):
 
 
 def test_partitions_whose_input_is_gone_are_removed_with_their_marker(tmp_path: Path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in "abc":
-        (inputs / f"{name}.txt").write_text(name)
+    inputs = letter_inputs(tmp_path, {name: name for name in "abc"})
     run_partitioned(PurgingLetters(inputs, tmp_path / "out"), tmp_path / "done")
     (inputs / "b.txt").unlink()  # a takedown
     summary = run_partitioned(PurgingLetters(inputs, tmp_path / "out"), tmp_path / "done")
@@ -230,9 +222,7 @@ def test_partitions_whose_input_is_gone_are_removed_with_their_marker(tmp_path: 
 
 
 def test_a_partition_being_recomputed_has_no_marker_while_its_files_are_rewritten(tmp_path: Path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    (inputs / "a.txt").write_text("one")
+    inputs = letter_inputs(tmp_path, {"a": "one"})
     run_partitioned(Letters(inputs, tmp_path / "out"), tmp_path / "done")
     (inputs / "a.txt").write_text("two")
 

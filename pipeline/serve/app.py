@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,19 +130,31 @@ class KnnService:
         return out
 
 
-def wait_until_routed(cfg: ServeConfig, timeout_s: float = 120) -> None:
-    """Return once ``GET /indices-list`` answers 200 on this node: Serve's proxy answers 404 for a
-    moment after ``serve.run`` returns, until it has the application's routes."""
+def local_url(cfg: ServeConfig) -> str:
+    """The service's base URL on this node (a wildcard ``--host`` is reached at 127.0.0.1)."""
     host = "127.0.0.1" if cfg.host in ("", "0.0.0.0", "::") else cfg.host
-    url = f"http://{host}:{cfg.port}/indices-list"
+    return f"http://{host}:{cfg.port}"
+
+
+def wait_until_routed(
+    base_url: str, timeout_s: float = 120, running: Callable[[], bool] = lambda: True
+) -> None:
+    """Return once ``GET BASE/indices-list`` answers 200: Serve's proxy answers 404 for a moment after
+    ``serve.run`` returns, until it has the application's routes. ``running`` (a server process
+    still alive, say) ends the wait early when it turns false.
+
+    Raises:
+        RuntimeError: no 200 within ``timeout_s``, or ``running`` turned false.
+    """
+    url = f"{base_url}/indices-list"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
         except OSError as exc:  # refused, or 404 from a proxy without the routes yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s: {exc}") from exc
+            if time.monotonic() > deadline or not running():
+                raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s: {exc}") from exc
             time.sleep(0.5)
 
 

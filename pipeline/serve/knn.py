@@ -28,6 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +204,17 @@ class ServedBundle:
         """``(scores, row ids)`` of the ``k`` nearest rows to each query, best first (ids -1 past N)."""
         if modality == "image":
             return self.bundle.search_embeddings(queries, k)
-        parts = [p.embeddings(TEXT_EMB, mmap=True) for p in list_partitions(self.bundle.path / EMBEDDINGS)]
-        return _exact_search(parts, normalize(queries), k)
+        return _exact_search(self._caption_embeddings, normalize(queries), k)
+
+    @cached_property
+    def _caption_embeddings(self) -> list[np.ndarray]:
+        """The partitions' ``text_emb`` arrays, memory-mapped at the first text-modality query."""
+        partitions = list_partitions(self.bundle.path / EMBEDDINGS)
+        if not all(p.has(TEXT_EMB) for p in partitions):
+            raise BadRequest(
+                f"{self.name} has no caption embeddings ({TEXT_EMB}/): modality=text is unavailable"
+            )
+        return [p.embeddings(TEXT_EMB, mmap=True) for p in partitions]
 
     def answer(self, request: KnnRequest, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
         """clip back's answer from one query's search results (``scores``, ``ids``: 1-D, best first)."""
