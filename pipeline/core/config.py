@@ -206,6 +206,29 @@ class CaptionDedupConfig:
 
 
 @dataclass(frozen=True)
+class CellsConfig:
+    """The k-means cells image dedup and the index share (pipeline/index/cells.py)."""
+
+    rows_per_cell: int = option(1000, "rows per k-means cell on average (cells = N / this)")
+    top: int = option(
+        2, "cells each row is assigned to, nearest first (2: duplicates across a cell boundary are found)"
+    )
+    train_per_cell: int = option(64, "k-means training rows per cell (a seeded sample)")
+    iterations: int = option(10, "k-means iterations")
+    seed: int = option(0, "seed of the training sample and of k-means")
+    ray_min_rows: int = option(
+        200_000,
+        "from this many rows the cells, image dedup and index run as Ray tasks (fewer: in this process)",
+        fingerprint=False,
+    )
+    bucket_rows: int = option(
+        100_000,
+        "rows each reduce task of image dedup's cell shuffle takes (bounds its memory)",
+        fingerprint=False,
+    )
+
+
+@dataclass(frozen=True)
 class ImageDedupConfig:
     """Image duplicates: exact (sha256), pixel-level (pHash Hamming) and semantic (CLIP cosine) passes."""
 
@@ -228,14 +251,17 @@ class ImageDedupConfig:
         True, "also write dedup_report.html (groups, thresholds, borderline pairs)", fingerprint=False
     )
     exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
-    phash: bool = option(True, "pixel-level pass: pHash Hamming distance through a FAISS binary index")
+    phash: bool = option(True, "pixel-level pass: pHash Hamming distance (FAISS binary range search per cell)")
     phash_max_distance: int = option(
         12,
-        "largest Hamming distance (of 64 bits) between duplicate pHashes "
-        "(measured: BENCHMARKS.md; use <= 8 above 10M images)",
+        "largest Hamming distance (of 64 bits) between duplicate pHashes, compared within k-means cells "
+        "(measured: BENCHMARKS.md)",
     )
-    phash_exhaustive_max_n: int = option(
-        10_000_000, "pHash pass: brute-force binary range search up to this N, multi-index hashing above"
+    phash_confirm_cosine: float = option(
+        0.8,
+        "a pHash pair also needs this embedding cosine (semantic embeddings only; -1: off): random "
+        "64-bit hashes within 12 bits are one in 4 million, which at 1M images is a chance partner "
+        "for every fifth image",
     )
     semantic: str = option(
         "auto", "semantic pass: auto (only for embeddings of a semantic model, never random weights), on, off"
@@ -243,21 +269,14 @@ class ImageDedupConfig:
     semantic_threshold: float = option(
         0.95, "cosine of L2-normalised image embeddings at or above which two images are duplicates"
     )
-    semantic_k: int = option(32, "neighbours examined per image in the semantic pass (caps pairs per image)")
-    search: str = option(
-        "auto", "semantic search: auto (flat up to exact_max_n, else ivf), flat, ivf or hnsw"
+    semantic_k: int = option(32, "most semantic partners kept per image (the closest)")
+    linkage: str = option(
+        "verified",
+        "groups: verified (every member is checked against its group's representative by one of the "
+        "passes' tests; members that fail form groups of their own, so weak links cannot chain) or "
+        "single (plain connected components)",
     )
-    exact_max_n: int = option(100_000, "auto search: exact flat search up to this many embeddings")
-    nlist: int | None = option(None, "IVF lists (default: about 2*sqrt(N), a power of two)")
-    nprobe: int = option(8, "IVF lists visited per query in the semantic pass")
-    hnsw_m: int = option(32, "HNSW links per node")
-    ef_search: int = option(64, "HNSW search depth in the semantic pass")
-    train_size: int = option(65_536, "most vectors an IVF quantizer is trained on (a seeded sample)")
-    query_batch: int = option(16_384, "query rows per search batch (bounds memory)", fingerprint=False)
-    use_gpu: bool = option(
-        True, "search on GPU when FAISS sees one (k-NN; range search has no GPU kernel)", fingerprint=False
-    )
-    seed: int = option(0, "seed of sampling and training")
+    block_rows: int = option(2048, "rows per block of a cell's similarity product (bounds memory)", fingerprint=False)
 
 
 @dataclass(frozen=True)
@@ -579,6 +598,7 @@ class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     caption_dedup: CaptionDedupConfig = field(default_factory=CaptionDedupConfig)
+    cells: CellsConfig = field(default_factory=CellsConfig)
     image_dedup: ImageDedupConfig = field(default_factory=ImageDedupConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)

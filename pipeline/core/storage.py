@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -104,6 +105,29 @@ def atomic_write_table(path: str | Path, table: pa.Table) -> None:
     tmp = unique_tmp_path(path)
     try:
         pq.write_table(table, tmp)
+        publish_tmp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_array(path: str | Path, array: np.ndarray) -> None:
+    """Write one array as ``.npy`` atomically (memory-mappable with ``np.load(mmap_mode='r')``)."""
+    _atomic_write_with(path, lambda fh: np.save(fh, array))
+
+
+def atomic_write_arrays(path: str | Path, **arrays: np.ndarray) -> None:
+    """Write named arrays as one uncompressed ``.npz`` atomically (read back with ``np.load``)."""
+    _atomic_write_with(path, lambda fh: np.savez(fh, **arrays))
+
+
+def _atomic_write_with(path: str | Path, write: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
         publish_tmp(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,26 +1,29 @@
-"""Image duplicates across all shards: exact, pixel-level and semantic passes, then connected components.
+"""Image duplicates across all shards: exact, pixel-level and semantic passes, then verified groups.
 
 Input is any embedding folder in clip-retrieval's (LAION's) layout (:mod:`pipeline.io.embeddings`);
 rows are numbered 0..N-1 in partition order (the *row id*, the same numbering the bundle's index
-uses). Three passes each produce verified pairs of rows:
+uses). The passes compare only rows that can be duplicates, so the work per row stays constant as N
+grows (:mod:`pipeline.dedup.image_shuffle` runs them as Ray tasks over the shared k-means cells of
+:mod:`pipeline.index.cells`):
 
-* **exact**: identical ``sha256`` of the image bytes (rows without a hash never match);
-* **phash**: 64-bit pHashes (:mod:`pipeline.embed.phash`) at Hamming distance <= ``phash_max_distance``,
-  found by a FAISS binary range search: brute force (``IndexBinaryFlat``) up to
-  ``phash_exhaustive_max_n`` rows, above that multi-index hashing (``IndexBinaryMultiHash``: 4 tables
-  of 16 bits, probing every code within ``phash_max_distance // 4`` flipped bits), which by the
-  pigeonhole principle finds exactly the same pairs. On CPU, multi-index hashing at radius 12 measured
-  12-14x *slower* than brute force at 25k-100k hashes (BENCHMARKS.md), so the default keeps brute
-  force up to 10M rows. A hash of 0 (every DCT coefficient tied: a flat image) carries no structure
-  and is left out of this pass;
-* **semantic**: cosine of L2-normalised image embeddings >= ``semantic_threshold`` among each row's
-  ``semantic_k`` nearest neighbours, searched exactly (flat) up to ``exact_max_n`` rows and with an
-  IVF (or HNSW) index above; on GPU when FAISS sees one. With ``semantic='auto'`` the pass runs only
-  on embeddings of a semantic model: the embed stage labels random-weight embeddings
-  ``semantic=false``, and their cosines say nothing about image content (see BENCHMARKS.md).
+* **exact**: identical ``sha256`` of the image bytes (rows without a hash never match), found by a
+  shuffle on the hash;
+* **phash**: 64-bit pHashes (:mod:`pipeline.embed.phash`) at Hamming distance <= ``phash_max_distance``
+  among the rows of one cell (a FAISS binary range search). A hash of 0 (every DCT coefficient tied:
+  a flat image) carries no structure and is left out. Random 64-bit hashes fall within 12 bits of
+  each other once in 4 million pairs (:func:`chance_partners`), so with semantic embeddings a pHash
+  pair must also reach ``phash_confirm_cosine``;
+* **semantic**: cosine of L2-normalised image embeddings >= ``semantic_threshold`` between each row
+  and the rows of its nearest cell (blocked matrix products), the ``semantic_k`` closest partners
+  per row kept. With ``semantic='auto'`` the pass runs only on embeddings of a semantic model: the
+  embed stage labels random-weight embeddings ``semantic=false``, and their cosines say nothing
+  about image content (see BENCHMARKS.md).
 
-All pairs go through :func:`pipeline.dedup.union_find.connected_components`, so groups span shards and
-passes (a re-encode joined by pHash and a crop joined semantically end up in one group).
+Groups: the pairs of all passes are joined by connected components (:mod:`pipeline.dedup.union_find`),
+over the rows that lie on a pair only. With ``linkage='verified'`` (default) every member must then
+pass one of the passes' tests *directly against its group's representative*; members that fail leave
+and form groups among themselves by the same rule, so a chain of weak links (A~B~C with A and C
+unrelated) cannot pull unrelated images into one group. ``linkage='single'`` keeps plain components.
 
 Representative of a group: the row with the most pixels (width * height), ties broken by the
 smallest key. ``group_id`` is the representative's row id, so it is stable for a given input and
@@ -41,7 +44,8 @@ is_representative       bool     this row is the representative (keep it; the ot
 similarity              float32  cosine of the image embeddings of this row and the representative
 hamming_distance        int16    pHash Hamming distance to the representative (null without pHashes)
 method                  string   strongest direct link to the representative: representative, exact,
-                                 phash, semantic, or transitive (linked only through other members)
+                                 phash, semantic, or transitive (linked only through other members;
+                                 only with ``linkage='single'``)
 linked_by               string   passes whose pairs include this row, '|'-separated (exact|phash|semantic)
 ======================  =======  =========================================================================
 """
@@ -60,10 +64,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.config import ImageDedupConfig, result_options
-from pipeline.core.ray_runtime import gpu_count, on_gpu_worker
+from pipeline.core.config import CellsConfig, ImageDedupConfig, result_options
 from pipeline.core.stage import Stage, run_stage, seconds_since
-from pipeline.core.storage import atomic_write_json, atomic_write_table
+from pipeline.core.storage import fingerprint
 from pipeline.dedup.names import (
     METHOD_EXACT,
     METHOD_PHASH,
@@ -72,17 +75,16 @@ from pipeline.dedup.names import (
     METHOD_TRANSITIVE,
     OUTPUT_NAME,
     PASSES,
-    SUMMARY_NAME,
 )
-from pipeline.dedup.report import REPORT_NAME, write_dedup_report
+from pipeline.dedup.report import REPORT_NAME
 from pipeline.dedup.union_find import component_sizes, connected_components
 from pipeline.embed.phash import HASH_BITS
-from pipeline.index.faiss_index import KnnSearch, knn_batches
-from pipeline.io.embeddings import folder_signature, is_semantic, load_metadata, load_unit_embeddings
+from pipeline.index.cells import CellsStage
+from pipeline.io.embeddings import folder_signature
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -97,20 +99,13 @@ SCHEMA = pa.schema(
         ("linked_by", pa.string()),
     ]
 )
-#: Metadata columns the passes read.
-META_COLUMNS = ("key", "caption", "sha256", "width", "height", "phash")
-#: pHash multi-index hashing: 4 tables of 16-bit slices (pigeonhole: exact for radius < 4 * (nflip + 1)).
-MULTIHASH_TABLES = 4
-MULTIHASH_BITS = 16
+#: Metadata columns the passes and the groups read.
+META_COLUMNS = ("key", "sha256", "width", "height", "phash")
+LINKAGES = ("verified", "single")
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs.
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# The passes: each returns canonical pairs (i < j, unique) of row ids.
+# The passes: each returns canonical pairs (i < j, unique) of positions in its input.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -156,47 +151,29 @@ def _hash_bytes(hashes: np.ndarray) -> np.ndarray:
 
 
 def phash_pairs(
-    hashes: np.ndarray,
-    max_distance: int,
-    *,
-    valid: np.ndarray | None = None,
-    exhaustive_max_n: int = 500_000,
-    batch: int = 16_384,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Pairs of rows whose pHashes differ in at most ``max_distance`` bits.
+    hashes: np.ndarray, max_distance: int, *, valid: np.ndarray | None = None, batch: int = 16_384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows whose pHashes differ in at most ``max_distance`` bits (brute force).
 
     Args:
         hashes (`np.ndarray`): ``uint64`` pHash per row.
         max_distance (`int`): largest Hamming distance of a duplicate pair (0..63).
         valid (`np.ndarray`, *optional*): rows that have a hash; others never pair. Hashes equal to 0
             (flat images) are always left out.
-        exhaustive_max_n (`int`): brute force up to this many hashes, multi-index hashing above.
         batch (`int`): query rows per range search.
 
     Returns:
-        ``(pairs, distances, info)``: canonical pairs, their Hamming distances, and how they were found.
+        ``(pairs, distances)``: canonical pairs and their Hamming distances.
     """
     if not 0 <= max_distance < HASH_BITS:
         raise ValueError(f"phash_max_distance must be in 0..{HASH_BITS - 1}, got {max_distance}")
     hashes = np.asarray(hashes, dtype=np.uint64)
     ok = hashes != 0 if valid is None else (np.asarray(valid, bool) & (hashes != 0))
     rows = np.flatnonzero(ok)
-    with_hash = np.ones(len(hashes), bool) if valid is None else np.asarray(valid, bool)
-    info: dict[str, Any] = {
-        "hashed_rows": len(rows),
-        "flat_hashes_skipped": int((with_hash & (hashes == 0)).sum()),
-    }
     if len(rows) < 2:
-        info["index"] = "none"
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.int16), info
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int16)
     codes = _hash_bytes(hashes[rows])
-    if len(rows) <= exhaustive_max_n:
-        index: faiss.IndexBinary = faiss.IndexBinaryFlat(HASH_BITS)
-        info["index"] = "IndexBinaryFlat"
-    else:
-        index = faiss.IndexBinaryMultiHash(HASH_BITS, MULTIHASH_TABLES, MULTIHASH_BITS)
-        index.nflip = max_distance // MULTIHASH_TABLES
-        info["index"] = f"IndexBinaryMultiHash({MULTIHASH_TABLES}x{MULTIHASH_BITS} bits, nflip={index.nflip})"
+    index = faiss.IndexBinaryFlat(HASH_BITS)
     index.add(codes)
     found, dists = [], []
     for lo in range(0, len(rows), batch):
@@ -206,19 +183,15 @@ def phash_pairs(
         later = ids > queries  # each pair once, and no self-match
         found.append(np.stack([queries[later], ids[later]], axis=1))
         dists.append(distances[later])
-    pairs = rows[np.concatenate(found)] if found else np.zeros((0, 2), np.int64)
-    pairs, distances = _canonical(
-        pairs, np.concatenate(dists).astype(np.int16) if dists else np.zeros(0, np.int16)
-    )
-    return pairs, distances, info
+    pairs, distances = _canonical(rows[np.concatenate(found)], np.concatenate(dists).astype(np.int16))
+    return pairs, distances
 
 
 def chance_partners(n: int, max_distance: int) -> float:
     """Expected images within ``max_distance`` bits of a given one among ``n``, for independent uniform bits.
 
-    A floor on pHash false pairs (real hashes are more alike than random bits). Union-find chains
-    unrelated images into large groups once this nears 1, so the radius must shrink as N grows:
-    at r=12 it is 0.23 for 1M images and 23 for 100M; at r=8, 0.0003 and 0.03.
+    A floor on pHash false pairs (real hashes are more alike than random bits): at r=12 it is 0.23
+    for 1M images compared all with all, and 0.0005 within a cell of 2,000 rows.
     """
 
     return (n - 1) * sum(comb(HASH_BITS, k) for k in range(max_distance + 1)) / 2.0**HASH_BITS
@@ -229,47 +202,100 @@ def semantic_pairs(
     threshold: float,
     *,
     k: int = 32,
-    search: KnnSearch = KnnSearch(),
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Pairs whose embeddings have cosine >= ``threshold``, among each row's ``k`` nearest neighbours.
+    owners: np.ndarray | None = None,
+    block_rows: int = 2048,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pairs (owner, any row) whose embeddings have cosine >= ``threshold``: exact blocked products.
 
-    ``vectors`` must be L2-normalised float32 (see :func:`load_unit_embeddings`); all-zero rows never
-    pair. ``search`` says how: flat (exact), ivf or hnsw, and their parameters
-    (:class:`~pipeline.index.faiss_index.KnnSearch`).
+    ``vectors`` must be L2-normalised float32; all-zero rows never pair. ``owners`` (default: every
+    row) are the rows whose partners are searched; each keeps its ``k`` closest partners.
 
     Returns:
-        ``(pairs, cosines, info)``; ``info['saturated_rows']`` counts rows whose k-th neighbour still
-        passed the threshold (their group may have more members than k: they are still joined
+        ``(pairs, cosines, saturated)``: canonical pairs, their cosines, and how many owner rows had
+        more than ``k`` partners (their group may have more members than k: they are still joined
         transitively, but pairs beyond the k-th are not listed).
     """
     n = len(vectors)
-    info: dict[str, Any] = {"search": search.kind, "k": int(min(k + 1, n)), "threshold": threshold}
-    if n < 2:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), info
+    owners = np.arange(n) if owners is None else np.asarray(owners, np.int64)
+    if n < 2 or len(owners) == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), 0
     nonzero = np.einsum("ij,ij->i", vectors, vectors) > 0.5
-    found, scores_out = [], []
-    saturated = 0
-    started = time.monotonic()
-    for lo, scores, ids in knn_batches(vectors, k + 1, search):  # k + 1: the row itself comes back too
-        queries = np.arange(lo, lo + len(ids))[:, None].repeat(ids.shape[1], axis=1)
-        keep = (ids >= 0) & (scores >= threshold) & (ids != queries)
-        keep &= nonzero[queries] & nonzero[np.maximum(ids, 0)]
-        saturated += int((scores[:, -1] >= threshold).sum()) if ids.shape[1] == k + 1 else 0
-        found.append(np.stack([queries[keep], ids[keep]], axis=1))
-        scores_out.append(scores[keep])
-    info["seconds"] = seconds_since(started)
-    info["saturated_rows"] = saturated
-    pairs, cosines = _canonical(np.concatenate(found), np.concatenate(scores_out).astype(np.float32))
-    return pairs, cosines, info
+    found, scores, saturated = [], [], 0
+    for lo in range(0, len(owners), block_rows):
+        query = owners[lo : lo + block_rows]
+        sims = vectors[query] @ vectors.T
+        sims[np.arange(len(query)), query] = -np.inf  # no self-pairs
+        hit = (sims >= threshold) & nonzero[query][:, None] & nonzero[None, :]
+        over = np.flatnonzero(hit.sum(axis=1) > k)
+        saturated += len(over)
+        if len(over):  # keep the k closest of a row with more partners
+            cut = -np.partition(-sims[over], k - 1, axis=1)[:, k - 1]
+            hit[over] &= sims[over] >= cut[:, None]
+        r, c = np.nonzero(hit)
+        found.append(np.stack([query[r], c], axis=1))
+        scores.append(sims[r, c])
+    pairs, cosines = _canonical(np.concatenate(found), np.concatenate(scores).astype(np.float32))
+    return pairs, cosines, saturated
 
 
-def choose_search(n: int, cfg: ImageDedupConfig) -> str:
-    """The semantic pass's search: ``cfg.search``, or for ``auto`` flat up to ``exact_max_n``, else ivf."""
-    if cfg.search == "auto":
-        return "flat" if n <= cfg.exact_max_n else "ivf"
-    if cfg.search not in ("flat", "ivf", "hnsw"):
-        raise ValueError(f"image_dedup.search must be auto, flat, ivf or hnsw; got {cfg.search!r}")
-    return cfg.search
+@dataclass
+class CellPairs:
+    """The pHash and semantic pairs found among a set of rows (positions in that set), with counts."""
+
+    phash: np.ndarray
+    semantic: np.ndarray
+    phash_unconfirmed: int = 0
+    saturated: int = 0
+
+
+def cell_pairs(
+    vectors: np.ndarray | None,
+    hashes: np.ndarray | None,
+    has_hash: np.ndarray,
+    cfg: ImageDedupConfig,
+    semantic: bool,
+    owners: np.ndarray | None = None,
+) -> CellPairs:
+    """The pHash and semantic passes over the rows of one cell (or any set of rows compared all-to-all).
+
+    Args:
+        vectors: their unit float32 embeddings (None: no semantic pass, no pHash confirmation).
+        hashes, has_hash: their pHashes and which rows have one (None: no pHash pass).
+        cfg: thresholds.
+        semantic: whether the embeddings carry meaning (the semantic pass and pHash confirmation run).
+        owners: rows whose semantic partners are searched (default: all); pHash compares all rows.
+    """
+    empty = np.zeros((0, 2), np.int64)
+    result = CellPairs(empty, empty)
+    if cfg.phash and hashes is not None and has_hash.any():
+        pairs, _ = phash_pairs(hashes, cfg.phash_max_distance, valid=has_hash, batch=cfg.block_rows)
+        if semantic and vectors is not None and cfg.phash_confirm_cosine > -1 and len(pairs):
+            cosine = np.einsum("ij,ij->i", vectors[pairs[:, 0]], vectors[pairs[:, 1]])
+            confirmed = cosine >= cfg.phash_confirm_cosine
+            result.phash_unconfirmed = int((~confirmed).sum())
+            pairs = pairs[confirmed]
+        result.phash = pairs
+    if semantic and vectors is not None:
+        result.semantic, _, result.saturated = semantic_pairs(
+            vectors, cfg.semantic_threshold, k=cfg.semantic_k, owners=owners, block_rows=cfg.block_rows
+        )
+    return result
+
+
+def runs_semantic(cfg: ImageDedupConfig, semantic_model: bool) -> bool:
+    """Whether the semantic pass (and pHash confirmation by cosine) runs for these embeddings."""
+    return cfg.semantic == "on" or (cfg.semantic == "auto" and semantic_model)
+
+
+def semantic_skip_reason(cfg: ImageDedupConfig, semantic_model: bool) -> str | None:
+    if cfg.semantic == "off":
+        return "semantic pass off (--semantic off)"
+    if not runs_semantic(cfg, semantic_model):
+        return (
+            "embeddings of a random-weight model (semantic=false): cosine carries no meaning; "
+            "use --semantic on to force"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,8 +304,190 @@ def choose_search(n: int, cfg: ImageDedupConfig) -> str:
 
 
 @dataclass
+class Nodes:
+    """What grouping needs of the rows that lie on at least one pair, sorted by row id.
+
+    Attributes:
+        rows: their row ids (ascending).
+        keys, sha: keys and sha256 (object arrays; ``None``/empty: no hash).
+        hashes, has_hash: pHashes and which rows have one.
+        pixels: width * height (0 when unknown).
+        vectors: unit float32 embeddings, or None.
+    """
+
+    rows: np.ndarray
+    keys: np.ndarray
+    sha: np.ndarray
+    hashes: np.ndarray
+    has_hash: np.ndarray
+    pixels: np.ndarray
+    vectors: np.ndarray | None
+
+    @classmethod
+    def from_table(cls, rows: np.ndarray, meta: pa.Table, vectors: np.ndarray | None) -> Nodes:
+        """Nodes from metadata (key, sha256, width, height, phash) and embeddings of exactly ``rows``."""
+        n = meta.num_rows
+
+        def column(name: str, fill: Any) -> np.ndarray:
+            if name not in meta.column_names or n == 0:
+                return np.full(n, fill)
+            return pc.fill_null(meta.column(name), fill).to_numpy(zero_copy_only=False)
+
+        has_hash = (
+            ~meta.column("phash").is_null().to_numpy(zero_copy_only=False)
+            if "phash" in meta.column_names and n
+            else np.zeros(n, bool)
+        )
+        pixels = column("width", 0).astype(np.int64) * column("height", 0).astype(np.int64)
+        return cls(
+            rows=np.asarray(rows, np.int64),
+            keys=np.asarray(meta.column("key").to_pylist(), dtype=object),
+            sha=np.asarray(
+                meta.column("sha256").to_pylist() if "sha256" in meta.column_names else [None] * n, object
+            ),
+            hashes=column("phash", 0).astype(np.uint64),
+            has_hash=has_hash,
+            pixels=pixels,
+            vectors=vectors,
+        )
+
+
+def representatives(labels: np.ndarray, pixels: np.ndarray, keys: Any) -> np.ndarray:
+    """Per row, the index of its component's representative: most pixels, then smallest key."""
+    n = len(labels)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    key_rank = np.empty(n, np.int64)
+    key_rank[np.argsort(np.asarray(keys, dtype=object), kind="stable")] = np.arange(n)
+    order = np.lexsort((key_rank, -np.asarray(pixels, np.int64), labels))
+    sorted_labels = labels[order]
+    starts = np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]
+    rep_of_label = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+    rep_of_label[sorted_labels[starts]] = order[starts]
+    return rep_of_label[labels]
+
+
+@dataclass
+class Links:
+    """Direct comparison of members with their representatives: the tests the passes apply."""
+
+    method: np.ndarray  # object: exact, phash, semantic, transitive (or representative)
+    similarity: np.ndarray | None  # cosine, or None without embeddings
+    distance: np.ndarray  # pHash Hamming distance
+    both_hashed: np.ndarray
+
+
+def direct_links(nodes: Nodes, a: np.ndarray, b: np.ndarray, cfg: ImageDedupConfig, semantic: bool) -> Links:
+    """The strongest pass whose test ``a`` and ``b`` (node positions) pass directly, pair by pair."""
+    similarity = (
+        np.einsum("ij,ij->i", nodes.vectors[a], nodes.vectors[b]).astype(np.float32)
+        if nodes.vectors is not None
+        else None
+    )
+    both = nodes.has_hash[a] & nodes.has_hash[b] & (nodes.hashes[a] != 0)
+    distance = np.bitwise_count(np.bitwise_xor(nodes.hashes[a], nodes.hashes[b])).astype(np.int16)
+    method = np.full(len(a), METHOD_TRANSITIVE, dtype=object)
+    if semantic and similarity is not None:
+        method[similarity >= cfg.semantic_threshold] = METHOD_SEMANTIC
+    if cfg.phash:
+        close = both & (distance <= cfg.phash_max_distance)
+        if semantic and similarity is not None and cfg.phash_confirm_cosine > -1:
+            close &= similarity >= cfg.phash_confirm_cosine
+        method[close] = METHOD_PHASH
+    if cfg.exact:
+        sha_a, sha_b = nodes.sha[a], nodes.sha[b]
+        same = np.fromiter((bool(x) and x == y for x, y in zip(sha_a, sha_b, strict=True)), bool, len(a))
+        method[same] = METHOD_EXACT
+    method[a == b] = METHOD_REPRESENTATIVE
+    return Links(method, similarity, distance, both)
+
+
+def verified_labels(
+    labels: np.ndarray, pairs: np.ndarray, nodes: Nodes, cfg: ImageDedupConfig, semantic: bool
+) -> tuple[np.ndarray, int]:
+    """Split components until every member passes a test directly against its representative.
+
+    Members that fail leave their group and are grouped again among themselves, by the pairs between
+    them, under the same rule. Returns the new labels and how many times a member was moved out.
+    """
+    moved = 0
+    labels = labels.copy()
+    for _ in range(64):
+        reps = representatives(labels, nodes.pixels, nodes.keys)
+        members = np.flatnonzero(component_sizes(labels) > 1)
+        fail = members[direct_links(nodes, members, reps[members], cfg, semantic).method == METHOD_TRANSITIVE]
+        if len(fail) == 0:
+            return labels, moved
+        moved += len(fail)
+        failed = np.zeros(len(labels), bool)
+        failed[fail] = True
+        inner = pairs[failed[pairs[:, 0]] & failed[pairs[:, 1]]]
+        local = np.searchsorted(fail, inner)
+        labels[fail] = fail[connected_components(len(fail), local)]
+    raise RuntimeError("image dedup: group verification did not settle in 64 rounds")
+
+
+def group_nodes(
+    nodes: Nodes, pairs: dict[str, np.ndarray], cfg: ImageDedupConfig, semantic: bool
+) -> tuple[pa.Table, dict[str, Any]]:
+    """``image_duplicates.parquet`` from each pass's pairs (row ids) over ``nodes``, and its counts."""
+    started = time.monotonic()
+    local = {name: np.searchsorted(nodes.rows, p).reshape(-1, 2) for name, p in pairs.items()}
+    edges = np.concatenate(list(local.values())) if local else np.zeros((0, 2), np.int64)
+    labels = connected_components(len(nodes.rows), edges)
+    moved = 0
+    if cfg.linkage == "verified":
+        labels, moved = verified_labels(labels, edges, nodes, cfg, semantic)
+    sizes = component_sizes(labels)
+    reps = representatives(labels, nodes.pixels, nodes.keys)
+    grouped = np.flatnonzero(sizes > 1)
+    rep = reps[grouped]
+    order = np.lexsort((nodes.rows[grouped], grouped != rep, nodes.rows[rep]))
+    grouped, rep = grouped[order], rep[order]
+    links = direct_links(nodes, grouped, rep, cfg, semantic)
+    linked = [[] for _ in grouped]
+    for name in PASSES:
+        if name in local and len(local[name]):
+            for i in np.flatnonzero(np.isin(grouped, local[name])).tolist():
+                linked[i].append(name)
+    table = pa.table(
+        {
+            "key": pa.array(nodes.keys[grouped].tolist(), pa.string()),
+            "row_id": pa.array(nodes.rows[grouped], pa.int64()),
+            "group_id": pa.array(nodes.rows[rep], pa.int64()),
+            "group_size": pa.array(sizes[grouped], pa.int64()),
+            "representative_key": pa.array(nodes.keys[rep].tolist(), pa.string()),
+            "is_representative": pa.array(grouped == rep, pa.bool_()),
+            "similarity": (
+                pa.array(np.where(grouped == rep, 1.0, links.similarity).astype(np.float32), pa.float32())
+                if links.similarity is not None
+                else pa.nulls(len(grouped), pa.float32())
+            ),
+            "hamming_distance": pa.array(links.distance, pa.int16(), mask=~links.both_hashed),
+            "method": pa.array(links.method.tolist(), pa.string()),
+            "linked_by": pa.array(["|".join(x) for x in linked], pa.string()),
+        },
+        schema=SCHEMA,
+    )
+    methods, counts = np.unique(links.method.astype(str), return_counts=True) if len(grouped) else ([], [])
+    groups = int((grouped == rep).sum())
+    stats = {
+        "groups": groups,
+        "rows_in_groups": len(grouped),
+        "removable_rows": len(grouped) - groups,
+        "largest_group": int(sizes.max()) if len(sizes) else 0,
+        "methods": {str(m): int(c) for m, c in zip(methods, counts, strict=True)},
+        "linkage": cfg.linkage,
+        "members_moved_by_verification": moved,
+        "rows_on_pairs": len(nodes.rows),
+        "grouping_seconds": seconds_since(started),
+    }
+    return table, stats
+
+
+@dataclass
 class ImageDedupResult:
-    """Everything the stage found.
+    """Everything :func:`find_image_duplicates` found.
 
     Attributes:
         table (`pa.Table`): ``image_duplicates.parquet`` (see the module docstring).
@@ -296,25 +504,13 @@ class ImageDedupResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def representatives(labels: np.ndarray, pixels: np.ndarray, keys: list[str]) -> np.ndarray:
-    """Per row, the row id of its component's representative: most pixels, then smallest key."""
-    n = len(labels)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    key_rank = np.empty(n, np.int64)
-    key_rank[np.argsort(np.asarray(keys, dtype=object), kind="stable")] = np.arange(n)
-    order = np.lexsort((key_rank, -np.asarray(pixels, np.int64), labels))
-    sorted_labels = labels[order]
-    starts = np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]
-    rep_of_label = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
-    rep_of_label[sorted_labels[starts]] = order[starts]
-    return rep_of_label[labels]
-
-
 def find_image_duplicates(
     meta: pa.Table, vectors: np.ndarray | None, cfg: ImageDedupConfig, semantic_model: bool = True
 ) -> ImageDedupResult:
-    """Run the enabled passes over ``meta`` (key, sha256, width, height, phash) and ``vectors``.
+    """Every pass over all of ``meta`` (key, sha256, width, height, phash) and ``vectors`` at once.
+
+    The in-memory form of the stage (one cell holding every row), for tables that fit in memory and
+    as the oracle the partitioned stage is tested against.
 
     Args:
         meta (`pa.Table`): one row per image, in row-id order.
@@ -327,191 +523,62 @@ def find_image_duplicates(
     n = meta.num_rows
     if vectors is not None and len(vectors) != n:
         raise ValueError(f"{len(vectors)} embeddings for {n} metadata rows")
-    keys = meta.column("key").to_pylist()
-    stats: dict[str, Any] = {"rows": n, "passes": {}}
+    nodes = Nodes.from_table(np.arange(n), meta, vectors)
+    semantic = runs_semantic(cfg, semantic_model) and vectors is not None
+    notes = pass_notes(
+        cfg,
+        has_sha=_has_values(meta, "sha256"),
+        has_phash=_has_values(meta, "phash"),
+        semantic_model=semantic_model,
+        have_vectors=vectors is not None,
+    )
+    stats: dict[str, Any] = {"rows": n, "passes": notes}
     pairs: dict[str, np.ndarray] = {}
-    if cfg.exact and n and meta.column("sha256").null_count == n:
+    if METHOD_EXACT not in stats["passes"]:
+        pairs[METHOD_EXACT] = exact_pairs(meta.column("sha256"))
+    found = cell_pairs(vectors, nodes.hashes, nodes.has_hash, cfg, semantic)
+    if METHOD_PHASH not in stats["passes"]:
+        pairs[METHOD_PHASH] = found.phash
+    if semantic:
+        pairs[METHOD_SEMANTIC] = found.semantic
+    for name, p in pairs.items():
+        stats["passes"][name] = {"pairs": len(p)}
+    table, group_stats = group_nodes(nodes, pairs, cfg, semantic)
+    stats.update(group_stats)
+    group_id = np.arange(n, dtype=np.int64)
+    group_size = np.ones(n, dtype=np.int64)
+    rows = table.column("row_id").to_numpy()
+    group_id[rows] = table.column("group_id").to_numpy()
+    group_size[rows] = table.column("group_size").to_numpy()
+    return ImageDedupResult(table, group_id, group_size, pairs, stats)
+
+
+def pass_notes(
+    cfg: ImageDedupConfig, *, has_sha: bool, has_phash: bool, semantic_model: bool, have_vectors: bool
+) -> dict[str, Any]:
+    """Why a pass does not run, per pass (passes that run are absent)."""
+    notes: dict[str, Any] = {}
+    if not cfg.exact:
+        notes[METHOD_EXACT] = {"skipped": "exact pass off (--exact false)"}
+    elif not has_sha:
         # LAION's released metadata has no image hash: nothing to compare, said once.
         log.info("image dedup: exact pass off, the metadata has no sha256 of the image bytes")
-        stats["passes"][METHOD_EXACT] = {"skipped": "no sha256 column in the metadata"}
-    elif cfg.exact:
-        started = time.monotonic()
-        pairs[METHOD_EXACT] = exact_pairs(meta.column("sha256"))
-        stats["passes"][METHOD_EXACT] = {"pairs": len(pairs[METHOD_EXACT]), "seconds": seconds_since(started)}
-    hashes = None
-    has_hash = np.zeros(n, bool)
-    if "phash" in meta.column_names:
-        column = meta.column("phash")
-        has_hash = ~column.is_null().to_numpy(zero_copy_only=False) if n else has_hash
-        hashes = (
-            pc.fill_null(column, 0).to_numpy(zero_copy_only=False).astype(np.uint64)
-            if n
-            else np.zeros(0, np.uint64)
-        )
-    if cfg.phash:
-        started = time.monotonic()
-        if hashes is None or not has_hash.any():
-            log.info("image dedup: pHash pass off, the metadata has no phash column")
-            stats["passes"][METHOD_PHASH] = {"skipped": "no phash column in the metadata"}
-        else:
-            p, _, info = phash_pairs(
-                hashes,
-                cfg.phash_max_distance,
-                valid=has_hash,
-                exhaustive_max_n=cfg.phash_exhaustive_max_n,
-                batch=cfg.query_batch,
-            )
-            pairs[METHOD_PHASH] = p
-            chance = chance_partners(int(has_hash.sum()), cfg.phash_max_distance)
-            stats["passes"][METHOD_PHASH] = {
-                "pairs": len(p),
-                **info,
-                "chance_partners_per_image": round(chance, 6),
-                "seconds": seconds_since(started),
-            }
-            if chance > 0.1:
-                log.warning(
-                    "pHash radius %d over %d images: ~%.2f chance partners per image if bits were random; "
-                    "connected components may chain unrelated images (lower --phash-max-distance)",
-                    cfg.phash_max_distance,
-                    int(has_hash.sum()),
-                    chance,
-                )
-    run_semantic = cfg.semantic == "on" or (cfg.semantic == "auto" and semantic_model)
-    if cfg.semantic != "off" and not run_semantic:
-        stats["passes"][METHOD_SEMANTIC] = {
-            "skipped": "embeddings of a random-weight model (semantic=false): cosine carries no meaning; "
-            "use --semantic on to force"
-        }
-    elif run_semantic and vectors is None:
-        stats["passes"][METHOD_SEMANTIC] = {"skipped": "no embeddings"}
-    elif run_semantic:
-        started = time.monotonic()
-        search = KnnSearch(
-            kind=choose_search(n, cfg),
-            nlist=cfg.nlist,
-            nprobe=cfg.nprobe,
-            hnsw_m=cfg.hnsw_m,
-            ef_search=cfg.ef_search,
-            train_size=cfg.train_size,
-            seed=cfg.seed,
-            use_gpu=cfg.use_gpu,
-            batch=cfg.query_batch,
-        )
-        p, _, info = semantic_pairs(vectors, cfg.semantic_threshold, k=cfg.semantic_k, search=search)
-        pairs[METHOD_SEMANTIC] = p
-        info["gpu"] = gpu_count(cfg.use_gpu) > 0
-        stats["passes"][METHOD_SEMANTIC] = {"pairs": len(p), **info, "seconds": seconds_since(started)}
-
-    started = time.monotonic()
-    all_pairs = np.concatenate(list(pairs.values())) if pairs else np.zeros((0, 2), np.int64)
-    labels = connected_components(n, all_pairs)
-    sizes = component_sizes(labels)
-    width = meta.column("width").to_numpy(zero_copy_only=False) if n else np.zeros(0)
-    height = meta.column("height").to_numpy(zero_copy_only=False) if n else np.zeros(0)
-    pixels = np.nan_to_num(width.astype(np.float64)) * np.nan_to_num(height.astype(np.float64))
-    group_id = representatives(labels, pixels.astype(np.int64), keys)
-    table = _duplicates_table(
-        keys,
-        group_id,
-        sizes,
-        meta,
-        vectors,
-        hashes,
-        has_hash,
-        pairs,
-        cfg,
-        run_semantic,
-    )
-    grouped = sizes > 1
-    stats.update(
-        groups=len(np.unique(group_id[grouped])),
-        rows_in_groups=int(grouped.sum()),
-        removable_rows=int(grouped.sum() - len(np.unique(group_id[grouped]))),
-        largest_group=int(sizes.max()) if n else 0,
-        methods={
-            m: int(c)
-            for m, c in zip(
-                *np.unique(table.column("method").to_numpy(zero_copy_only=False), return_counts=True),
-                strict=False,
-            )
-        }
-        if table.num_rows
-        else {},
-        grouping_seconds=seconds_since(started),
-    )
-    return ImageDedupResult(table, group_id, sizes, pairs, stats)
+        notes[METHOD_EXACT] = {"skipped": "no sha256 column in the metadata"}
+    if not cfg.phash:
+        notes[METHOD_PHASH] = {"skipped": "pHash pass off (--phash false)"}
+    elif not has_phash:
+        log.info("image dedup: pHash pass off, the metadata has no phash column")
+        notes[METHOD_PHASH] = {"skipped": "no phash column in the metadata"}
+    reason = semantic_skip_reason(cfg, semantic_model)
+    if reason is None and not have_vectors:
+        reason = "no embeddings"
+    if reason is not None:
+        notes[METHOD_SEMANTIC] = {"skipped": reason}
+    return notes
 
 
-def _duplicates_table(
-    keys: list[str],
-    group_id: np.ndarray,
-    sizes: np.ndarray,
-    meta: pa.Table,
-    vectors: np.ndarray | None,
-    hashes: np.ndarray | None,
-    has_hash: np.ndarray,
-    pairs: dict[str, np.ndarray],
-    cfg: ImageDedupConfig,
-    semantic_ran: bool,
-) -> pa.Table:
-    rows = np.flatnonzero(sizes > 1)
-    if len(rows) == 0:
-        return SCHEMA.empty_table()
-    rep = group_id[rows]
-    is_rep = rows == rep
-    rows = rows[np.lexsort((rows, ~is_rep, rep))]
-    rep = group_id[rows]
-    is_rep = rows == rep
-    if vectors is not None:
-        similarity = np.einsum("ij,ij->i", vectors[rows], vectors[rep]).astype(np.float32)
-        similarity[is_rep] = 1.0
-        similarity_arr = pa.array(similarity, pa.float32())
-    else:
-        similarity = None
-        similarity_arr = pa.nulls(len(rows), pa.float32())
-    if hashes is not None:
-        both = has_hash[rows] & has_hash[rep]
-        distance = np.bitwise_count(np.bitwise_xor(hashes[rows], hashes[rep])).astype(np.int16)
-        distance_arr = pa.array(distance, pa.int16(), mask=~both)
-    else:
-        both = np.zeros(len(rows), bool)
-        distance = np.zeros(len(rows), np.int16)
-        distance_arr = pa.nulls(len(rows), pa.int16())
-    sha = np.asarray(meta.column("sha256").to_pylist(), dtype=object)
-    method = np.full(len(rows), METHOD_TRANSITIVE, dtype=object)
-    if semantic_ran and similarity is not None:
-        method[similarity >= cfg.semantic_threshold] = METHOD_SEMANTIC
-    if cfg.phash:
-        method[both & (distance <= cfg.phash_max_distance) & (hashes[rows] != 0)] = METHOD_PHASH
-    if cfg.exact:
-        same = np.array([bool(a) and a == b for a, b in zip(sha[rows], sha[rep], strict=False)], dtype=bool)
-        method[same] = METHOD_EXACT
-    method[is_rep] = METHOD_REPRESENTATIVE
-    linked = [[] for _ in rows]
-    position = {int(r): i for i, r in enumerate(rows)}
-    for name in PASSES:
-        if name not in pairs or len(pairs[name]) == 0:
-            continue
-        touched = np.intersect1d(np.unique(pairs[name]), rows)
-        for r in touched.tolist():
-            linked[position[r]].append(name)
-    key_arr = np.asarray(keys, dtype=object)
-    return pa.table(
-        {
-            "key": pa.array(key_arr[rows].tolist(), pa.string()),
-            "row_id": pa.array(rows, pa.int64()),
-            "group_id": pa.array(rep, pa.int64()),
-            "group_size": pa.array(sizes[rows], pa.int64()),
-            "representative_key": pa.array(key_arr[rep].tolist(), pa.string()),
-            "is_representative": pa.array(is_rep, pa.bool_()),
-            "similarity": similarity_arr,
-            "hamming_distance": distance_arr,
-            "method": pa.array(method.tolist(), pa.string()),
-            "linked_by": pa.array(["|".join(x) for x in linked], pa.string()),
-        },
-        schema=SCHEMA,
-    )
+def _has_values(meta: pa.Table, column: str) -> bool:
+    return column in meta.column_names and meta.column(column).null_count < meta.num_rows
 
 
 def check_config(cfg: ImageDedupConfig) -> None:
@@ -522,31 +589,37 @@ def check_config(cfg: ImageDedupConfig) -> None:
         raise ValueError(
             f"image_dedup.semantic_threshold is a cosine in [-1, 1]; got {cfg.semantic_threshold}"
         )
+    if not -1.0 <= cfg.phash_confirm_cosine <= 1.0:
+        raise ValueError(
+            f"image_dedup.phash_confirm_cosine is a cosine in [-1, 1]; got {cfg.phash_confirm_cosine}"
+        )
     if not 0 <= cfg.phash_max_distance < HASH_BITS:
         raise ValueError(f"image_dedup.phash_max_distance must be in 0..63; got {cfg.phash_max_distance}")
-    if cfg.semantic_k < 1 or cfg.query_batch < 1 or cfg.nprobe < 1:
-        raise ValueError("image_dedup.semantic_k, nprobe and query_batch must be at least 1")
-    if cfg.search not in ("auto", "flat", "ivf", "hnsw"):
-        raise ValueError(f"image_dedup.search must be auto, flat, ivf or hnsw; got {cfg.search!r}")
+    if cfg.semantic_k < 1 or cfg.block_rows < 1:
+        raise ValueError("image_dedup.semantic_k and block_rows must be at least 1")
+    if cfg.linkage not in LINKAGES:
+        raise ValueError(f"image_dedup.linkage must be verified or single; got {cfg.linkage!r}")
 
 
 class ImageDedupStage(Stage):
-    """Embedding folder -> ``image_duplicates.parquet``, ``image_dedup_summary.json`` and (unless
-    ``cfg.report`` is off) ``dedup_report.html`` (:mod:`pipeline.dedup.report`; thumbnails from
+    """Embedding folder (+ its cells) -> ``image_duplicates.parquet``, ``image_dedup_summary.json`` and
+    (unless ``cfg.report`` is off) ``dedup_report.html`` (:mod:`pipeline.dedup.report`; thumbnails from
     ``cfg.shards`` when given)."""
 
     name = "image_dedup"
 
-    def __init__(self, cfg: ImageDedupConfig):
+    def __init__(self, cfg: ImageDedupConfig, cells: CellsConfig, cells_dir: str | Path):
         check_config(cfg)
         self.cfg = cfg
+        self.cells = CellsStage(cells, cfg.embeddings, cells_dir)
         self.out = Path(cfg.out)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Every result option and the input folder's signature (sizes and mtimes of its files)."""
+        """Every result option, the cells' fingerprint and the input folder's signature."""
         return {
             "schema": SCHEMA_VERSION,
             "options": result_options(self.cfg),
+            "cells": self.cells.fingerprint(),
             "input": folder_signature(self.cfg.embeddings),
         }
 
@@ -554,56 +627,19 @@ class ImageDedupStage(Stage):
         return [self.out / OUTPUT_NAME] + ([self.out / REPORT_NAME] if self.cfg.report else [])
 
     def compute(self) -> dict[str, Any]:
-        # On a cluster with GPUs this machine lacks, the search runs in a Ray task holding one; a
-        # run with nothing to do never gets here, so it neither joins the cluster nor waits for a GPU.
-        return on_gpu_worker(compute_image_dedup, self.cfg)
+        from pipeline.dedup.image_shuffle import compute_image_dedup
+
+        return compute_image_dedup(self.cfg, self.cells, fingerprint(self.fingerprint()))
 
 
-def compute_image_dedup(cfg: ImageDedupConfig) -> dict[str, Any]:
-    """The stage's work, where the GPU is: read the folder, find duplicates, write the outputs."""
-    started = time.monotonic()
-    out = Path(cfg.out)
-    meta = load_metadata(cfg.embeddings, META_COLUMNS)
-    semantic_model = is_semantic(cfg.embeddings)
-    vectors = load_unit_embeddings(cfg.embeddings)
-    log.info(
-        "image dedup: %d images from %s (semantic model: %s)",
-        meta.num_rows,
-        cfg.embeddings,
-        semantic_model,
-    )
-    result = find_image_duplicates(meta, vectors, cfg, semantic_model=semantic_model)
-    atomic_write_table(out / OUTPUT_NAME, result.table)
-    summary = {
-        "job": "dedup_images",
-        "out": str(out / OUTPUT_NAME),
-        "embeddings": str(cfg.embeddings),
-        "semantic_model": semantic_model,
-        **result.stats,
-        "seconds": seconds_since(started),
-        "skipped": False,
-    }
-    if cfg.report:
-        write_dedup_report(
-            out / REPORT_NAME,
-            image_duplicates=result.table,
-            image_summary=result.stats,
-            image_cfg=cfg,
-            embeddings=cfg.embeddings,
-            vectors=vectors,
-            meta=meta,
-            shards=cfg.shards,
-            title="Image duplicates",
-        )
-        summary["report"] = str(out / REPORT_NAME)
-    atomic_write_json(out / SUMMARY_NAME, summary)
-    return summary
+def run_image_dedup(
+    cfg: ImageDedupConfig, cells: CellsConfig = CellsConfig(), cells_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Find image duplicates in ``cfg.embeddings``; write ``image_duplicates.parquet`` and the summary.
 
-
-def run_image_dedup(cfg: ImageDedupConfig) -> dict[str, Any]:
-    """Read ``cfg.embeddings``, find image duplicates, write ``image_duplicates.parquet`` and the summary.
-
-    A re-run with the same options over the same input files returns the saved summary without
-    recomputing (``skipped: true``).
+    The cells (:mod:`pipeline.index.cells`) are computed first into ``cells_dir`` (default:
+    ``cfg.out/cells``) unless they are up to date there. A re-run with the same options over the same
+    input files returns the saved summary without recomputing (``skipped: true``).
     """
-    return run_stage(ImageDedupStage(cfg), cfg.out)
+    cells_dir = Path(cells_dir) if cells_dir else Path(cfg.out) / "cells"
+    return run_stage(ImageDedupStage(cfg, cells, cells_dir), cfg.out)

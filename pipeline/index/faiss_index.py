@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -461,67 +460,3 @@ def index_description(index: faiss.Index) -> dict[str, Any]:
         "metric": "inner_product" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2",
         **search_params(index),
     }
-
-
-@dataclass(frozen=True)
-class KnnSearch:
-    """How :func:`knn_batches` searches every row against all rows.
-
-    Attributes:
-        kind (`str`): ``flat`` (exact), ``ivf`` (IVF-Flat, ``nprobe`` lists per query) or ``hnsw``.
-        nlist (`int`, *optional*): IVF lists (default: about 2*sqrt(N), a power of two).
-        nprobe (`int`): IVF lists visited per query.
-        hnsw_m (`int`): HNSW links per node.
-        ef_search (`int`): HNSW search depth.
-        train_size (`int`): most vectors the IVF quantizer is trained on (a seeded sample).
-        seed (`int`): seed of sampling and training.
-        use_gpu (`bool`): search on GPU when FAISS sees one (flat and IVF; k is then capped at 2048).
-        batch (`int`): query rows per search call (bounds memory).
-    """
-
-    kind: str = "flat"
-    nlist: int | None = None
-    nprobe: int = 8
-    hnsw_m: int = 32
-    ef_search: int = 64
-    train_size: int = 65_536
-    seed: int = 0
-    use_gpu: bool = True
-    batch: int = 16_384
-
-
-def knn_batches(
-    vectors: np.ndarray, k: int, search: KnnSearch = KnnSearch()
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """k-NN of every row of ``vectors`` among all rows (itself included), batch by batch.
-
-    Yields ``(first_row, scores, ids)`` per batch of query rows, searched as ``search`` says.
-    """
-    kind, nlist, nprobe, use_gpu = search.kind, search.nlist, search.nprobe, search.use_gpu
-    n, d = vectors.shape
-    k = min(k, n)
-    gpus = gpu_count(use_gpu)
-    if kind == "flat":
-        index: faiss.Index = faiss.IndexFlatIP(d)
-        index.add(vectors)
-    elif kind == "ivf":
-        lists = (
-            clamp_nlist(nlist, n)
-            if nlist
-            else clamp_nlist(1 << max(0, round(math.log2(2 * math.sqrt(n)))), n)
-        )
-        plan = IndexPlan("ivf_flat", f"IVF{lists},Flat", n, d, lists, None, None, 0, "semantic pass")
-        index = build_index(vectors, plan, train_size=search.train_size, seed=search.seed, use_gpu=use_gpu)
-        set_search_params(index, nprobe=nprobe)
-    elif kind == "hnsw":
-        m = search.hnsw_m
-        plan = IndexPlan("hnsw", f"HNSW{m},Flat", n, d, None, None, m, 0, "semantic pass")
-        index = build_index(vectors, plan, seed=search.seed, use_gpu=False)
-        set_search_params(index, ef_search=search.ef_search)
-    else:
-        raise ValueError(f"unknown search kind {kind!r}; choose flat, ivf or hnsw")
-    if gpus and kind in ("flat", "ivf") and k <= GPU_MAX_K:
-        index = faiss.index_cpu_to_all_gpus(index)
-    for lo in range(0, n, search.batch):
-        scores, ids = index.search(np.ascontiguousarray(vectors[lo : lo + search.batch]), k)
-        yield lo, scores, ids

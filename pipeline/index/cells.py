@@ -1,0 +1,205 @@
+"""The coarse partition of the embedding space that image dedup and the index share: k-means cells.
+
+Every pass that compares rows with rows (semantic and pHash duplicates, the IVF index's lists)
+only needs to compare rows that lie close together. So the embedding space is cut once into
+``nlist = N / rows_per_cell`` cells by spherical k-means, trained on a seeded sample of
+``train_per_cell`` rows per cell, and every row is assigned to its ``top`` nearest cells (nearest
+first). Image dedup compares each row with the rows of its nearest cell (top-2 finds duplicates
+on either side of a boundary); the index uses the centroids as its coarse quantizer and each row's
+nearest cell as its inverted list. The work per row then stays constant as N grows (about
+``rows_per_cell``), where an all-pairs pass grows with N.
+
+The cells folder:
+
+=======================  ===========================================================================
+file                     content
+=======================  ===========================================================================
+centroids.npy            ``(nlist, d)`` float32 unit vectors
+assign/<partition>.npy   ``(rows, top)`` int32: each row's cells, nearest first
+cells.json               nlist, top, training sample, seconds, cell sizes (min/median/max)
+=======================  ===========================================================================
+
+Memory per process: the training task holds the sample (``nlist * train_per_cell * d * 4`` bytes,
+about 130 MB at 1M rows of d=512); an assignment task holds one partition as float32 and the
+centroids. Time: training ``O(sample * nlist * d * iterations)``, assignment ``O(N * nlist * d)``
+(flat search of the centroids); both run as Ray tasks above ``ray_min_rows`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline.core.config import CellsConfig, result_options
+from pipeline.core.stage import Stage, run_stage, seconds_since
+from pipeline.core.storage import atomic_write_array, atomic_write_json
+from pipeline.core.tasks import run_tasks
+from pipeline.io.embeddings import IMG_EMB, Partition, folder_signature, list_partitions, normalize
+
+log = logging.getLogger(__name__)
+
+CENTROIDS = "centroids.npy"
+ASSIGN = "assign"
+INFO = "cells.json"
+SCHEMA_VERSION = 1
+
+
+def cell_count(n: int, rows_per_cell: int) -> int:
+    """Cells for ``n`` rows: about ``rows_per_cell`` rows each, at least one."""
+    return max(1, round(n / max(1, rows_per_cell)))
+
+
+def assign_path(cells_dir: str | Path, partition: str) -> Path:
+    return Path(cells_dir) / ASSIGN / f"{partition}.npy"
+
+
+def _sample(partitions: list[Partition], sizes: list[int], size: int, seed: int, kind: str) -> np.ndarray:
+    """A seeded uniform sample of ``size`` rows, read partition by partition (memory-mapped)."""
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    starts = np.cumsum([0, *sizes])
+    blocks = []
+    for i, partition in enumerate(partitions):
+        mine = rows[(rows >= starts[i]) & (rows < starts[i + 1])] - starts[i]
+        if len(mine):
+            blocks.append(normalize(partition.embeddings(kind)[mine]))
+    return np.concatenate(blocks)
+
+
+def train_centroids(sample: np.ndarray, nlist: int, iterations: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids (unit float32) of ``sample``; one cell is the normalised mean."""
+    if nlist <= 1 or len(sample) <= nlist:
+        centre = sample.mean(axis=0, keepdims=True) if len(sample) else np.ones((1, sample.shape[1]))
+        return normalize(centre if np.linalg.norm(centre) > 0 else np.ones_like(centre))
+    kmeans = faiss.Kmeans(
+        sample.shape[1], nlist, niter=iterations, seed=seed, spherical=True, max_points_per_centroid=1 << 20
+    )
+    kmeans.train(np.ascontiguousarray(sample))
+    return normalize(kmeans.centroids)
+
+
+def nearest_cells(vectors: np.ndarray, centroids: np.ndarray, top: int) -> np.ndarray:
+    """Each row's ``top`` nearest cells by cosine, nearest first (``(rows, top)`` int32)."""
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    quantizer.add(centroids)
+    _, ids = quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), min(top, len(centroids)))
+    return ids.astype(np.int32)
+
+
+def _train_task(folder: str, sizes: list[int], nlist: int, cfg: CellsConfig, kind: str, out: str) -> dict:
+    started = time.monotonic()
+    partitions = list_partitions(folder)
+    sample = _sample(partitions, sizes, nlist * cfg.train_per_cell, cfg.seed, kind)
+    centroids = train_centroids(sample, nlist, cfg.iterations, cfg.seed)
+    atomic_write_array(Path(out) / CENTROIDS, centroids)
+    return {"sample": len(sample), "seconds": seconds_since(started)}
+
+
+def _assign_task(folder: str, name: str, out: str, top: int, kind: str) -> np.ndarray:
+    """Assign one partition's rows; returns how many rows each cell got as nearest (for cells.json)."""
+    centroids = np.load(Path(out) / CENTROIDS)
+    vectors = Partition(Path(folder), name).embeddings(kind)
+    cells = (
+        np.concatenate(
+            [
+                nearest_cells(normalize(vectors[lo : lo + 65_536]), centroids, top)
+                for lo in range(0, len(vectors), 65_536)
+            ]
+        )
+        if len(vectors)
+        else np.zeros((0, min(top, len(centroids))), np.int32)
+    )
+    atomic_write_array(assign_path(out, name), cells)
+    return np.bincount(cells[:, 0], minlength=len(centroids)) if len(cells) else np.zeros(len(centroids), int)
+
+
+class CellsStage(Stage):
+    """Embedding folder -> ``centroids.npy``, ``assign/<partition>.npy``, ``cells.json``."""
+
+    name = "cells"
+
+    def __init__(self, cfg: CellsConfig, embeddings: str | Path, out: str | Path, kind: str = IMG_EMB):
+        if cfg.rows_per_cell < 1 or cfg.top < 1 or cfg.train_per_cell < 1 or cfg.iterations < 1:
+            raise ValueError("cells.rows_per_cell, top, train_per_cell and iterations must be at least 1")
+        self.cfg = cfg
+        self.embeddings = str(embeddings)
+        self.out = Path(out)
+        self.kind = kind
+        self.partitions = list_partitions(embeddings)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "options": result_options(self.cfg),
+            "kind": self.kind,
+            "input": folder_signature(self.embeddings),
+        }
+
+    def outputs(self) -> list[Path]:
+        return [self.out / CENTROIDS, self.out / INFO] + [
+            assign_path(self.out, p.name) for p in self.partitions
+        ]
+
+    def compute(self) -> dict[str, Any]:
+        started = time.monotonic()
+        cfg = self.cfg
+        sizes = [p.num_rows() for p in self.partitions]
+        n = sum(sizes)
+        if n == 0:
+            raise ValueError(f"{self.embeddings} has no rows to partition into cells")
+        nlist = cell_count(n, cfg.rows_per_cell)
+        inline = n < cfg.ray_min_rows
+        for stale in (self.out / ASSIGN).glob("*.npy") if (self.out / ASSIGN).is_dir() else []:
+            if stale.stem not in {p.name for p in self.partitions}:
+                stale.unlink()
+        (train,) = run_tasks(
+            _train_task, [(self.embeddings, sizes, nlist, cfg, self.kind, str(self.out))], inline=inline
+        )
+        counts = run_tasks(
+            _assign_task,
+            [(self.embeddings, p.name, str(self.out), cfg.top, self.kind) for p in self.partitions],
+            inline=inline,
+            label="cells: assign",
+        )
+        per_cell = np.sum(counts, axis=0)
+        info = {
+            "schema": SCHEMA_VERSION,
+            "rows": n,
+            "nlist": nlist,
+            "top": min(cfg.top, nlist),
+            "dim": int(self.partitions[0].embeddings(self.kind).shape[1]),
+            "kind": self.kind,
+            "train_sample": train["sample"],
+            "train_seconds": train["seconds"],
+            "cell_rows": {
+                "min": int(per_cell.min()),
+                "median": float(np.median(per_cell)),
+                "max": int(per_cell.max()),
+                "empty": int((per_cell == 0).sum()),
+            },
+            "partitions": [p.name for p in self.partitions],
+            "mode": "in-process" if inline else "ray",
+            "seconds": seconds_since(started),
+        }
+        atomic_write_json(self.out / INFO, info)
+        log.info("cells: %d cells over %d rows in %.1f s", nlist, n, info["seconds"])
+        return info
+
+
+def run_cells(
+    cfg: CellsConfig, embeddings: str | Path, out: str | Path, kind: str = IMG_EMB
+) -> dict[str, Any]:
+    """Partition ``embeddings`` into cells under ``out`` (resumable: a re-run with nothing new is a no-op)."""
+    return run_stage(CellsStage(cfg, embeddings, out, kind), out)
+
+
+def read_cells(cells_dir: str | Path) -> dict[str, Any]:
+    """``cells.json`` of a finished cells folder."""
+    return json.loads((Path(cells_dir) / INFO).read_text())
