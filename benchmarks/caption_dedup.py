@@ -6,28 +6,46 @@ Both sides get the same synthetic captions with planted duplicates and hard nega
 
 * **ours**: :func:`pipeline.dedup.caption.find_caption_duplicates` end to end (normalise, exact
   pass, vectorised MinHash over distinct captions, banding, Jaccard + word-guard verification,
-  union-find), in-process; with ``--ray`` also on a local Ray (timed after Ray is up and warm).
+  union-find), in-process; with ``--ray`` also the partitioned path
+  (:func:`pipeline.dedup.caption_partitioned.find_caption_duplicates_partitioned`) on a local Ray
+  over the captions written as Parquet files of 100,000 rows (timed after Ray is up and warm).
 * **plain datasketch**: normalise, then one ``datasketch.MinHash`` per caption updated shingle by
   shingle, ``MinHashLSH(threshold, num_perm)`` insert of every caption, then a query per caption;
   every returned pair is a duplicate (datasketch does no verification), and groups are the
   connected components of those pairs.
 
     .venv/bin/python benchmarks/caption_dedup.py --rows 200000 [--plain-rows N] [--ray] [--json FILE]
+
+``--scale N`` measures the partitioned path alone at scale instead: N captions as the kNN benchmark
+writes them (8 words of a 20,000-word vocabulary, 2% of rows one of 200 repeated stock captions) in
+Parquet files of 100,000 rows, deduplicated on a local Ray with all cores; every 0.2 s this process
+reads ``/proc`` for the RSS of itself (the driver) and of every descendant (Ray's workers, raylet,
+gcs...). Reported: time, stage seconds, peak RSS of the driver and of each other process; with
+``--check`` the in-process path then runs on the same rows and the outputs are compared.
+
+    .venv/bin/python benchmarks/caption_dedup.py --scale 1000000 --check --json caption-1m.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and tests/fixtures (planted captions)
@@ -35,6 +53,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and tests/fixtur
 from fixtures.planted_captions import generate, pair_scores
 from pipeline.core.config import CaptionDedupConfig
 from pipeline.dedup.caption import find_caption_duplicates
+from pipeline.dedup.caption_partitioned import find_caption_duplicates_partitioned
 from pipeline.dedup.minhash import lsh_params
 from pipeline.dedup.text_normalize import normalize_captions
 from pipeline.dedup.union_find import connected_components
@@ -167,7 +186,7 @@ def parameter_sweep(n: int, seed: int) -> list[dict]:
     for k, t, guard in grid:
         cfg = dataclasses.replace(base, shingle_size=k, threshold=t, word_guard=guard)
         lsh_params(t, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
-        run = find_caption_duplicates(planted.captions, cfg, use_ray=False)
+        run = find_caption_duplicates(planted.captions, cfg)
         scores = pair_scores(planted.family, run.labels)
         rows.append(
             {
@@ -185,6 +204,149 @@ def parameter_sweep(n: int, seed: int) -> list[dict]:
     return rows
 
 
+PART_ROWS = 100_000
+
+
+def write_parquet_parts(folder: Path, captions: list, part_rows: int = PART_ROWS) -> list[tuple[Path, int]]:
+    """``captions`` as Parquet files of ``part_rows`` rows (key, caption): the (path, rows) list."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for part, lo in enumerate(range(0, len(captions), part_rows)):
+        chunk = captions[lo : lo + part_rows]
+        path = folder / f"part_{part:05d}.parquet"
+        keys = [f"{i:09d}" for i in range(lo, lo + len(chunk))]
+        pq.write_table(pa.table({"key": keys, "caption": pa.array(chunk, pa.string())}), path)
+        files.append((path, len(chunk)))
+    return files
+
+
+def _synthetic_part(path: Path, lo: int, hi: int, seed: int) -> None:
+    """Rows lo..hi of the kNN benchmark's captions: 8 words of 20,000, 2% repeated stock captions."""
+    rng = np.random.default_rng([seed, lo])
+    words = np.array([f"w{i:05d}" for i in range(20_000)], dtype=object)
+    captions = np.array([" ".join(row) for row in words[rng.integers(0, len(words), (hi - lo, 8))]], object)
+    stock = np.flatnonzero(rng.random(hi - lo) < 0.02)
+    captions[stock] = [f"a repeated stock caption {r}" for r in rng.integers(0, 200, len(stock))]
+    keys = [f"{i:09d}" for i in range(lo, hi)]
+    pq.write_table(pa.table({"key": keys, "caption": pa.array(captions.tolist(), pa.string())}), path)
+
+
+def synthetic_parts(folder: Path, rows: int, seed: int) -> list[tuple[Path, int]]:
+    """The scale input, written by child processes (this process stays small), reused when present."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = [
+        (folder / f"part_{i:05d}.parquet", lo, min(lo + PART_ROWS, rows))
+        for i, lo in enumerate(range(0, rows, PART_ROWS))
+    ]
+    todo = [p for p in plan if not p[0].exists()]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(_synthetic_part, *zip(*todo, strict=True), [seed] * len(todo)))
+    return [(path, hi - lo) for path, lo, hi in plan]
+
+
+class RssMonitor:
+    """Peak RSS of this process and of every descendant, sampled from ``/proc`` in a thread."""
+
+    def __init__(self, period: float = 0.2):
+        self.period = period
+        self.peak: dict[int, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        out = []
+        for path in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                out += [int(x) for x in path.read_text().split()]
+        return out
+
+    @staticmethod
+    def _rss(pid: int) -> tuple[str, int] | None:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return cmd.strip()[:60], int(line.split()[1]) * 1024
+        return None
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            todo, seen = [me], set()
+            while todo:
+                pid = todo.pop()
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                todo += self._children(pid)
+                got = self._rss(pid)
+                if got and got[1] > self.peak.get(pid, ("", 0))[1]:
+                    self.peak[pid] = got
+            time.sleep(self.period)
+
+    def __enter__(self) -> RssMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        me = os.getpid()
+        others = sorted((v for pid, v in self.peak.items() if pid != me), key=lambda v: -v[1])
+        return {
+            "driver_peak_rss_mb": round(self.peak.get(me, ("", 0))[1] / 2**20),
+            "top_processes_peak_rss_mb": [[name, round(rss / 2**20)] for name, rss in others[:6]],
+        }
+
+
+def scale(args: argparse.Namespace) -> dict:
+    """The partitioned path alone on ``args.scale`` synthetic captions (see the module docstring)."""
+    import ray
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="caption_scale"))
+    files = synthetic_parts(work / f"captions_{args.scale}", args.scale, args.seed)
+    cfg = CaptionDedupConfig()
+    results: dict = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "benchmarks/caption_dedup.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "rows": args.scale,
+        "batch_size": cfg.batch_size,
+    }
+    t = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    results["ray_start_seconds"] = round(time.perf_counter() - t, 3)
+    find_caption_duplicates_partitioned(files[:1], cfg, work / "shuffle", work / "warm.parquet")  # workers up
+    out = work / "caption_duplicates.parquet"
+    with RssMonitor() as monitor:
+        stats = find_caption_duplicates_partitioned(files, cfg, work / "shuffle", out)
+    ray.shutdown()
+    results["partitioned"] = {k: v for k, v in stats.items() if k != "mode"}
+    results["partitioned"]["rows_per_s"] = round(args.scale / stats["seconds"])
+    results.update(monitor.summary())
+    print("partitioned:", json.dumps(results["partitioned"]), flush=True)
+    if args.check:
+        captions = pa.concat_tables([pq.read_table(path, columns=["key", "caption"]) for path, _ in files])
+        local = find_caption_duplicates(captions.column("caption"), cfg, keys=captions.column("key"))
+        results["in_process"] = {k: local.stats[k] for k in ("seconds", "stage_seconds")}
+        results["same_output_as_in_process"] = bool(pq.read_table(out).equals(local.table))
+        results["same_stats_as_in_process"] = all(
+            local.stats[k] == stats[k] for k in local.stats if k not in ("mode", "seconds", "stage_seconds")
+        )
+    results["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,7 +356,17 @@ def main() -> None:
         "--plain-rows", type=int, default=None, help="rows for plain datasketch (default: all)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted data")
-    parser.add_argument("--ray", action="store_true", help="also time our Ray path (local Ray, all cores)")
+    parser.add_argument(
+        "--ray", action="store_true", help="also time our partitioned path (local Ray, all cores)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=0,
+        help="instead: the partitioned path alone on this many synthetic captions",
+    )
+    parser.add_argument("--check", action="store_true", help="with --scale: compare with the in-process path")
+    parser.add_argument("--work", type=Path, default=None, help="with --scale: keep the input files here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     parser.add_argument(
         "--equal-recall-thresholds",
@@ -208,6 +380,12 @@ def main() -> None:
         help="instead: shingle-kind separation and a (shingle size, threshold) sweep on --rows rows",
     )
     args = parser.parse_args()
+    if args.scale:
+        results = scale(args)
+        print(json.dumps(results, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
     if args.sweep:
         results = {
             "command": "benchmarks/caption_dedup.py " + " ".join(sys.argv[1:]),
@@ -234,8 +412,8 @@ def main() -> None:
         },
     }
 
-    find_caption_duplicates(planted.captions[:2000], cfg, use_ray=False)  # warm imports and caches
-    ours = find_caption_duplicates(planted.captions, cfg, use_ray=False)
+    find_caption_duplicates(planted.captions[:2000], cfg)  # warm imports and caches
+    ours = find_caption_duplicates(planted.captions, cfg)
     results["ours"] = {
         **{k: ours.stats[k] for k in ("seconds", "stage_seconds", "candidate_pairs", "verified_pairs")},
         "rows_per_s": round(args.rows / ours.stats["seconds"]),
@@ -246,30 +424,35 @@ def main() -> None:
     if args.ray:
         import ray
 
+        folder = Path(tempfile.mkdtemp(prefix="caption_bench"))
+        files = write_parquet_parts(folder / "in", planted.captions)
         t = time.perf_counter()
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         ray_start = time.perf_counter() - t
-        ray_cfg = dataclasses.replace(
-            cfg, ray_min_rows=0, batch_size=max(1, args.rows // (2 * os.cpu_count()))
+        ray_cfg = dataclasses.replace(cfg, batch_size=max(1, args.rows // (2 * os.cpu_count())))
+        # Keys: the row numbers, as in-process here.
+        run = functools.partial(
+            find_caption_duplicates_partitioned, cfg=ray_cfg, work_dir=folder / "w", key_col=None
         )
-        find_caption_duplicates(planted.captions[:5000], ray_cfg, use_ray=True)  # warm the workers
-        on_ray = find_caption_duplicates(planted.captions, ray_cfg, use_ray=True)
+        run(files[:1], out_path=folder / "warm.parquet")
+        stats = run(files, out_path=folder / "out.parquet")
         ray.shutdown()
-        results["ours_ray"] = {
-            **{k: on_ray.stats[k] for k in ("seconds", "stage_seconds")},
+        same = pq.read_table(folder / "out.parquet").equals(ours.table)
+        shutil.rmtree(folder, ignore_errors=True)
+        results["ours_partitioned"] = {
+            **{k: stats[k] for k in ("seconds", "stage_seconds", "units", "cc_rounds", "peak_worker_rss_mb")},
             "ray_start_seconds": round(ray_start, 3),
             "batch_size": ray_cfg.batch_size,
-            "rows_per_s": round(args.rows / on_ray.stats["seconds"]),
-            "same_output_as_in_process": bool(on_ray.table.equals(ours.table)),
-            **pair_scores(planted.family, on_ray.labels),
+            "rows_per_s": round(args.rows / stats["seconds"]),
+            "same_output_as_in_process": bool(same),
         }
-        print("ours (Ray):", json.dumps(results["ours_ray"]), flush=True)
+        print("ours (partitioned on Ray):", json.dumps(results["ours_partitioned"]), flush=True)
 
     n_plain = min(args.plain_rows or args.rows, args.rows)
     plain_labels, plain = plain_datasketch(planted.captions[:n_plain], cfg)
     ours_subset = ours
     if n_plain < args.rows:
-        ours_subset = find_caption_duplicates(planted.captions[:n_plain], cfg, use_ray=False)
+        ours_subset = find_caption_duplicates(planted.captions[:n_plain], cfg)
     results["plain_datasketch"] = {
         **plain,
         "rows": n_plain,
@@ -294,7 +477,7 @@ def main() -> None:
             break
         lower = dataclasses.replace(cfg, threshold=threshold)
         lsh_params(lower.threshold, lower.num_perm, lower.fp_weight, lower.fn_weight)
-        run = find_caption_duplicates(planted.captions[:n_plain], lower, use_ray=False)
+        run = find_caption_duplicates(planted.captions[:n_plain], lower)
         entry = {
             "threshold": threshold,
             "seconds": run.stats["seconds"],

@@ -1,4 +1,5 @@
-"""Caption dedup: normalisation rules, quality on planted duplicates, Ray path, the job on LAION metadata."""
+"""Caption dedup: normalisation rules, quality on planted duplicates, the job on LAION metadata (in-process
+and partitioned on Ray; the partitioned path itself: test_caption_partitioned.py)."""
 
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def test_small_example_groups_and_schema():
         "Portrait of a young woman wearing a green coat",  # 7 singleton
     ]
     keys = pa.array([f"k{i}" for i in range(len(captions))])
-    result = find_caption_duplicates(captions, CaptionDedupConfig(), keys=keys, use_ray=False)
+    result = find_caption_duplicates(captions, CaptionDedupConfig(), keys=keys)
     table = result.table
     assert table.schema.names == ["key", "group_id", "group_size", "normalized_caption"]
     assert table.schema.field("group_id").type == pa.int64()
@@ -145,21 +146,21 @@ def test_small_example_groups_and_schema():
 
 
 def test_degenerate_inputs():
-    none = find_caption_duplicates([None, "", " ", "?!"], use_ray=False)
+    none = find_caption_duplicates([None, "", " ", "?!"])
     assert none.table.column("group_id").to_pylist() == [0, 1, 2, 3]
     assert none.stats["empty_captions"] == 4 and none.stats["candidate_pairs"] == 0
-    empty = find_caption_duplicates([], use_ray=False)
+    empty = find_caption_duplicates([])
     assert empty.table.num_rows == 0 and empty.table.schema.names[0] == "key"
     with pytest.raises(ValueError, match="threshold must be in"):
-        find_caption_duplicates(["a"], CaptionDedupConfig(threshold=1.5), use_ray=False)
+        find_caption_duplicates(["a"], CaptionDedupConfig(threshold=1.5))
     with pytest.raises(ValueError, match="shingle_size"):
-        find_caption_duplicates(["a"], CaptionDedupConfig(shingle_size=20), use_ray=False)
+        find_caption_duplicates(["a"], CaptionDedupConfig(shingle_size=20))
 
 
 def test_precision_and_recall_on_planted_duplicates():
     planted = generate(20_000, seed=11)
     assert {"base", "variant", "typo", "negative"} <= set(planted.kind)
-    result = find_caption_duplicates(planted.captions, CaptionDedupConfig(), use_ray=False)
+    result = find_caption_duplicates(planted.captions, CaptionDedupConfig())
     scores = pair_scores(planted.family, result.labels)
     assert scores["true_pairs"] > 10_000
     assert scores["precision"] >= 0.95, scores
@@ -168,7 +169,7 @@ def test_precision_and_recall_on_planted_duplicates():
     assert result.stats["rejected_word_substitution"] > 0
     # Without the word guard the hard negatives chain template captions together.
     loose = find_caption_duplicates(
-        planted.captions, dataclasses.replace(CaptionDedupConfig(), word_guard=False), use_ray=False
+        planted.captions, dataclasses.replace(CaptionDedupConfig(), word_guard=False)
     )
     assert pair_scores(planted.family, loose.labels)["precision"] < scores["precision"]
 
@@ -177,7 +178,7 @@ def test_hard_negatives_only_differ_in_one_word():
     planted = generate(3000, seed=4)
     kinds = np.array(planted.kind)
     assert (kinds == "negative").sum() > 100
-    result = find_caption_duplicates(planted.captions, CaptionDedupConfig(), use_ray=False)
+    result = find_caption_duplicates(planted.captions, CaptionDedupConfig())
     labels = result.labels
     # A hard-negative base is almost never merged with another family.
     neg = np.flatnonzero(kinds == "negative")
@@ -185,26 +186,11 @@ def test_hard_negatives_only_differ_in_one_word():
     assert merged / len(neg) < 0.05
 
 
-@pytest.mark.slow
-def test_ray_path_equals_in_process_path(ray_local):
-    planted = generate(6000, seed=21)
-    cfg = CaptionDedupConfig(batch_size=1500, ray_min_rows=0)
-    local = find_caption_duplicates(planted.captions, cfg, use_ray=False)
-    on_ray = find_caption_duplicates(planted.captions, cfg)  # ray_min_rows=0 and Ray is up
-    assert on_ray.stats["mode"] == "ray" and local.stats["mode"] == "in-process"
-    assert on_ray.table.equals(local.table)
-    same = {k: v for k, v in local.stats.items() if k not in ("mode", "seconds", "stage_seconds")}
-    assert {k: on_ray.stats[k] for k in same} == same
-
-
-@pytest.mark.slow
-def test_results_do_not_depend_on_batch_size(ray_local):
+def test_results_do_not_depend_on_batch_size():
     planted = generate(3000, seed=8)
-    a = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=700, ray_min_rows=0))
-    b = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=5000), use_ray=False)
-    c = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=450), use_ray=False)
-    assert a.stats["mode"] == "ray"
-    assert a.table.equals(b.table) and c.table.equals(b.table)
+    b = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=5000))
+    c = find_caption_duplicates(planted.captions, CaptionDedupConfig(batch_size=450))
+    assert c.table.equals(b.table)
 
 
 def test_pair_scores_count_like_enumeration():
@@ -303,7 +289,7 @@ def test_job_on_ray_matches_in_process(shared_data: Path, tmp_path: Path, ray_lo
         ["--input", str(source), "--out", str(tmp_path / "ray"), "--ray-min-rows", "0", "--batch-size", "300"]
     )
     local = _run_job(["--input", str(source), "--out", str(tmp_path / "local")])
-    assert on_ray["mode"] == "ray" and local["mode"] == "in-process"
+    assert on_ray["mode"] == "partitioned" and local["mode"] == "in-process"
     assert pq.read_table(tmp_path / "ray" / OUTPUT_NAME).equals(
         pq.read_table(tmp_path / "local" / OUTPUT_NAME)
     )

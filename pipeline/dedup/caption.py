@@ -50,19 +50,16 @@ typo in a short caption cost as much as a changed word. Character 3-grams separa
 no Jaccard threshold alone keeps one-word hard negatives apart while still joining typo variants
 of short captions: the word guard does that.
 
-Ray: with at least ``ray_min_rows`` input rows (and a Ray session up), stages 1, 3, 4 and 5 run as
-Ray tasks: normalisation and MinHash over row chunks of ``batch_size``; banding partitioned by
-band groups (each task reads only its bands' bucket keys from every chunk); verification over
-chunks of candidate pairs (each task gathers only the shingle sets its pairs touch). The driver
-keeps the keys and normalised captions, runs the exact pass (Arrow's C++ hash table) and the
-union-find over verified pairs, which are few. Below ``ray_min_rows`` the same chunked stages run
-in-process, which is faster for small inputs (no Ray start-up, no serialisation); both paths give
-identical output.
+Ray: with at least ``ray_min_rows`` input rows, :class:`CaptionDedupStage` runs the same stages as
+shuffles of Ray tasks over files (:mod:`pipeline.dedup.caption_partitioned`): the exact pass by
+text hash, band keys into buckets, verification as a join that brings only each pair's two texts
+together, connected components by large-star / small-star rounds; no process holds all rows. Below
+``ray_min_rows`` :func:`find_caption_duplicates` runs in-process, which is faster for small inputs
+(no Ray start-up, no files) and is the oracle of the partitioned path: both give identical output.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,13 +70,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from scipy.sparse import csr_matrix
 
 from pipeline.core.config import CaptionDedupConfig, RayConfig, result_options
 from pipeline.core.ray_runtime import ray_session
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_json, atomic_write_table, files_signature
-from pipeline.dedup.minhash import SCHEMES, MinHasher, band_hashes, char_shingles, lsh_params, shingle_hashes
+from pipeline.dedup.caption_partitioned import find_caption_duplicates_partitioned
+from pipeline.dedup.caption_steps import bucket_pairs, check_config, gather_sets, sketch_chunk, verify_pairs
+
+# Steps the tests and benchmarks know by this module's name (defined in caption_steps).
+from pipeline.dedup.caption_steps import pair_jaccard as pair_jaccard
+from pipeline.dedup.caption_steps import replaces_a_word as replaces_a_word
+from pipeline.dedup.caption_steps import unique_pairs as unique_pairs
+from pipeline.dedup.caption_steps import window_pairs as window_pairs
+from pipeline.dedup.minhash import MinHasher, lsh_params
 from pipeline.dedup.report import REPORT_NAME, write_dedup_report
 from pipeline.dedup.text_normalize import normalize_captions
 from pipeline.dedup.union_find import component_sizes, connected_components
@@ -90,13 +94,10 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 OUTPUT_NAME = "caption_duplicates.parquet"
 SUMMARY_NAME = "caption_dedup_summary.json"
+#: Shuffle files of the partitioned path, inside the output folder while it runs.
+WORK_NAME = ".caption_dedup_work"
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
 KEY_COLUMN = "key"
-
-# Longer "words" are unsegmented text (no spaces between words), exempt from the word guard.
-UNSEGMENTED_WORD = 20
-# Candidate pairs verified per vectorised Jaccard step (bounds its memory to ~100 MB).
-_VERIFY_CHUNK_TOKENS = 4_000_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,300 +137,69 @@ def detect_caption_column(names: list[str], requested: str | None = None, where:
     )
 
 
-def read_captions(
-    path: str | Path, caption_col: str | None = None, key_col: str | None = None
-) -> tuple[pa.ChunkedArray, pa.ChunkedArray, dict[str, Any]]:
-    """(keys, captions, info) from a parquet file or folder, reading only those two columns.
+@dataclass(frozen=True)
+class CaptionInput:
+    """A parquet caption input, known from file footers only: its files, columns and row counts."""
 
-    Keys are ``key_col`` if given (it must exist), else ``key`` when every file has it, else the
-    row number (int64).
+    files: list[Path]
+    rows: list[int]  # per file
+    caption_col: str
+    key_col: str | None  # None: keys are row numbers
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "files": len(self.files),
+            "caption_col": self.caption_col,
+            "key_col": self.key_col or "(row number)",
+        }
+
+
+def caption_input(
+    path: str | Path, caption_col: str | None = None, key_col: str | None = None
+) -> CaptionInput:
+    """Files, columns and row counts of a parquet file or folder (footers only; no rows are read).
+
+    The key column is ``key_col`` if given (every file must have it), else ``key`` when every file
+    has it, else the row number.
     """
     files = parquet_files(path)
-    schemas = [pq.read_schema(f) for f in files]
-    first_names = list(schemas[0].names)
-    caption = detect_caption_column(first_names, caption_col, where=str(files[0]))
-    for f, schema in zip(files, schemas, strict=False):
+    metas = [pq.ParquetFile(f) for f in files]
+    schemas = [m.schema_arrow for m in metas]
+    caption = detect_caption_column(list(schemas[0].names), caption_col, where=str(files[0]))
+    for f, schema in zip(files, schemas, strict=True):
         detect_caption_column(list(schema.names), caption, where=str(f))
     if key_col:
-        for f, schema in zip(files, schemas, strict=False):
+        for f, schema in zip(files, schemas, strict=True):
             if key_col not in schema.names:
                 raise ValueError(f"key column {key_col!r} not in {f}; columns are: {', '.join(schema.names)}")
         key = key_col
     else:
         key = KEY_COLUMN if all(KEY_COLUMN in s.names for s in schemas) else None
+    rows = [m.metadata.num_rows for m in metas]
+    return CaptionInput(files, rows, caption, key)
+
+
+def read_captions(
+    path: str | Path, caption_col: str | None = None, key_col: str | None = None
+) -> tuple[pa.ChunkedArray, pa.ChunkedArray, dict[str, Any]]:
+    """(keys, captions, info) from a parquet file or folder, reading only those two columns.
+
+    Columns as :func:`caption_input` picks them.
+    """
+    source = caption_input(path, caption_col, key_col)
+    caption, key = source.caption_col, source.key_col
     columns = [caption] + ([key] if key and key != caption else [])
-    tables = [pq.read_table(f, columns=columns) for f in files]
+    tables = [pq.read_table(f, columns=columns) for f in source.files]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     captions = table.column(caption)
     keys = (
         table.column(key) if key else pa.chunked_array([pa.array(np.arange(table.num_rows, dtype=np.int64))])
     )
-    info = {"files": len(files), "caption_col": caption, "key_col": key or "(row number)"}
-    return keys, captions, info
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage functions (pure; used in-process and inside Ray tasks).
-# ----------------------------------------------------------------------------------------------
-
-
-def _gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for every (s, l), without a Python loop."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shift
-
-
-@dataclass
-class ChunkSketch:
-    """MinHash output of one chunk of distinct captions: band keys and shingle-hash sets."""
-
-    band_keys: list[np.ndarray]  # per band group: (n, bands_in_group) uint64
-    tokens: np.ndarray  # uint32 shingle hashes, text i owns tokens[offsets[i]:offsets[i + 1]]
-    offsets: np.ndarray  # int64
-
-
-def sketch_chunk(texts: pa.Array, hasher: MinHasher, bands: int, rows: int, band_groups: int) -> ChunkSketch:
-    """Shingle, hash, MinHash and band one chunk of (non-empty, distinct) normalised captions."""
-    sh = char_shingles(texts, hasher.shingle_size)
-    tokens = shingle_hashes(sh)
-    sig = hasher.signatures_from_hashes(tokens, sh.offsets, transposed=True)
-    keys = band_hashes(sig, bands, rows, transposed=True)
-    groups = np.array_split(np.arange(bands), band_groups)
-    return ChunkSketch([keys[:, g] for g in groups], tokens, sh.offsets)
-
-
-@functools.lru_cache(maxsize=256)
-def _window_pairs(size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (i, j), i < j <= i + window, within a bucket of ``size`` sorted members."""
-    if size - 1 <= window:
-        return np.triu_indices(size, k=1)
-    i = np.concatenate([np.arange(size - d) for d in range(1, window + 1)])
-    j = i + np.repeat(np.arange(1, window + 1), [size - d for d in range(1, window + 1)])
-    return i, j
-
-
-def bucket_pairs(band_keys: np.ndarray, window: int) -> np.ndarray:
-    """Candidate pairs (i < j) of rows that share a bucket key in any column of ``band_keys``.
-
-    Within a bucket (rows sorted by index) each row is paired with its next ``window`` rows.
-    """
-    band_keys = np.asarray(band_keys)
-    n = band_keys.shape[0]
-    out: list[np.ndarray] = []
-    ids = np.arange(n, dtype=np.int64)
-    for col in band_keys.T:
-        order = np.lexsort((ids, col))
-        sk = col[order]
-        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-        sizes = np.diff(np.r_[starts, n])
-        multi = sizes > 1
-        starts, sizes = starts[multi], sizes[multi]
-        for size in np.unique(sizes):
-            # Buckets of this size side by side, then the same within-bucket positions in each.
-            members = order[starts[sizes == size][:, None] + np.arange(size)[None, :]]
-            i, j = _window_pairs(int(size), window)
-            if size > 2048:  # bound the memory of one very large bucket group
-                out.extend(np.stack([row[i], row[j]], axis=1) for row in members)
-            else:
-                out.append(np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1))
-    if not out:
-        return np.zeros((0, 2), dtype=np.int64)
-    return unique_pairs(np.concatenate(out))
-
-
-def unique_pairs(pairs: np.ndarray) -> np.ndarray:
-    """Distinct unordered pairs as (lo, hi) rows, sorted."""
-    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    if len(pairs) == 0:
-        return pairs
-    lo, hi = pairs.min(axis=1), pairs.max(axis=1)
-    packed = np.sort((lo.astype(np.uint64) << np.uint64(32)) | hi.astype(np.uint64))
-    packed = packed[np.r_[True, packed[1:] != packed[:-1]]]
-    return np.stack(
-        [(packed >> np.uint64(32)).astype(np.int64), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)], 1
-    )
-
-
-def pair_jaccard(tokens: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Exact Jaccard similarity of the token *sets* of each pair of texts (float64), vectorised.
-
-    The texts become rows of a binary sparse matrix over token values (duplicates summed away,
-    indices sorted); a pair's intersection is the sum of the element-wise product of its two rows,
-    which scipy computes by merging sorted index lists in C.
-    """
-    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    out = np.zeros(len(pairs), dtype=np.float64)
-    if len(pairs) == 0:
-        return out
-    n = len(offsets) - 1
-    sets = csr_matrix(
-        (np.ones(len(tokens), np.float32), np.asarray(tokens, dtype=np.int64), np.asarray(offsets, np.int64)),
-        shape=(n, 1 << 32),
-    )
-    sets.sum_duplicates()
-    sets.data[:] = 1.0
-    sizes = np.diff(sets.indptr)
-    step = max(1, _VERIFY_CHUNK_TOKENS // max(1, int(sizes.mean()) if n else 1))
-    for lo in range(0, len(pairs), step):
-        a, b = pairs[lo : lo + step, 0], pairs[lo : lo + step, 1]
-        inter = np.asarray(sets[a].multiply(sets[b]).sum(axis=1), dtype=np.float64).ravel()
-        union = sizes[a] + sizes[b] - inter
-        np.divide(inter, union, out=out[lo : lo + step], where=union > 0)
-    return out
-
-
-def _typo_of(a: str, b: str) -> bool:
-    """True when ``a`` and ``b`` are one edit apart (Damerau) and read as a typo, not a new word:
-    letters only, and the longer word has four letters or more."""
-    la, lb = len(a), len(b)
-    if la < lb:
-        a, b, la, lb = b, a, lb, la
-    if la < 4 or la - lb > 1 or not (a.isalpha() and b.isalpha()):
-        return False
-    i = 0
-    while i < lb and a[i] == b[i]:
-        i += 1
-    if la != lb:  # one insertion / deletion
-        return a[i + 1 :] == b[i:]
-    if i == la:
-        return False  # equal words are not on one side only
-    if a[i + 1 :] == b[i + 1 :]:  # one substitution
-        return True
-    return i + 1 < la and a[i] == b[i + 1] and a[i + 1] == b[i] and a[i + 2 :] == b[i + 2 :]
-
-
-def replaces_a_word(a: str, b: str) -> bool:
-    """The word guard: does one caption replace some word of the other by a different word?
-
-    Words on one side only are matched against the other side's by :func:`_typo_of`. A word left
-    unmatched on *both* sides is a substitution (a different colour, object, number...). Only
-    insertions or deletions (unmatched words on one side) and typos do not count.
-
-    A "word" longer than :data:`UNSEGMENTED_WORD` characters is taken for unsegmented text (Chinese,
-    Japanese, Thai... are written without spaces): such words are left to the Jaccard test alone.
-    """
-    if a == b:
-        return False
-    sa, sb = set(a.split(" ")), set(b.split(" "))
-    da = sa - sb
-    if not da:
-        return False
-    db = sb - sa
-    if not db:
-        return False
-    if any(len(w) > UNSEGMENTED_WORD for w in da) or any(len(w) > UNSEGMENTED_WORD for w in db):
-        da = {w for w in da if len(w) <= UNSEGMENTED_WORD}
-        db = {w for w in db if len(w) <= UNSEGMENTED_WORD}
-        if not da or not db:
-            return False
-    if len(da) == 1 and len(db) == 1:  # the common case: one word against one word
-        return not _typo_of(next(iter(da)), next(iter(db)))
-    if a.replace(" ", "") == b.replace(" ", ""):
-        return False
-    if len(da) * len(db) > 256:
-        return True
-    matched_b: set[str] = set()
-    unmatched_a = False
-    for w in da:
-        hit = False
-        for v in db:
-            if _typo_of(w, v):
-                matched_b.add(v)
-                hit = True
-        unmatched_a = unmatched_a or not hit
-    return unmatched_a and len(matched_b) < len(db)
-
-
-def gather_sets(
-    chunks: tuple[tuple[np.ndarray, np.ndarray], ...], chunk_starts: np.ndarray, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, offsets) of the global ``rows`` (sorted), read from per-chunk (tokens, offsets) pairs.
-
-    Chunk c holds global rows ``chunk_starts[c]`` onwards.
-    """
-    which = np.searchsorted(chunk_starts, rows, side="right") - 1
-    parts, lengths = [], []
-    for c in np.unique(which):
-        tokens, offsets = chunks[c]
-        local = rows[which == c] - chunk_starts[c]
-        counts = offsets[local + 1] - offsets[local]
-        parts.append(tokens[_gather_ranges(offsets[local], counts)])
-        lengths.append(counts)
-    if not parts:
-        return np.zeros(0, np.uint32), np.zeros(1, np.int64)
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    return np.concatenate(parts), offsets
-
-
-@dataclass
-class Verdicts:
-    keep: np.ndarray  # bool per pair
-    below_threshold: int = 0
-    word_substitutions: int = 0
-
-
-def verify_pairs(
-    pairs: np.ndarray,
-    tokens: np.ndarray,
-    offsets: np.ndarray,
-    texts: pa.Array | None,
-    threshold: float,
-    word_guard: bool,
-) -> Verdicts:
-    """Which candidate pairs are duplicates: Jaccard >= threshold, then (optionally) the word guard."""
-    jac = pair_jaccard(tokens, offsets, pairs)
-    keep = jac >= threshold - 1e-12
-    verdicts = Verdicts(keep=keep, below_threshold=int((~keep).sum()))
-    if word_guard and keep.any():
-        idx = np.flatnonzero(keep)
-        a = pc.take(texts, pa.array(pairs[idx, 0])).to_pylist()
-        b = pc.take(texts, pa.array(pairs[idx, 1])).to_pylist()
-        bad = np.fromiter(
-            (replaces_a_word(x, y) for x, y in zip(a, b, strict=False)), dtype=bool, count=len(idx)
-        )
-        keep[idx[bad]] = False
-        verdicts.word_substitutions = int(bad.sum())
-    return verdicts
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray tasks.
-# ----------------------------------------------------------------------------------------------
-
-
-def _ray_tasks():
-    import ray
-
-    @ray.remote(num_cpus=1)
-    def normalize_task(texts: pa.Array) -> pa.Array:
-        return normalize_captions(texts)
-
-    @ray.remote(num_cpus=1)
-    def sketch_task(texts: pa.Array, hasher: MinHasher, bands: int, rows: int, band_groups: int):
-        s = sketch_chunk(texts, hasher, bands, rows, band_groups)
-        return (*s.band_keys, (s.tokens, s.offsets))
-
-    @ray.remote(num_cpus=1)
-    def band_group_task(window: int, *chunk_keys: np.ndarray) -> np.ndarray:
-        # Chunks are consecutive node ranges, so stacking them gives global node ids.
-        return bucket_pairs(np.concatenate(chunk_keys), window)
-
-    @ray.remote(num_cpus=1)
-    def verify_task(pairs, texts, threshold, word_guard, chunk_starts, *token_chunks):
-        # Only the texts this task's pairs touch: their token sets, gathered into one small CSR.
-        rows = np.unique(pairs)
-        tokens, offsets = gather_sets(token_chunks, np.asarray(chunk_starts), rows)
-        local = np.searchsorted(rows, pairs)
-        v = verify_pairs(local, tokens, offsets, texts.take(pa.array(rows)), threshold, word_guard)
-        return v.keep, v.below_threshold, v.word_substitutions
-
-    return normalize_task, sketch_task, band_group_task, verify_task
+    return keys, captions, source.info()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,35 +219,17 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _cluster_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def check_config(cfg: CaptionDedupConfig) -> None:
-    """Clear errors for option values the stage cannot run with."""
-    if not 0.0 < cfg.threshold <= 1.0:
-        raise ValueError(f"caption_dedup.threshold must be in (0, 1], got {cfg.threshold}")
-    if not 1 <= cfg.shingle_size <= 13:
-        raise ValueError(f"caption_dedup.shingle_size must be 1..13 characters, got {cfg.shingle_size}")
-    if cfg.num_perm < 2:
-        raise ValueError(f"caption_dedup.num_perm must be at least 2, got {cfg.num_perm}")
-    if cfg.minhash_scheme not in SCHEMES:
-        raise ValueError(
-            f"caption_dedup.minhash_scheme must be one of {', '.join(SCHEMES)}, got {cfg.minhash_scheme!r}"
-        )
-    if cfg.bucket_window < 1 or cfg.batch_size < 1:
-        raise ValueError("caption_dedup.bucket_window and caption_dedup.batch_size must be at least 1")
-
-
 def find_caption_duplicates(
     captions: pa.Array | pa.ChunkedArray | list[str | None],
     cfg: CaptionDedupConfig | None = None,
     keys: pa.Array | pa.ChunkedArray | None = None,
-    use_ray: bool | None = None,
 ) -> CaptionDedupResult:
-    """Group duplicate captions. ``use_ray=None`` decides by ``cfg.ray_min_rows`` (and whether Ray is up)."""
+    """Group duplicate captions in this process (the whole column in memory).
+
+    For inputs of ``cfg.ray_min_rows`` rows or more, :func:`pipeline.dedup.caption_partitioned.
+    find_caption_duplicates_partitioned` gives the same output on Ray without holding the rows in
+    any one process; this function is its oracle.
+    """
     t_start = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -499,15 +251,6 @@ def find_caption_duplicates(
         keys = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
     if len(keys) != n:
         raise ValueError(f"{len(keys)} keys for {n} captions")
-    if use_ray is None:
-        import ray
-
-        use_ray = n >= cfg.ray_min_rows and ray.is_initialized()
-    if use_ray:
-        normalize_task, sketch_task, band_group_task, verify_task = _ray_tasks()
-        import ray
-
-        cpus = _cluster_cpus()
 
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
     hasher = MinHasher(
@@ -516,14 +259,10 @@ def find_caption_duplicates(
 
     # 1. Normalise.
     t = time.monotonic()
-    if use_ray and n:
-        refs = [normalize_task.remote(captions.slice(lo, hi - lo)) for lo, hi in _chunks(n, cfg.batch_size)]
-        normalized = pa.concat_arrays(ray.get(refs))
-    else:
-        normalized = normalize_captions(captions) if n else pa.array([], pa.string())
+    normalized = normalize_captions(captions) if n else pa.array([], pa.string())
     t = lap("normalize", t)
 
-    # 2. Exact pass: distinct non-empty normalised captions are the nodes.
+    # 2. Exact pass: distinct non-empty normalised captions are the nodes, numbered by first row.
     empty = pc.fill_null(pc.equal(pc.utf8_length(normalized), 0), True).to_numpy(zero_copy_only=False)
     nonempty_rows = np.flatnonzero(~empty)
     encoded = pc.dictionary_encode(normalized.take(pa.array(nonempty_rows))) if len(nonempty_rows) else None
@@ -536,55 +275,21 @@ def find_caption_duplicates(
     n_nodes = len(texts)
     t = lap("exact", t)
 
-    # 3-4. MinHash and LSH banding over distinct captions.
-    band_groups = 1
-    if use_ray and n_nodes:
+    # 3-5. MinHash, LSH banding and verification over distinct captions, in chunks of batch_size so
+    # memory stays bounded: a chunk's signatures are dropped once its band keys exist.
+    if n_nodes:
         chunks = _chunks(n_nodes, cfg.batch_size)
-        band_groups = max(1, min(bands, cpus))
-        texts_ref = ray.put(texts)
-        sketches = [
-            sketch_task.options(num_returns=band_groups + 1).remote(
-                texts.slice(lo, hi - lo), hasher, bands, rows, band_groups
-            )
-            for lo, hi in chunks
-        ]
-        pair_refs = [
-            band_group_task.remote(cfg.bucket_window, *[s[g] for s in sketches]) for g in range(band_groups)
-        ]
-        candidates = (
-            unique_pairs(np.concatenate(ray.get(pair_refs))) if pair_refs else np.zeros((0, 2), np.int64)
-        )
-        token_refs = [s[band_groups] for s in sketches]
-        starts = [lo for lo, _ in chunks]
-        t = lap("minhash_lsh", t)
-        parts = np.array_split(candidates, max(1, min(len(candidates) // 5000 + 1, 4 * cpus)))
-        results = ray.get(
-            [
-                verify_task.remote(p, texts_ref, cfg.threshold, cfg.word_guard, starts, *token_refs)
-                for p in parts
-                if len(p)
-            ]
-        )
-        keep = np.concatenate([r[0] for r in results]) if results else np.zeros(0, bool)
-        below = sum(r[1] for r in results)
-        substitutions = sum(r[2] for r in results)
-    elif n_nodes:
-        # Same chunking as on Ray, so memory stays bounded by batch_size: a chunk's signatures are
-        # dropped once its band keys exist.
-        sketches_local = [
-            sketch_chunk(texts.slice(lo, hi - lo), hasher, bands, rows, 1)
-            for lo, hi in _chunks(n_nodes, cfg.batch_size)
-        ]
-        keys_all = np.concatenate([sk.band_keys[0] for sk in sketches_local])
+        sketches = [sketch_chunk(texts.slice(lo, hi - lo), hasher, bands, rows) for lo, hi in chunks]
+        keys_all = np.concatenate([sk.band_keys for sk in sketches])
         candidates = bucket_pairs(keys_all, cfg.bucket_window)
         del keys_all
         t = lap("minhash_lsh", t)
-        if len(sketches_local) == 1:
-            tokens, offsets = sketches_local[0].tokens, sketches_local[0].offsets
+        if len(sketches) == 1:
+            tokens, offsets = sketches[0].tokens, sketches[0].offsets
         else:
-            starts = np.array([lo for lo, _ in _chunks(n_nodes, cfg.batch_size)])
+            starts = np.array([lo for lo, _ in chunks])
             tokens, offsets = gather_sets(
-                tuple((sk.tokens, sk.offsets) for sk in sketches_local), starts, np.arange(n_nodes)
+                tuple((sk.tokens, sk.offsets) for sk in sketches), starts, np.arange(n_nodes)
             )
         v = verify_pairs(candidates, tokens, offsets, texts, cfg.threshold, cfg.word_guard)
         keep, below, substitutions = v.keep, v.below_threshold, v.word_substitutions
@@ -594,7 +299,7 @@ def find_caption_duplicates(
     verified = candidates[keep]
     t = lap("verify", t)
 
-    # 5. Union-find over nodes, then back to rows; empty rows stay alone.
+    # 6. Union-find over nodes, then back to rows; empty rows stay alone.
     node_label = connected_components(n_nodes, verified)
     row_label = np.arange(n, dtype=np.int64)  # empty rows: their own group
     if len(nonempty_rows):
@@ -632,7 +337,7 @@ def find_caption_duplicates(
         "removable_rows": n - n_groups,
         "lsh_bands": bands,
         "lsh_rows": rows,
-        "mode": "ray" if use_ray else "in-process",
+        "mode": "in-process",
         "seconds": seconds_since(t_start),
         "stage_seconds": timings,
     }
@@ -669,25 +374,37 @@ class CaptionDedupStage(Stage):
     def compute(self) -> dict[str, Any]:
         started = time.monotonic()
         cfg = self.cfg
-        keys, captions, info = read_captions(cfg.input, cfg.caption_col, cfg.key_col)
+        source = caption_input(cfg.input, cfg.caption_col, cfg.key_col)
+        info = source.info()
         log.info(
             "caption dedup: %d rows from %d file(s), caption column %s",
-            len(captions),
+            source.num_rows,
             info["files"],
             info["caption_col"],
         )
-        use_ray = len(captions) >= cfg.ray_min_rows if self.use_ray is None else self.use_ray
-        if use_ray:
+        use_ray = source.num_rows >= cfg.ray_min_rows if self.use_ray is None else self.use_ray
+        output = self.out / OUTPUT_NAME
+        if use_ray:  # no process holds all rows; the table stays on disk
             with ray_session(self.ray_cfg or RayConfig()):
-                result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=True)
+                stats = find_caption_duplicates_partitioned(
+                    list(zip(source.files, source.rows, strict=True)),
+                    cfg,
+                    work_dir=self.out / WORK_NAME,
+                    out_path=output,
+                    caption_col=source.caption_col,
+                    key_col=source.key_col,
+                )
+            table, captions = output, None
         else:
-            result = find_caption_duplicates(captions, cfg, keys=keys, use_ray=False)
-        atomic_write_table(self.out / OUTPUT_NAME, result.table)
+            keys, captions, _ = read_captions(cfg.input, cfg.caption_col, cfg.key_col)
+            result = find_caption_duplicates(captions, cfg, keys=keys)
+            atomic_write_table(output, result.table)
+            stats, table = result.stats, result.table
         summary = {
             "job": "dedup_captions",
-            "output": str(self.out / OUTPUT_NAME),
+            "output": str(output),
             **info,
-            **result.stats,
+            **stats,
             "threshold": cfg.threshold,
             "num_perm": cfg.num_perm,
             "shingle_size": cfg.shingle_size,
@@ -696,8 +413,8 @@ class CaptionDedupStage(Stage):
         if cfg.report:
             write_dedup_report(
                 self.out / REPORT_NAME,
-                caption_duplicates=result.table,
-                caption_summary=result.stats,
+                caption_duplicates=table,
+                caption_summary=stats,
                 caption_cfg=cfg,
                 captions=captions,
                 title="Caption duplicates",
@@ -712,9 +429,10 @@ def run_caption_dedup(
 ) -> dict[str, Any]:
     """Read ``cfg.input``, find duplicate captions, write ``caption_duplicates.parquet`` + summary.
 
-    With ``use_ray=None`` the input size decides: at least ``cfg.ray_min_rows`` rows run on Ray
-    (joining or starting it through :func:`pipeline.core.ray_runtime.ray_session` with ``ray_cfg``),
-    fewer run in-process without starting Ray at all. A re-run with the same options over unchanged
+    With ``use_ray=None`` the input size decides: at least ``cfg.ray_min_rows`` rows run partitioned
+    on Ray (:mod:`pipeline.dedup.caption_partitioned`, joining or starting Ray through
+    :func:`pipeline.core.ray_runtime.ray_session` with ``ray_cfg``), fewer run in-process without
+    starting Ray at all. A re-run with the same options over unchanged
     input files returns the saved summary (``skipped: true``).
     """
     return run_stage(CaptionDedupStage(cfg, ray_cfg, use_ray), cfg.out)
