@@ -3,8 +3,8 @@
     python benchmarks/knn_service.py --rows 1000000 --json knn.json
 
 1. **Bundle.** N rows are built into a real bundle by ``build_bundle`` from a synthetic embedding
-   folder in LAION's layout (512-d float16 vectors, clustered, 5% near-copies and 0.5% exact copies:
-   ``image_dedup.synthetic_embeddings``; 8-word captions, 2% repeated), given to the build as
+   folder in LAION's layout (512-d float16 vectors, clustered, 2% near-copies and 0.5% exact copies,
+   8-word captions, planted repeated ones: ``synthetic_laion.py``), given to the build as
    ``--embeddings`` (as LAION's released embeddings would be: no ingest, no embed, no images). Image
    dedup runs its exact pass only (the other passes are measured by ``image_dedup.py``), the index
    is what the auto rules choose for N, the G_dup table counts ``--knn-k`` neighbours.
@@ -37,70 +37,25 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from image_dedup import synthetic_embeddings
+from synthetic_laion import write_embedding_folder
 
 from pipeline.bundle.build import build_bundle
 from pipeline.bundle.reader import open_bundle
 from pipeline.core.config import PipelineConfig
-from pipeline.core.storage import atomic_write_table
-from pipeline.io.embeddings import IMG_EMB, METADATA_SCHEMA, embedding_path, metadata_path
 from pipeline.serve.app import wait_until_routed
 
-PART_ROWS = 100_000
 DIM = 512
-
-
-def write_embedding_folder(folder: Path, n: int, seed: int) -> None:
-    """LAION-layout partitions of ``n`` rows: vectors, and metadata with exact copies sharing sha256."""
-    vectors, copy_of = synthetic_embeddings(n, DIM, seed)
-    rng = np.random.default_rng(seed + 7)
-    exact = rng.choice(n // 2, n // 200, replace=False)  # 0.5%: rows n/2.. copy rows 0..n/2 byte for byte
-    targets = np.arange(n // 2, n // 2 + len(exact))
-    vectors[targets] = vectors[exact]
-    sha = np.array([f"{i:064x}" for i in range(n)], dtype=object)
-    sha[targets] = sha[exact]
-    # Captions of 8 words from a 20,000-word vocabulary: as unlike each other as real alt texts mostly
-    # are (captions differing in one token would all be MinHash candidates of one another).
-    words = np.array([f"w{i:05d}" for i in range(20_000)], dtype=object)
-    drawn = rng.integers(0, len(words), (n, 8))
-    captions = np.array([" ".join(words[row]) for row in drawn], dtype=object)
-    repeats = rng.choice(n, n // 50, replace=False)
-    captions[repeats] = [f"a repeated stock caption {r % 200}" for r in range(len(repeats))]
-    del copy_of
-    for part, lo in enumerate(range(0, n, PART_ROWS)):
-        hi = min(lo + PART_ROWS, n)
-        name = f"{part:05d}"
-        path = embedding_path(folder, IMG_EMB, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, vectors[lo:hi])
-        meta = pa.table(
-            {
-                "key": [f"{i:09d}" for i in range(lo, hi)],
-                "caption": captions[lo:hi].tolist(),
-                "url": [f"http://example.invalid/{i}.jpg" for i in range(lo, hi)],
-                "sha256": sha[lo:hi].tolist(),
-                "width": pa.array(np.full(hi - lo, 256), pa.int32()),
-                "height": pa.array(np.full(hi - lo, 256), pa.int32()),
-                "shard": [name] * (hi - lo),
-                "phash": pa.array(rng.integers(0, 2**63, hi - lo, dtype=np.int64).astype(np.uint64)),
-            },
-            schema=METADATA_SCHEMA.with_metadata({"embed_model": "synthetic", "semantic": "true"}),
-        )
-        metadata_path(folder, name).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_table(metadata_path(folder, name), meta)
 
 
 def build_synthetic_bundle(root: Path, n: int, knn_k: int, seed: int) -> dict:
     """The bundle of N synthetic rows, built from their embedding folder (``--embeddings``)."""
     source = root.parent / "embeddings"
-    if not (source / IMG_EMB).is_dir():
-        write_embedding_folder(source, n, seed)
+    write_embedding_folder(source, n, seed, DIM)  # reused when it holds these rows already
     cfg = PipelineConfig()
     cfg = dataclasses.replace(
         cfg,
