@@ -61,6 +61,7 @@ together, connected components by large-star / small-star rounds; no process hol
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,15 +386,18 @@ class CaptionDedupStage(Stage):
         use_ray = source.num_rows >= cfg.ray_min_rows if self.use_ray is None else self.use_ray
         output = self.out / OUTPUT_NAME
         if use_ray:  # no process holds all rows; the table stays on disk
+            work = self.out / WORK_NAME
+            shutil.rmtree(work, ignore_errors=True)  # a killed run's shuffle files
             with ray_session(self.ray_cfg or RayConfig()):
                 stats = find_caption_duplicates_partitioned(
                     list(zip(source.files, source.rows, strict=True)),
                     cfg,
-                    work_dir=self.out / WORK_NAME,
+                    work_dir=work,
                     out_path=output,
                     caption_col=source.caption_col,
                     key_col=source.key_col,
                 )
+            work.rmdir()
             table, captions = output, None
         else:
             keys, captions, _ = read_captions(cfg.input, cfg.caption_col, cfg.key_col)

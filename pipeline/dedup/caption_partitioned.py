@@ -50,6 +50,7 @@ import logging
 import os
 import resource
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -513,7 +514,7 @@ def _peak_rss_mb() -> int:
 
 def _run(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     out = fn(*args)
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = _peak_rss_mb()  # of this worker process, over its life so far
     return out
 
 
@@ -522,6 +523,45 @@ def _remote_run():
     import ray
 
     return ray.remote(num_cpus=1)(_run)
+
+
+class _Steps:
+    """Runs each step's tasks on Ray and keeps what they report: counts and seconds per step."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[dict[str, Any]]] = {}
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[..., dict[str, Any]], calls: list[tuple]) -> list[dict[str, Any]]:
+        import ray
+
+        started = time.monotonic()
+        remote = _remote_run()
+        results = ray.get([remote.remote(fn, *args) for args in calls])
+        self.counts.setdefault(name, []).extend(results)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+        return results
+
+    def total(self, name: str, key: str) -> int:
+        return sum(int(r[key]) for r in self.counts.get(name, []))
+
+    def time(self, *names: str) -> float:
+        return round(sum(self.seconds.get(n, 0.0) for n in names), 3)
+
+
+def _components(steps: _Steps, layout: Layout) -> tuple[list[str] | None, int]:
+    """Step 7: large-star / small-star rounds until settled: the label files and the rounds run."""
+    if not steps.total("verify", "edges"):
+        return None, 0
+    P = layout.parts
+    inputs = layout.paths("cc0", layout.units)
+    for rnd in range(MAX_ROUNDS):
+        done = steps.run("large_star", large_star_part, [(layout, k, inputs, rnd) for k in range(P)])
+        if sum(r["unsettled"] for r in done) == 0:
+            return layout.paths(f"cc{rnd}_labels", P), rnd + 1
+        steps.run("small_star", small_star_part, [(layout, k, rnd) for k in range(P)])
+        inputs = layout.paths(f"cc{rnd + 1}", P)
+    raise RuntimeError(f"connected components did not settle in {MAX_ROUNDS} rounds")
 
 
 def _key_type(partitions: Sequence[tuple[str | Path, int]], key_col: str | None) -> pa.DataType:
@@ -547,7 +587,6 @@ def find_caption_duplicates_partitioned(
     key_col: str | None = "key",
     reducers: int | None = None,
     hash_bits: int = 64,
-    keep_work: bool = False,
 ) -> dict[str, Any]:
     """Caption duplicates of Parquet files in row order, written to ``out_path``; returns the stats.
 
@@ -559,113 +598,82 @@ def find_caption_duplicates_partitioned(
     Args:
         partitions: ``(parquet file, rows)`` in row order; global row id = file offset + position.
         cfg: the caption dedup options; ``batch_size`` rows make a unit (a task's share of rows).
-        work_dir: folder for the shuffle files, used by this call only: emptied first, removed at
-            the end unless ``keep_work``. Every worker must see it (one machine, or a shared volume).
+        work_dir: where this call makes its own folder of shuffle files (removed at the end, also
+            on failure). Every worker must see it: one machine, or a volume shared by the nodes.
         out_path: ``caption_duplicates.parquet`` to write (atomically).
         caption_col: caption column; a file without it has null captions.
         key_col: key column (a file without it has null keys); None: the global row number.
         reducers: parts of the hash, key and owner shuffles (default: one per unit).
         hash_bits: bits of the text hash that route the exact pass (tests only).
     """
-    import ray
-
     started = time.monotonic()
     check_config(cfg)
-    timings: dict[str, float] = {}
-    counts: dict[str, list[dict[str, Any]]] = {}
-    remote = _remote_run()
-    work = Path(work_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-
-    def run(name: str, fn: Callable[..., dict[str, Any]], args: list[tuple]) -> list[dict[str, Any]]:
-        t = time.monotonic()
-        results = ray.get([remote.remote(fn, *a) for a in args])
-        counts.setdefault(name, []).extend(results)
-        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t, 3)
-        return results
-
-    def total(name: str, key: str) -> int:
-        return sum(int(r[key]) for r in counts.get(name, []))
-
     units, bounds = plan_units(partitions, cfg.batch_size)
     n = bounds[-1]
-    parts = max(1, reducers or len(units))
-    layout = Layout(str(work), tuple(bounds), parts, hash_bits)
     key_type = _key_type(partitions, key_col)
+    schema = pa.schema([pa.field("key", key_type), *OUTPUT_SCHEMA_TAIL])
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
     hasher = MinHasher(
         num_perm=cfg.num_perm, seed=cfg.seed, shingle_size=cfg.shingle_size, scheme=cfg.minhash_scheme
     )
-    schema = pa.schema([pa.field("key", key_type), *OUTPUT_SCHEMA_TAIL])
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="caption-shuffle-", dir=work_dir)
+    layout = Layout(work, tuple(bounds), max(1, reducers or len(units)), hash_bits)
+    U, P = layout.units, layout.parts
+    steps = _Steps()
     rounds = 0
-    if n:
-        U, P = layout.units, parts
-        run("normalize", map_unit, [(layout, u, units[u], caption_col, key_col, key_type) for u in range(U)])
-        run("exact", exact_part, [(layout, p) for p in range(P)])
-        run("minhash", minhash_range, [(layout, r, hasher, bands, rows) for r in range(U)])
-        run("bands", band_part, [(layout, q, cfg.bucket_window) for q in range(P)])
-        run("join_lo", join_lo, [(layout, r) for r in range(U)])
-        verify_args = (cfg.threshold, cfg.word_guard, cfg.shingle_size)
-        run("verify", join_hi_verify, [(layout, r, *verify_args) for r in range(U)])
-        labels = None
-        if total("verify", "edges"):
-            inputs = layout.paths("cc0", U)
-            while True:
-                if rounds >= MAX_ROUNDS:
-                    raise RuntimeError(f"connected components did not settle in {MAX_ROUNDS} rounds")
-                done = run("large_star", large_star_part, [(layout, k, inputs, rounds) for k in range(P)])
-                if sum(r["unsettled"] for r in done) == 0:
-                    labels = layout.paths(f"cc{rounds}_labels", P)
-                    break
-                run("small_star", small_star_part, [(layout, k, rounds) for k in range(P)])
-                rounds += 1
-                inputs = layout.paths(f"cc{rounds}", P)
-            rounds += 1
-        run("resolve", resolve_part, [(layout, k, labels[k] if labels else None) for k in range(P)])
-        run("compose", compose_part, [(layout, k) for k in range(P)])
-        run("final", final_unit, [(layout, u, key_type) for u in range(U)])
-    run(
-        "write",
-        concat_parts,
-        [([layout.path("out", u, ".parquet") for u in range(layout.units)], str(out_path), schema)],
-    )
-    if not keep_work:
+    try:
+        if n:
+            steps.run(
+                "map", map_unit, [(layout, u, units[u], caption_col, key_col, key_type) for u in range(U)]
+            )
+            steps.run("exact", exact_part, [(layout, p) for p in range(P)])
+            steps.run("minhash", minhash_range, [(layout, r, hasher, bands, rows) for r in range(U)])
+            steps.run("bands", band_part, [(layout, q, cfg.bucket_window) for q in range(P)])
+            steps.run("join_lo", join_lo, [(layout, r) for r in range(U)])
+            verify = (cfg.threshold, cfg.word_guard, cfg.shingle_size)
+            steps.run("verify", join_hi_verify, [(layout, r, *verify) for r in range(U)])
+            labels, rounds = _components(steps, layout)
+            steps.run("resolve", resolve_part, [(layout, k, labels[k] if labels else None) for k in range(P)])
+            steps.run("compose", compose_part, [(layout, k) for k in range(P)])
+            steps.run("final", final_unit, [(layout, u, key_type) for u in range(U)])
+        out_parts = [layout.path("out", u, ".parquet") for u in range(U)]
+        steps.run("write", concat_parts, [(out_parts, str(out_path), schema)])
+    finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    empty = total("normalize", "empty")
-    distinct = total("exact", "nodes")
-    groups = empty + total("resolve", "groups") + total("compose", "groups")
-    stage = {
-        "normalize": timings.get("normalize", 0.0),
-        "exact": timings.get("exact", 0.0),
-        "minhash_lsh": round(timings.get("minhash", 0.0) + timings.get("bands", 0.0), 3),
-        "verify": round(timings.get("join_lo", 0.0) + timings.get("verify", 0.0), 3),
-        "union_find": round(
-            sum(timings.get(s, 0.0) for s in ("large_star", "small_star", "resolve", "compose")), 3
-        ),
-        "write": round(timings.get("final", 0.0) + timings.get("write", 0.0), 3),
-    }
+    empty = steps.total("map", "empty")
+    distinct = steps.total("exact", "nodes")
+    groups = empty + steps.total("resolve", "groups") + steps.total("compose", "groups")
     return {
         "rows": n,
         "empty_captions": empty,
         "distinct_normalized": distinct,
         "exact_duplicate_rows": n - empty - distinct,
-        "candidate_pairs": total("join_lo", "candidates"),
-        "verified_pairs": total("verify", "verified"),
-        "rejected_below_threshold": total("verify", "below"),
-        "rejected_word_substitution": total("verify", "substitutions"),
+        "candidate_pairs": steps.total("join_lo", "candidates"),
+        "verified_pairs": steps.total("verify", "verified"),
+        "rejected_below_threshold": steps.total("verify", "below"),
+        "rejected_word_substitution": steps.total("verify", "substitutions"),
         "groups": groups,
-        "duplicate_groups": total("resolve", "duplicate_groups") + total("compose", "groups"),
-        "rows_in_duplicate_groups": total("resolve", "rows_in_duplicate_groups") + total("compose", "rows"),
+        "duplicate_groups": steps.total("resolve", "duplicate_groups") + steps.total("compose", "groups"),
+        "rows_in_duplicate_groups": (
+            steps.total("resolve", "rows_in_duplicate_groups") + steps.total("compose", "rows")
+        ),
         "removable_rows": n - groups,
         "lsh_bands": bands,
         "lsh_rows": rows,
         "mode": "partitioned",
         "seconds": seconds_since(started),
-        "stage_seconds": stage,
-        "parts": parts,
-        "units": layout.units,
+        "stage_seconds": {
+            "normalize": steps.time("map"),
+            "exact": steps.time("exact"),
+            "minhash_lsh": steps.time("minhash", "bands"),
+            "verify": steps.time("join_lo", "verify"),
+            "union_find": steps.time("large_star", "small_star", "resolve", "compose"),
+            "write": steps.time("final", "write"),
+        },
+        "parts": P,
+        "units": U,
         "cc_rounds": rounds,
-        "peak_worker_rss_mb": max((r["peak_rss_mb"] for rs in counts.values() for r in rs), default=0),
+        "peak_worker_rss_mb": max((r["peak_rss_mb"] for rs in steps.counts.values() for r in rs), default=0),
     }
