@@ -21,7 +21,9 @@ writes them (8 words of a 20,000-word vocabulary, 2% of rows one of 200 repeated
 Parquet files of 100,000 rows, deduplicated on a local Ray with all cores; every 0.2 s this process
 reads ``/proc`` for the RSS of itself (the driver) and of every descendant (Ray's workers, raylet,
 gcs...). Reported: time, stage seconds, peak RSS of the driver and of each other process; with
-``--check`` the in-process path then runs on the same rows and the outputs are compared.
+``--check`` the in-process path then runs on the same rows and the outputs are compared. Those
+captions have no near duplicates (no verified pair, no component to find): ``--planted`` takes the
+planted captions of the quality benchmark instead.
 
     .venv/bin/python benchmarks/caption_dedup.py --scale 1000000 --check --json caption-1m.json
 """
@@ -231,7 +233,12 @@ def _synthetic_part(path: Path, lo: int, hi: int, seed: int) -> None:
     pq.write_table(pa.table({"key": keys, "caption": pa.array(captions.tolist(), pa.string())}), path)
 
 
-def synthetic_parts(folder: Path, rows: int, seed: int) -> list[tuple[Path, int]]:
+def _planted_parts(folder: Path, rows: int, seed: int) -> None:
+    """Planted captions (:mod:`fixtures.planted_captions`) as Parquet files of PART_ROWS rows."""
+    write_parquet_parts(folder, generate(rows, seed=seed).captions)
+
+
+def synthetic_parts(folder: Path, rows: int, seed: int, planted: bool = False) -> list[tuple[Path, int]]:
     """The scale input, written by child processes (this process stays small), reused when present."""
     from concurrent.futures import ProcessPoolExecutor
 
@@ -241,8 +248,11 @@ def synthetic_parts(folder: Path, rows: int, seed: int) -> list[tuple[Path, int]
         for i, lo in enumerate(range(0, rows, PART_ROWS))
     ]
     todo = [p for p in plan if not p[0].exists()]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        list(pool.map(_synthetic_part, *zip(*todo, strict=True), [seed] * len(todo)))
+    with ProcessPoolExecutor(max_workers=1 if planted else os.cpu_count()) as pool:
+        if planted and todo:
+            pool.submit(_planted_parts, folder, rows, seed).result()
+        elif todo:
+            list(pool.map(_synthetic_part, *zip(*todo, strict=True), [seed] * len(todo)))
     return [(path, hi - lo) for path, lo, hi in plan]
 
 
@@ -312,13 +322,17 @@ def scale(args: argparse.Namespace) -> dict:
     import ray
 
     work = Path(args.work or tempfile.mkdtemp(prefix="caption_scale"))
-    files = synthetic_parts(work / f"captions_{args.scale}", args.scale, args.seed)
+    kind = "planted" if args.planted else "captions"
+    files = synthetic_parts(work / f"{kind}_{args.scale}", args.scale, args.seed, args.planted)
     cfg = CaptionDedupConfig()
     results: dict = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "benchmarks/caption_dedup.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "rows": args.scale,
+        "data": "planted duplicates (fixtures.planted_captions)"
+        if args.planted
+        else "kNN benchmark captions",
         "batch_size": cfg.batch_size,
     }
     t = time.perf_counter()
@@ -366,6 +380,9 @@ def main() -> None:
         help="instead: the partitioned path alone on this many synthetic captions",
     )
     parser.add_argument("--check", action="store_true", help="with --scale: compare with the in-process path")
+    parser.add_argument(
+        "--planted", action="store_true", help="with --scale: the planted captions instead (near duplicates)"
+    )
     parser.add_argument("--work", type=Path, default=None, help="with --scale: keep the input files here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     parser.add_argument(

@@ -27,7 +27,7 @@ named by its first row id):
 5. **join lo** (per node range): pairs de-duplicated (all copies of a pair meet here) and joined with
    the text of their smaller node; routed by the range of the larger node.
 6. **join hi + verify** (per node range): joined with the larger node's text; shingle sets computed
-   for the texts the task holds and the pairs verified by
+   for the texts of ``batch_size`` pairs at a time and the pairs verified by
    :func:`pipeline.dedup.caption_steps.verify_pairs` (Jaccard, word guard). The verified edges of the task
    become stars (:func:`pipeline.dedup.union_find.component_stars`) routed to both ends' owners.
 7. **components**: rounds of large-star / small-star (:mod:`pipeline.dedup.union_find`) over
@@ -65,7 +65,14 @@ import pyarrow.parquet as pq
 from pipeline.core.config import CaptionDedupConfig
 from pipeline.core.stage import seconds_since
 from pipeline.core.storage import publish_tmp, unique_tmp_path
-from pipeline.dedup.caption_steps import check_config, sketch_chunk, unique_pairs, verify_pairs, window_pairs
+from pipeline.dedup.caption_steps import (
+    Verdicts,
+    check_config,
+    sketch_chunk,
+    unique_pairs,
+    verify_pairs,
+    window_pairs,
+)
 from pipeline.dedup.minhash import MinHasher, char_shingles, lsh_params, shingle_hashes
 from pipeline.dedup.text_normalize import normalize_captions
 from pipeline.dedup.union_find import component_stars, large_star, small_star
@@ -368,31 +375,52 @@ def join_lo(layout: Layout, r: int) -> dict[str, Any]:
     return {"candidates": len(pairs)}
 
 
+def _verify_chunk(
+    ids: np.ndarray, texts: pa.Array, threshold: float, word_guard: bool, shingle_size: int
+) -> Verdicts:
+    """Verdicts on pairs (ids[:m], ids[m:]) with texts (texts[:m], texts[m:]): each distinct text's
+    shingle set computed once, into the chunk's own small CSR."""
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    local_texts = texts.take(pa.array(first))
+    sh = char_shingles(local_texts, shingle_size)
+    local_pairs = inverse.reshape(2, -1).T
+    return verify_pairs(local_pairs, shingle_hashes(sh), sh.offsets, local_texts, threshold, word_guard)
+
+
 def join_hi_verify(
-    layout: Layout, r: int, threshold: float, word_guard: bool, shingle_size: int
+    layout: Layout, r: int, threshold: float, word_guard: bool, shingle_size: int, chunk_pairs: int
 ) -> dict[str, Any]:
     """Step 6: pairs whose larger node is in range ``r`` get its text and are verified; the verified
-    edges leave as stars, routed to both ends' owners."""
+    edges leave as stars, routed to both ends' owners.
+
+    Pairs are verified ``chunk_pairs`` at a time, in order of their smaller node, so the shingle sets
+    in memory are those of at most ``2 * chunk_pairs`` texts however many pairs the range has.
+    """
     table = read_part(layout.paths("joined", layout.units), r)
     lo, hi = _np(table, "lo"), _np(table, "hi")
     nodes, texts = _node_texts(layout, r)
+    text_lo = table.column("text_lo").combine_chunks()
     text_hi = _lookup(nodes, texts, hi)
-    # Each text once: the task's own small CSR of shingle sets.
-    _, first, inverse = np.unique(np.concatenate([lo, hi]), return_index=True, return_inverse=True)
-    both = pa.concat_arrays([table.column("text_lo").combine_chunks(), text_hi])
-    local_texts = both.take(pa.array(first))
-    sh = char_shingles(local_texts, shingle_size)
-    local_pairs = inverse.reshape(2, -1).T
-    verdicts = verify_pairs(local_pairs, shingle_hashes(sh), sh.offsets, local_texts, threshold, word_guard)
-    edges = np.stack([lo, hi], axis=1)[verdicts.keep]
+    keep = np.zeros(len(lo), dtype=bool)
+    below = substitutions = 0
+    order = np.lexsort((hi, lo))
+    for start in range(0, len(order), chunk_pairs):
+        idx = order[start : start + chunk_pairs]
+        take = pa.array(idx)
+        verdicts = _verify_chunk(
+            np.concatenate([lo[idx], hi[idx]]),
+            pa.concat_arrays([text_lo.take(take), text_hi.take(take)]),
+            threshold,
+            word_guard,
+            shingle_size,
+        )
+        keep[idx] = verdicts.keep
+        below += verdicts.below_threshold
+        substitutions += verdicts.word_substitutions
+    edges = np.stack([lo, hi], axis=1)[keep]
     node, root = component_stars(edges)
     _write_adjacency(layout, layout.path("cc0", r), node, root)
-    return {
-        "verified": len(edges),
-        "below": verdicts.below_threshold,
-        "substitutions": verdicts.word_substitutions,
-        "edges": len(node),
-    }
+    return {"verified": len(edges), "below": below, "substitutions": substitutions, "edges": len(node)}
 
 
 def _write_adjacency(layout: Layout, path: str, a: np.ndarray, b: np.ndarray) -> None:
@@ -631,7 +659,7 @@ def find_caption_duplicates_partitioned(
             steps.run("minhash", minhash_range, [(layout, r, hasher, bands, rows) for r in range(U)])
             steps.run("bands", band_part, [(layout, q, cfg.bucket_window) for q in range(P)])
             steps.run("join_lo", join_lo, [(layout, r) for r in range(U)])
-            verify = (cfg.threshold, cfg.word_guard, cfg.shingle_size)
+            verify = (cfg.threshold, cfg.word_guard, cfg.shingle_size, cfg.batch_size)
             steps.run("verify", join_hi_verify, [(layout, r, *verify) for r in range(U)])
             labels, rounds = _components(steps, layout)
             steps.run("resolve", resolve_part, [(layout, k, labels[k] if labels else None) for k in range(P)])
