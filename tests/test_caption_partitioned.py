@@ -149,6 +149,14 @@ def test_shuffle_file_round_trip(tmp_path: Path):
     assert read_part([str(tmp_path / "f.arrow")] * 2, 0).column("row").to_pylist() == [1, 4, 1, 4]
 
 
+def test_row_counts_are_checked_before_any_work(tmp_path: Path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"caption": ["a", "b", "c"]}), path)
+    with pytest.raises(ValueError, match="has 3 rows, not 2"):
+        find_caption_duplicates_partitioned([(path, 2)], CaptionDedupConfig(), tmp_path / "w", tmp_path / "o")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # The whole path on Ray against the oracle.
 # ------------------------------------------------------------------------------------------------

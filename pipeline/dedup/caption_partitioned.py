@@ -568,6 +568,7 @@ class _Steps:
         results = ray.get([remote.remote(fn, *args) for args in calls])
         self.counts.setdefault(name, []).extend(results)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+        log.info("caption dedup: %s, %d tasks, %.1f s", name, len(calls), time.monotonic() - started)
         return results
 
     def total(self, name: str, key: str) -> int:
@@ -593,14 +594,18 @@ def _components(steps: _Steps, layout: Layout) -> tuple[list[str] | None, int]:
 
 
 def _key_type(partitions: Sequence[tuple[str | Path, int]], key_col: str | None) -> pa.DataType:
-    """The key column's type over all files (permissive promotion, as concatenating them would)."""
+    """The key column's type over all files (permissive promotion, as concatenating them would),
+    after checking each file's row count against the one given (footers only)."""
+    fields = []
+    for path, rows in partitions:
+        meta = pq.ParquetFile(path).metadata
+        if meta.num_rows != rows:
+            raise ValueError(f"{path} has {meta.num_rows} rows, not {rows}")
+        schema = meta.schema.to_arrow_schema()
+        if key_col and key_col in schema.names:
+            fields.append(pa.schema([schema.field(key_col)]))
     if not key_col:
         return pa.int64()
-    fields = []
-    for path, _ in partitions:
-        schema = pq.read_schema(path)
-        if key_col in schema.names:
-            fields.append(pa.schema([schema.field(key_col)]))
     if not fields:
         return pa.string()
     return pa.unify_schemas(fields, promote_options="permissive").field(key_col).type
