@@ -12,7 +12,7 @@ and sha256, table schemas), samples.parquet, embeddings/ (LAION layout), image_d
 caption_duplicates.parquet, caption_dedup_table.parquet and index/. Every step is resumable: a
 re-run skips the steps whose inputs and options are unchanged (and does nothing when all are).
 Open the result with pipeline.bundle.build.open_bundle(BUNDLE). Options of each stage are flags with the
-stage's prefix (--embed-..., --image-dedup-..., --caption-dedup-..., --index-..., --ingest-...).
+stage's prefix (--embed-..., --cells-..., --image-dedup-..., --caption-dedup-..., --index-..., --ingest-...).
 """
 
 from _bootstrap import run_job
@@ -25,7 +25,7 @@ from pipeline.core.ray_runtime import ray_session
 
 
 def main(argv: list[str] | None = None) -> dict:
-    extra = ("ray", "ingest", "embed", "image_dedup", "caption_dedup", "index")
+    extra = ("ray", "ingest", "embed", "cells", "image_dedup", "caption_dedup", "index")
     cfg = parse_config(build_parser(__doc__, main="bundle", extra=extra), argv)
     # Ray starts with the first step that needs it (ingest or embed with shards to read).
     with output_lock(cfg.bundle.out, job="build_artifacts"), ray_session(cfg.ray, lazy=True) as ray:

@@ -58,7 +58,10 @@ def world(ray_local, tmp_path_factory) -> dict[str, Path]:
     cfg = dataclasses.replace(
         PipelineConfig(),
         bundle=BundleConfig(
-            shards=str(root / "shards"), out=str(root / "bundle"), knn_k=10, duplicate_caption_min_count=2
+            shards=str(root / "shards"),
+            out=str(root / "bundle"),
+            duplicate_caption_k=10,
+            duplicate_caption_min_count=2,
         ),
         embed=EmbedConfig(sscd_checkpoint=str(sscd), log_every_s=600),
     )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_image_dedup import VERBATIM_CAPTION, planted_images
@@ -26,7 +27,7 @@ from pipeline.bundle.layout import (
 )
 from pipeline.bundle.reader import open_bundle
 from pipeline.bundle.tables import SCHEMA as TABLE_SCHEMA
-from pipeline.core.config import BundleConfig, EmbedConfig, PipelineConfig
+from pipeline.core.config import BundleConfig, CellsConfig, EmbedConfig, PipelineConfig
 from pipeline.core.neighbours import DuplicateCaption, NeighbourIndex
 from pipeline.core.storage import sha256_file
 from pipeline.dedup.image import SCHEMA as DUPLICATES_SCHEMA
@@ -36,18 +37,22 @@ REPO = Path(__file__).resolve().parent.parent
 VERBATIM_COPIES = 6
 KNN_K = 8
 MIN_COUNT = 4
+CELL_ROWS = 20  # several k-means cells even in this small bundle
 
 
 def bundle_config(root: Path, **bundle: object) -> PipelineConfig:
     options = {
         "shards": str(root / "shards"),
         "out": str(root / "bundle"),
-        "knn_k": KNN_K,
+        "duplicate_caption_k": KNN_K,
         "duplicate_caption_min_count": MIN_COUNT,
         **bundle,
     }
     return dataclasses.replace(
-        PipelineConfig(), bundle=BundleConfig(**options), embed=EmbedConfig(log_every_s=600)
+        PipelineConfig(),
+        bundle=BundleConfig(**options),
+        embed=EmbedConfig(log_every_s=600),
+        cells=CellsConfig(rows_per_cell=CELL_ROWS),
     )
 
 
@@ -80,6 +85,7 @@ def test_build_runs_every_step_and_the_manifest_matches_the_files(built):
     assert summary["steps_run"] == [
         "ingest",
         "embed",
+        "cells",
         "image_dedup",
         "caption_dedup",
         "index",
@@ -113,7 +119,9 @@ def test_build_runs_every_step_and_the_manifest_matches_the_files(built):
     assert counts["image_duplicate_groups"] == 9  # 8 photographs with copies + the verbatim picture
     assert manifest["model"]["name"] == "tiny-random-seed0" and manifest["model"]["semantic"] is False
     thresholds = manifest["thresholds"]
-    assert thresholds["duplicate_caption_min_count"] == MIN_COUNT and thresholds["knn_k"] == KNN_K
+    assert (
+        thresholds["duplicate_caption_min_count"] == MIN_COUNT and thresholds["duplicate_caption_k"] == KNN_K
+    )
     assert thresholds["image_phash_max_distance"] == 12 and thresholds["image_semantic_ran"] is False
     assert manifest["index"]["kind"] == "flat" and manifest["index"]["recall_at_k"] == 1.0
     assert len(manifest["code_version"]["git_commit"]) == 40
@@ -177,12 +185,43 @@ def test_duplicate_caption_lookup_for_verbatim_rows_and_below_the_minimum(built)
         assert r["group_caption_count"] == VERBATIM_COPIES and r["caption_group_size"] == VERBATIM_COPIES
         y_n = bundle.duplicate_caption(r["row_id"])
         assert y_n == DuplicateCaption(caption=VERBATIM_CAPTION, count=VERBATIM_COPIES)
-    below = [r for r in table if r["knn_caption_count"] < MIN_COUNT]
-    assert below, "some row has no caption repeated MIN_COUNT times among its neighbours"
+    below = [r for r in table if r["cell_caption_count"] < MIN_COUNT]
+    assert below, "some row has no caption repeated MIN_COUNT times in its cell"
     for r in below[:5]:
         y_n = bundle.duplicate_caption(r["row_id"])
-        assert y_n.caption is None and y_n.count == r["knn_caption_count"]
-    assert all(r["knn_k"] == KNN_K for r in table)
+        assert y_n.caption is None and y_n.count == r["cell_caption_count"]
+    assert max(r["cell_rows"] for r in table) < len(table)  # cells, not the whole bundle
+
+
+@pytest.mark.slow
+def test_duplicate_caption_near_applies_the_authors_rule_like_brute_force(built):
+    """y_N by embedding: the dominant normalised caption among the k nearest training images, counted
+    only from min_count; equal to a brute-force count over exact neighbours, for every row's embedding
+    and for perturbed ones."""
+    from pipeline.dedup.text_normalize import normalize_captions
+
+    root, _, _, _ = built
+    bundle = open_bundle(root / "bundle", verify=False)
+    n = len(bundle)
+    vectors = bundle.embeddings(np.arange(n))
+    captions = bundle.table.column("caption")
+    normalized = normalize_captions(captions).to_pylist()
+    rng = np.random.default_rng(1)
+    queries = np.concatenate([vectors, vectors + rng.normal(size=vectors.shape).astype(np.float32) * 0.05])
+    hits = 0
+    for query in queries:
+        scores = vectors @ (query / np.linalg.norm(query))
+        nearest = np.argsort(-scores, kind="stable")[:KNN_K]
+        counted = [normalized[i] for i in nearest if normalized[i]]
+        best = max(counted, key=lambda c: (counted.count(c), -counted.index(c)), default=None)
+        expected = best if best is not None and counted.count(best) >= MIN_COUNT else None
+        found = bundle.duplicate_caption_near(query)
+        got = None if found.caption is None else normalize_captions(pa.array([found.caption]))[0].as_py()
+        assert got == expected
+        hits += expected is not None
+    assert hits >= VERBATIM_COPIES  # the verbatim rows at least have a y_N
+    y_n = bundle.duplicate_caption_near(vectors[0], k=n, min_count=n + 1)
+    assert y_n.caption is None  # nothing occurs more often than there are rows
 
 
 def edit_manifest(bundle: Path, change) -> None:
@@ -349,7 +388,7 @@ def test_rerun_is_a_no_op(built):
     before = {rel: (path / rel).stat().st_mtime_ns for rel in bundle_files(path) | {MANIFEST}}
     summary = build_bundle(cfg)
     assert summary["steps_run"] == [] and summary["manifest_written"] is False
-    assert len(summary["steps_skipped"]) == 7
+    assert len(summary["steps_skipped"]) == 8
     assert {rel: (path / rel).stat().st_mtime_ns for rel in before} == before
 
 
@@ -371,10 +410,12 @@ def test_job_cli_resumes_only_what_changed(built, tmp_path):
             str(work / "shards"),
             "--out",
             str(work / "bundle"),
-            "--knn-k",
+            "--duplicate-caption-k",
             str(KNN_K),
             "--duplicate-caption-min-count",
             str(min_count),
+            "--cells-rows-per-cell",
+            str(CELL_ROWS),
             *extra,
         ]
 
@@ -386,7 +427,7 @@ def test_job_cli_resumes_only_what_changed(built, tmp_path):
     open_bundle(work / "bundle")
     # A changed option: the steps it affects run, the others are kept.
     summary = build_artifacts.main(args("--index-kind", "hnsw"))
-    assert summary["steps_run"] == ["index", "tables"] and summary["index"] == "HNSW32,Flat"
+    assert summary["steps_run"] == ["index"] and summary["index"] == "HNSW32,Flat"
     bundle = open_bundle(work / "bundle")
     assert bundle.manifest["index"]["kind"] == "hnsw" and bundle.manifest["index"]["recall_at_k"] >= 0.95
     # Only the y_N threshold changed: nothing recomputes, the manifest records the new one.
@@ -400,58 +441,36 @@ def test_job_cli_resumes_only_what_changed(built, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_row_modes_count_nonnegative_values_and_break_ties_by_rank():
-    from pipeline.bundle.tables import row_modes
-
-    mode, count = row_modes(
-        np.array([[3, 1, 1, 3, -1], [-1, -1, -1, -1, -1], [5, 2, 2, 5, 5], [7, 8, 9, 10, 11]])
-    )
-    assert mode.tolist() == [3, -1, 5, 7] and count.tolist() == [2, 0, 3, 1]
-
-
 def test_caption_ids_count_normalised_captions_and_keep_the_common_spelling():
     from pipeline.bundle.tables import caption_ids, group_modes
 
-    ids, texts = caption_ids(["A cat!", "a cat", "a cat", "Dog", None, "", "dog - Stock Photo"])
-    assert ids.tolist() == [0, 0, 0, 1, -1, -1, 1]
-    assert texts == ["a cat", "Dog"]  # the most frequent raw spelling; ties go to the first seen
-    mode, count = group_modes(np.array([0, 0, 0, 3, 3, 5, 5]), ids)
+    found = caption_ids(["A cat!", "a cat", "a cat", "Dog", None, "", "dog - Stock Photo"])
+    assert found.ids.tolist() == [0, 0, 0, 1, -1, -1, 1] and found.count.tolist() == [3, 2]
+    # The row of the most frequent raw spelling; ties go to the first seen.
+    assert found.spelling_row.tolist() == [1, 3]
+    mode, count = group_modes(np.array([0, 0, 0, 3, 3, 5, 5]), found.ids)
     assert mode.tolist() == [0, 0, 0, 1, 1, 1, 1] and count.tolist() == [3, 3, 3, 1, 1, 1, 1]
 
 
-def test_knn_caption_is_the_dominant_caption_among_neighbours():
-    import faiss
-
+def test_cell_caption_is_the_dominant_caption_of_the_cell():
     from pipeline.bundle.tables import build_dedup_table
 
-    # Rows 0-4: one picture with one caption (verbatim); rows 5-9: unrelated pictures.
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(10, 16)).astype(np.float32)
-    x[1:5] = x[0]
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    index = faiss.IndexFlatIP(16)
-    index.add(x)
+    # Rows 0-4: one picture with one caption (verbatim), in cell 0 with row 5; rows 6-9 in cell 1.
     captions = ["memorised caption"] * 5 + [f"caption {i}" for i in range(5)]
     table, stats = build_dedup_table(
         [f"k{i}" for i in range(10)],
         captions,
         np.r_[[0] * 5, np.arange(5, 10)],
         np.r_[[5] * 5, [1] * 5],
-        index=index,
-        vectors=x,
-        knn_k=6,
+        np.r_[[0] * 6, [1] * 4],
     )
     rows = table.to_pylist()
-    assert all(r["knn_caption"] == "memorised caption" and r["knn_caption_count"] == 5 for r in rows[:5])
+    assert all(r["cell_caption"] == "memorised caption" and r["cell_caption_count"] == 5 for r in rows[:6])
+    assert all(r["cell_caption_count"] == 1 and r["cell_rows"] == 4 for r in rows[6:])
     assert all(r["group_caption"] == "memorised caption" and r["group_caption_count"] == 5 for r in rows[:5])
     assert all(r["group_caption"] == r["caption"] and r["group_caption_count"] == 1 for r in rows[5:])
-    assert stats["knn_k"] == 6 and table.schema == TABLE_SCHEMA
-    assert (
-        build_dedup_table(["a"], ["x"], np.array([0]), np.array([1]), index=index, vectors=x[:1], knn_k=1000)[
-            1
-        ]["knn_k"]
-        == 1
-    )
+    assert [r["caption_id"] for r in rows[:6]] == [0] * 5 + [5] and rows[0]["caption_count"] == 5
+    assert stats["max_cell_caption_count"] == 5 and table.schema == TABLE_SCHEMA
 
 
 @pytest.mark.slow
@@ -482,7 +501,7 @@ def test_a_bundle_built_from_an_embedding_folder_answers_as_the_one_built_from_s
     for meta in (source / "metadata").glob("*.parquet"):
         pq.write_table(pq.read_table(meta).drop_columns(["sha256", "phash"]), meta)
     summary = build_bundle(other)
-    assert summary["steps_run"][:2] == ["embed", "image_dedup"]
+    assert summary["steps_run"][:3] == ["embed", "cells", "image_dedup"]
     passes = json.loads((tmp_path / "b" / WORK / "image_dedup" / "image_dedup_summary.json").read_text())[
         "passes"
     ]

@@ -19,7 +19,6 @@ from pipeline.core.html import thumbnail
 from pipeline.dedup.image import SCHEMA
 from pipeline.dedup.report import (
     CaptionSection,
-    EmbeddingRows,
     ImageSection,
     Pair,
     ReportLimits,
@@ -31,7 +30,7 @@ from pipeline.dedup.report import (
     size_buckets,
     write_dedup_report,
 )
-from pipeline.io.embeddings import METADATA_SCHEMA
+from pipeline.io.embeddings import METADATA_SCHEMA, EmbeddingRows
 
 T_PHASH, T_SEMANTIC = 12, 0.95
 

@@ -25,6 +25,7 @@ from pipeline.index.faiss_index import (
     plan_index,
     save_index,
     search_params,
+    set_search_params,
     tie_aware_recall,
     tune_search,
 )
@@ -54,9 +55,10 @@ def brute_force_recall(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k
 
 def test_auto_choice_follows_n_and_the_memory_budget():
     assert plan_index(50_000, 512).kind == "flat"
-    assert plan_index(500_000, 512, memory_budget_mb=4096).kind == "hnsw"
-    # Too many for HNSW (hnsw_max_n) but the full vectors fit: IVF-Flat.
+    # Above flat_max_n, while the full vectors fit: IVF-Flat (over the shared cells, lists on disk).
+    assert plan_index(500_000, 512, memory_budget_mb=4096).kind == "ivf_flat"
     assert plan_index(3_000_000, 512, memory_budget_mb=8192).kind == "ivf_flat"
+    assert plan_index(3_000_000, 512, memory_budget_mb=4096).kind == "ivf_pq"
     # LAION scale: only PQ codes fit; the largest code that fits the budget is chosen.
     laion = plan_index(2_000_000_000, 768, memory_budget_mb=100_000)
     assert laion.kind == "ivf_pq" and laion.factory == "IVF262144_HNSW32,PQ32x8"
@@ -255,6 +257,34 @@ def test_index_stage_writes_index_rows_info_and_duplicates_subindex(tmp_path):
     assert (out / INDEX_NAME).stat().st_mtime_ns == mtime
     again = run_build_index(IndexConfig(embeddings=cfg.embeddings, out=cfg.out, kind="flat"))
     assert again["skipped"] is False and again["kind"] == "flat"
+
+
+def test_ivf_over_cells_is_built_from_parts_with_its_lists_on_disk(tmp_path):
+    """ivf_flat: the cells' centroids as quantizer, one part per partition merged into image.ivfdata;
+    the folder can be moved, the answers stay those of exact search, the self-check streams its truth."""
+    import shutil
+
+    from pipeline.core.config import CellsConfig
+
+    x = clustered(12_000, 32, seed=7)
+    write_embedding_folder(tmp_path / "emb", [x[:5_000], x[5_000:9_000], x[9_000:]])
+    cfg = IndexConfig(embeddings=str(tmp_path / "emb"), out=str(tmp_path / "index"), kind="ivf_flat")
+    summary = run_build_index(cfg, cells=CellsConfig(rows_per_cell=300))
+    assert summary["kind"] == "ivf_flat" and summary["factory"] == "IVF40,Flat" and summary["rows"] == 12_000
+    assert summary["recall_at_k"] >= 0.95
+    out = tmp_path / "index"
+    assert (out / "image.ivfdata").stat().st_size >= 12_000 * 32 * 4  # the vectors live in the lists file
+    assert not list(out.glob(".*"))  # the parts are merged and removed
+    info = json.loads((out / INFO_NAME).read_text())
+    assert info["self_check"]["target_reached"] and info["plan"]["nlist"] == 40
+    shutil.move(str(out), str(tmp_path / "moved"))
+    index = load_index(tmp_path / "moved" / INDEX_NAME)
+    assert index.ntotal == 12_000 and search_params(index)["nlist"] == 40
+    set_search_params(index, nprobe=info["index"]["nprobe"])
+    queries = clustered(12_200, 32, seed=7)[12_000:]  # same centres, rows not indexed
+    assert brute_force_recall(index, x, queries) >= 0.95
+    # Row ids follow partition order across parts.
+    assert index.search(x[9_000:9_003], 1)[1][:, 0].tolist() == [9_000, 9_001, 9_002]
 
 
 @pytest.mark.slow

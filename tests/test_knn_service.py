@@ -229,23 +229,22 @@ def test_metadata_and_indices_list(service):
 @pytest.mark.slow
 def test_y_n_from_the_services_answers_equals_the_bundles_lookup(service):
     """AMG-sd's rule on the service's deduplicate=False answers (the most frequent caption among the
-    knn_k neighbours, kept when it occurs at least min_count times, nearest first on ties; captions
-    compared in the bundle's normalised form) equals the bundle's y_N for every row's own embedding."""
+    k neighbours, kept when it occurs at least min_count times, nearest first on ties; captions
+    compared in the bundle's normalised form) equals the bundle's y_N lookup by embedding
+    (Bundle.duplicate_caption_near) for every row's own embedding."""
     bundle = service["bundle"]
-    knn_k = bundle.row(0)["knn_k"]
-    client = _client(service, deduplicate=False, num_images=knn_k)
+    client = _client(service, deduplicate=False, num_images=bundle.duplicate_caption_k)
     for row_id in range(len(bundle)):
         answers = client.query(embedding_input=bundle.embeddings(np.array([row_id]))[0].tolist())
         captions = [a["caption"] for a in answers]
-        normal = normalize_captions(captions)
+        normal = normalize_captions(captions).to_pylist()
         counts = Counter(n for n in normal if n)
         y_n = None
         if counts:
             top, count = counts.most_common(1)[0]
-            if count >= bundle.min_count:
-                spellings = Counter(c for c, n in zip(captions, normal, strict=True) if n == top)
-                y_n = spellings.most_common(1)[0][0]
-        assert y_n == bundle.duplicate_caption(row_id).caption, row_id
+            y_n = top if count >= bundle.min_count else None
+        found = bundle.duplicate_caption_near(bundle.embeddings(np.array([row_id]))[0]).caption
+        assert y_n == (None if found is None else normalize_captions([found])[0].as_py()), row_id
 
 
 @pytest.mark.slow

@@ -5,11 +5,13 @@ Built by ``jobs/build_artifacts.py`` (:func:`build_bundle`) from img2dataset sha
 1. ``ingest``: every row seen (:func:`pipeline.ingest.ingest.run_ingest`) -> ``samples.parquet``;
 2. ``embed``: open_clip image/caption embeddings, pHash (:func:`pipeline.embed.embed.run_embed`) ->
    ``embeddings/`` in clip-retrieval's layout (written there directly, not copied);
-3. ``image_dedup``: exact / pHash / semantic image groups (:mod:`pipeline.dedup.image`) ->
+3. ``cells``: the k-means cells image dedup, the index and the table share (:mod:`pipeline.index.cells`),
+   kept under ``_work/cells/``;
+   ``image_dedup``: exact / pHash / semantic image groups (:mod:`pipeline.dedup.image`) ->
    ``image_duplicates.parquet``;
 4. ``caption_dedup``: near-duplicate captions (:mod:`pipeline.dedup.caption`) ->
    ``caption_duplicates.parquet``;
-5. ``index``: the FAISS index over image embeddings (:mod:`pipeline.index.faiss_index`) -> ``index/``;
+5. ``index``: the FAISS index over image embeddings (:mod:`pipeline.index.build`) -> ``index/``;
    ``sscd_index``: when the embed stage wrote SSCD copy descriptors (``--embed-sscd-checkpoint``), an
    index over them too (``index/sscd.index``), so audits and AMG can search by copy similarity;
 6. ``tables``: the G_dup table (:mod:`pipeline.bundle.tables`) -> ``caption_dedup_table.parquet``;
@@ -28,6 +30,7 @@ Layout::
     caption_dedup_table.parquet     pipeline.bundle.tables (G_dup)
     dedup_report.html               pipeline.dedup.report (groups, thresholds, borderline pairs)
     index/image.index               FAISS index over img_emb, row ids = bundle row ids
+    index/image.ivfdata             its inverted lists, when it is IVF-Flat over the cells (lists on disk)
     index/dup_image.index           FAISS IDMap over the images that have duplicates (ids = row ids)
     index/index_rows.parquet        row_id -> key, caption, partition, partition_row
     index/index_info.json           index plan, search settings, recall self-check
@@ -82,9 +85,18 @@ from pipeline.bundle.layout import (
     bundle_files,
     root_hash,
 )
-from pipeline.bundle.reader import apply_search_params, check_files
+from pipeline.bundle.reader import check_files
+from pipeline.bundle.tables import SCHEMA_VERSION as TABLE_SCHEMA_VERSION
 from pipeline.bundle.tables import build_dedup_table, rows_with_duplicate_caption
-from pipeline.core.config import EmbedConfig, PipelineConfig, result_options, to_dict
+from pipeline.core.config import (
+    CaptionDedupConfig,
+    EmbedConfig,
+    ImageDedupConfig,
+    PipelineConfig,
+    result_options,
+    to_dict,
+)
+from pipeline.core.ray_runtime import ensure_ray
 from pipeline.core.stage import FunctionStage, run_stage, seconds_since
 from pipeline.core.storage import (
     atomic_write_json,
@@ -94,8 +106,10 @@ from pipeline.core.storage import (
     sha256_file,
     unique_tmp_path,
 )
+from pipeline.core.tasks import run_tasks
 from pipeline.core.versions import installed_version
 from pipeline.dedup.caption import find_caption_duplicates
+from pipeline.dedup.caption_partitioned import find_caption_duplicates_partitioned
 from pipeline.dedup.image import run_image_dedup
 from pipeline.dedup.names import OUTPUT_NAME as IMAGE_DUPLICATES
 from pipeline.dedup.names import SUMMARY_NAME as IMAGE_DEDUP_SUMMARY
@@ -111,7 +125,9 @@ from pipeline.index.build import (
     ROWS_NAME,
     run_build_index,
 )
-from pipeline.index.faiss_index import load_index
+from pipeline.index.cells import INFO as CELLS_INFO
+from pipeline.index.cells import assign_path, run_cells
+from pipeline.index.ivf_cells import data_file
 from pipeline.ingest.ingest import ingest_fingerprint, run_ingest
 from pipeline.io.embeddings import (
     DONE,
@@ -124,7 +140,6 @@ from pipeline.io.embeddings import (
     is_semantic,
     list_partitions,
     load_metadata,
-    load_unit_embeddings,
     metadata_path,
 )
 from pipeline.io.shards import list_shards
@@ -229,15 +244,17 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         duplicates=str(work / "image_dedup" / IMAGE_DUPLICATES),
     )
     sscd_cfg = dataclasses.replace(index_cfg, out=str(work / "sscd_index"), duplicates=None)
+    cells_dir, sscd_cells_dir = work / "cells", work / "sscd_cells"
     # Models by content: weights replaced in place under the same path are a new model.
     models = {"clip": model_identity(embed_cfg), "sscd": _sha256_or_none(embed_cfg.sscd_checkpoint)}
     if b.embeddings:  # built from a given embedding folder: its files and the model named for it
         fp_embed = fingerprint({"embeddings": folder_signature(b.embeddings), "models": models})
     else:
         fp_embed = fingerprint({"embed": result_options(embed_cfg), "models": models, "shards": shards_sig})
-    fp_dedup = fingerprint({"image_dedup": result_options(dedup_cfg), "embed": fp_embed})
+    fp_cells = fingerprint({"cells": result_options(cfg.cells), "embed": fp_embed})
+    fp_dedup = fingerprint({"image_dedup": result_options(dedup_cfg), "cells": fp_cells})
     fp_caption = fingerprint({"caption_dedup": result_options(cfg.caption_dedup), "embed": fp_embed})
-    fp_index = fingerprint({"index": result_options(index_cfg), "embed": fp_embed, "image_dedup": fp_dedup})
+    fp_index = fingerprint({"index": result_options(index_cfg), "cells": fp_cells, "image_dedup": fp_dedup})
     index_files = (INDEX_NAME, DUP_INDEX_NAME, ROWS_NAME, INFO_NAME)
     sscd_files = (SSCD_INDEX_NAME, SSCD_INFO_NAME)
 
@@ -256,50 +273,57 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         summary["models"] = models  # hashed before embedding: what the manifest vouches for
         return summary
 
+    def cells() -> dict[str, Any]:
+        return run_cells(cfg.cells, emb_dir, cells_dir)
+
     def image_dedup() -> dict[str, Any]:
-        summary = run_image_dedup(dedup_cfg)
+        summary = run_image_dedup(dedup_cfg, cfg.cells, cells_dir)
         _publish(work / "image_dedup" / IMAGE_DUPLICATES, root / IMAGE_DUPLICATES)
         return summary
 
     def caption_dedup() -> dict[str, Any]:
         # In the bundle's row order (embedded rows, partition order), not a parquet folder's.
-        meta = load_metadata(emb_dir, ["key", "caption"])
-        result = find_caption_duplicates(meta.column("caption"), cfg.caption_dedup, keys=meta.column("key"))
         out = work / "caption_dedup"
-        atomic_write_table(out / CAPTION_DUPLICATES, result.table)
-        atomic_write_json(out / "caption_dedup_summary.json", result.stats)
+        if inline():
+            meta = load_metadata(emb_dir, ["key", "caption"])
+            result = find_caption_duplicates(
+                meta.column("caption"), cfg.caption_dedup, keys=meta.column("key")
+            )
+            atomic_write_table(out / CAPTION_DUPLICATES, result.table)
+            stats = result.stats
+        else:  # shuffles between Ray tasks: no process holds every caption
+            ensure_ray()
+            parts = [(metadata_path(emb_dir, p.name), p.num_rows()) for p in list_partitions(emb_dir)]
+            stats = find_caption_duplicates_partitioned(
+                parts, cfg.caption_dedup, out, out / CAPTION_DUPLICATES
+            )
+        atomic_write_json(out / "caption_dedup_summary.json", stats)
         _publish(out / CAPTION_DUPLICATES, root / CAPTION_DUPLICATES)
-        return {k: v for k, v in result.stats.items() if k != "stage_seconds"}
+        return {k: v for k, v in stats.items() if k != "stage_seconds"}
 
     def index() -> dict[str, Any]:
-        summary = run_build_index(index_cfg)
-        for name in index_files:
-            _publish(work / "index" / name, index_dir / name)
+        summary = run_build_index(index_cfg, cells=cfg.cells, cells_dir=cells_dir)
+        _publish_index(work / "index", index_dir, index_files)
         return summary
 
     def sscd_index() -> dict[str, Any]:
         label = {"sscd_checkpoint": cfg.embed.sscd_checkpoint, "sscd_image_size": cfg.embed.sscd_image_size}
-        summary = run_build_index(sscd_cfg, SSCD_EMB, model_label=label)
-        for name in sscd_files:
-            _publish(work / "sscd_index" / name, index_dir / name)
+        summary = run_build_index(sscd_cfg, SSCD_EMB, label, cfg.cells, sscd_cells_dir)
+        _publish_index(work / "sscd_index", index_dir, sscd_files)
         return {k: summary[k] for k in ("rows", "factory", "recall_at_k", "seconds")}
 
     def tables() -> dict[str, Any]:
-        return _write_dedup_table(root, b.knn_k)
+        (stats,) = run_tasks(_write_dedup_table, [(root, cells_dir)], inline=inline())
+        return stats
 
     def report() -> dict[str, Any]:
-        return write_dedup_report(
-            root / DEDUP_REPORT,
-            image_duplicates=root / IMAGE_DUPLICATES,
-            image_summary=work / "image_dedup" / IMAGE_DEDUP_SUMMARY,
-            image_cfg=dedup_cfg,
-            embeddings=emb_dir,
-            shards=b.shards,
-            caption_duplicates=root / CAPTION_DUPLICATES,
-            caption_summary=work / "caption_dedup" / "caption_dedup_summary.json",
-            caption_cfg=cfg.caption_dedup,
-            title="Bundle duplicates",
-        )
+        (stats,) = run_tasks(_report_task, [(root, dedup_cfg, cfg.caption_dedup, b.shards)], inline=inline())
+        return stats
+
+    def inline() -> bool:
+        """Small bundles run their steps here; from ``cells.ray_min_rows`` rows, in Ray tasks."""
+        rows = sum(p.num_rows() for p in list_partitions(emb_dir))
+        return rows < cfg.cells.ray_min_rows
 
     steps = []
     if not b.embeddings:
@@ -307,17 +331,20 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         steps.append(FunctionStage("ingest", fp_ingest, [root / SAMPLES], ingest))
     steps += [
         FunctionStage("embed", fp_embed, [emb_dir / IMG_EMB], embed),
+        FunctionStage("cells", fp_cells, [cells_dir / CELLS_INFO], cells),
         FunctionStage("image_dedup", fp_dedup, [root / IMAGE_DUPLICATES], image_dedup),
         FunctionStage("caption_dedup", fp_caption, [root / CAPTION_DUPLICATES], caption_dedup),
         FunctionStage("index", fp_index, [index_dir / name for name in index_files], index),
     ]
     if cfg.embed.sscd_checkpoint:  # the index over SSCD copy descriptors, when the embed stage made them
-        fp_sscd = fingerprint({"index": result_options(index_cfg), "embed": fp_embed, "kind": SSCD_EMB})
+        fp_sscd = fingerprint(
+            {"index": result_options(index_cfg), "embed": fp_embed, "cells": fp_cells, "kind": SSCD_EMB}
+        )
         steps.append(
             FunctionStage("sscd_index", fp_sscd, [index_dir / name for name in sscd_files], sscd_index)
         )
     fp_tables = fingerprint(
-        {"knn_k": b.knn_k, "index": fp_index, "image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": 1}
+        {"cells": fp_cells, "image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": TABLE_SCHEMA_VERSION}
     )
     steps.append(FunctionStage("tables", fp_tables, [root / TABLE_NAME], tables))
     fp_report = fingerprint({"image_dedup": fp_dedup, "caption_dedup": fp_caption, "v": REPORT_VERSION})
@@ -384,23 +411,48 @@ def _all_shards_read(summary: dict[str, Any], stage: str) -> dict[str, Any]:
     return summary
 
 
-def _write_dedup_table(root: Path, knn_k: int) -> dict[str, Any]:
-    """The G_dup table (:mod:`pipeline.bundle.tables`) from the bundle's published files."""
+def _report_task(
+    root: Path, image_cfg: ImageDedupConfig, caption_cfg: CaptionDedupConfig, shards: str
+) -> dict[str, Any]:
+    """The bundle's ``dedup_report.html``: image and caption groups, thumbnails from ``shards``."""
+    return write_dedup_report(
+        root / DEDUP_REPORT,
+        image_duplicates=root / IMAGE_DUPLICATES,
+        image_summary=root / WORK / "image_dedup" / IMAGE_DEDUP_SUMMARY,
+        image_cfg=image_cfg,
+        embeddings=root / EMBEDDINGS,
+        shards=shards,
+        caption_duplicates=root / CAPTION_DUPLICATES,
+        caption_summary=root / WORK / "caption_dedup" / "caption_dedup_summary.json",
+        caption_cfg=caption_cfg,
+        title="Bundle duplicates",
+    )
+
+
+def _publish_index(work: Path, index_dir: Path, names: tuple[str, ...]) -> None:
+    """Publish an index stage's files, and the index's on-disk lists when it has them."""
+    for name in names:
+        _publish(work / name, index_dir / name)
+    data = data_file(work / names[0])
+    if data.is_file():
+        _publish(data, index_dir / data.name)
+    else:
+        data_file(index_dir / names[0]).unlink(missing_ok=True)
+
+
+def _write_dedup_table(root: Path, cells_dir: Path) -> dict[str, Any]:
+    """The G_dup table (:mod:`pipeline.bundle.tables`) from the bundle's published files and its cells."""
     emb_dir = root / EMBEDDINGS
     meta = load_metadata(emb_dir, ["key", "caption"])
-    vectors = load_unit_embeddings(emb_dir)
-    index = load_index(root / INDEX_DIR / INDEX_NAME, mmap=True)
-    apply_search_params(index, json.loads((root / INDEX_DIR / INFO_NAME).read_text()))
     group_id, group_size = _group_arrays(root / IMAGE_DUPLICATES, meta.num_rows)
     captions = pq.read_table(root / CAPTION_DUPLICATES, columns=["group_id", "group_size"])
+    cells = np.concatenate([np.load(assign_path(cells_dir, p.name))[:, 0] for p in list_partitions(emb_dir)])
     table, stats = build_dedup_table(
-        meta.column("key").to_pylist(),
+        meta.column("key"),
         meta.column("caption"),
         group_id,
         group_size,
-        index=index,
-        vectors=vectors,
-        knn_k=knn_k,
+        cells,
         caption_group_id=captions.column("group_id").to_numpy(),
         caption_group_size=captions.column("group_size").to_numpy(),
     )
@@ -417,8 +469,10 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     """
     started = time.monotonic()
     b = cfg.bundle
-    if b.knn_k < 1 or b.duplicate_caption_min_count < 1:
-        raise ValueError("bundle.knn_k and bundle.duplicate_caption_min_count must be at least 1")
+    if b.duplicate_caption_k < 1 or b.duplicate_caption_min_count < 1:
+        raise ValueError(
+            "bundle.duplicate_caption_k and bundle.duplicate_caption_min_count must be at least 1"
+        )
     if not (b.shards or b.embeddings):
         raise ValueError(
             "give --shards (img2dataset shards) or --embeddings (a LAION-layout embedding folder)"
@@ -436,6 +490,7 @@ def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:
             "format": BUNDLE_FORMAT_VERSION,
             "steps": [step.fingerprint() for step in steps],
             "min_count": b.duplicate_caption_min_count,
+            "k": b.duplicate_caption_k,
         }
     )
     manifest_path = root / MANIFEST
@@ -485,6 +540,7 @@ def _remove_strays(root: Path, outputs: list[Path]) -> None:
     current input itself; elsewhere only the steps' declared outputs may remain.
     """
     keep = {path.resolve() for path in outputs}
+    keep |= {data_file(path) for path in keep if path.suffix == ".index"}  # their lists on disk
     for path in bundle_files(root):
         rel = path.relative_to(root)
         if rel.parts[0] == EMBEDDINGS or path.resolve() in keep:
@@ -553,7 +609,7 @@ def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp:
     index_info = json.loads((root / INDEX_DIR / INFO_NAME).read_text())
     partitions = list_partitions(root / EMBEDDINGS)
     emb_files = {k: v for k, v in files.items() if k.startswith(f"{EMBEDDINGS}/")}
-    table = pq.read_table(root / TABLE_NAME, columns=["knn_caption_count", "knn_k"])
+    table = pq.read_table(root / TABLE_NAME, columns=["cell_caption_count"])
     embed = s.get("embed", {})
     dedup = s.get("image_dedup", {})
     caption = s.get("caption_dedup", {})
@@ -583,7 +639,7 @@ def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp:
             "caption_jaccard_threshold": cfg.caption_dedup.threshold,
             "caption_shingle_size": cfg.caption_dedup.shingle_size,
             "caption_num_perm": cfg.caption_dedup.num_perm,
-            "knn_k": int(table.column("knn_k")[0].as_py()) if table.num_rows else 0,
+            "duplicate_caption_k": cfg.bundle.duplicate_caption_k,
             "duplicate_caption_min_count": cfg.bundle.duplicate_caption_min_count,
         },
         "counts": {
@@ -614,7 +670,7 @@ def _manifest(root: Path, cfg: PipelineConfig, s: dict[str, dict[str, Any]], fp:
         "indexes": _indexed_kinds(root, cfg, s.get("embed", {}).get("models", {})),
         "config": {
             name: to_dict(getattr(cfg, name))
-            for name in ("ingest", "embed", "image_dedup", "caption_dedup", "index", "bundle")
+            for name in ("ingest", "embed", "cells", "image_dedup", "caption_dedup", "index", "bundle")
         },
         "steps": {step: {"seconds": s.get(step, {}).get("seconds")} for step in STEPS},
         "artifacts": {

@@ -162,7 +162,7 @@ def lookup_key(bundle: Bundle, key: str) -> dict[str, Any]:
         "caption": row["caption"],
         **_y_n(bundle, row_id),
         "min_count": bundle.min_count,
-        "knn_k": row["knn_k"],
+        "cell_rows": row["cell_rows"],
         "image_group_size": row["image_group_size"],
         "caption_group_size": row["caption_group_size"],
     }
@@ -352,7 +352,10 @@ def render(info: dict[str, Any]) -> str:
         else:
             caption = _short(entry["caption"], 60)
             lines.append(f"key          {entry['key']} -> row {entry['row_id']}, caption {caption}")
-            lines.append(f"             {_y_n_text(entry, entry['min_count'])} among knn_k {entry['knn_k']}")
+            lines.append(
+                f"             {_y_n_text(entry, entry['min_count'])} "
+                f"among the {entry['cell_rows']} rows of its cell"
+            )
     entry = lookup.get("caption")
     if entry is not None:
         lines.append(

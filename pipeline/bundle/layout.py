@@ -35,7 +35,17 @@ SAMPLES = "samples.parquet"
 EMBEDDINGS = "embeddings"
 CAPTION_DUPLICATES = "caption_duplicates.parquet"
 INDEX_DIR = "index"
-STEPS = ("ingest", "embed", "image_dedup", "caption_dedup", "index", "sscd_index", "tables", "report")
+STEPS = (
+    "ingest",
+    "embed",
+    "cells",
+    "image_dedup",
+    "caption_dedup",
+    "index",
+    "sscd_index",
+    "tables",
+    "report",
+)
 
 
 #: Embedding kinds a bundle can be searched by -> (index file, info file) under ``index/``.

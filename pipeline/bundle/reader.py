@@ -12,6 +12,7 @@ Imports nothing from the build side, so a deployment that only consumes bundles 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,12 @@ class Bundle:
         has_dup = dup_path.is_file() and kind == IMG_EMB
         self.duplicates_index = load_index(dup_path, mmap=False) if has_dup else None
         self.table = pq.read_table(path / TABLE_NAME)
-        self._knn_caption = self.table.column("knn_caption")
-        self._knn_count = self.table.column("knn_caption_count").to_numpy()
+        self.duplicate_caption_k = int(manifest["thresholds"].get("duplicate_caption_k", 1000))
+        self._cell_caption = self.table.column("cell_caption")
+        self._cell_count = self.table.column("cell_caption_count").to_numpy()
+        self._caption_id = self.table.column("caption_id").to_numpy()
+        self._caption_count = self.table.column("caption_count").to_numpy()
+        self._near = functools.lru_cache(maxsize=4096)(self._dominant_caption_near)
         self._key_to_row: dict[str, int] | None = None
         self._parts = [p.embeddings(kind, mmap=True) for p in list_partitions(path / EMBEDDINGS)]
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
@@ -197,14 +202,46 @@ class Bundle:
         return normalize(out).reshape(*row_ids.shape, self.dim)
 
     def duplicate_caption(self, row_id: int) -> DuplicateCaption:
-        """y_N when ``row_id`` is the nearest neighbour n0: its neighbourhood's dominant caption.
+        """y_N when ``row_id`` is the nearest neighbour n0: the dominant caption of its k-means cell.
 
-        The caption is returned when it occurs at least ``min_count`` times among the row's
-        ``knn_k`` nearest training images, else None; ``count`` is that occurrence count either way.
+        The caption is returned when it occurs at least ``min_count`` times among the rows of n0's
+        cell, else None; ``count`` is that occurrence count either way. For the authors' rule on the
+        query itself, see :meth:`duplicate_caption_near`.
         """
         row = int(self._check_rows(np.asarray(row_id)))
-        count = int(self._knn_count[row])
-        caption = self._knn_caption[row].as_py() if count >= self.min_count else None
+        count = int(self._cell_count[row])
+        caption = self._cell_caption[row].as_py() if count >= self.min_count else None
+        return DuplicateCaption(caption=caption, count=count)
+
+    def duplicate_caption_near(
+        self, embedding: np.ndarray, k: int | None = None, min_count: int | None = None
+    ) -> DuplicateCaption:
+        """y_N by the authors' rule: the dominant caption among the ``k`` training images nearest to
+        ``embedding`` (x̂0's CLIP embedding), when it occurs at least ``min_count`` times, else None.
+
+        Captions are counted by their normalised form (the table's ``caption_id``); ties go to the
+        caption of the nearer image. ``k`` defaults to the bundle's ``duplicate_caption_k`` (1,000, the
+        authors'), ``min_count`` to its ``duplicate_caption_min_count`` (21). Repeated queries are
+        answered from a cache keyed by the query's float16 bytes.
+        """
+        query = self._queries(np.asarray(embedding, dtype=np.float32).reshape(1, -1))[0]
+        k = int(k or self.duplicate_caption_k)
+        min_count = int(min_count or self.min_count)
+        return self._near(query.astype(np.float16).tobytes(), k, min_count)
+
+    def _dominant_caption_near(self, query: bytes, k: int, min_count: int) -> DuplicateCaption:
+        vector = np.frombuffer(query, dtype=np.float16).astype(np.float32)[None, :]
+        _, ids = self.index.search(vector, min(k, len(self)))
+        ids = ids[0][ids[0] >= 0]
+        captions = self._caption_id[ids]
+        # Only captions that occur min_count times in the whole bundle can reach it among k neighbours.
+        common = captions[(captions >= 0) & (self._caption_count[ids] >= min_count)]
+        if len(common) == 0:
+            return DuplicateCaption(caption=None, count=0)
+        values, first, counts = np.unique(common, return_index=True, return_counts=True)
+        best = np.lexsort((first, -counts))[0]
+        count = int(counts[best])
+        caption = self.table.column("caption")[int(values[best])].as_py() if count >= min_count else None
         return DuplicateCaption(caption=caption, count=count)
 
     def row(self, row_id: int) -> dict:

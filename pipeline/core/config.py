@@ -251,7 +251,9 @@ class ImageDedupConfig:
         True, "also write dedup_report.html (groups, thresholds, borderline pairs)", fingerprint=False
     )
     exact: bool = option(True, "exact pass: identical sha256 of the image bytes")
-    phash: bool = option(True, "pixel-level pass: pHash Hamming distance (FAISS binary range search per cell)")
+    phash: bool = option(
+        True, "pixel-level pass: pHash Hamming distance (FAISS binary range search per cell)"
+    )
     phash_max_distance: int = option(
         12,
         "largest Hamming distance (of 64 bits) between duplicate pHashes, compared within k-means cells "
@@ -276,7 +278,9 @@ class ImageDedupConfig:
         "passes' tests; members that fail form groups of their own, so weak links cannot chain) or "
         "single (plain connected components)",
     )
-    block_rows: int = option(2048, "rows per block of a cell's similarity product (bounds memory)", fingerprint=False)
+    block_rows: int = option(
+        2048, "rows per block of a cell's similarity product (bounds memory)", fingerprint=False
+    )
 
 
 @dataclass(frozen=True)
@@ -292,11 +296,12 @@ class IndexConfig:
     kind: str = option("auto", "index type: auto (from N and memory_budget_mb), flat, hnsw, ivf_flat, ivf_pq")
     memory_budget_mb: int = option(4096, "memory the index may take when searched (RAM or mmap page cache)")
     flat_max_n: int = option(100_000, "auto: exact flat index up to this many vectors")
-    hnsw_max_n: int = option(2_000_000, "auto: HNSW (when it fits the budget) up to this many vectors")
     hnsw_m: int = option(32, "HNSW links per node")
     ef_construction: int = option(80, "HNSW build depth")
     nlist: int | None = option(
-        None, "IVF lists (default: 4*sqrt(N) below 1M vectors, 2^16 above; power of two)"
+        None,
+        "IVF lists of ivf_pq (default: 4*sqrt(N) below 1M vectors, 2^16 above; power of two); ivf_flat "
+        "uses the shared k-means cells (--cells-rows-per-cell)",
     )
     pq_m: int | None = option(
         None, "PQ bytes per vector for ivf_pq (default: the largest that fits the budget)"
@@ -343,8 +348,8 @@ class BundleConfig:
         True,
         fingerprint=False,
     )
-    knn_k: int = option(
-        1000, "neighbours counted for each row's dominant caption (capped at N; authors: 1000)"
+    duplicate_caption_k: int = option(
+        1000, "training images Bundle.duplicate_caption_near counts captions among (authors: 1000)"
     )
     duplicate_caption_min_count: int = option(
         21,

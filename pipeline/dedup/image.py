@@ -633,7 +633,7 @@ class ImageDedupStage(Stage):
 
 
 def run_image_dedup(
-    cfg: ImageDedupConfig, cells: CellsConfig = CellsConfig(), cells_dir: str | Path | None = None
+    cfg: ImageDedupConfig, cells: CellsConfig | None = None, cells_dir: str | Path | None = None
 ) -> dict[str, Any]:
     """Find image duplicates in ``cfg.embeddings``; write ``image_duplicates.parquet`` and the summary.
 
@@ -642,4 +642,4 @@ def run_image_dedup(
     input files returns the saved summary without recomputing (``skipped: true``).
     """
     cells_dir = Path(cells_dir) if cells_dir else Path(cfg.out) / "cells"
-    return run_stage(ImageDedupStage(cfg, cells, cells_dir), cfg.out)
+    return run_stage(ImageDedupStage(cfg, cells or CellsConfig(), cells_dir), cfg.out)

@@ -61,7 +61,14 @@ from pipeline.dedup.names import (
 )
 from pipeline.dedup.report import REPORT_NAME, write_dedup_report
 from pipeline.index.cells import CellsStage, assign_path, read_cells
-from pipeline.io.embeddings import Partition, is_semantic, list_partitions, metadata_path, normalize
+from pipeline.io.embeddings import (
+    EmbeddingRows,
+    Partition,
+    is_semantic,
+    list_partitions,
+    metadata_path,
+    normalize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,20 +192,18 @@ def reduce_bucket(
 
 def _gather_nodes(folder: str, rows: np.ndarray) -> Nodes:
     """Metadata and unit embeddings of ``rows`` (sorted row ids), read partition by partition."""
-    tables, blocks = [], []
+    tables = []
     start = 0
     for partition in list_partitions(folder):
         end = start + pq.ParquetFile(metadata_path(folder, partition.name)).metadata.num_rows
         mine = rows[(rows >= start) & (rows < end)] - start
         if len(mine):
             tables.append(partition.metadata(META_COLUMNS).take(pa.array(mine)))
-            blocks.append(normalize(partition.embeddings()[mine]))
         start = end
     meta = (
         pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in META_COLUMNS})
     )
-    vectors = np.concatenate(blocks) if blocks else None
-    return Nodes.from_table(rows, meta, vectors)
+    return Nodes.from_table(rows, meta, EmbeddingRows(folder)(rows))
 
 
 def group_buckets(

@@ -71,7 +71,7 @@ from pipeline.dedup.names import (
     METHOD_TRANSITIVE,
     PASSES,
 )
-from pipeline.io.embeddings import IMG_EMB, list_partitions, load_metadata, normalize
+from pipeline.io.embeddings import EmbeddingRows, load_metadata
 from pipeline.io.images import ShardImages
 
 log = logging.getLogger(__name__)
@@ -812,32 +812,6 @@ def phash_neighbours(
     pairs = [p for v in sorted(found) for p in found[v]]
     info["seconds"] = seconds_since(started)
     return pairs, nearest[nearest < 255].astype(np.int64), info
-
-
-class EmbeddingRows:
-    """Unit float32 image embeddings of chosen rows: from an in-memory matrix, or read from the
-    memory-mapped partitions of an embedding folder (only the rows asked for)."""
-
-    def __init__(self, folder: str | Path | None = None, vectors: np.ndarray | None = None):
-        self.vectors = vectors
-        if vectors is not None:
-            self.n, self.dim = vectors.shape
-            return
-        self.arrays = [p.embeddings(IMG_EMB) for p in list_partitions(folder)]
-        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
-        self.n = int(self.starts[-1])
-        self.dim = int(self.arrays[0].shape[1]) if self.arrays else 0
-
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        if self.vectors is not None:
-            return np.ascontiguousarray(self.vectors[rows], dtype=np.float32)
-        out = np.empty((len(rows), self.dim), np.float32)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        for part in np.unique(which).tolist():
-            sel = which == part
-            out[sel] = self.arrays[part][rows[sel] - self.starts[part]]
-        return normalize(out)
 
 
 def semantic_neighbours(

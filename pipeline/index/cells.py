@@ -40,6 +40,7 @@ from pipeline.core.config import CellsConfig, result_options
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_array, atomic_write_json
 from pipeline.core.tasks import run_tasks
+from pipeline.index.faiss_index import clamp_nlist
 from pipeline.io.embeddings import IMG_EMB, Partition, folder_signature, list_partitions, normalize
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ SCHEMA_VERSION = 1
 
 
 def cell_count(n: int, rows_per_cell: int) -> int:
-    """Cells for ``n`` rows: about ``rows_per_cell`` rows each, at least one."""
-    return max(1, round(n / max(1, rows_per_cell)))
+    """Cells for ``n`` rows: about ``rows_per_cell`` rows each, at least one, at most N/39 (k-means
+    wants 39 training points per centroid)."""
+    return clamp_nlist(max(1, round(n / max(1, rows_per_cell))), n)
 
 
 def assign_path(cells_dir: str | Path, partition: str) -> Path:

@@ -9,18 +9,21 @@ Choice (:func:`plan_index`), after the FAISS guidelines and autofaiss's rules (s
 kind          FAISS factory                                chosen by ``auto`` when
 ============  ===========================================  ===============================================
 ``flat``      ``Flat``                                     N <= ``flat_max_n`` and 4*d*N bytes fit the budget
-``hnsw``      ``HNSW{M},Flat``                             N <= ``hnsw_max_n`` and (4*d + 8*M)*N bytes fit
 ``ivf_flat``  ``IVF{nlist},Flat``                          (4*d + 8)*N bytes fit
 ``ivf_pq``    ``[OPQ{m},]IVF{nlist}[_HNSW32],PQ{m}x8``     otherwise: largest m (bytes per vector) that fits
+``hnsw``      ``HNSW{M},Flat``                             never (only when asked for)
 ============  ===========================================  ===============================================
 
-``nlist`` defaults to ~4*sqrt(N) (a power of two) below a million vectors and to 2^14..2^18 above,
-as autofaiss does. IVF k-means and PQ/OPQ training run on a seeded sample of at most ``train_size``
-vectors (k-means on GPU when FAISS sees one). OPQ is optional (``opq``) and off by default: training
-it on 32k x 512 vectors had not finished after ten minutes on the project's 2-core machine. After
-building, :func:`tune_search` raises ``nprobe`` (IVF) or ``efSearch`` (HNSW) until recall@k against
-exact search on a seeded sample of the indexed rows (leave-one-out: each query's own row is taken out
-of both answers) reaches the target; the measured recall is what the manifest records.
+The index stage builds ``ivf_flat`` over the shared k-means cells, in parallel and with its lists on
+disk (:mod:`pipeline.index.ivf_cells`); the other kinds are built here, in one process holding every
+vector. ``nlist`` of ``ivf_pq`` defaults to ~4*sqrt(N) (a power of two) below a million vectors and
+to 2^14..2^18 above, as autofaiss does. IVF k-means and PQ/OPQ training run on a seeded sample of at
+most ``train_size`` vectors (k-means on GPU when FAISS sees one). OPQ is optional (``opq``) and off
+by default: training it on 32k x 512 vectors had not finished after ten minutes on the project's
+2-core machine. After building, :func:`tune_recall` raises ``nprobe`` (IVF) or ``efSearch`` (HNSW)
+until recall@k against exact search on a seeded sample of the indexed rows (leave-one-out: each
+query's own row is taken out of both answers) reaches the target; the measured recall is what the
+manifest records.
 
 Recall is tie-aware: a returned row counts as a true neighbour when its exact similarity to the query
 is at least the k-th best exact similarity (minus 1e-5). Byte-identical images have identical
@@ -28,7 +31,9 @@ embeddings, and an index may return any k of a group of equal vectors; plain id 
 that as a miss.
 
 Saved indexes load memory-mapped (:func:`load_index`): flat codes, HNSW storage and IVF lists stay in
-the page cache instead of the process's heap, so an index larger than RAM can be searched.
+the page cache instead of the process's heap, so an index larger than RAM can be searched. An index
+whose lists live in a ``.ivfdata`` file beside it (``ivf_flat``) is opened with that file found in
+the index's own folder, wherever it was copied.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +61,8 @@ PQ_M_CHOICES = (256, 128, 96, 64, 48, 32, 24, 16, 8, 4)
 KMEANS_ITERATIONS = 10
 #: Tolerance of the tie-aware recall (float32 inner products of unit vectors).
 TIE_EPS = 1e-5
+#: Suffix of the inverted-list data file beside an index whose lists are on disk (``image.ivfdata``).
+ONDISK_SUFFIX = ".ivfdata"
 #: FAISS GPU k-selection limit (faiss/gpu/utils/DeviceDefs.cuh).
 GPU_MAX_K = 2048
 
@@ -131,7 +139,6 @@ def plan_index(
     kind: str = "auto",
     memory_budget_mb: int = 4096,
     flat_max_n: int = 100_000,
-    hnsw_max_n: int = 2_000_000,
     hnsw_m: int = 32,
     nlist: int | None = None,
     pq_m: int | None = None,
@@ -184,8 +191,6 @@ def plan_index(
     mb = memory_budget_mb
     if n <= flat_max_n and estimate_bytes("flat", n, d) <= budget:
         return make("flat", f"N={n} <= flat_max_n={flat_max_n} and fits {mb} MiB: exact search")
-    if n <= hnsw_max_n and estimate_bytes("hnsw", n, d, hnsw_m=hnsw_m) <= budget:
-        return make("hnsw", f"N={n} <= hnsw_max_n={hnsw_max_n} and HNSW{hnsw_m} fits {mb} MiB")
     if estimate_bytes("ivf_flat", n, d, nlist=lists) <= budget:
         return make("ivf_flat", f"full vectors fit {mb} MiB in IVF lists (nlist={lists})")
     if pq_m is not None:
@@ -303,18 +308,24 @@ def exact_search(
 
 
 def tie_aware_recall(
-    vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, true_scores: np.ndarray, k: int
+    vectors: np.ndarray | Callable[[np.ndarray], np.ndarray],
+    queries: np.ndarray,
+    found: np.ndarray,
+    true_scores: np.ndarray,
+    k: int,
 ) -> float:
     """Mean fraction of the k returned rows whose exact similarity reaches the k-th best exact one.
 
     Args:
-        vectors (`np.ndarray`): the indexed (normalised) vectors, to score the returned rows exactly.
+        vectors: the indexed (normalised) vectors, or a function giving those of some row ids
+            (:class:`~pipeline.io.embeddings.EmbeddingRows`), to score the returned rows exactly.
         queries (`np.ndarray`): the queries, ``(Q, d)``.
         found (`np.ndarray`): returned row ids, ``(Q, >=k)``; -1 marks a missing result.
         true_scores (`np.ndarray`): exact top-k similarities, ``(Q, >=k)``, best first.
         k (`int`): the k of recall@k (capped at the number of vectors).
     """
-    k = min(k, len(vectors), found.shape[1], true_scores.shape[1])
+    fetch = vectors if callable(vectors) else vectors.__getitem__
+    k = min(k, found.shape[1], true_scores.shape[1])
     if k == 0 or len(queries) == 0:
         return 1.0
     hits = 0
@@ -324,7 +335,7 @@ def tie_aware_recall(
         ids = np.unique(ids[ids >= 0])
         if len(ids) == 0:
             continue
-        scores = vectors[ids] @ queries[q]
+        scores = fetch(ids) @ queries[q]
         hits += min(k, int((scores >= kth[q] - TIE_EPS).sum()))
     return hits / (k * len(queries))
 
@@ -349,23 +360,67 @@ def tune_search(
     seed: int = 0,
     use_gpu: bool = True,
 ) -> dict[str, Any]:
-    """Raise ``nprobe``/``efSearch`` until recall@k on a seeded sample of indexed rows reaches the target.
-
-    Each sampled row queries the index for k+1 neighbours and its own id is taken out of both the
-    exact and the approximate answer (leave-one-out): a query that is itself indexed would otherwise
-    get one right answer for free and overstate the recall that new queries see.
-
-    The index keeps the first setting that reaches ``target_recall`` (or, if none does, the one with
-    the best recall). Returns the self-check: sample size, k, recall, seconds per query, every setting
-    tried, and whether the target was reached.
-    """
+    """:func:`tune_recall` with its ground truth from ``vectors`` held in memory (a seeded sample)."""
     rows = _sample_rows(len(vectors), min(sample, len(vectors)), seed + 1)
     queries = np.ascontiguousarray(vectors[rows])
     k = max(1, min(k, len(vectors) - 1))
     started = time.monotonic()
     true_scores, true_ids = exact_search(vectors, queries, k + 1, use_gpu)
-    _, true_scores = _drop_self(true_ids, true_scores, rows)
-    exact_s = time.monotonic() - started
+    truth = GroundTruth(rows, queries, true_ids, true_scores, time.monotonic() - started)
+    return tune_recall(index, truth, vectors, k=k, target_recall=target_recall)
+
+
+@dataclass
+class GroundTruth:
+    """Exact top-(k+1) neighbours of sampled indexed rows, for the recall self-check."""
+
+    rows: np.ndarray
+    queries: np.ndarray
+    ids: np.ndarray
+    scores: np.ndarray
+    seconds: float
+
+
+def streamed_ground_truth(
+    blocks: Iterable[tuple[int, np.ndarray]], rows: np.ndarray, queries: np.ndarray, k: int
+) -> GroundTruth:
+    """Exact top-``k`` of ``queries`` over vectors that arrive block by block as ``(first row id, unit
+    vectors)``: only one block and the running top-k are in memory, never the whole matrix."""
+    started = time.monotonic()
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for first, block in blocks:
+        scores = queries @ block.T
+        ids = np.broadcast_to(np.arange(first, first + len(block)), scores.shape)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        ids = np.concatenate([best_ids, ids], axis=1)
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(scores, keep, axis=1)
+        best_ids = np.take_along_axis(ids, keep, axis=1)
+    return GroundTruth(rows, queries, best_ids, best_scores, time.monotonic() - started)
+
+
+def tune_recall(
+    index: faiss.Index,
+    truth: GroundTruth,
+    vectors: np.ndarray | Callable[[np.ndarray], np.ndarray],
+    *,
+    k: int = 10,
+    target_recall: float = 0.95,
+) -> dict[str, Any]:
+    """Raise ``nprobe``/``efSearch`` until recall@k of ``truth``'s queries reaches the target.
+
+    Each sampled row queries the index for k+1 neighbours and its own id is taken out of both the
+    exact and the approximate answer (leave-one-out): a query that is itself indexed would otherwise
+    get one right answer for free and overstate the recall that new queries see. ``vectors`` scores
+    the returned rows exactly (an array, or a function of row ids).
+
+    The index keeps the first setting that reaches ``target_recall`` (or, if none does, the one with
+    the best recall). Returns the self-check: sample size, k, recall, seconds per query, every setting
+    tried, and whether the target was reached.
+    """
+    rows, queries = truth.rows, truth.queries
+    _, true_scores = _drop_self(truth.ids, truth.scores, rows)
     ivf, hnsw = _ivf_of(index), _hnsw_of(index)
     if ivf is not None:
         name = "nprobe"
@@ -413,7 +468,7 @@ def tune_search(
         "target_recall": target_recall,
         "target_reached": best["recall"] >= target_recall,
         "ms_per_query": best["ms_per_query"],
-        "exact_ms_per_query": round(1000 * exact_s / max(1, len(rows)), 4),
+        "exact_ms_per_query": round(1000 * truth.seconds / max(1, len(rows)), 4),
         "param": name,
         "value": best["value"],
         "tried": tried,
@@ -444,6 +499,8 @@ def load_index(path: str | Path, mmap: bool = True) -> faiss.Index:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no index file {path}")
+    if Path(path).with_suffix(ONDISK_SUFFIX).is_file():  # lists on disk already: find them beside the index
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     return faiss.read_index(str(path), flags)
 

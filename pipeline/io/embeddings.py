@@ -224,6 +224,34 @@ def load_unit_embeddings(folder: str | Path, kind: str = IMG_EMB) -> np.ndarray:
     return out
 
 
+class EmbeddingRows:
+    """Unit float32 image embeddings of chosen rows: from an in-memory matrix, or read from the
+    memory-mapped partitions of an embedding folder (only the rows asked for)."""
+
+    def __init__(
+        self, folder: str | Path | None = None, vectors: np.ndarray | None = None, kind: str = IMG_EMB
+    ):
+        self.vectors = vectors
+        if vectors is not None:
+            self.n, self.dim = vectors.shape
+            return
+        self.arrays = [p.embeddings(kind) for p in list_partitions(folder)]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.n = int(self.starts[-1])
+        self.dim = int(self.arrays[0].shape[1]) if self.arrays else 0
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if self.vectors is not None:
+            return np.ascontiguousarray(self.vectors[rows], dtype=np.float32)
+        out = np.empty((len(rows), self.dim), np.float32)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for part in np.unique(which).tolist():
+            sel = which == part
+            out[sel] = self.arrays[part][rows[sel] - self.starts[part]]
+        return normalize(out)
+
+
 def is_semantic(folder: str | Path) -> bool:
     """False when the embed stage labelled the embeddings as random-weight (``semantic=false``).
 
