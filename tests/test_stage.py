@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from pipeline.core.config import CaptionDedupConfig, ImageDedupConfig, IndexConfig, result_options
+from pipeline.core.config import (
+    CaptionDedupConfig,
+    CellsConfig,
+    ImageDedupConfig,
+    IndexConfig,
+    result_options,
+)
 from pipeline.core.stage import (
     Commit,
     FunctionStage,
@@ -183,10 +189,11 @@ def test_deferring_a_recomputed_partition_drops_its_old_marker(tmp_path: Path):
     [
         (
             ImageDedupConfig(),
-            {"embeddings", "out", "use_gpu", "query_batch", "shards", "report"},
-            {"phash_max_distance", "seed"},
+            {"embeddings", "out", "block_rows", "shards", "report"},
+            {"phash_max_distance", "linkage"},
         ),
         (IndexConfig(), {"embeddings", "out", "use_gpu", "duplicates"}, {"kind", "target_recall"}),
+        (CellsConfig(), {"ray_min_rows", "bucket_rows"}, {"rows_per_cell", "top"}),
         (
             CaptionDedupConfig(),
             {"input", "out", "batch_size", "ray_min_rows", "report"},
