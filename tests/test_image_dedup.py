@@ -348,6 +348,9 @@ def test_semantic_pairs_are_the_exact_pairs_above_the_threshold_capped_per_row()
     pairs, cosines, saturated = semantic_pairs(x, 0.95, k=8, block_rows=500)
     assert {tuple(p) for p in pairs.tolist()} == expected and len(expected) >= 550
     assert np.allclose(cosines, sims[pairs[:, 0], pairs[:, 1]], atol=1e-6) and saturated == 0
+    # The torch path (a GPU on clusters; its CPU device here) finds the same pairs.
+    on_torch, torch_cosines, _ = semantic_pairs(x, 0.95, k=8, block_rows=500, device="cpu")
+    assert np.array_equal(on_torch, pairs) and np.allclose(torch_cosines, cosines, atol=1e-5)
     # Owners: only their partners are searched; k caps each owner's partners at its closest.
     noise = np.random.default_rng(0).normal(size=(6, 32)).astype(np.float32) * 1e-3
     twins = np.repeat(x[:1], 6, axis=0) + noise

@@ -313,11 +313,13 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         return {k: summary[k] for k in ("rows", "factory", "recall_at_k", "seconds")}
 
     def tables() -> dict[str, Any]:
-        (stats,) = run_tasks(_write_dedup_table, [(root, cells_dir)], inline=inline())
+        (stats,) = run_tasks(_write_dedup_table, [(root, cells_dir)], inline=inline(), fresh_worker=True)
         return stats
 
     def report() -> dict[str, Any]:
-        (stats,) = run_tasks(_report_task, [(root, dedup_cfg, cfg.caption_dedup, b.shards)], inline=inline())
+        (stats,) = run_tasks(
+            _report_task, [(root, dedup_cfg, cfg.caption_dedup, b.shards)], inline=inline(), fresh_worker=True
+        )
         return stats
 
     def inline() -> bool:

@@ -213,6 +213,11 @@ class CellsConfig:
     top: int = option(
         2, "cells each row is assigned to, nearest first (2: duplicates across a cell boundary are found)"
     )
+    margin: float = option(
+        0.05,
+        "a row joins a further cell only when its cosine to that centroid is within this of its nearest "
+        "one's (rows near a boundary; a centroid close to every row would otherwise collect them all)",
+    )
     train_per_cell: int = option(64, "k-means training rows per cell (a seeded sample)")
     iterations: int = option(10, "k-means iterations")
     seed: int = option(0, "seed of the training sample and of k-means")
@@ -280,6 +285,11 @@ class ImageDedupConfig:
     )
     block_rows: int = option(
         2048, "rows per block of a cell's similarity product (bounds memory)", fingerprint=False
+    )
+    use_gpu: bool = option(
+        True,
+        "on a cluster with GPUs, the cells' similarity products run on them (torch; same pairs)",
+        fingerprint=False,
     )
 
 

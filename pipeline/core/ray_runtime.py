@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import faiss
 import ray
 
 from pipeline.core.config import RayConfig
+from pipeline.core.lazy import faiss
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,16 @@ def run_tasks(
     *,
     inline: bool,
     num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    fresh_worker: bool = False,
     label: str = "",
     max_in_flight: int = 64,
     log_every_s: float = 30.0,
 ) -> list[Any]:
     """``[fn(*args) for args in calls]``, as Ray tasks unless ``inline``; results in call order.
 
+    ``fresh_worker`` runs each call in a worker process that exits after it, so the memory a large
+    one-off task touched (and the allocator keeps) is returned instead of staying with a pooled worker.
     A failed task fails the whole call (Ray retries tasks lost to a dead worker by itself).
     """
     label = label or getattr(fn, "__name__", "task")
@@ -40,7 +44,7 @@ def run_tasks(
     ensure_ray()
     import ray
 
-    remote = ray.remote(num_cpus=num_cpus)(fn)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_calls=1 if fresh_worker else 0)(fn)
     results: list[Any] = [None] * len(calls)
     pending: dict[Any, int] = {}
     submitted = done = 0

@@ -59,12 +59,12 @@ from math import comb
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.config import CellsConfig, ImageDedupConfig, result_options
+from pipeline.core.lazy import faiss
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import fingerprint
 from pipeline.dedup.names import (
@@ -204,11 +204,13 @@ def semantic_pairs(
     k: int = 32,
     owners: np.ndarray | None = None,
     block_rows: int = 2048,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Pairs (owner, any row) whose embeddings have cosine >= ``threshold``: exact blocked products.
 
     ``vectors`` must be L2-normalised float32; all-zero rows never pair. ``owners`` (default: every
-    row) are the rows whose partners are searched; each keeps its ``k`` closest partners.
+    row) are the rows whose partners are searched; each keeps its ``k`` closest partners. With a torch
+    ``device`` (``"cuda"``) the products run there and only each block's similarities come back.
 
     Returns:
         ``(pairs, cosines, saturated)``: canonical pairs, their cosines, and how many owner rows had
@@ -221,9 +223,16 @@ def semantic_pairs(
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), 0
     nonzero = np.einsum("ij,ij->i", vectors, vectors) > 0.5
     found, scores, saturated = [], [], 0
+    if device is not None:
+        import torch
+
+        on_device = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
     for lo in range(0, len(owners), block_rows):
         query = owners[lo : lo + block_rows]
-        sims = vectors[query] @ vectors.T
+        if device is None:
+            sims = vectors[query] @ vectors.T
+        else:
+            sims = (on_device[torch.from_numpy(query).to(device)] @ on_device.T).cpu().numpy()
         sims[np.arange(len(query)), query] = -np.inf  # no self-pairs
         hit = (sims >= threshold) & nonzero[query][:, None] & nonzero[None, :]
         over = np.flatnonzero(hit.sum(axis=1) > k)
@@ -255,6 +264,7 @@ def cell_pairs(
     cfg: ImageDedupConfig,
     semantic: bool,
     owners: np.ndarray | None = None,
+    device: str | None = None,
 ) -> CellPairs:
     """The pHash and semantic passes over the rows of one cell (or any set of rows compared all-to-all).
 
@@ -264,6 +274,7 @@ def cell_pairs(
         cfg: thresholds.
         semantic: whether the embeddings carry meaning (the semantic pass and pHash confirmation run).
         owners: rows whose semantic partners are searched (default: all); pHash compares all rows.
+        device: torch device of the semantic products (None: numpy here).
     """
     empty = np.zeros((0, 2), np.int64)
     result = CellPairs(empty, empty)
@@ -277,7 +288,12 @@ def cell_pairs(
         result.phash = pairs
     if semantic and vectors is not None:
         result.semantic, _, result.saturated = semantic_pairs(
-            vectors, cfg.semantic_threshold, k=cfg.semantic_k, owners=owners, block_rows=cfg.block_rows
+            vectors,
+            cfg.semantic_threshold,
+            k=cfg.semantic_k,
+            owners=owners,
+            block_rows=cfg.block_rows,
+            device=device,
         )
     return result
 

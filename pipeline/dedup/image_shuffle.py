@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.config import ImageDedupConfig
+from pipeline.core.ray_runtime import cluster_gpus
 from pipeline.core.stage import run_stage, seconds_since
 from pipeline.core.storage import atomic_write_arrays, atomic_write_json, atomic_write_table
 from pipeline.core.tasks import run_tasks
@@ -105,6 +106,8 @@ def map_partition(
     local = np.tile(np.arange(n), top)
     cell = cells.T.ravel()
     owner = np.repeat(np.arange(top) == 0, n)
+    joined = cell >= 0  # a row joins its further cells only near a boundary
+    local, cell, owner = local[joined], cell[joined], owner[joined]
     bucket = cell.astype(np.int64) * buckets // nlist
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
@@ -143,7 +146,13 @@ def _load(files: list[Path]) -> dict[str, np.ndarray]:
 
 
 def reduce_bucket(
-    bucket: int, partitions: list[str], work: str, cfg: ImageDedupConfig, semantic: bool, passes: list[str]
+    bucket: int,
+    partitions: list[str],
+    work: str,
+    cfg: ImageDedupConfig,
+    semantic: bool,
+    passes: list[str],
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Every pair of one bucket: within each of its cells (pHash, semantic) and among its hashes (exact)."""
     started = time.monotonic()
@@ -170,6 +179,7 @@ def reduce_bucket(
                 cfg,
                 semantic,
                 owners=np.flatnonzero(entries["owner"][lo:hi]),
+                device=device,
             )
             found[METHOD_PHASH].append(rows[result.phash])
             found[METHOD_SEMANTIC].append(rows[result.semantic])
@@ -265,10 +275,14 @@ def compute_image_dedup(cfg: ImageDedupConfig, cells: CellsStage, run_id: str) -
     map_s = seconds_since(t)
     t = time.monotonic()
     names = [p.name for p in partitions]
+    # On a cluster with GPUs the products run there, several reduce tasks sharing one GPU.
+    gpus = 0 if inline or not (cfg.use_gpu and semantic) else cluster_gpus()
+    device = "cuda" if gpus else None
     reduced = run_tasks(
         reduce_bucket,
-        [(b, names, str(work), cfg, semantic, passes) for b in range(buckets)],
+        [(b, names, str(work), cfg, semantic, passes, device) for b in range(buckets)],
         inline=inline,
+        num_gpus=0.25 if gpus else 0.0,
         label="image dedup: reduce",
     )
     reduce_s = seconds_since(t)
@@ -276,6 +290,7 @@ def compute_image_dedup(cfg: ImageDedupConfig, cells: CellsStage, run_id: str) -
         group_buckets,
         [(cfg.embeddings, str(work), buckets, cfg, semantic, str(out / OUTPUT_NAME))],
         inline=inline,
+        fresh_worker=True,
     )
     pair_counts = grouped.pop("pairs")
     largest_cell = max(r["largest_cell"] for r in reduced)
@@ -308,7 +323,7 @@ def compute_image_dedup(cfg: ImageDedupConfig, cells: CellsStage, run_id: str) -
         "skipped": False,
     }
     if cfg.report:
-        run_tasks(_report, [(cfg, summary)], inline=inline)
+        run_tasks(_report, [(cfg, summary)], inline=inline, fresh_worker=True)
         summary["report"] = str(out / REPORT_NAME)
     atomic_write_json(out / SUMMARY_NAME, summary)
     shutil.rmtree(out / WORK, ignore_errors=True)

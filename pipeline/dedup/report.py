@@ -44,7 +44,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,6 +60,7 @@ from pipeline.core.html import (
     td,
     thumbnail,
 )
+from pipeline.core.lazy import faiss
 from pipeline.core.stage import seconds_since
 from pipeline.core.storage import atomic_write_bytes
 from pipeline.dedup.names import (

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.config import CellsConfig, IndexConfig, result_options
+from pipeline.core.lazy import faiss
 from pipeline.core.ray_runtime import gpu_count, on_gpu_worker
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_parquet_writer, atomic_write_bytes, atomic_write_json
@@ -32,7 +32,6 @@ from pipeline.index.faiss_index import (
     build_index,
     estimate_bytes,
     index_description,
-    load_index,
     plan_index,
     save_index,
     tune_search,
@@ -149,7 +148,10 @@ def plan_for(cfg: IndexConfig, embeddings: str | Path, kind: str, cells: CellsCo
         factory=f"IVF{nlist},Flat",
         nlist=nlist,
         estimated_bytes=estimate_bytes("ivf_flat", n, d, nlist=nlist),
-        reason=f"{plan.reason}; lists = the shared k-means cells, on disk",
+        reason=(
+            f"N={n} > flat_max_n={cfg.flat_max_n} and the vectors fit {cfg.memory_budget_mb} MiB: "
+            f"IVF-Flat over the {nlist} shared k-means cells, lists on disk"
+        ),
     )
 
 
@@ -245,10 +247,7 @@ class IndexStage(Stage):
             )
             info = {
                 "self_check": built["self_check"],
-                "index": {
-                    **index_description_of(out / self.index_name),
-                    "nprobe": built["self_check"]["value"],
-                },
+                "index": built["index"],
                 "build_seconds": built["add_seconds"],
                 "data_file": data_file(out / self.index_name).name,
             }
@@ -265,15 +264,16 @@ class IndexStage(Stage):
             embedding_model=self.model_label
             if self.model_label is not None
             else embedding_model(cfg.embeddings),
-            gpu=gpu_count(cfg.use_gpu) > 0 and not self.on_cells,
+            gpu=not self.on_cells and gpu_count(cfg.use_gpu) > 0,
         )
         if self.with_dups:
             (info["duplicates_subindex"],) = run_tasks(
                 write_duplicates_index,
                 [(cfg.embeddings, cfg.duplicates, str(out / DUP_INDEX_NAME), self.embedding_kind)],
                 inline=inline,
+                fresh_worker=True,
             )
-        run_tasks(write_row_mapping, [(cfg.embeddings, out / ROWS_NAME)], inline=inline)
+        run_tasks(write_row_mapping, [(cfg.embeddings, out / ROWS_NAME)], inline=inline, fresh_worker=True)
         info["seconds"] = seconds_since(started)
         atomic_write_json(out / self.info_name, info)
         check = info["self_check"]
@@ -290,11 +290,6 @@ class IndexStage(Stage):
             "duplicates_subindex_rows": info.get("duplicates_subindex", {}).get("rows"),
             "seconds": seconds_since(started),
         }
-
-
-def index_description_of(path: Path) -> dict[str, Any]:
-    """:func:`index_description` of a saved index (opened memory-mapped)."""
-    return index_description(load_index(path))
 
 
 def run_build_index(

@@ -3,11 +3,14 @@
 Every pass that compares rows with rows (semantic and pHash duplicates, the IVF index's lists)
 only needs to compare rows that lie close together. So the embedding space is cut once into
 ``nlist = N / rows_per_cell`` cells by spherical k-means, trained on a seeded sample of
-``train_per_cell`` rows per cell, and every row is assigned to its ``top`` nearest cells (nearest
-first). Image dedup compares each row with the rows of its nearest cell (top-2 finds duplicates
-on either side of a boundary); the index uses the centroids as its coarse quantizer and each row's
-nearest cell as its inverted list. The work per row then stays constant as N grows (about
-``rows_per_cell``), where an all-pairs pass grows with N.
+``train_per_cell`` rows per cell, and every row is assigned to its nearest cell and, when it lies
+near a boundary, to up to ``top - 1`` further cells (those whose centroid's cosine to it is within
+``margin`` of the nearest's). Image dedup compares each row with the rows of its nearest cell, where
+the rows near its boundary are guests too, so duplicates on either side of a boundary are found; the
+margin also keeps a centroid that is second-nearest to most rows (a hub, as the centroid nearest the
+data's mean direction is) from collecting them all. The index uses the centroids as its coarse
+quantizer and each row's nearest cell as its inverted list. The work per row then stays constant as
+N grows (about ``rows_per_cell``), where an all-pairs pass grows with N.
 
 The cells folder:
 
@@ -15,7 +18,7 @@ The cells folder:
 file                     content
 =======================  ===========================================================================
 centroids.npy            ``(nlist, d)`` float32 unit vectors
-assign/<partition>.npy   ``(rows, top)`` int32: each row's cells, nearest first
+assign/<partition>.npy   ``(rows, top)`` int32: each row's cells, nearest first; -1 where it has fewer
 cells.json               nlist, top, training sample, seconds, cell sizes (min/median/max)
 =======================  ===========================================================================
 
@@ -33,10 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from pipeline.core.config import CellsConfig, result_options
+from pipeline.core.lazy import faiss
 from pipeline.core.stage import Stage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_array, atomic_write_json
 from pipeline.core.tasks import run_tasks
@@ -87,11 +90,13 @@ def train_centroids(sample: np.ndarray, nlist: int, iterations: int, seed: int) 
     return normalize(kmeans.centroids)
 
 
-def nearest_cells(vectors: np.ndarray, centroids: np.ndarray, top: int) -> np.ndarray:
-    """Each row's ``top`` nearest cells by cosine, nearest first (``(rows, top)`` int32)."""
+def nearest_cells(vectors: np.ndarray, centroids: np.ndarray, top: int, margin: float) -> np.ndarray:
+    """Each row's nearest cell, then up to ``top - 1`` more whose centroid's cosine to the row is within
+    ``margin`` of the nearest's (``(rows, top)`` int32, nearest first, -1 where a row has fewer)."""
     quantizer = faiss.IndexFlatIP(centroids.shape[1])
     quantizer.add(centroids)
-    _, ids = quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), min(top, len(centroids)))
+    scores, ids = quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), min(top, len(centroids)))
+    ids[scores < scores[:, :1] - margin] = -1
     return ids.astype(np.int32)
 
 
@@ -104,22 +109,19 @@ def _train_task(folder: str, sizes: list[int], nlist: int, cfg: CellsConfig, kin
     return {"sample": len(sample), "seconds": seconds_since(started)}
 
 
-def _assign_task(folder: str, name: str, out: str, top: int, kind: str) -> np.ndarray:
-    """Assign one partition's rows; returns how many rows each cell got as nearest (for cells.json)."""
+def _assign_task(folder: str, name: str, out: str, cfg: CellsConfig, kind: str) -> tuple[np.ndarray, int]:
+    """Assign one partition's rows; returns how many rows each cell got as nearest, and how many rows
+    joined a further cell (for cells.json)."""
     centroids = np.load(Path(out) / CENTROIDS)
     vectors = Partition(Path(folder), name).embeddings(kind)
-    cells = (
-        np.concatenate(
-            [
-                nearest_cells(normalize(vectors[lo : lo + 65_536]), centroids, top)
-                for lo in range(0, len(vectors), 65_536)
-            ]
-        )
-        if len(vectors)
-        else np.zeros((0, min(top, len(centroids))), np.int32)
-    )
+    top = min(cfg.top, len(centroids))
+    blocks = [
+        nearest_cells(normalize(vectors[lo : lo + 65_536]), centroids, top, cfg.margin)
+        for lo in range(0, len(vectors), 65_536)
+    ]
+    cells = np.concatenate(blocks) if blocks else np.zeros((0, top), np.int32)
     atomic_write_array(assign_path(out, name), cells)
-    return np.bincount(cells[:, 0], minlength=len(centroids)) if len(cells) else np.zeros(len(centroids), int)
+    return np.bincount(cells[:, 0], minlength=len(centroids)), int((cells[:, 1:] >= 0).any(axis=1).sum())
 
 
 class CellsStage(Stage):
@@ -162,20 +164,24 @@ class CellsStage(Stage):
             if stale.stem not in {p.name for p in self.partitions}:
                 stale.unlink()
         (train,) = run_tasks(
-            _train_task, [(self.embeddings, sizes, nlist, cfg, self.kind, str(self.out))], inline=inline
+            _train_task,
+            [(self.embeddings, sizes, nlist, cfg, self.kind, str(self.out))],
+            inline=inline,
+            fresh_worker=True,
         )
         counts = run_tasks(
             _assign_task,
-            [(self.embeddings, p.name, str(self.out), cfg.top, self.kind) for p in self.partitions],
+            [(self.embeddings, p.name, str(self.out), cfg, self.kind) for p in self.partitions],
             inline=inline,
             label="cells: assign",
         )
-        per_cell = np.sum(counts, axis=0)
+        per_cell = np.sum([nearest for nearest, _ in counts], axis=0)
         info = {
             "schema": SCHEMA_VERSION,
             "rows": n,
             "nlist": nlist,
             "top": min(cfg.top, nlist),
+            "rows_in_further_cells": sum(further for _, further in counts),
             "dim": int(self.partitions[0].embeddings(self.kind).shape[1]),
             "kind": self.kind,
             "train_sample": train["sample"],

@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
+from pipeline.core.lazy import faiss
 from pipeline.core.ray_runtime import gpu_count
 from pipeline.core.storage import publish_tmp, unique_tmp_path
 
@@ -391,10 +391,14 @@ def streamed_ground_truth(
     best_ids = np.zeros((len(queries), 0), np.int64)
     for first, block in blocks:
         scores = queries @ block.T
-        ids = np.broadcast_to(np.arange(first, first + len(block)), scores.shape)
+        if scores.shape[1] > k:  # the block's own top k first: linear, where sorting it all is not
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores, ids = np.take_along_axis(scores, part, axis=1), first + part
+        else:
+            ids = np.broadcast_to(np.arange(first, first + len(block)), scores.shape)
         scores = np.concatenate([best_scores, scores], axis=1)
         ids = np.concatenate([best_ids, ids], axis=1)
-        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        keep = np.lexsort((ids, -scores), axis=-1)[:, :k]  # best first; ties: the smaller row id
         best_scores = np.take_along_axis(scores, keep, axis=1)
         best_ids = np.take_along_axis(ids, keep, axis=1)
     return GroundTruth(rows, queries, best_ids, best_scores, time.monotonic() - started)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,20 +225,22 @@ def load_unit_embeddings(folder: str | Path, kind: str = IMG_EMB) -> np.ndarray:
 
 
 class EmbeddingRows:
-    """Unit float32 image embeddings of chosen rows: from an in-memory matrix, or read from the
-    memory-mapped partitions of an embedding folder (only the rows asked for)."""
+    """Unit float32 embeddings of chosen rows: from an in-memory matrix, or read from the partitions
+    of an embedding folder (only the rows asked for, each call through its own short-lived maps, so
+    a process that reads rows from everywhere does not keep the whole folder mapped)."""
 
     def __init__(
         self, folder: str | Path | None = None, vectors: np.ndarray | None = None, kind: str = IMG_EMB
     ):
         self.vectors = vectors
+        self.kind = kind
         if vectors is not None:
             self.n, self.dim = vectors.shape
             return
-        self.arrays = [p.embeddings(kind) for p in list_partitions(folder)]
-        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.partitions = list_partitions(folder)
+        self.starts = np.cumsum([0] + [p.num_rows() for p in self.partitions])
         self.n = int(self.starts[-1])
-        self.dim = int(self.arrays[0].shape[1]) if self.arrays else 0
+        self.dim = int(self.partitions[0].embeddings(kind).shape[1]) if self.partitions else 0
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
@@ -248,8 +250,25 @@ class EmbeddingRows:
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for part in np.unique(which).tolist():
             sel = which == part
-            out[sel] = self.arrays[part][rows[sel] - self.starts[part]]
+            out[sel] = self.partitions[part].embeddings(self.kind)[rows[sel] - self.starts[part]]
         return normalize(out)
+
+
+def unit_blocks(
+    folder: str | Path, kind: str = IMG_EMB, rows: int = 16_384
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Every row of the folder as ``(first row id, unit float32 block)``, ``rows`` at a time.
+
+    Each block is read through its own short-lived memory map, so a scan of the whole folder leaves
+    only one block's pages mapped in the process (its RSS does not grow with the folder).
+    """
+    first = 0
+    for partition in list_partitions(folder):
+        n = partition.num_rows()
+        for lo in range(0, n, rows):
+            block = normalize(partition.embeddings(kind)[lo : lo + rows])
+            yield first + lo, block
+        first += n
 
 
 def is_semantic(folder: str | Path) -> bool:
