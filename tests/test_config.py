@@ -83,6 +83,10 @@ def test_cluster_file_is_valid_for_the_ray_cluster_launcher():
     gpu_types = [t for t in cluster["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_types, "the cluster needs GPU workers for embedding and audits"
     assert any("pip install" in cmd and "-e ." in cmd for cmd in cluster["setup_commands"])
+    # Stages hand files to each other across nodes: every host mounts one shared file system, and
+    # the container sees it at the same path.
+    assert any("mount -t nfs4" in cmd and "/mnt/shared" in cmd for cmd in cluster["initialization_commands"])
+    assert "-v /mnt/shared:/mnt/shared" in cluster["docker"]["run_options"]
 
 
 def test_cluster_file_turns_token_auth_on_and_keeps_the_dashboard_off_the_network():

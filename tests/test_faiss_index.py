@@ -308,13 +308,16 @@ def test_on_disk_merge_writes_every_list_of_every_part_in_faiss_layout(tmp_path)
     """The merge written list range by list range (here a few lists at a time) answers exactly as the
     same IVF built in memory over all rows."""
     from pipeline.core.storage import atomic_write_array
-    from pipeline.index.cells import CENTROIDS
+    from pipeline.index.cells import CENTROIDS, assign_path, nearest_cells
     from pipeline.index.ivf_cells import add_partition, empty_index, merge_parts
 
     x = clustered(3_000, 16, seed=9)
     write_embedding_folder(tmp_path / "emb", [x[:1_000], x[1_000:]])
     centroids = x[::100]  # 30 cells
     atomic_write_array(tmp_path / "cells" / CENTROIDS, centroids)
+    stored = normalize(x.astype(np.float16))  # as the partitions hold them, read back
+    for name, rows in (("00000", stored[:1_000]), ("00001", stored[1_000:])):
+        atomic_write_array(assign_path(tmp_path / "cells", name), nearest_cells(rows, centroids, 1, 0.0))
     names = [
         add_partition(
             str(tmp_path / "emb"), name, start, str(tmp_path / "cells"), str(tmp_path / "parts"), "img_emb"
@@ -326,7 +329,7 @@ def test_on_disk_merge_writes_every_list_of_every_part_in_faiss_layout(tmp_path)
     )
     merged = load_index(tmp_path / "m.index")
     reference = empty_index(centroids)
-    reference.add_with_ids(normalize(x.astype(np.float16)), np.arange(3_000))  # as stored, then read
+    reference.add_with_ids(stored, np.arange(3_000))
     assert ntotal == merged.ntotal == 3_000
     for nprobe in (1, 4):
         set_search_params(merged, nprobe=nprobe)

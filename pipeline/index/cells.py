@@ -18,6 +18,7 @@ The cells folder:
 file                     content
 =======================  ===========================================================================
 centroids.npy            ``(nlist, d)`` float32 unit vectors
+coarse.npy               the coarse level's centroids, when training was two-level (nlist >= 2048)
 assign/<partition>.npy   ``(rows, top)`` int32: each row's cells, nearest first; -1 where it has fewer
 cells.json               nlist, top, training sample, seconds, cell sizes (min/median/max)
 =======================  ===========================================================================
@@ -49,6 +50,7 @@ from pipeline.io.embeddings import IMG_EMB, Partition, folder_signature, list_pa
 log = logging.getLogger(__name__)
 
 CENTROIDS = "centroids.npy"
+COARSE = "coarse.npy"
 ASSIGN = "assign"
 INFO = "cells.json"
 SCHEMA_VERSION = 1
@@ -78,25 +80,77 @@ def _sample(partitions: list[Partition], sizes: list[int], size: int, seed: int,
     return np.concatenate(blocks)
 
 
-def train_centroids(sample: np.ndarray, nlist: int, iterations: int, seed: int) -> np.ndarray:
-    """Spherical k-means centroids (unit float32) of ``sample``; one cell is the normalised mean."""
-    if nlist <= 1 or len(sample) <= nlist:
+#: From this many cells, k-means is two-level and rows find their cells through the coarse level:
+#: flat k-means and flat assignment cost N x nlist x d, which grows as N^2 when nlist grows with N.
+TWO_LEVEL_FROM = 2048
+#: Coarse cells searched for a row's nearest fine cells (of about sqrt(nlist)).
+COARSE_PROBE = 8
+
+
+def _kmeans(sample: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids (unit float32); one centroid is the normalised mean."""
+    if k >= len(sample) > 0:
+        return normalize(sample[:k])
+    if k <= 1:
         centre = sample.mean(axis=0, keepdims=True) if len(sample) else np.ones((1, sample.shape[1]))
         return normalize(centre if np.linalg.norm(centre) > 0 else np.ones_like(centre))
     kmeans = faiss.Kmeans(
-        sample.shape[1], nlist, niter=iterations, seed=seed, spherical=True, max_points_per_centroid=1 << 20
+        sample.shape[1], k, niter=iterations, seed=seed, spherical=True, max_points_per_centroid=1 << 20
     )
     kmeans.train(np.ascontiguousarray(sample))
     return normalize(kmeans.centroids)
 
 
-def nearest_cells(vectors: np.ndarray, centroids: np.ndarray, top: int, margin: float) -> np.ndarray:
+def train_centroids(
+    sample: np.ndarray, nlist: int, iterations: int, seed: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(centroids, coarse)``: ``nlist`` cells of ``sample``; from :data:`TWO_LEVEL_FROM` cells, trained
+    in two levels (about sqrt(nlist) coarse cells, each split in proportion to its share of the sample,
+    as ``faiss.contrib.clustering.two_level_clustering`` does), with the coarse centroids returned too."""
+    if nlist < TWO_LEVEL_FROM:
+        return _kmeans(sample, nlist, iterations, seed), None
+    coarse = _kmeans(sample, round(np.sqrt(nlist)), iterations, seed)
+    owner = nearest_cells(sample, coarse, 1, 0.0)[:, 0]
+    points = np.bincount(owner, minlength=len(coarse))
+    fine = []
+    for c, k in enumerate(_split(nlist, points).tolist()):
+        if k:
+            fine.append(_kmeans(sample[owner == c], k, iterations, seed + 1 + c))
+    return np.concatenate(fine), coarse
+
+
+def _split(total: int, points: np.ndarray) -> np.ndarray:
+    """``total`` cells shared among groups in proportion to their points (largest remainders), no
+    group getting more cells than points; the shares sum to ``total`` (``total`` <= points)."""
+    exact = total * points / points.sum()
+    share = np.minimum(np.floor(exact).astype(np.int64), points)
+    while share.sum() < total:
+        room = np.flatnonzero(share < points)
+        share[room[np.argmax((exact - share)[room])]] += 1
+    return share
+
+
+def nearest_cells(
+    vectors: np.ndarray, centroids: np.ndarray, top: int, margin: float, coarse: np.ndarray | None = None
+) -> np.ndarray:
     """Each row's nearest cell, then up to ``top - 1`` more whose centroid's cosine to the row is within
-    ``margin`` of the nearest's (``(rows, top)`` int32, nearest first, -1 where a row has fewer)."""
-    quantizer = faiss.IndexFlatIP(centroids.shape[1])
-    quantizer.add(centroids)
-    scores, ids = quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), min(top, len(centroids)))
-    ids[scores < scores[:, :1] - margin] = -1
+    ``margin`` of the nearest's (``(rows, top)`` int32, nearest first, -1 where a row has fewer).
+
+    With ``coarse`` centroids, only the cells of the row's :data:`COARSE_PROBE` nearest coarse cells
+    are searched (an IVF over the centroids): about ``probe x sqrt(nlist)`` comparisons, not nlist.
+    """
+    d = centroids.shape[1]
+    if coarse is None:
+        search: faiss.Index = faiss.IndexFlatIP(d)
+    else:
+        quantizer = faiss.IndexFlatIP(d)
+        quantizer.add(coarse)
+        search = faiss.IndexIVFFlat(quantizer, d, len(coarse), faiss.METRIC_INNER_PRODUCT)
+        search.is_trained = True
+        search.nprobe = min(COARSE_PROBE, len(coarse))
+    search.add(centroids)
+    scores, ids = search.search(np.ascontiguousarray(vectors, dtype=np.float32), min(top, len(centroids)))
+    ids[(scores < scores[:, :1] - margin) | (ids < 0)] = -1
     return ids.astype(np.int32)
 
 
@@ -104,8 +158,12 @@ def _train_task(folder: str, sizes: list[int], nlist: int, cfg: CellsConfig, kin
     started = time.monotonic()
     partitions = list_partitions(folder)
     sample = _sample(partitions, sizes, nlist * cfg.train_per_cell, cfg.seed, kind)
-    centroids = train_centroids(sample, nlist, cfg.iterations, cfg.seed)
+    centroids, coarse = train_centroids(sample, nlist, cfg.iterations, cfg.seed)
     atomic_write_array(Path(out) / CENTROIDS, centroids)
+    if coarse is not None:
+        atomic_write_array(Path(out) / COARSE, coarse)
+    else:
+        (Path(out) / COARSE).unlink(missing_ok=True)
     return {"sample": len(sample), "seconds": seconds_since(started)}
 
 
@@ -113,10 +171,11 @@ def _assign_task(folder: str, name: str, out: str, cfg: CellsConfig, kind: str) 
     """Assign one partition's rows; returns how many rows each cell got as nearest, and how many rows
     joined a further cell (for cells.json)."""
     centroids = np.load(Path(out) / CENTROIDS)
+    coarse = np.load(Path(out) / COARSE) if (Path(out) / COARSE).is_file() else None
     vectors = Partition(Path(folder), name).embeddings(kind)
     top = min(cfg.top, len(centroids))
     blocks = [
-        nearest_cells(normalize(vectors[lo : lo + 65_536]), centroids, top, cfg.margin)
+        nearest_cells(normalize(vectors[lo : lo + 65_536]), centroids, top, cfg.margin, coarse)
         for lo in range(0, len(vectors), 65_536)
     ]
     cells = np.concatenate(blocks) if blocks else np.zeros((0, top), np.int32)

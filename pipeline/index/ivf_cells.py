@@ -36,7 +36,7 @@ from pipeline.core.lazy import faiss
 from pipeline.core.stage import seconds_since
 from pipeline.core.storage import atomic_write_array, publish_tmp, unique_tmp_path
 from pipeline.core.tasks import run_tasks
-from pipeline.index.cells import CENTROIDS
+from pipeline.index.cells import CENTROIDS, assign_path
 from pipeline.index.faiss_index import (
     ONDISK_SUFFIX,
     IndexPlan,
@@ -74,7 +74,8 @@ def _part_files(parts_dir: str | Path, name: str) -> dict[str, Path]:
 
 
 def add_partition(folder: str, name: str, start: int, cells_dir: str, parts_dir: str, kind: str) -> str:
-    """One partition's rows (ids ``start..``) sorted into the cells' lists; returns the part's name.
+    """One partition's rows (ids ``start..``) sorted into their nearest cells' lists (the assignment the
+    cells stage made, so image dedup and the index agree); returns the part's name.
 
     The part is three arrays: rows per list, then every list's codes and ids one list after another,
     which the merge reads list range by list range.
@@ -84,9 +85,12 @@ def add_partition(folder: str, name: str, start: int, cells_dir: str, parts_dir:
         return name
     index = empty_index(np.load(Path(cells_dir) / CENTROIDS))
     vectors = Partition(Path(folder), name).embeddings(kind)
+    cells = np.load(assign_path(cells_dir, name))[:, 0].astype(np.int64)  # each row's nearest cell
     for lo in range(0, len(vectors), 65_536):
         block = normalize(vectors[lo : lo + 65_536])
-        index.add_with_ids(block, np.arange(start + lo, start + lo + len(block), dtype=np.int64))
+        ids = np.arange(start + lo, start + lo + len(block), dtype=np.int64)
+        lists = np.ascontiguousarray(cells[lo : lo + len(block)])
+        index.add_core(len(block), faiss.swig_ptr(block), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
     lists = index.invlists
     sizes = np.array([lists.list_size(c) for c in range(lists.nlist)], np.int64)
     code_size = lists.code_size
