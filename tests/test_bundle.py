@@ -441,36 +441,99 @@ def test_job_cli_resumes_only_what_changed(built, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_caption_ids_count_normalised_captions_and_keep_the_common_spelling():
-    from pipeline.bundle.tables import caption_ids, group_modes
+def test_dominant_value_per_key_breaks_ties_by_the_earliest_row():
+    from pipeline.bundle.tables import dominant
 
-    found = caption_ids(["A cat!", "a cat", "a cat", "Dog", None, "", "dog - Stock Photo"])
-    assert found.ids.tolist() == [0, 0, 0, 1, -1, -1, 1] and found.count.tolist() == [3, 2]
-    # The row of the most frequent raw spelling; ties go to the first seen.
-    assert found.spelling_row.tolist() == [1, 3]
-    mode, count = group_modes(np.array([0, 0, 0, 3, 3, 5, 5]), found.ids)
-    assert mode.tolist() == [0, 0, 0, 1, 1, 1, 1] and count.tolist() == [3, 3, 3, 1, 1, 1, 1]
+    keys = np.array([7, 7, 7, 7, 3, 3])
+    values = np.array([5, 2, 2, 5, 9, 8])
+    rows = np.array([10, 11, 12, 13, 1, 0])
+    found = dominant(keys, values, rows)
+    assert found["key"].tolist() == [3, 7] and found["value"].tolist() == [8, 5]  # 5 first seen at row 10
+    assert found["count"].tolist() == [1, 2] and found["total"].tolist() == [2, 4]
 
 
-def test_cell_caption_is_the_dominant_caption_of_the_cell():
-    from pipeline.bundle.tables import build_dedup_table
+def test_g_dup_table_built_as_shuffles_equals_counting_by_hand(tmp_path):
+    """The partitioned table (map by caption hash, cell and image group; reduce; rows back to their
+    partitions) against a direct count over the same rows, across partition boundaries."""
+    from collections import Counter
 
-    # Rows 0-4: one picture with one caption (verbatim), in cell 0 with row 5; rows 6-9 in cell 1.
-    captions = ["memorised caption"] * 5 + [f"caption {i}" for i in range(5)]
-    table, stats = build_dedup_table(
-        [f"k{i}" for i in range(10)],
-        captions,
-        np.r_[[0] * 5, np.arange(5, 10)],
-        np.r_[[5] * 5, [1] * 5],
-        np.r_[[0] * 6, [1] * 4],
+    from pipeline.bundle.tables import TableInputs, build_dedup_table
+    from pipeline.core.storage import atomic_write_array, atomic_write_table
+    from pipeline.dedup.text_normalize import normalize_captions
+    from pipeline.index.cells import assign_path
+    from pipeline.io.embeddings import IMG_EMB, METADATA_SCHEMA, embedding_path, metadata_path
+
+    rng = np.random.default_rng(0)
+    n = 900
+    pool = ["A memorised caption!", "a memorised caption", "a stock photo", "", None] + [
+        f"photo {i}" for i in range(40)
+    ]
+    captions = [pool[i] for i in rng.integers(0, len(pool), n)]
+    cells = rng.integers(0, 7, n)
+    group_rows = np.arange(0, 300, 3)  # groups of three consecutive multiples of 3
+    group_of = {int(r): int(r - r % 9) for r in group_rows}
+    bounds = [0, 250, 600, 900]
+    for i in range(3):
+        name, lo, hi = f"{i:05d}", bounds[i], bounds[i + 1]
+        embedding_path(tmp_path / "emb", IMG_EMB, name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(embedding_path(tmp_path / "emb", IMG_EMB, name), np.ones((hi - lo, 4), np.float16))
+        meta = pa.table({"key": [f"k{j}" for j in range(lo, hi)], "caption": captions[lo:hi]})
+        atomic_write_table(
+            metadata_path(tmp_path / "emb", name),
+            meta.cast(pa.schema([METADATA_SCHEMA.field("key"), METADATA_SCHEMA.field("caption")])),
+        )
+        atomic_write_array(
+            assign_path(tmp_path / "cells", name),
+            np.stack([cells[lo:hi], -np.ones(hi - lo, int)], 1).astype(np.int32),
+        )
+    sizes = Counter(group_of.values())
+    atomic_write_table(
+        tmp_path / "img.parquet",
+        pa.table(
+            {
+                "row_id": list(group_of),
+                "group_id": list(group_of.values()),
+                "group_size": [sizes[g] for g in group_of.values()],
+            }
+        ),
     )
-    rows = table.to_pylist()
-    assert all(r["cell_caption"] == "memorised caption" and r["cell_caption_count"] == 5 for r in rows[:6])
-    assert all(r["cell_caption_count"] == 1 and r["cell_rows"] == 4 for r in rows[6:])
-    assert all(r["group_caption"] == "memorised caption" and r["group_caption_count"] == 5 for r in rows[:5])
-    assert all(r["group_caption"] == r["caption"] and r["group_caption_count"] == 1 for r in rows[5:])
-    assert [r["caption_id"] for r in rows[:6]] == [0] * 5 + [5] and rows[0]["caption_count"] == 5
-    assert stats["max_cell_caption_count"] == 5 and table.schema == TABLE_SCHEMA
+    atomic_write_table(
+        tmp_path / "cap.parquet", pa.table({"group_id": np.arange(n), "group_size": np.ones(n, np.int64)})
+    )
+    inputs = TableInputs(
+        str(tmp_path / "emb"),
+        str(tmp_path / "cells"),
+        str(tmp_path / "img.parquet"),
+        str(tmp_path / "cap.parquet"),
+    )
+    stats = build_dedup_table(inputs, tmp_path / "table.parquet", tmp_path / "work", inline=True)
+    table = pq.read_table(tmp_path / "table.parquet").to_pylist()
+    assert stats["rows"] == n == len(table) and [r["row_id"] for r in table] == list(range(n))
+    normal = [x or "" for x in normalize_captions(pa.array(captions, pa.string())).to_pylist()]
+
+    def dominant_caption(members: list[int]) -> tuple[str | None, int]:
+        said = [r for r in members if normal[r]]
+        if not said:
+            return None, 0
+        counts = Counter(normal[r] for r in said)
+        best = max(counts, key=lambda c: (counts[c], -min(r for r in said if normal[r] == c)))
+        spellings = Counter(captions[r] for r in said if normal[r] == best)
+        spelling = max(spellings, key=lambda c: (spellings[c], -min(r for r in said if captions[r] == c)))
+        return spelling, counts[best]
+
+    for r, row in enumerate(table):
+        same = [j for j in range(n) if normal[j] and normal[j] == normal[r]]
+        assert row["caption_count"] == len(same)
+        assert row["caption_id"] == (-1 if not same else row["caption_id"])
+        if same:
+            assert captions[row["caption_id"]] == dominant_caption(same)[0]
+        cell = [j for j in range(n) if cells[j] == cells[r]]
+        assert (row["cell_caption"], row["cell_caption_count"]) == dominant_caption(cell) and row[
+            "cell_rows"
+        ] == len(cell)
+        group = [j for j in group_of if group_of[j] == group_of.get(r)] if r in group_of else [r]
+        assert (row["group_caption"], row["group_caption_count"]) == dominant_caption(group), r
+    assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow

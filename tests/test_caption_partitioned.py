@@ -20,6 +20,7 @@ import pytest
 
 from fixtures.planted_captions import generate
 from pipeline.core.config import CaptionDedupConfig
+from pipeline.core.shuffle import read_part, write_routed
 from pipeline.dedup.caption import (
     OUTPUT_NAME,
     SUMMARY_NAME,
@@ -27,12 +28,7 @@ from pipeline.dedup.caption import (
     find_caption_duplicates,
     run_caption_dedup,
 )
-from pipeline.dedup.caption_partitioned import (
-    find_caption_duplicates_partitioned,
-    plan_units,
-    read_part,
-    write_routed,
-)
+from pipeline.dedup.caption_partitioned import find_caption_duplicates_partitioned, plan_units
 from pipeline.dedup.caption_steps import bucket_pairs, unique_pairs, window_pairs
 from pipeline.dedup.union_find import component_stars, connected_components, large_star, small_star
 

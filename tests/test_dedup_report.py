@@ -3,7 +3,11 @@ end on a tiny embedding folder with shards, and a bounded page at a million rows
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -344,3 +348,148 @@ def test_page_stays_small_and_fast_at_a_million_rows():
     assert size < 3_000_000 and seconds < 5
     assert page.count("data:image/jpeg") <= 12 * 8 + 24 * 2
     assert page.count('class="group"') == 12 and page.count('class="bpair"') <= 24
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounded memory: the writer on a LAION-like folder, in a fresh process whose peak RSS is measured.
+# ----------------------------------------------------------------------------------------------
+
+
+def laion_like(root: Path, n: int, parts: int, dim: int = 16) -> dict[str, str]:
+    """An embedding folder of ``n`` rows in ``parts`` partitions (captions of ~90 characters, pHashes,
+    shard names, float16 embeddings), its ``image_duplicates.parquet`` (30% of rows in groups of 2-5,
+    and a few large groups) and ``caption_duplicates.parquet`` (10% of rows in caption groups): the
+    files the bundle's report step reads."""
+    rng = np.random.default_rng(0)
+    emb = root / "emb"
+    (emb / "img_emb").mkdir(parents=True)
+    (emb / "metadata").mkdir()
+    vocab = np.array([f"word{i:04d}" for i in range(5000)], dtype=object)
+    words = rng.integers(0, len(vocab), (n, 10))
+    captions = np.array([" ".join(vocab[w]) for w in words], dtype=object)
+    hashes = rng.integers(1, 2**63, n, dtype=np.int64).astype(np.uint64)
+    keys = np.char.mod("%09d", np.arange(n)).astype(object)
+    # image groups: a few large ones, then groups of 2-5, until 30% of the rows are in one
+    sizes = np.r_[[2000, 1500, 1000], rng.integers(2, 6, n // 8)]
+    sizes = sizes[np.cumsum(sizes) <= int(0.3 * n)]
+    members = np.sort(rng.choice(n, int(sizes.sum()), replace=False))
+    rng.shuffle(members)
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    reps = members[starts][group]
+    is_rep = members == reps
+    flips = rng.integers(0, 16, len(members)).astype(np.uint64)
+    hashes[members[~is_rep]] = hashes[reps[~is_rep]] ^ ((np.uint64(1) << flips[~is_rep]) - np.uint64(1))
+    methods = np.array(["exact", "phash", "semantic", "transitive"], dtype=object)[
+        rng.integers(0, 4, len(members))
+    ]
+    methods[is_rep] = "representative"
+    image = pa.table(
+        {
+            "key": pa.array(keys[members].tolist()),
+            "row_id": pa.array(members, pa.int64()),
+            "group_id": pa.array(reps, pa.int64()),
+            "group_size": pa.array(sizes[group], pa.int64()),
+            "representative_key": pa.array(keys[reps].tolist()),
+            "is_representative": pa.array(is_rep),
+            "similarity": pa.array(np.where(is_rep, 1.0, rng.uniform(0.9, 1.0, len(members))), pa.float32()),
+            "hamming_distance": pa.array(np.where(is_rep, 0, flips), pa.int16()),
+            "method": pa.array(methods.tolist(), pa.string()),
+            "linked_by": pa.array(np.where(is_rep, "exact|phash", "phash").tolist(), pa.string()),
+        },
+        schema=SCHEMA,
+    )
+    pq.write_table(image, root / "image_duplicates.parquet")
+    # caption groups: 10% of the rows, in groups of 2-4 and a few of hundreds; variants by case
+    csizes = np.r_[[900, 700, 500], rng.integers(2, 5, n // 20)]
+    csizes = csizes[np.cumsum(csizes) <= n // 10]
+    cmembers = np.sort(rng.choice(n, int(csizes.sum()), replace=False))
+    cgroup = np.repeat(np.arange(len(csizes)), csizes)
+    cfirst = cmembers[np.r_[0, np.cumsum(csizes)[:-1]]][cgroup]  # sorted rows: the first row per group
+    captions[cmembers] = captions[cfirst]
+    upper = cmembers[rng.random(len(cmembers)) < 0.3]
+    captions[upper] = [c.upper() for c in captions[upper]]
+    group_id, group_size = np.arange(n), np.ones(n, np.int64)
+    group_id[cmembers], group_size[cmembers] = cfirst, csizes[cgroup]
+    pq.write_table(
+        pa.table(
+            {
+                "key": pa.array(keys.tolist()),
+                "group_id": pa.array(group_id, pa.int64()),
+                "group_size": pa.array(group_size, pa.int64()),
+                "normalized_caption": pa.array([c.lower() for c in captions]),
+            }
+        ),
+        root / "caption_duplicates.parquet",
+    )
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    for p, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        vectors = rng.normal(size=(hi - lo, dim)).astype(np.float32)
+        np.save(emb / "img_emb" / f"img_emb_{p}.npy", (vectors / np.linalg.norm(vectors, axis=1)[:, None]).astype(np.float16))
+        meta = {
+            "key": keys[lo:hi].tolist(),
+            "caption": captions[lo:hi].tolist(),
+            "url": [f"https://example.com/{k}.jpg" for k in keys[lo:hi]],
+            "sha256": [None] * (hi - lo),
+            "width": np.full(hi - lo, 512, np.int32),
+            "height": np.full(hi - lo, 384, np.int32),
+            "shard": [f"{r // 10_000:05d}" for r in range(lo, hi)],
+            "phash": hashes[lo:hi],
+        }
+        pq.write_table(pa.table(meta, schema=METADATA_SCHEMA), emb / "metadata" / f"metadata_{p}.parquet")
+    (root / "shards").mkdir()
+    passes = {"exact": {"pairs": 10}, "phash": {"pairs": 20}, "semantic": {"pairs": 30}}
+    (root / "image_summary.json").write_text(json.dumps({"rows": n, "passes": passes}))
+    (root / "caption_summary.json").write_text(json.dumps({"verified_pairs": int(csizes.sum())}))
+    return {
+        "image_duplicates": str(root / "image_duplicates.parquet"),
+        "image_summary": str(root / "image_summary.json"),
+        "embeddings": str(emb),
+        "shards": str(root / "shards"),
+        "caption_duplicates": str(root / "caption_duplicates.parquet"),
+        "caption_summary": str(root / "caption_summary.json"),
+    }
+
+
+#: Run in a fresh interpreter: the libraries loaded first, then the writer, its peak RSS growth printed.
+_MEASURE = """
+import json, resource, sys
+import pyarrow.parquet, PIL.Image
+from pipeline.core.lazy import faiss
+from pipeline.dedup.report import ReportLimits, write_dedup_report
+faiss.IndexFlatIP(4)
+args = json.loads(sys.argv[1])
+limits = ReportLimits(**args.pop("limits"))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+done = write_dedup_report(args.pop("path"), title="Bundle duplicates", limits=limits, **args)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before_mb": before / 1024, "growth_mb": (after - before) / 1024, **done}))
+"""
+
+
+def test_writer_memory_stays_bounded_on_a_large_folder(tmp_path: Path):
+    """The bundle's report step on 300k rows: the page has every section, and the writer's peak RSS
+    grows by a bounded amount (it reads columns of the shown rows only, and the rest in batches)."""
+    n = 300_000
+    started = time.monotonic()
+    paths = laion_like(tmp_path, n, parts=6)
+    out = tmp_path / "dedup_report.html"
+    # the semantic search's reference: 20k rows (its memory is one chunk whatever N; not what is measured)
+    limits = {"semantic_flops": 2_000 * 16 * 20_000}
+    built = time.monotonic() - started
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, json.dumps({"path": str(out), "limits": limits, **paths})],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n{n:,} rows: data in {built:.1f} s; report {measured}")
+    page = out.read_text()
+    for section in ("counts", "histograms", "image-groups", "borderline", "caption-groups", "removable"):
+        assert f'id="{section}"' in page, section
+    assert page.count('class="group"') == 12 and 'id="caption-group-table"' in page
+    assert "WORD" in page  # raw caption variants read from the embedding folder
+    assert measured["growth_mb"] < 60, measured

@@ -65,7 +65,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.bundle.layout import (
@@ -87,7 +86,7 @@ from pipeline.bundle.layout import (
 )
 from pipeline.bundle.reader import check_files
 from pipeline.bundle.tables import SCHEMA_VERSION as TABLE_SCHEMA_VERSION
-from pipeline.bundle.tables import build_dedup_table, rows_with_duplicate_caption
+from pipeline.bundle.tables import TableInputs, build_dedup_table, rows_with_duplicate_caption
 from pipeline.core.config import (
     CaptionDedupConfig,
     EmbedConfig,
@@ -126,7 +125,7 @@ from pipeline.index.build import (
     run_build_index,
 )
 from pipeline.index.cells import INFO as CELLS_INFO
-from pipeline.index.cells import assign_path, run_cells
+from pipeline.index.cells import run_cells
 from pipeline.index.ivf_cells import data_file
 from pipeline.ingest.ingest import ingest_fingerprint, run_ingest
 from pipeline.io.embeddings import (
@@ -204,17 +203,6 @@ def _schema_of(path: Path) -> list[dict[str, str]]:
 def _shards_signature(shards: str) -> list[Any]:
 
     return [[s.name, s.signature()] for s in list_shards(shards)]
-
-
-def _group_arrays(duplicates: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: image group id (representative's row id; own id when unique) and group size."""
-    group_id = np.arange(n, dtype=np.int64)
-    group_size = np.ones(n, dtype=np.int64)
-    table = pq.read_table(duplicates, columns=["row_id", "group_id", "group_size"])
-    rows = table.column("row_id").to_numpy()
-    group_id[rows] = table.column("group_id").to_numpy()
-    group_size[rows] = table.column("group_size").to_numpy()
-    return group_id, group_size
 
 
 def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
@@ -313,8 +301,10 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         return {k: summary[k] for k in ("rows", "factory", "recall_at_k", "seconds")}
 
     def tables() -> dict[str, Any]:
-        (stats,) = run_tasks(_write_dedup_table, [(root, cells_dir)], inline=inline(), fresh_worker=True)
-        return stats
+        inputs = TableInputs(
+            str(emb_dir), str(cells_dir), str(root / IMAGE_DUPLICATES), str(root / CAPTION_DUPLICATES)
+        )
+        return build_dedup_table(inputs, root / TABLE_NAME, work / "tables", inline=inline())
 
     def report() -> dict[str, Any]:
         (stats,) = run_tasks(
@@ -440,26 +430,6 @@ def _publish_index(work: Path, index_dir: Path, names: tuple[str, ...]) -> None:
         _publish(data, index_dir / data.name)
     else:
         data_file(index_dir / names[0]).unlink(missing_ok=True)
-
-
-def _write_dedup_table(root: Path, cells_dir: Path) -> dict[str, Any]:
-    """The G_dup table (:mod:`pipeline.bundle.tables`) from the bundle's published files and its cells."""
-    emb_dir = root / EMBEDDINGS
-    meta = load_metadata(emb_dir, ["key", "caption"])
-    group_id, group_size = _group_arrays(root / IMAGE_DUPLICATES, meta.num_rows)
-    captions = pq.read_table(root / CAPTION_DUPLICATES, columns=["group_id", "group_size"])
-    cells = np.concatenate([np.load(assign_path(cells_dir, p.name))[:, 0] for p in list_partitions(emb_dir)])
-    table, stats = build_dedup_table(
-        meta.column("key"),
-        meta.column("caption"),
-        group_id,
-        group_size,
-        cells,
-        caption_group_id=captions.column("group_id").to_numpy(),
-        caption_group_size=captions.column("group_size").to_numpy(),
-    )
-    atomic_write_table(root / TABLE_NAME, table)
-    return stats
 
 
 def build_bundle(cfg: PipelineConfig) -> dict[str, Any]:

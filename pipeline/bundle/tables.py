@@ -48,16 +48,24 @@ y_N for a nearest neighbour n0 is ``cell_caption`` of n0 when ``cell_caption_cou
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from pipeline.core.shuffle import concat_parts, read_part, write_routed
 from pipeline.core.stage import seconds_since
+from pipeline.core.tasks import run_tasks
 from pipeline.dedup.text_normalize import normalize_captions
+from pipeline.index.cells import assign_path
+from pipeline.io.embeddings import Partition, list_partitions
 
 log = logging.getLogger(__name__)
 
@@ -84,142 +92,273 @@ SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class CaptionIds:
-    """Rows' normalised captions as integers.
+class TableInputs:
+    """Where the table's inputs are: the embedding folder, its cells, the two duplicate tables."""
 
-    Attributes:
-        ids: per row, an id of its normalised caption (0.. in order of first appearance; -1 if empty).
-        spelling_row: per id, the row whose raw caption is its most frequent spelling (ties: first row).
-        count: per id, the rows carrying it.
+    embeddings: str
+    cells: str
+    image_duplicates: str
+    caption_duplicates: str
+
+
+def text_hashes(normalized: pa.Array) -> np.ndarray:
+    """64-bit hashes of normalised captions (equal texts, equal hashes; the same in every process)."""
+    if len(normalized) == 0:
+        return np.zeros(0, np.uint64)
+    return pd.util.hash_array(normalized.to_numpy(zero_copy_only=False), categorize=False)
+
+
+def dominant(keys: np.ndarray, values: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per distinct key: its most frequent value, that value's count and first row, and the key's total.
+
+    Ties go to the value whose first row is smallest (the earliest row's caption).
     """
-
-    ids: np.ndarray
-    spelling_row: np.ndarray
-    count: np.ndarray
-
-
-def caption_ids(captions: pa.Array | pa.ChunkedArray | list[str | None]) -> CaptionIds:
-    """Ids of the rows' normalised captions, with each id's most frequent raw spelling and count."""
-    if isinstance(captions, list):
-        captions = pa.array(captions, pa.string())
-    if isinstance(captions, pa.ChunkedArray):
-        captions = captions.combine_chunks() if captions.num_chunks else pa.array([], pa.string())
-    n = len(captions)
-    ids = np.full(n, -1, dtype=np.int64)
-    none = CaptionIds(ids, np.zeros(0, np.int64), np.zeros(0, np.int64))
-    if n == 0:
-        return none
-    normalized = normalize_captions(captions)
-    empty = pc.fill_null(pc.equal(pc.utf8_length(normalized), 0), True).to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(~empty)
-    if len(rows) == 0:
-        return none
-    ids[rows] = pc.dictionary_encode(normalized.take(pa.array(rows))).indices.to_numpy().astype(np.int64)
-    raw = pc.dictionary_encode(pc.fill_null(captions.cast(pa.string()), "").take(pa.array(rows)))
-    raw_ids = raw.indices.to_numpy().astype(np.int64)
-    # Most frequent raw spelling per normalised id; ties go to the spelling seen first.
-    width = int(raw_ids.max()) + 1
-    combo = ids[rows] * width + raw_ids
-    uniq, first, counts = np.unique(combo, return_index=True, return_counts=True)
-    norm_of = uniq // width
-    order = np.lexsort((first, -counts, norm_of))
-    best = order[np.r_[True, norm_of[order][1:] != norm_of[order][:-1]]]
-    spelling_row = np.zeros(int(ids.max()) + 1, np.int64)
-    spelling_row[norm_of[best]] = rows[first[best]]
-    return CaptionIds(ids, spelling_row, np.bincount(ids[rows], minlength=len(spelling_row)))
+    order = np.lexsort((rows, values, keys))
+    k, v, r = keys[order], values[order], rows[order]
+    run = np.flatnonzero(np.r_[True, (k[1:] != k[:-1]) | (v[1:] != v[:-1])]) if len(k) else np.zeros(0, int)
+    count = np.diff(np.r_[run, len(k)])
+    run_key, run_value, run_first = k[run], v[run], r[run]
+    best = np.lexsort((run_first, -count, run_key))
+    best = best[np.r_[True, run_key[best][1:] != run_key[best][:-1]]] if len(best) else best
+    totals = np.bincount(np.searchsorted(run_key[best], run_key), weights=count).astype(np.int64)
+    return {
+        "key": run_key[best],
+        "value": run_value[best],
+        "count": count[best],
+        "first_row": run_first[best],
+        "total": totals,
+    }
 
 
-def group_modes(groups: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the most frequent caption id (>= 0) of its group and its count (-1, 0 if none).
-
-    Ties go to the caption of the group's earliest row.
-    """
-    n = len(groups)
-    mode_of_row = np.full(n, -1, np.int64)
-    count_of_row = np.zeros(n, np.int64)
-    rows = np.flatnonzero(ids >= 0)
-    if len(rows) == 0:
-        return mode_of_row, count_of_row
-    width = int(ids.max()) + 1
-    combo = groups[rows] * width + ids[rows]
-    uniq, first, counts = np.unique(combo, return_index=True, return_counts=True)
-    group_of, id_of = uniq // width, uniq % width
-    order = np.lexsort((rows[first], -counts, group_of))
-    best = order[np.r_[True, group_of[order][1:] != group_of[order][:-1]]]
-    size = int(groups.max()) + 1
-    best_id = np.full(size, -1, np.int64)
-    best_count = np.zeros(size, np.int64)
-    best_id[group_of[best]] = id_of[best]
-    best_count[group_of[best]] = counts[best]
-    return best_id[groups], best_count[groups]
+def _spelling(keys: np.ndarray, modes: dict[str, np.ndarray], h: np.ndarray, rows: np.ndarray, raw: pa.Array):
+    """Most frequent raw spelling (ties: first row) of each key's dominant normalised caption, as the
+    row that carries it: its position in ``rows``."""
+    mode_of = dict(zip(modes["key"].tolist(), modes["value"].tolist(), strict=True))
+    wanted = np.fromiter((mode_of.get(k) == x for k, x in zip(keys.tolist(), h.tolist(), strict=True)), bool)
+    idx = np.flatnonzero(wanted)
+    codes = pc.dictionary_encode(raw.take(pa.array(idx))).indices.to_numpy().astype(np.int64)
+    spell = dominant(keys[idx], codes, rows[idx])
+    position = {int(r): int(i) for r, i in zip(rows[idx].tolist(), idx.tolist(), strict=True)}
+    return spell["key"], np.array([position[int(r)] for r in spell["first_row"]], np.int64)
 
 
-def build_dedup_table(
-    keys: list[str] | pa.Array | pa.ChunkedArray,
-    captions: pa.Array | pa.ChunkedArray | list[str | None],
-    image_group_id: np.ndarray,
-    image_group_size: np.ndarray,
-    cells: np.ndarray,
-    caption_group_id: np.ndarray | None = None,
-    caption_group_size: np.ndarray | None = None,
-) -> tuple[pa.Table, dict[str, Any]]:
-    """The G_dup table (see the module docstring) and a few counts about it.
+def _paths(work: Path, kind: str, n: int) -> list[str]:
+    return [str(work / kind / f"{i:05d}.arrow") for i in range(n)]
 
-    Args:
-        keys, captions: per row, in row-id order.
-        image_group_id, image_group_size: per row, from :mod:`pipeline.dedup.image`.
-        cells: per row, its nearest k-means cell (:mod:`pipeline.index.cells`).
-        caption_group_id, caption_group_size: per row, from the caption dedup stage (optional).
-    """
-    started = time.monotonic()
-    if isinstance(captions, list):
-        captions = pa.array(captions, pa.string())
-    if isinstance(captions, pa.ChunkedArray):
-        captions = captions.combine_chunks() if captions.num_chunks else pa.array([], pa.string())
-    captions = captions.cast(pa.string())
-    n = len(captions)
-    found = caption_ids(captions)
-    ids = found.ids
-    if len(cells) != n or len(image_group_id) != n:
-        raise ValueError(f"{len(cells)} cells and {len(image_group_id)} image groups for {n} captions")
-    group_mode, group_count = group_modes(np.asarray(image_group_id, np.int64), ids)
-    cells = np.asarray(cells, np.int64)
-    cell_mode, cell_count = group_modes(cells, ids)
-    cell_rows = np.bincount(cells)[cells] if n else np.zeros(0, np.int64)
-    spelling = np.r_[found.spelling_row, -1]  # id -1 -> -1
-    text_arr = np.asarray([*captions.take(pa.array(found.spelling_row)).to_pylist(), None], dtype=object)
-    if caption_group_id is None:
-        caption_group_id = np.arange(n, dtype=np.int64)
-        caption_group_size = np.ones(n, dtype=np.int64)
-    table = pa.table(
+
+def map_rows(inputs: TableInputs, name: str, index: int, start: int, work: str, reducers: int) -> int:
+    """One partition's rows into the three shuffles: by caption hash, by cell, by image group."""
+    work_dir = Path(work)
+    meta = Partition(Path(inputs.embeddings), name).metadata(["caption"])
+    raw = pc.fill_null(meta.column("caption").cast(pa.large_string()), "").combine_chunks()
+    normalized = normalize_captions(raw)
+    nonempty = ~pc.fill_null(pc.equal(pc.utf8_length(normalized), 0), True).to_numpy(zero_copy_only=False)
+    h = text_hashes(normalized)
+    rows = np.arange(start, start + len(raw), dtype=np.int64)
+    cells = np.load(assign_path(inputs.cells, name))[:, 0].astype(np.int64)
+    groups = pq.read_table(inputs.image_duplicates, columns=["row_id", "group_id"])
+    row_ids = groups.column("row_id").to_numpy()
+    mine = (row_ids >= start) & (row_ids < start + len(raw))
+    members, member_group = row_ids[mine] - start, groups.column("group_id").to_numpy()[mine]
+    entries = pa.table({"h": h, "row": rows, "caption": raw, "nonempty": nonempty})
+    keep = np.flatnonzero(nonempty)
+    write_routed(
+        str(work_dir / "hash" / f"{index:05d}.arrow"), entries.take(keep), h[keep] % reducers, reducers
+    )
+    write_routed(
+        str(work_dir / "cell" / f"{index:05d}.arrow"),
+        entries.append_column("key", pa.array(cells)),
+        cells % reducers,
+        reducers,
+    )
+    write_routed(
+        str(work_dir / "group" / f"{index:05d}.arrow"),
+        entries.take(pa.array(members)).append_column("key", pa.array(member_group)),
+        member_group % reducers,
+        reducers,
+    )
+    return len(raw)
+
+
+def reduce_bucket(d: int, work: str, maps: int, starts: list[int]) -> int:
+    """Counts of one bucket of caption hashes, cells and image groups, sent back to the rows' partitions."""
+    work_dir = Path(work)
+    bounds = np.asarray(starts, np.int64)
+    parts = len(bounds) - 1
+
+    def send(kind: str, table: pa.Table) -> None:
+        dest = np.searchsorted(bounds, table.column("row").to_numpy(), side="right") - 1
+        write_routed(str(work_dir / f"back_{kind}" / f"{d:05d}.arrow"), table, dest, parts)
+
+    # Per normalised caption: how many rows carry it, and the row of its most frequent spelling.
+    hashes = read_part(_paths(work_dir, "hash", maps), d)
+    h, rows = hashes.column("h").to_numpy(), hashes.column("row").to_numpy()
+    raw = hashes.column("caption").combine_chunks()
+    spelled_key, spelled_at = _spelling(h, dominant(h, h, rows), h, rows, raw) if len(h) else (h, rows)
+    spelling_row = dict(zip(spelled_key.tolist(), rows[spelled_at].tolist(), strict=True))
+    totals = dict(zip(*np.unique(h, return_counts=True), strict=True)) if len(h) else {}
+    send(
+        "caption",
+        pa.table(
+            {
+                "row": rows,
+                "caption_id": np.array([spelling_row[x] for x in h.tolist()], np.int64),
+                "caption_count": np.array([totals[x] for x in h.tolist()], np.int64),
+            }
+        ),
+    )
+    # Per cell and per image group: the dominant caption among its rows.
+    for kind in ("cell", "group"):
+        table = read_part(_paths(work_dir, kind, maps), d)
+        keys, rows = table.column("key").to_numpy(), table.column("row").to_numpy()
+        sizes = dict(zip(*np.unique(keys, return_counts=True), strict=True)) if len(keys) else {}
+        said = np.flatnonzero(table.column("nonempty").to_numpy(zero_copy_only=False))
+        texts: dict[int, str] = {}
+        counts: dict[int, int] = {}
+        if len(said):
+            h, raw = (
+                table.column("h").to_numpy()[said],
+                table.column("caption").combine_chunks().take(pa.array(said)),
+            )
+            modes = dominant(keys[said], h, rows[said])
+            counts = dict(zip(modes["key"].tolist(), modes["count"].tolist(), strict=True))
+            spelled_key, spelled_at = _spelling(keys[said], modes, h, rows[said], raw)
+            texts = dict(zip(spelled_key.tolist(), raw.take(pa.array(spelled_at)).to_pylist(), strict=True))
+        send(
+            kind,
+            pa.table(
+                {
+                    "row": rows,
+                    "caption": pa.array([texts.get(k) for k in keys.tolist()], pa.large_string()),
+                    "count": np.array([counts.get(k, 0) for k in keys.tolist()], np.int64),
+                    "rows": np.array([sizes[k] for k in keys.tolist()], np.int64),
+                }
+            ),
+        )
+    return len(h)
+
+
+def _read_rows(path: str, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows ``start..stop`` of a Parquet file, reading only the row groups that hold them."""
+    meta = pq.ParquetFile(path)
+    ends = np.cumsum([meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    first = int(np.searchsorted(ends, start, side="right"))
+    last = int(np.searchsorted(ends, stop - 1, side="right")) if stop > start else first - 1
+    if last < first:
+        return meta.schema_arrow.empty_table().select(columns)
+    offset = int(ends[first - 1]) if first else 0
+    return meta.read_row_groups(list(range(first, last + 1)), columns=columns).slice(
+        start - offset, stop - start
+    )
+
+
+def _by_row(table: pa.Table, start: int, n: int) -> tuple[np.ndarray, pa.Table]:
+    """``table`` reordered by row, and which of the ``n`` rows from ``start`` it covers."""
+    table = table.take(pc.sort_indices(table, [("row", "ascending")]))
+    return table.column("row").to_numpy() - start, table
+
+
+def final_part(
+    inputs: TableInputs, name: str, index: int, start: int, work: str, reducers: int
+) -> dict[str, Any]:
+    """One partition's rows of the table, from its metadata and the counts sent back to it; returns
+    the part's path and its counts."""
+    work_dir = Path(work)
+    meta = Partition(Path(inputs.embeddings), name).metadata(["key", "caption"])
+    n = meta.num_rows
+    rows = np.arange(start, start + n, dtype=np.int64)
+    back = {
+        kind: _by_row(read_part(_paths(work_dir, f"back_{kind}", reducers), index), start, n)
+        for kind in ("caption", "cell", "group")
+    }
+    caption_id, caption_count = np.full(n, -1, np.int64), np.zeros(n, np.int64)
+    at, table = back["caption"]
+    caption_id[at], caption_count[at] = (
+        table.column("caption_id").to_numpy(),
+        table.column("caption_count").to_numpy(),
+    )
+    at, cells = back["cell"]
+    assert len(at) == n and (at == np.arange(n)).all(), "every row has a cell"
+    groups = pq.read_table(inputs.image_duplicates, columns=["row_id", "group_id", "group_size"])
+    row_ids = groups.column("row_id").to_numpy()
+    mine = (row_ids >= start) & (row_ids < start + n)
+    group_id, group_size = rows.copy(), np.ones(n, np.int64)
+    group_id[row_ids[mine] - start] = groups.column("group_id").to_numpy()[mine]
+    group_size[row_ids[mine] - start] = groups.column("group_size").to_numpy()[mine]
+    own = meta.column("caption").cast(pa.large_string()).combine_chunks()
+    group_caption = np.asarray(
+        pc.if_else(pa.array(caption_id >= 0), own, pa.nulls(n, pa.large_string())).to_pylist(), object
+    )
+    group_count = (caption_id >= 0).astype(np.int64)
+    at, table = back["group"]
+    group_caption[at] = np.asarray(table.column("caption").to_pylist(), object)
+    group_count[at] = table.column("count").to_numpy()
+    captions = _read_rows(inputs.caption_duplicates, ["group_id", "group_size"], start, start + n)
+    part = pa.table(
         {
-            "row_id": pa.array(np.arange(n), pa.int64()),
-            "key": pa.array(keys.to_pylist() if isinstance(keys, pa.ChunkedArray) else keys, pa.string()),
-            "caption": captions,
-            "caption_id": pa.array(spelling[ids], pa.int64()),
-            "caption_count": pa.array(np.r_[found.count, 0][ids], pa.int64()),
-            "image_group_id": pa.array(image_group_id, pa.int64()),
-            "image_group_size": pa.array(image_group_size, pa.int64()),
-            "group_caption": pa.array(text_arr[group_mode].tolist(), pa.string()),
-            "group_caption_count": pa.array(group_count, pa.int64()),
-            "caption_group_id": pa.array(caption_group_id, pa.int64()),
-            "caption_group_size": pa.array(caption_group_size, pa.int64()),
-            "cell_caption": pa.array(text_arr[cell_mode].tolist(), pa.string()),
-            "cell_caption_count": pa.array(cell_count, pa.int64()),
-            "cell_rows": pa.array(cell_rows, pa.int64()),
+            "row_id": rows,
+            "key": meta.column("key").cast(pa.string()),
+            "caption": meta.column("caption").cast(pa.string()),
+            "caption_id": caption_id,
+            "caption_count": caption_count,
+            "image_group_id": group_id,
+            "image_group_size": group_size,
+            "group_caption": pa.array(group_caption.tolist(), pa.string()),
+            "group_caption_count": group_count,
+            "caption_group_id": captions.column("group_id"),
+            "caption_group_size": captions.column("group_size"),
+            "cell_caption": cells.column("caption").cast(pa.string()),
+            "cell_caption_count": cells.column("count"),
+            "cell_rows": cells.column("rows"),
         },
         schema=SCHEMA,
     )
-    stats = {
-        "rows": n,
-        "distinct_normalized_captions": len(found.count),
-        "empty_captions": int((ids < 0).sum()),
-        "max_caption_count": int(found.count.max()) if len(found.count) else 0,
-        "max_cell_caption_count": int(cell_count.max()) if n else 0,
-        "max_group_caption_count": int(group_count.max()) if n else 0,
+    path = work_dir / "parts" / f"{index:05d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(part, path)
+    return {
+        "path": str(path),
+        "empty_captions": int((caption_id < 0).sum()),
+        "max_caption_count": int(caption_count.max(initial=0)),
+        "max_cell_caption_count": int(pc.max(part.column("cell_caption_count")).as_py() or 0),
+        "max_group_caption_count": int(group_count.max(initial=0)),
+    }
+
+
+def build_dedup_table(
+    inputs: TableInputs, out: str | Path, work: str | Path, *, inline: bool
+) -> dict[str, Any]:
+    """Write the G_dup table for every row of ``inputs.embeddings`` to ``out``; returns counts.
+
+    Map (one task per partition: captions normalised and hashed, each row sent to the bucket of its
+    caption hash, of its cell and, if it has one, of its image group), reduce (one task per bucket:
+    the counts, and each row's results sent back to its partition), final (one task per partition: its
+    rows of the table), then the parts streamed into ``out``. No process holds more than a
+    partition's or a bucket's rows; ``inline`` runs the same tasks here.
+    """
+    started = time.monotonic()
+    partitions = list_partitions(inputs.embeddings)
+    starts = np.cumsum([0] + [p.num_rows() for p in partitions]).tolist()
+    work_dir = Path(work)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    reducers = max(1, len(partitions))
+    calls = [(inputs, p.name, i, starts[i], str(work_dir), reducers) for i, p in enumerate(partitions)]
+    run_tasks(map_rows, calls, inline=inline, label="G_dup table: map")
+    run_tasks(
+        reduce_bucket,
+        [(d, str(work_dir), len(partitions), starts) for d in range(reducers)],
+        inline=inline,
+        label="G_dup table: reduce",
+    )
+    parts = run_tasks(final_part, calls, inline=inline, label="G_dup table: rows")
+    (written,) = run_tasks(concat_parts, [([p["path"] for p in parts], str(out), SCHEMA)], inline=inline)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return {
+        "rows": written["rows"],
+        "empty_captions": sum(p["empty_captions"] for p in parts),
+        **{key: max((p[key] for p in parts), default=0) for key in parts[0] if key.startswith("max_")},
         "seconds": seconds_since(started),
     }
-    return table, stats
 
 
 def rows_with_duplicate_caption(table: pa.Table, min_count: int) -> int:

@@ -63,8 +63,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.config import CaptionDedupConfig
+from pipeline.core.shuffle import concat_parts, read_part, write_routed, write_single
 from pipeline.core.stage import seconds_since
-from pipeline.core.storage import publish_tmp, unique_tmp_path
 from pipeline.dedup.caption_steps import (
     Verdicts,
     check_config,
@@ -183,45 +183,6 @@ def plan_units(
 # ----------------------------------------------------------------------------------------------
 # Shuffle files: one Arrow IPC file per task, one record batch per destination.
 # ----------------------------------------------------------------------------------------------
-
-
-def _one_batch(table: pa.Table) -> pa.RecordBatch:
-    table = table.combine_chunks()
-    batches = table.to_batches()
-    if not batches:
-        return pa.record_batch([pa.array([], f.type) for f in table.schema], schema=table.schema)
-    return batches[0]
-
-
-def write_routed(path: str, table: pa.Table, dest: np.ndarray, parts: int) -> None:
-    """``table``'s rows into ``path`` as ``parts`` batches: batch ``d`` holds the rows with ``dest == d``
-    (in their order in ``table``). Written under a temporary name, then renamed."""
-    dest = np.asarray(dest, dtype=np.int64)
-    order = np.argsort(dest, kind="stable")
-    batch = _one_batch(table.take(pa.array(order)) if len(order) else table)
-    ends = np.cumsum(np.bincount(dest, minlength=parts)) if len(dest) else np.zeros(parts, np.int64)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-        start = 0
-        for end in ends.tolist():
-            writer.write_batch(batch.slice(start, end - start))
-            start = end
-    os.replace(tmp, path)
-
-
-def write_single(path: str, table: pa.Table) -> None:
-    """``table`` as a shuffle file with one batch."""
-    write_routed(path, table, np.zeros(table.num_rows, np.int64), 1)
-
-
-def read_part(paths: Sequence[str], index: int) -> pa.Table:
-    """Batch ``index`` of every file in ``paths``, as one table (read, not mapped)."""
-    batches = []
-    for path in paths:
-        with pa.OSFile(path, "rb") as source:
-            batches.append(pa.ipc.open_file(source).get_batch(index))
-    return pa.Table.from_batches(batches) if batches else pa.table({})
 
 
 def _np(table: pa.Table, column: str) -> np.ndarray:
@@ -511,24 +472,6 @@ def final_unit(layout: Layout, u: int, key_type: pa.DataType) -> dict[str, Any]:
     pq.write_table(table, f"{path}.tmp-{os.getpid()}")
     os.replace(f"{path}.tmp-{os.getpid()}", path)
     return {"rows": stop - start}
-
-
-def concat_parts(parts: list[str], out_path: str, schema: pa.Schema) -> dict[str, Any]:
-    """The units' Parquet parts streamed into one file, one part in memory at a time; atomic."""
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    tmp = unique_tmp_path(out_path)
-    rows = 0
-    try:
-        with pq.ParquetWriter(str(tmp), schema) as writer:
-            for part in parts:
-                table = pq.read_table(part)
-                writer.write_table(table, row_group_size=max(1, table.num_rows))
-                rows += table.num_rows
-        publish_tmp(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------
