@@ -23,7 +23,19 @@ JPEG thumbnails read from at most 64 tars. Pairs below a threshold are in no tab
 searched for: ``sample_rows`` seeded query rows against every row, or against a seeded sample of
 rows when that would exceed ``phash_comparisons`` (pHash: XOR + popcount in chunks) or
 ``semantic_flops`` (semantic: flat FAISS inner-product search, reference rows read from the
-memory-mapped embeddings in chunks). The page says what was sampled.
+memory-mapped embeddings in chunks). The group members' distance histograms take every member, or
+a seeded sample of ``distances`` of them. The page says what was sampled.
+
+Memory is bounded whatever N is, too: nothing holds a column of every row. The tables (in memory or
+parquet files) are read a batch at a time, in two or three passes: counts, group-size tallies and the
+ids of the largest groups first, then the rows the page lists (found by rank: the seeded removable
+sample is drawn from the count of candidates, not from their list). Of the embedding folder, the
+pHashes are streamed a block at a time (the reference sample drawn block by block), and keys, shard
+names and raw captions are read for the shown rows only (their partitions' row groups). Measured on
+a 300k-row bundle folder, the writer's peak RSS grows by 15-22 MB (105-160 MB when it loaded whole
+columns), and by 18 MB at 1M rows (386 MB before); what remains is one chunk of each search (about
+32 MB for pHash, 56 MB for the semantic one at any dimension), the distance sample and one batch per
+file (``tests/test_dedup_report.py``).
 
 :func:`render_dedup_report` is pure (tables, pairs and thumbnails in, HTML out);
 :func:`write_dedup_report` reads the tables, samples, reads thumbnails and writes the page atomically.
@@ -38,7 +50,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,14 +83,14 @@ from pipeline.dedup.names import (
     METHOD_TRANSITIVE,
     PASSES,
 )
-from pipeline.io.embeddings import EmbeddingRows, load_metadata
+from pipeline.io.embeddings import METADATA_SCHEMA, EmbeddingRows, list_partitions, metadata_path
 from pipeline.io.images import ShardImages
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "dedup_report.html"
 #: Version of the page's content; part of the bundle's report step fingerprint.
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: read in batches (the pHash reference sampled block by block)
 #: Shown captions and keys are cut to this many characters (LAION captions can be pages long).
 TEXT_CHARS = 240
 KEY_CHARS = 40
@@ -129,6 +141,7 @@ class ReportLimits:
     semantic_k: int = 32  # neighbours per query and reference chunk in the semantic search
     phash_comparisons: int = 2_000_000_000  # query x reference pHash pairs compared, at most
     semantic_flops: float = 2e11  # query x reference x dimension multiply-adds, at most
+    distances: int = 1_000_000  # group members in the distance histograms, at most (a seeded sample)
     max_tars: int = 64  # tars read for thumbnails, at most
     seed: int = 0
 
@@ -160,7 +173,8 @@ class ImageSection:
     """What the report shows about image duplicates.
 
     Attributes:
-        table: ``image_duplicates.parquet`` (:mod:`pipeline.dedup.image`), any size.
+        table: ``image_duplicates.parquet`` (:mod:`pipeline.dedup.image`) in memory; None when ``digest``
+            was gathered from the file a batch at a time (:func:`image_section`).
         rows: images examined (N).
         phash_max_distance / semantic_threshold: thresholds (None: that pass is off).
         semantic_ran: whether the semantic pass ran; ``semantic_note`` says why not.
@@ -170,9 +184,10 @@ class ImageSection:
         sampling: per pass, how the borderline search sampled (``queries``, ``reference``, ``seconds``).
         thumbnails: encoded thumbnail per row id (missing ones are drawn as grey boxes).
         thumbnails_note: why there are no thumbnails, if there are none.
+        digest: what the page shows of the table (:func:`image_digest`; made from ``table`` if None).
     """
 
-    table: pa.Table
+    table: pa.Table | None
     rows: int
     phash_max_distance: int | None = 12
     semantic_threshold: float | None = 0.95
@@ -184,6 +199,7 @@ class ImageSection:
     sampling: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     thumbnails: Mapping[int, bytes] = field(default_factory=dict)
     thumbnails_note: str | None = None
+    digest: ImageDigest | None = None
 
 
 @dataclass
@@ -191,21 +207,37 @@ class CaptionSection:
     """What the report shows about caption duplicates.
 
     Attributes:
-        table: ``caption_duplicates.parquet`` (:mod:`pipeline.dedup.caption`): one row per input row.
+        table: ``caption_duplicates.parquet`` (:mod:`pipeline.dedup.caption`): one row per input row; None
+            when ``digest`` was gathered from the file a batch at a time (:func:`write_dedup_report`).
         threshold: the Jaccard threshold.
         captions: the raw captions, row-aligned with ``table`` (for the variants; optional).
         summary: the caption dedup summary (verified pairs, ...).
+        digest: what the page shows of the table (:func:`caption_digest`; made from ``table`` if None).
     """
 
-    table: pa.Table
+    table: pa.Table | None
     threshold: float = 0.7
     captions: pa.Array | pa.ChunkedArray | None = None
     summary: Mapping[str, Any] = field(default_factory=dict)
+    digest: CaptionDigest | None = None
 
 
 # ----------------------------------------------------------------------------------------------
-# Selections shared by the page and the writer (which thumbnails to read).
+# Selections shared by the page and the writer: what the page shows of each table, gathered a batch
+# at a time (a table in memory, or its parquet file read in batches: never a whole column of N rows).
 # ----------------------------------------------------------------------------------------------
+
+#: Rows per record batch when a table or a metadata file is read in pieces.
+_BATCH = 16_384
+
+
+def _parquet(path: str | Path) -> pq.ParquetFile:
+    """A parquet file read as a stream: 1 MB at a time, not a column chunk (up to a row group of the
+    column, tens of MB) at a time as with pre-buffering."""
+    return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+
+
+Source = pa.Table | str | Path
 
 
 def _np(column: pa.ChunkedArray | pa.Array, fill: Any = None) -> np.ndarray:
@@ -214,37 +246,376 @@ def _np(column: pa.ChunkedArray | pa.Array, fill: Any = None) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False) if len(column) else np.zeros(0)
 
 
-def largest_groups(table: pa.Table, limits: ReportLimits) -> list[list[dict[str, Any]]]:
-    """The ``limits.groups`` largest image groups (ties: smallest group id), each as its shown members:
-    the representative, then the weakest links (transitive first, then the largest pHash distance,
-    then the lowest cosine), at most ``limits.members``."""
-    if table.num_rows == 0 or limits.groups < 1:
-        return []
-    is_rep = _np(table.column("is_representative"), False).astype(bool)
-    rep_rows = np.flatnonzero(is_rep)
-    sizes = _np(table.column("group_size"), 0)[rep_rows]
-    gids = _np(table.column("group_id"), -1)[rep_rows]
-    chosen = gids[np.lexsort((gids, -sizes))[: limits.groups]]
-    sub = table.filter(pc.is_in(table.column("group_id"), value_set=pa.array(chosen, pa.int64())))
-    g = _np(sub.column("group_id"), -1)
+def _batches(source: Source, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """``columns`` of a table in memory, or of a parquet file read ``_BATCH`` rows at a time."""
+    if isinstance(source, pa.Table):
+        yield from source.select(list(columns)).to_batches(max_chunksize=_BATCH)
+    else:
+        yield from _parquet(source).iter_batches(batch_size=_BATCH, columns=list(columns), use_threads=False)
+
+
+def _column_names(source: Source) -> list[str]:
+    return source.column_names if isinstance(source, pa.Table) else pq.read_schema(source).names
+
+
+def _take_rows(source: Source, rows: Iterable[int], columns: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """``columns`` of the rows at these positions, as dicts by position (read up to the last one)."""
+    rows = np.unique(np.asarray(list(rows), np.int64))
+    rows = rows[rows >= 0]
+    out: dict[int, dict[str, Any]] = {}
+    offset = 0
+    for batch in _batches(source, columns) if len(rows) else ():
+        lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
+        if hi > lo:
+            taken = batch.take(pa.array(rows[lo:hi] - offset, pa.int64())).to_pylist()
+            out.update(zip(rows[lo:hi].tolist(), taken, strict=True))
+        offset += batch.num_rows
+        if offset > rows[-1]:
+            break
+    return out
+
+
+def _top(sizes: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest ``sizes`` and their ids (ties: the smallest id first), in that order."""
+    order = np.lexsort((ids, -sizes))[:k]
+    return sizes[order], ids[order]
+
+
+def _count_into(counts: dict[int, int], values: np.ndarray) -> None:
+    for value, n in zip(*np.unique(values, return_counts=True), strict=True):
+        counts[int(value)] = counts.get(int(value), 0) + int(n)
+
+
+def _sample_ranks(n: int, k: int, seed: int) -> np.ndarray:
+    """Ranks of ``k`` of ``n`` candidates (all when ``n <= k``), seeded, sorted: candidate positions
+    found in a later pass, so the candidates are never held (the same rows as
+    ``np.sort(rng.choice(candidates, k, replace=False))`` over the sorted candidates)."""
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False)).astype(np.int64)
+
+
+@dataclass
+class ImageDigest:
+    """What the page shows of an image table (:func:`image_digest`): whole-table counts, the group
+    members' distances (all of them, or a seeded sample of ``ReportLimits.distances``), the largest
+    groups' shown members and a seeded sample of the removable rows.
+
+    Attributes:
+        sizes: group size -> groups of that size.
+        members: group members but representatives (the rows a dedup removes).
+        hamming, cosine: the sampled members' pHash distance (-1: none) and cosine (NaN: none) to their
+            representative; ``len(cosine)`` members were sampled.
+        largest: per shown group, its shown members (:func:`largest_groups`).
+        removable_sample: seeded sample of removable rows (table rows as dicts, in table order).
+    """
+
+    groups: int = 0
+    rows_in_groups: int = 0
+    methods: dict[Any, int] = field(default_factory=dict)
+    linked: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
+    sizes: dict[int, int] = field(default_factory=dict)
+    hamming: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    cosine: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    largest: list[list[dict[str, Any]]] = field(default_factory=list)
+    removable_sample: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def members(self) -> int:
+        return self.rows_in_groups - self.groups
+
+
+#: Columns of an image table the first pass reads.
+_IMAGE_STATS = (
+    "row_id",
+    "group_id",
+    "group_size",
+    "is_representative",
+    "similarity",
+    "hamming_distance",
+    "method",
+    "linked_by",
+)
+
+
+def _near_threshold(
+    batch: pa.RecordBatch, method: str, threshold: float, window: float
+) -> list[tuple[int, int, float]]:
+    """(representative, member, value) of the batch's members linked to their representative by
+    ``method`` within ``window`` of its threshold, in table order."""
+    is_method = _np(pc.equal(batch.column("method"), method), False).astype(bool)
+    if method == METHOD_PHASH:
+        values = _np(batch.column("hamming_distance"), -1).astype(np.float64)
+        near = (values >= threshold - window) & (values <= threshold)
+    else:
+        values = _np(batch.column("similarity"), np.nan).astype(np.float64)
+        near = (values >= threshold) & (values <= threshold + window)
+    hits = np.flatnonzero(near & is_method)
+    reps = _np(batch.column("group_id"))[hits]
+    rows = _np(batch.column("row_id"))[hits]
+    return list(zip(reps.tolist(), rows.tolist(), values[hits].tolist(), strict=True))
+
+
+def _member_order(rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Order of group rows as the strips show them (by group: the representative, then transitive
+    members, then the largest pHash distance, the lowest cosine, the smallest row id), and the groups."""
+    g = _np(rows.column("group_id"), -1)
     order = np.lexsort(
         (
-            _np(sub.column("row_id"), 0),
-            _np(sub.column("similarity"), 2.0),
-            -_np(sub.column("hamming_distance"), -1).astype(np.int64),
-            _np(sub.column("method")) != METHOD_TRANSITIVE,
-            ~_np(sub.column("is_representative"), False).astype(bool),
+            _np(rows.column("row_id"), 0),
+            _np(rows.column("similarity"), 2.0),
+            -_np(rows.column("hamming_distance"), -1).astype(np.int64),
+            _np(pc.not_equal(rows.column("method"), METHOD_TRANSITIVE), True).astype(bool),
+            ~_np(rows.column("is_representative"), False).astype(bool),
             g,
         )
     )
+    return order, g
+
+
+def _strips(rows: pa.Table, chosen: np.ndarray, members: int) -> list[pa.Table]:
+    """Per chosen group, its first ``members`` rows in :func:`_member_order`."""
+    order, g = _member_order(rows)
     g_sorted = g[order]
-    groups = []
+    out = []
     for gid in chosen.tolist():
         lo = int(np.searchsorted(g_sorted, gid, side="left"))
         hi = int(np.searchsorted(g_sorted, gid, side="right"))
-        take = order[lo : min(hi, lo + limits.members)]
-        groups.append(sub.take(pa.array(take, pa.int64())).to_pylist())
-    return groups
+        out.append(rows.take(pa.array(order[lo : min(hi, lo + members)], pa.int64())))
+    return out
+
+
+class _ImageScan:
+    """Two passes over an image table, each a batch at a time.
+
+    The first (on construction) counts what the page counts, keeps the ids of the ``limits.groups``
+    largest groups, a seeded sample of the members' distances, and the first group pairs near each
+    threshold of ``near`` (method -> (threshold, window)). The second (:meth:`select`) reads the rows
+    the page lists: the shown members of those groups, the removable sample, and the groups of given
+    rows (the borderline pairs', known only after the search).
+    """
+
+    def __init__(
+        self, source: Source, limits: ReportLimits, near: Mapping[str, tuple[float, float]] | None = None
+    ):
+        self.source, self.limits = source, limits
+        d = self.digest = ImageDigest()
+        self.group_pairs: dict[str, list[tuple[int, int, float]]] = {m: [] for m in near or {}}
+        top_sizes, top_ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rng = np.random.default_rng(limits.seed + 3)
+        sample: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # keys, distances, cosines
+        kept = 0
+        for batch in _batches(source, _IMAGE_STATS):
+            is_rep = _np(batch.column("is_representative"), False).astype(bool)
+            d.groups += int(is_rep.sum())
+            d.rows_in_groups += batch.num_rows
+            sizes = _np(batch.column("group_size"), 0).astype(np.int64)[is_rep]
+            _count_into(d.sizes, sizes)
+            for m in pc.value_counts(batch.column("method")).to_pylist():
+                d.methods[m["values"]] = d.methods.get(m["values"], 0) + int(m["counts"])
+            linked_by = batch.column("linked_by")
+            for name in PASSES:
+                d.linked[name] += int(pc.sum(pc.match_substring(linked_by, name)).as_py() or 0)
+            gids = _np(batch.column("group_id"), -1).astype(np.int64)[is_rep]
+            top_sizes, top_ids = _top(np.r_[top_sizes, sizes], np.r_[top_ids, gids], limits.groups)
+            members = ~is_rep
+            sample.append(
+                (
+                    rng.random(int(members.sum())),
+                    _np(batch.column("hamming_distance"), -1).astype(np.int16)[members],
+                    _np(batch.column("similarity"), np.nan).astype(np.float32)[members],
+                )
+            )
+            kept += len(sample[-1][0])
+            if kept > 2 * limits.distances:
+                sample, kept = [self._bottom(sample)], limits.distances
+            for method, (threshold, window) in (near or {}).items():
+                room = _KEEP_PER_SIDE - len(self.group_pairs[method])
+                if room > 0:
+                    self.group_pairs[method] += _near_threshold(batch, method, threshold, window)[:room]
+        if kept > limits.distances:
+            sample = [self._bottom(sample)]
+        if sample:
+            d.hamming = np.concatenate([s[1] for s in sample])
+            d.cosine = np.concatenate([s[2] for s in sample])
+        self.chosen = top_ids
+
+    def _bottom(self, sample: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+        """The ``limits.distances`` members with the smallest random keys (a seeded uniform sample), in
+        table order."""
+        keys, hamming, cosine = (np.concatenate([s[i] for s in sample]) for i in range(3))
+        keep = np.sort(np.argpartition(keys, self.limits.distances - 1)[: self.limits.distances])
+        return keys[keep], hamming[keep], cosine[keep]
+
+    def select(self, rows: Iterable[int] = ()) -> dict[int, int]:
+        """Fill the digest's ``largest`` and ``removable_sample``; return the group id of each of
+        ``rows`` that is in a group."""
+        d, limits = self.digest, self.limits
+        ranks = _sample_ranks(d.members, limits.removable, limits.seed)
+        chosen = pa.array(self.chosen, pa.int64())
+        wanted = pa.array(sorted(set(rows)), pa.int64())
+        strips: pa.Table | None = None
+        group_of: dict[int, int] = {}
+        seen = 0
+        for batch in _batches(self.source, _column_names(self.source)):
+            if len(chosen):
+                sub = pa.Table.from_batches(
+                    [batch.filter(pc.is_in(batch.column("group_id"), value_set=chosen))]
+                )
+                if sub.num_rows:
+                    strips = sub if strips is None else pa.concat_tables([strips, sub])
+                    strips = pa.concat_tables(_strips(strips, self.chosen, limits.members))
+            nonrep = np.flatnonzero(~_np(batch.column("is_representative"), False).astype(bool))
+            lo, hi = np.searchsorted(ranks, [seen, seen + len(nonrep)])
+            if hi > lo:
+                take = pa.array(nonrep[ranks[lo:hi] - seen], pa.int64())
+                d.removable_sample += batch.take(take).to_pylist()
+            seen += len(nonrep)
+            if len(wanted):
+                hit = batch.filter(pc.is_in(batch.column("row_id"), value_set=wanted))
+                group_of.update(
+                    zip(hit.column("row_id").to_pylist(), hit.column("group_id").to_pylist(), strict=True)
+                )
+        if strips is not None:
+            d.largest = [t.to_pylist() for t in _strips(strips, self.chosen, limits.members)]
+        return group_of
+
+
+def image_digest(table: Source, limits: ReportLimits = ReportLimits()) -> ImageDigest:
+    """What the page shows of an image table (in memory or a parquet file), read a batch at a time."""
+    scan = _ImageScan(table, limits)
+    scan.select()
+    return scan.digest
+
+
+def largest_groups(table: Source, limits: ReportLimits) -> list[list[dict[str, Any]]]:
+    """The ``limits.groups`` largest image groups (ties: smallest group id), each as its shown members:
+    the representative, then the weakest links (transitive first, then the largest pHash distance,
+    then the lowest cosine), at most ``limits.members``."""
+    return image_digest(table, limits).largest
+
+
+@dataclass
+class CaptionDigest:
+    """What the page shows of a caption table (:func:`caption_digest`).
+
+    Attributes:
+        sizes: group size -> groups of that size.
+        largest: the largest groups: ``group_id`` (first row), ``key``, ``size``, ``normalized`` and
+            ``variants`` (most frequent raw captions with their counts; empty without raw captions).
+        removable_sample: seeded sample of removable rows: ``key``, ``row``, ``rep_key``, ``size``,
+            ``normalized``.
+    """
+
+    rows: int = 0
+    groups: int = 0
+    rows_in_groups: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+    largest: list[dict[str, Any]] = field(default_factory=list)
+    removable_sample: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def removable(self) -> int:
+        return self.rows_in_groups - self.groups
+
+
+#: Raw captions of chosen rows (sorted row numbers in, captions row-aligned out).
+RawCaptions = Callable[[np.ndarray], pa.Array | pa.ChunkedArray | Sequence[Any]]
+
+
+def _caption_blocks(source: Source) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per batch of a caption table: row numbers, group ids, group sizes, whether the row is its group's
+    first (kept) row of a duplicate group."""
+    offset = 0
+    for batch in _batches(source, ["group_id", "group_size"]):
+        rows = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+        gid = _np(batch.column("group_id"), -1).astype(np.int64)
+        size = _np(batch.column("group_size"), 1).astype(np.int64)
+        offset += batch.num_rows
+        yield rows, gid, size, (size > 1) & (gid == rows)
+
+
+def caption_digest(
+    table: Source, limits: ReportLimits = ReportLimits(), raw: RawCaptions | None = None
+) -> CaptionDigest:
+    """What the page shows of a caption table (in memory or a parquet file): two passes over its group
+    columns a batch at a time, then the keys and normalised captions of the shown rows, and the raw
+    captions (``raw``) of the shown groups' rows only, counted a batch at a time."""
+    d = CaptionDigest()
+    top_sizes, top_rows = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for rows, _gid, size, first in _caption_blocks(table):
+        dup = size > 1
+        d.rows += len(rows)
+        d.groups += int(first.sum())
+        d.rows_in_groups += int(dup.sum())
+        _count_into(d.sizes, size[first])
+        top_sizes, top_rows = _top(
+            np.r_[top_sizes, size[first]], np.r_[top_rows, rows[first]], limits.caption_groups
+        )
+    ranks = _sample_ranks(d.removable, limits.removable, limits.seed)
+    members: list[tuple[np.ndarray, np.ndarray]] = []  # rows of the shown groups, and their group
+    picked: list[tuple[np.ndarray, np.ndarray]] = []  # sampled removable rows, and their group
+    seen = 0
+    for rows, gid, size, first in _caption_blocks(table) if len(top_rows) else ():
+        if raw is not None:
+            inside = np.isin(gid, top_rows)
+            members.append((rows[inside], gid[inside]))
+        removable = np.flatnonzero((size > 1) & ~first)
+        lo, hi = np.searchsorted(ranks, [seen, seen + len(removable)])
+        at = removable[ranks[lo:hi] - seen]
+        picked.append((rows[at], gid[at]))
+        seen += len(removable)
+    picked_rows = np.concatenate([p[0] for p in picked]) if picked else np.zeros(0, np.int64)
+    picked_gid = np.concatenate([p[1] for p in picked]) if picked else np.zeros(0, np.int64)
+    shown = _take_rows(
+        table,
+        itertools.chain(top_rows.tolist(), picked_rows.tolist(), picked_gid.tolist()),
+        ["key", "group_size", "normalized_caption"],
+    )
+    variants = _variants(members, raw, limits) if raw is not None else {}
+    d.largest = [
+        {
+            "group_id": g,
+            "key": shown[g]["key"],
+            "size": int(n),
+            "normalized": shown[g]["normalized_caption"],
+            "variants": variants.get(g, []),
+        }
+        for g, n in zip(top_rows.tolist(), top_sizes.tolist(), strict=True)
+    ]
+    d.removable_sample = [
+        {
+            "key": shown[r]["key"],
+            "row": r,
+            "rep_key": shown.get(g, {}).get("key"),
+            "size": shown[r]["group_size"],
+            "normalized": shown[r]["normalized_caption"],
+        }
+        for r, g in zip(picked_rows.tolist(), picked_gid.tolist(), strict=True)
+    ]
+    return d
+
+
+def _variants(
+    members: list[tuple[np.ndarray, np.ndarray]], raw: RawCaptions, limits: ReportLimits
+) -> dict[int, list[tuple[Any, int]]]:
+    """The ``limits.variants`` most frequent raw captions of each group (ties: in text order), counted
+    ``_BATCH`` rows at a time."""
+    rows = np.concatenate([m[0] for m in members]) if members else np.zeros(0, np.int64)
+    groups = np.concatenate([m[1] for m in members]) if members else np.zeros(0, np.int64)
+    counts: dict[tuple[int, Any], int] = {}
+    for lo in range(0, len(rows), _BATCH):
+        texts = raw(rows[lo : lo + _BATCH])
+        texts = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, pa.string())
+        part = pa.table({"g": pa.array(groups[lo : lo + _BATCH]), "c": texts})
+        for row in part.group_by(["g", "c"]).aggregate([([], "count_all")]).to_pylist():
+            counts[(row["g"], row["c"])] = counts.get((row["g"], row["c"]), 0) + row["count_all"]
+    out: dict[int, list[tuple[Any, int]]] = {}
+    for (g, c), n in sorted(counts.items(), key=lambda item: (item[0][0], -item[1], str(item[0][1]))):
+        shown = out.setdefault(g, [])
+        if len(shown) < limits.variants:
+            shown.append((c, n))
+    return out
 
 
 def pick_borderline(pairs: Iterable[Pair], per_side: int) -> list[Pair]:
@@ -291,72 +662,51 @@ def _short(text: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _sample(candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """``k`` of ``candidates`` (all when fewer), seeded, in their order."""
-    if len(candidates) <= k:
-        return candidates
-    return np.sort(np.random.default_rng(seed).choice(candidates, k, replace=False))
-
-
-def size_buckets(series: Mapping[str, np.ndarray]) -> tuple[list[str], dict[str, list[int]]]:
-    """Group sizes counted in buckets 2, 3, 4, 5-8, 9-16, ... (doubling above 4), per series."""
-    largest = max([int(s.max()) for s in series.values() if len(s)] + [4])
+def size_buckets(
+    series: Mapping[str, np.ndarray | Mapping[int, int]],
+) -> tuple[list[str], dict[str, list[int]]]:
+    """Group sizes counted in buckets 2, 3, 4, 5-8, 9-16, ... (doubling above 4), per series: an array
+    of sizes, or the number of groups of each size."""
+    counted = {
+        name: dict(s) if isinstance(s, Mapping) else dict(zip(*np.unique(s, return_counts=True), strict=True))
+        for name, s in series.items()
+    }
+    largest = max([int(max(c)) for c in counted.values() if c] + [4])
     edges = [2, 3, 4, 5]
     while edges[-1] <= largest:
         edges.append((edges[-1] - 1) * 2 + 1)
     labels = [str(a) if b - a == 1 else f"{a}–{b - 1}" for a, b in itertools.pairwise(edges)]
     counts = {}
-    for name, sizes in series.items():
+    for name, by_size in counted.items():
+        sizes = np.fromiter(by_size.keys(), np.int64, len(by_size))
+        groups = np.fromiter(by_size.values(), np.int64, len(by_size))
         which = np.searchsorted(edges, sizes, side="right") - 1
-        counts[name] = np.bincount(which, minlength=len(labels))[: len(labels)].tolist()
+        ok = which >= 0
+        bucketed = np.bincount(which[ok], weights=groups[ok], minlength=len(labels))[: len(labels)]
+        counts[name] = bucketed.astype(np.int64).tolist()
     return labels, counts
 
 
 @dataclass
 class _Page:
-    """The sections and their whole-table statistics (computed once, vectorised)."""
+    """The sections and what the page shows of their tables (gathered once, a batch at a time)."""
 
     images: ImageSection | None
     captions: CaptionSection | None
     limits: ReportLimits
-    image_stats: dict[str, Any] = field(default_factory=dict)
-    caption_stats: dict[str, Any] = field(default_factory=dict)
+    image: ImageDigest | None = None
+    caption: CaptionDigest | None = None
 
     def __post_init__(self) -> None:
         if self.images is not None:
-            table = self.images.table
-            is_rep = _np(table.column("is_representative"), False).astype(bool)
-            methods = pc.value_counts(table.column("method")).to_pylist() if table.num_rows else []
-            linked_by = table.column("linked_by")
-            self.image_stats = {
-                "groups": int(is_rep.sum()),
-                "rows_in_groups": table.num_rows,
-                "removable": int(table.num_rows - is_rep.sum()),
-                "is_rep": is_rep,
-                "group_sizes": _np(table.column("group_size"), 0)[is_rep].astype(np.int64),
-                "methods": {m["values"]: int(m["counts"]) for m in methods},
-                "linked": {
-                    name: int(pc.sum(pc.match_substring(linked_by, name)).as_py() or 0)
-                    if table.num_rows
-                    else 0
-                    for name in PASSES
-                },
-            }
+            self.image = self.images.digest or image_digest(self.images.table, self.limits)
         if self.captions is not None:
-            gid = _np(self.captions.table.column("group_id"), -1).astype(np.int64)
-            size = _np(self.captions.table.column("group_size"), 1).astype(np.int64)
-            dup = size > 1
-            reps = dup & (gid == np.arange(len(gid)))
-            self.caption_stats = {
-                "rows": len(gid),
-                "groups": int(reps.sum()),
-                "rows_in_groups": int(dup.sum()),
-                "removable": int(dup.sum() - reps.sum()),
-                "group_sizes": size[reps],
-                "reps": np.flatnonzero(reps),
-                "removable_rows": np.flatnonzero(dup & ~reps),
-                "gid": gid,
-            }
+            raw = self.captions.captions
+            self.caption = self.captions.digest or caption_digest(
+                self.captions.table,
+                self.limits,
+                None if raw is None else lambda rows: raw.take(pa.array(rows, pa.int64())),
+            )
 
 
 def _card(css_id: str, title: str, removable: int, detail: str) -> str:
@@ -368,14 +718,14 @@ def _card(css_id: str, title: str, removable: int, detail: str) -> str:
 
 def _cards(page: _Page) -> str:
     cards = []
-    if page.images is not None:
-        s = page.image_stats
-        detail = f"{page.images.rows:,} images · {s['groups']:,} groups · {s['rows_in_groups']:,} in groups"
-        cards.append(_card("card-images", "Images", s["removable"], detail))
-    if page.captions is not None:
-        s = page.caption_stats
-        detail = f"{s['rows']:,} rows · {s['groups']:,} groups · {s['rows_in_groups']:,} in groups"
-        cards.append(_card("card-captions", "Captions", s["removable"], detail))
+    if page.images is not None and page.image is not None:
+        s = page.image
+        detail = f"{page.images.rows:,} images · {s.groups:,} groups · {s.rows_in_groups:,} in groups"
+        cards.append(_card("card-images", "Images", s.members, detail))
+    if page.caption is not None:
+        c = page.caption
+        detail = f"{c.rows:,} rows · {c.groups:,} groups · {c.rows_in_groups:,} in groups"
+        cards.append(_card("card-captions", "Captions", c.removable, detail))
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -396,8 +746,8 @@ def _pass_status(images: ImageSection, name: str) -> str:
 
 def _counts(page: _Page) -> str:
     rows = []
-    if page.images is not None:
-        images, s = page.images, page.image_stats
+    if page.images is not None and page.image is not None:
+        images, s = page.images, page.image
         t_phash, t_semantic = images.phash_max_distance, images.semantic_threshold
         thresholds = {
             METHOD_EXACT: "same sha256",
@@ -408,19 +758,19 @@ def _counts(page: _Page) -> str:
             pairs = (images.passes.get(name) or {}).get("pairs")
             rows.append(
                 f'<tr id="pass-{name}">{td(name, css="text")}{td(thresholds[name])}'
-                f"{td(_pass_status(images, name), css='status')}{td(pairs)}{td(s['linked'][name])}"
-                f"{td(s['methods'].get(name, 0))}</tr>"
+                f"{td(_pass_status(images, name), css='status')}{td(pairs)}{td(s.linked[name])}"
+                f"{td(s.methods.get(name, 0))}</tr>"
             )
         rows.append(
             f'<tr id="pass-transitive">{td(METHOD_TRANSITIVE, css="text")}'
             f"{td('through other members')}{td('–')}{td(None)}{td(None)}"
-            f"{td(s['methods'].get(METHOD_TRANSITIVE, 0))}</tr>"
+            f"{td(s.methods.get(METHOD_TRANSITIVE, 0))}</tr>"
         )
-    if page.captions is not None:
-        captions, s = page.captions, page.caption_stats
+    if page.captions is not None and page.caption is not None:
+        captions, c = page.captions, page.caption
         rows.append(
             f'<tr id="pass-caption">{td(CAPTION, css="text")}{td(f"Jaccard ≥ {captions.threshold:g}")}'
-            f"{td('ran')}{td(captions.summary.get('verified_pairs'))}{td(s['rows_in_groups'])}{td(None)}</tr>"
+            f"{td('ran')}{td(captions.summary.get('verified_pairs'))}{td(c.rows_in_groups)}{td(None)}</tr>"
         )
     headers = ("pass", "threshold", "status", "pairs found", "rows in its pairs", "members it links")
     return table_html("pass-counts", headers, rows) + (
@@ -465,23 +815,20 @@ def _distance_histogram(images: ImageSection, method: str, members: np.ndarray) 
 def _histograms(page: _Page) -> str:
     out = []
     sizes = {
-        name: stats["group_sizes"]
-        for name, stats in (("image groups", page.image_stats), ("caption groups", page.caption_stats))
-        if stats
+        name: digest.sizes
+        for name, digest in (("image groups", page.image), ("caption groups", page.caption))
+        if digest is not None
     }
     if sizes:
         labels, series = size_buckets(sizes)
         svg = bar_chart_svg(labels, series, "members per group", width=CHART_WIDTH)
         out.append(f'<div class="chart" id="hist-group-sizes"><h3>Group sizes</h3>{svg}</div>')
-    if page.images is not None:
-        images, table = page.images, page.images.table
-        members = ~page.image_stats["is_rep"]
+    if page.images is not None and page.image is not None:
+        images, digest = page.images, page.image
         if images.phash_max_distance is not None:
-            distance = _np(table.column("hamming_distance"), -1)[members] if table.num_rows else np.zeros(0)
-            out.append(_distance_histogram(images, METHOD_PHASH, distance[distance >= 0]))
+            out.append(_distance_histogram(images, METHOD_PHASH, digest.hamming[digest.hamming >= 0]))
         if images.semantic_threshold is not None:
-            cosine = _np(table.column("similarity"), np.nan)[members] if table.num_rows else np.zeros(0)
-            out.append(_distance_histogram(images, METHOD_SEMANTIC, cosine))
+            out.append(_distance_histogram(images, METHOD_SEMANTIC, digest.cosine))
     note = (
         '<p class="sub">Distance histograms: each series as a share of its own count (the sample is far '
         "smaller than the groups). The nearest-row series covers duplicates and non-duplicates alike: a "
@@ -508,8 +855,7 @@ def _figure(css: str, data: bytes | None, size: int, alt: str, caption: str) -> 
     )
 
 
-def _group_strips(images: ImageSection, limits: ReportLimits) -> str:
-    groups = largest_groups(images.table, limits)
+def _group_strips(images: ImageSection, groups: list[list[dict[str, Any]]], limits: ReportLimits) -> str:
     if not groups:
         return '<p class="sub">No image groups.</p>'
     legend = "".join(
@@ -593,36 +939,12 @@ def _borderline(images: ImageSection, limits: ReportLimits) -> str:
 
 def caption_groups(page: _Page) -> list[dict[str, Any]]:
     """The largest caption groups: first row, key, size, normalised caption, most frequent raw captions."""
-    captions, s, limits = page.captions, page.caption_stats, page.limits
-    if captions is None or not len(s["reps"]):
-        return []
-    order = np.lexsort((s["reps"], -s["group_sizes"]))[: limits.caption_groups]
-    chosen = s["reps"][order]
-    normalized = _take(captions.table.column("normalized_caption"), chosen)
-    keys = _take(captions.table.column("key"), chosen)
-    variants: dict[int, list[tuple[str, int]]] = {int(g): [] for g in chosen}
-    if captions.captions is not None:
-        members = np.flatnonzero(np.isin(s["gid"], chosen))
-        raw = pa.table({"g": pa.array(s["gid"][members]), "c": _take(captions.captions, members)})
-        counted = raw.group_by(["g", "c"]).aggregate([([], "count_all")]).to_pylist()
-        for row in sorted(counted, key=lambda r: (r["g"], -r["count_all"], str(r["c"]))):
-            if len(variants[row["g"]]) < limits.variants:
-                variants[row["g"]].append((row["c"], row["count_all"]))
-    return [
-        {
-            "group_id": g,
-            "key": keys[i],
-            "size": int(s["group_sizes"][order[i]]),
-            "normalized": normalized[i],
-            "variants": variants[g],
-        }
-        for i, g in enumerate(chosen.tolist())
-    ]
+    return page.caption.largest if page.caption is not None else []
 
 
 def _caption_table(page: _Page) -> str:
     groups = caption_groups(page)
-    if not groups:
+    if not groups or page.caption is None:
         return '<p class="sub">No caption groups.</p>'
     rows = []
     for g in groups:
@@ -638,18 +960,16 @@ def _caption_table(page: _Page) -> str:
         )
     headers = ("normalised caption", "group size", "raw variants (count)", "first row's key")
     return (
-        f'<p class="sub">The {len(groups)} largest of {page.caption_stats["groups"]:,} groups, with up to '
+        f'<p class="sub">The {len(groups)} largest of {page.caption.groups:,} groups, with up to '
         f"{page.limits.variants} of their most frequent raw captions.</p>"
         + table_html("caption-group-table", headers, rows)
     )
 
 
 def _removable(page: _Page) -> str:
-    out, limits = [], page.limits
-    if page.images is not None:
-        table = page.images.table
-        nonrep = np.flatnonzero(~page.image_stats["is_rep"])
-        picked = table.take(pa.array(_sample(nonrep, limits.removable, limits.seed), pa.int64())).to_pylist()
+    out = []
+    if page.image is not None:
+        picked = page.image.removable_sample
         rows = [
             f"<tr>{td(_short(r['key'], KEY_CHARS))}{td(r['row_id'])}"
             f"{td(_short(r['representative_key'], KEY_CHARS))}{td(r['group_size'])}{td(r['method'])}"
@@ -658,30 +978,21 @@ def _removable(page: _Page) -> str:
         ]
         headers = ("key", "row id", "kept representative", "group size", "method", "pHash distance", "cosine")
         out.append(
-            f"<h3>Images: {page.image_stats['removable']:,} removable rows</h3>"
+            f"<h3>Images: {page.image.members:,} removable rows</h3>"
             '<p class="sub">Every group member but its representative (the largest image; ties: the '
             f"smallest key). A seeded sample of {len(picked)}:</p>"
             + table_html("removable-images", headers, rows)
         )
-    if page.captions is not None:
-        table, gid = page.captions.table, page.caption_stats["gid"]
-        picked = _sample(page.caption_stats["removable_rows"], limits.removable, limits.seed)
-        columns = zip(
-            _take(table.column("key"), picked),
-            picked.tolist(),
-            _take(table.column("key"), gid[picked]),
-            _take(table.column("group_size"), picked),
-            _take(table.column("normalized_caption"), picked),
-            strict=True,
-        )
+    if page.caption is not None:
+        picked = page.caption.removable_sample
         rows = [
-            f"<tr>{td(_short(k, KEY_CHARS))}{td(i)}{td(_short(rk, KEY_CHARS))}{td(n)}"
-            f"{td(_short(c, TEXT_CHARS), css='text')}</tr>"
-            for k, i, rk, n, c in columns
+            f"<tr>{td(_short(r['key'], KEY_CHARS))}{td(r['row'])}{td(_short(r['rep_key'], KEY_CHARS))}"
+            f"{td(r['size'])}{td(_short(r['normalized'], TEXT_CHARS), css='text')}</tr>"
+            for r in picked
         ]
         headers = ("key", "row", "kept row's key", "group size", "normalised caption")
         out.append(
-            f"<h3>Captions: {page.caption_stats['removable']:,} removable rows</h3>"
+            f"<h3>Captions: {page.caption.removable:,} removable rows</h3>"
             f'<p class="sub">Every group member but its first row. A seeded sample of {len(picked)}:</p>'
             + table_html("removable-captions", headers, rows)
         )
@@ -690,8 +1001,9 @@ def _removable(page: _Page) -> str:
 
 def _sampling_note(page: _Page) -> str:
     items, limits = [], page.limits
-    if page.images is not None:
-        images, groups = page.images, page.image_stats["groups"]
+    if page.images is not None and page.image is not None:
+        images, digest = page.images, page.image
+        groups = digest.groups
         items.append(
             f"Image groups: the {min(limits.groups, groups)} largest of {groups:,}, at most "
             f"{limits.members} pictures each ({limits.thumbnail_size} px thumbnails)."
@@ -702,10 +1014,15 @@ def _sampling_note(page: _Page) -> str:
             f"{limits.borderline_per_side} pairs shown per side of the threshold."
             for method, info in images.sampling.items()
         )
+        if len(digest.cosine) < digest.members:
+            items.append(
+                f"Distance histograms: the group members' series is a seeded sample of "
+                f"{len(digest.cosine):,} of {digest.members:,} members."
+            )
         if images.thumbnails_note:
             items.append(images.thumbnails_note)
-    if page.captions is not None:
-        groups = page.caption_stats["groups"]
+    if page.caption is not None:
+        groups = page.caption.groups
         items.append(f"Caption groups: the {min(limits.caption_groups, groups)} largest of {groups:,}.")
     items.append(
         f"Removable rows: a seeded sample of at most {limits.removable} per table (seed {limits.seed})."
@@ -731,7 +1048,8 @@ def render_dedup_report(
         f'<h2 id="histograms">Histograms</h2>{_histograms(page)}',
     ]
     if images is not None:
-        body.append(f'<h2 id="image-groups">Largest image groups</h2>{_group_strips(images, limits)}')
+        strips = _group_strips(images, page.image.largest if page.image else [], limits)
+        body.append(f'<h2 id="image-groups">Largest image groups</h2>{strips}')
         body.append(
             '<h2 id="borderline">Borderline pairs</h2><p class="sub">Pairs just inside and just outside '
             "each threshold, side by side: if the pairs on the right look like duplicates, the threshold is "
@@ -764,42 +1082,64 @@ _KEEP_PER_VALUE = 64
 _KEEP_PER_SIDE = 256
 
 
+#: A pHash source: called for each pass, it yields (first row id, hashes, valid) per block of rows.
+HashBlocks = Callable[[], Iterable[tuple[int, np.ndarray, np.ndarray]]]
+
+
 def phash_neighbours(
     hashes: np.ndarray, valid: np.ndarray, queries: np.ndarray, threshold: int, limits: ReportLimits
 ) -> tuple[list[tuple[int, int, int]], np.ndarray, dict[str, Any]]:
     """Pairs at Hamming distance ``threshold ± limits.phash_window`` between sampled ``queries`` and
-    the reference rows, and each query's distance to its nearest other row.
+    the reference rows, and each query's distance to its nearest other row (:func:`phash_search` over
+    hashes in memory)."""
+    hashes, valid = np.asarray(hashes, np.uint64), np.asarray(valid, bool)
+    return phash_search(lambda: [(0, hashes, valid)], queries, threshold, limits)
+
+
+def phash_search(
+    blocks: HashBlocks, queries: np.ndarray, threshold: int, limits: ReportLimits
+) -> tuple[list[tuple[int, int, int]], np.ndarray, dict[str, Any]]:
+    """:func:`phash_neighbours` over hashes read a block at a time (two passes over ``blocks()``).
 
     Rows without a hash, or with the flat hash 0, are left out (as in the pHash pass). The reference
-    is every hashed row, or a seeded sample of ``phash_comparisons / len(queries)`` of them; it is
-    compared in chunks of XOR + popcount, so memory stays at about 64 MB.
+    is every hashed row, or a seeded sample of ``phash_comparisons / len(queries)`` of them (drawn
+    block by block: a hypergeometric share of the sample per block); it is compared in chunks of
+    XOR + popcount, so memory stays at about 32 MB plus one block, whatever N is.
     """
     started = time.monotonic()
-    hashes = np.asarray(hashes, np.uint64)
-    usable = np.asarray(valid, bool) & (hashes != 0)
-    queries = queries[usable[queries]]
-    rows = np.flatnonzero(usable)
+    queries = np.asarray(queries, np.int64)
+    q = np.zeros(len(queries), np.uint64)
+    q_usable = np.zeros(len(queries), bool)
+    usable_rows = 0
+    for first, hashes, valid in blocks():
+        usable = valid & (hashes != 0)
+        usable_rows += int(usable.sum())
+        inside = (queries >= first) & (queries < first + len(hashes))
+        q[inside] = hashes[queries[inside] - first]
+        q_usable[inside] = usable[queries[inside] - first]
+    queries, q = queries[q_usable], q[q_usable]
     info: dict[str, Any] = {"queries": len(queries), "reference": 0}
-    if len(queries) == 0 or len(rows) < 2:
+    if len(queries) == 0 or usable_rows < 2:
         return [], np.zeros(0, np.int64), {**info, "seconds": seconds_since(started)}
     budget = max(1, limits.phash_comparisons // len(queries))
-    reference = rows if len(rows) <= budget else np.sort(_sample(rows, budget, limits.seed + 1))
-    info["reference"] = len(reference)
+    info["reference"] = wanted = min(budget, usable_rows)
+    rng = np.random.default_rng(limits.seed + 1)
     lo_v, hi_v = max(0, threshold - limits.phash_window), threshold + limits.phash_window
     chunk = max(1, 8_000_000 // len(queries))
-    q = hashes[queries]
     nearest = np.full(len(queries), 255, np.uint8)
     found: dict[int, list[tuple[int, int, int]]] = {v: [] for v in range(lo_v, hi_v + 1)}
-    for start in range(0, len(reference), chunk):
-        ref = reference[start : start + chunk]
-        d = np.bitwise_count(q[:, None] ^ hashes[ref][None, :])  # uint8 (S, chunk)
+
+    def compare(ref: np.ndarray, ref_hashes: np.ndarray) -> None:
+        d = np.empty((len(q), len(ref)), np.uint8)  # Hamming distances (S, chunk)
+        for lo in range(0, len(q), 256):  # the XOR in pieces: 8 MB of uint64 at a time, not 64
+            np.bitwise_count(q[lo : lo + 256, None] ^ ref_hashes[None, :], out=d[lo : lo + 256])
         pos = np.minimum(np.searchsorted(ref, queries), len(ref) - 1)
         itself = np.flatnonzero(ref[pos] == queries)
         d[itself, pos[itself]] = 255  # a row is not its own neighbour
         np.minimum(nearest, d.min(axis=1), out=nearest)
         window = (d - np.uint8(lo_v)) <= np.uint8(hi_v - lo_v)  # lo_v <= d <= hi_v (uint8 wraps below)
         if not window.any():  # the usual case: a scan of the mask is far cheaper than nonzero
-            continue
+            return
         qi, ri = np.divmod(np.flatnonzero(window), window.shape[1])
         values = d[qi, ri]
         for v in np.unique(values).tolist():
@@ -809,6 +1149,25 @@ def phash_neighbours(
                 found[v].extend(
                     zip(queries[qi[sel]].tolist(), ref[ri[sel]].tolist(), [v] * len(sel), strict=True)
                 )
+
+    # the reference rows in row order, compared in chunks of ``chunk`` rows whatever the blocks are
+    pending_rows, pending_hashes = np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    rows_left, take_left = usable_rows, wanted
+    for first, hashes, valid in blocks():
+        usable = np.flatnonzero(valid & (hashes != 0))
+        if wanted < usable_rows:  # this block's share of a uniform sample without replacement
+            take = 0
+            if take_left and len(usable):
+                take = int(rng.hypergeometric(len(usable), rows_left - len(usable), take_left))
+            rows_left, take_left = rows_left - len(usable), take_left - take
+            usable = np.sort(usable[rng.choice(len(usable), take, replace=False)])
+        pending_rows = np.concatenate([pending_rows, usable + first])
+        pending_hashes = np.concatenate([pending_hashes, hashes[usable]])
+        while len(pending_rows) >= chunk:
+            compare(pending_rows[:chunk], pending_hashes[:chunk])
+            pending_rows, pending_hashes = pending_rows[chunk:], pending_hashes[chunk:]
+    if len(pending_rows):
+        compare(pending_rows, pending_hashes)
     pairs = [p for v in sorted(found) for p in found[v]]
     info["seconds"] = seconds_since(started)
     return pairs, nearest[nearest < 255].astype(np.int64), info
@@ -834,7 +1193,7 @@ def semantic_neighbours(
     budget = max(1, int(limits.semantic_flops // (len(queries) * max(1, fetch.dim))))
     reference = _sample_range(fetch.n, budget, limits.seed + 2)
     info["reference"] = len(reference)
-    chunk = max(1, 2**25 // max(1, fetch.dim))  # 128 MB of float32 per chunk
+    chunk = max(1, 2**22 // max(1, fetch.dim))  # 16 MB of float32 per chunk (about 3 copies live)
     nearest = np.full(len(queries), -np.inf, np.float32)
     found: dict[bool, list[tuple[int, int, float]]] = {True: [], False: []}
     for start in range(0, len(reference), chunk):
@@ -855,33 +1214,20 @@ def semantic_neighbours(
     return found[True] + found[False], nearest[np.isfinite(nearest)], info
 
 
-def group_pairs(
-    table: pa.Table, method: str, threshold: float, window: float
-) -> list[tuple[int, int, float]]:
+def group_pairs(table: Source, method: str, threshold: float, window: float) -> list[tuple[int, int, float]]:
     """Members linked directly to their representative by ``method`` within ``window`` of its threshold:
     (representative row, member row, distance or cosine); these are duplicates a sample rarely meets."""
-    if table.num_rows == 0:
-        return []
-    methods = _np(table.column("method"))
-    if method == METHOD_PHASH:
-        values = _np(table.column("hamming_distance"), -1).astype(np.float64)
-        near = (values >= threshold - window) & (values <= threshold)
-    else:
-        values = _np(table.column("similarity"), np.nan).astype(np.float64)
-        near = (values >= threshold) & (values <= threshold + window)
-    hits = np.flatnonzero(near & (methods == method))[:_KEEP_PER_SIDE]
-    reps = _np(table.column("group_id"))[hits]
-    rows = _np(table.column("row_id"))[hits]
-    return list(zip(reps.tolist(), rows.tolist(), values[hits].tolist(), strict=True))
+    out: list[tuple[int, int, float]] = []
+    for batch in _batches(table, _IMAGE_STATS):
+        out += _near_threshold(batch, method, threshold, window)[: _KEEP_PER_SIDE - len(out)]
+        if len(out) >= _KEEP_PER_SIDE:
+            break
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing.
 # ----------------------------------------------------------------------------------------------
-
-
-def _table(source: pa.Table | str | Path) -> pa.Table:
-    return source if isinstance(source, pa.Table) else pq.read_table(source)
 
 
 def _summary(source: Mapping[str, Any] | str | Path | None) -> dict[str, Any]:
@@ -893,8 +1239,104 @@ def _summary(source: Mapping[str, Any] | str | Path | None) -> dict[str, Any]:
         return {}
 
 
-def _take(column: pa.ChunkedArray, rows: Sequence[int]) -> list[Any]:
-    return column.take(pa.array(list(rows), pa.int64())).to_pylist() if len(rows) else []
+def _typed(batch: pa.RecordBatch | pa.Table, columns: Sequence[str], rows: int) -> pa.Table:
+    """``columns`` typed as ours (:data:`METADATA_SCHEMA`), those absent as nulls (as
+    :meth:`pipeline.io.embeddings.Partition.metadata`)."""
+    arrays = []
+    for column in columns:
+        ours = METADATA_SCHEMA.field(column).type if column in METADATA_SCHEMA.names else None
+        if column in batch.schema.names:
+            arrays.append(batch.column(column) if ours is None else batch.column(column).cast(ours))
+        else:
+            arrays.append(pa.nulls(rows, ours or pa.string()))
+    return pa.table(arrays, names=list(columns))
+
+
+class _Metadata:
+    """Metadata of the embedding rows, read where needed: the caller's table in memory, or the embedding
+    folder's partitions, a batch (:meth:`blocks`) or the chosen rows (:meth:`take`) at a time, so no
+    column of every row is ever held."""
+
+    def __init__(self, folder: str | Path | None = None, table: pa.Table | None = None):
+        self.table = table
+        if table is not None:
+            self.n = table.num_rows
+            return
+        self.paths = [metadata_path(folder, p.name) for p in list_partitions(folder)]
+        counts = [pq.ParquetFile(path).metadata.num_rows for path in self.paths]
+        self.starts = np.cumsum([0, *counts])
+        self.n = int(self.starts[-1])
+
+    def has(self, column: str) -> bool:
+        """Whether ``column`` can be read (a folder's missing columns read as nulls)."""
+        return self.table is None or column in self.table.column_names
+
+    def _file_batches(
+        self, part: int, columns: Sequence[str], row_group: int | None = None
+    ) -> Iterator[pa.Table]:
+        pf = _parquet(self.paths[part])
+        groups = range(pf.num_row_groups) if row_group is None else [row_group]
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        for g in groups:
+            if not present:  # nothing to read: nulls of the row group's length
+                n = pf.metadata.row_group(g).num_rows
+                for lo in range(0, n, _BATCH):
+                    yield _typed(pa.table({}), columns, min(_BATCH, n - lo))
+                continue
+            for batch in pf.iter_batches(
+                batch_size=_BATCH, row_groups=[g], columns=present, use_threads=False
+            ):
+                yield _typed(batch, columns, batch.num_rows)
+
+    def blocks(self, columns: Sequence[str]) -> Iterator[tuple[int, pa.Table]]:
+        """(first row id, ``columns`` of the next rows) for every row, ``_BATCH`` rows at a time."""
+        first = 0
+        if self.table is not None:
+            for batch in self.table.select(list(columns)).to_batches(max_chunksize=_BATCH):
+                yield first, pa.Table.from_batches([batch])
+                first += batch.num_rows
+            return
+        for part in range(len(self.paths)):
+            first = int(self.starts[part])
+            for table in self._file_batches(part, columns):
+                yield first, table
+                first += table.num_rows
+
+    def phash_blocks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for first, block in self.blocks(["phash"]):
+            column = block.column("phash")
+            valid = ~_np(column.is_null(), True).astype(bool)
+            yield first, _np(column, 0).astype(np.uint64), valid
+
+    def take(self, rows: Sequence[int], columns: Sequence[str]) -> dict[int, dict[str, Any]]:
+        """``columns`` of these rows by row id (a folder's partitions: only their row groups are read)."""
+        rows = np.unique(np.asarray(list(rows), np.int64))
+        if not len(rows):
+            return {}
+        if self.table is not None:
+            taken = self.table.select(list(columns)).take(pa.array(rows, pa.int64())).to_pylist()
+            return dict(zip(rows.tolist(), taken, strict=True))
+        out: dict[int, dict[str, Any]] = {}
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for part in np.unique(which).tolist():
+            local = rows[which == part] - self.starts[part]
+            meta = pq.ParquetFile(self.paths[part]).metadata
+            ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            in_group = np.searchsorted(ends, local, side="right")
+            for g in np.unique(in_group).tolist():
+                offset = int(ends[g - 1]) if g else 0
+                wanted = local[in_group == g] - offset
+                for table in self._file_batches(part, columns, g):
+                    lo, hi = np.searchsorted(wanted, [0, table.num_rows])
+                    if hi > lo:
+                        taken = table.take(pa.array(wanted[lo:hi], pa.int64())).to_pylist()
+                        ids = (wanted[lo:hi] + offset + self.starts[part]).tolist()
+                        out.update(zip(ids, taken, strict=True))
+                    wanted = wanted - table.num_rows
+                    offset += table.num_rows
+                    if not len(wanted) or wanted[-1] < 0:
+                        break
+        return out
 
 
 def _thumbnails(
@@ -914,7 +1356,7 @@ def _thumbnails(
 
 
 def image_section(
-    table: pa.Table,
+    table: Source,
     summary: Mapping[str, Any],
     cfg: ImageDedupConfig,
     *,
@@ -926,14 +1368,16 @@ def image_section(
 ) -> ImageSection:
     """The image part of the report: the borderline search and the thumbnails read from the shards.
 
-    ``meta`` (key, phash; row-aligned) and ``vectors`` (unit float32) spare reading them again when the
-    caller has them; otherwise they are read from ``embeddings`` (the embeddings memory-mapped, only
-    the rows searched).
+    ``table`` is the image table in memory or its parquet file; either way it is read a batch at a
+    time (:class:`_ImageScan`). ``meta`` (key, phash; row-aligned) and ``vectors`` (unit float32) spare
+    reading them again when the caller has them; otherwise they are read from ``embeddings``: the
+    pHashes a block at a time, keys and shard names of the shown rows only, the embeddings
+    memory-mapped, only the rows searched.
     """
     passes = summary.get("passes") or {}
     semantic = passes.get(METHOD_SEMANTIC) or {}
     section = ImageSection(
-        table=table,
+        table=table if isinstance(table, pa.Table) else None,
         rows=int(summary.get("rows") or 0),
         phash_max_distance=cfg.phash_max_distance if cfg.phash else None,
         semantic_threshold=cfg.semantic_threshold if cfg.semantic != "off" else None,
@@ -941,27 +1385,29 @@ def image_section(
         semantic_note=str(semantic.get("skipped", "")),
         passes=passes,
     )
-    if meta is None and embeddings is not None:
-        meta = load_metadata(embeddings, ["key", "phash"])
-    if meta is None:
+    near = {}
+    if section.phash_max_distance is not None:
+        near[METHOD_PHASH] = (section.phash_max_distance, limits.phash_window)
+    if section.semantic_threshold is not None:
+        near[METHOD_SEMANTIC] = (section.semantic_threshold, limits.semantic_window)
+    scan = _ImageScan(table, limits, near)
+    section.digest = scan.digest
+    source = _Metadata(embeddings, meta) if meta is not None or embeddings is not None else None
+    if source is None:
+        scan.select()
         section.thumbnails_note = "No embedding folder: no borderline search and no thumbnails."
         return section
-    n = meta.num_rows
+    n = source.n
     section.rows = section.rows or n
     queries = _sample_range(n, limits.sample_rows, limits.seed)
     found: list[tuple[str, int, int, float, str]] = []  # method, row, row, value, source
-    if section.phash_max_distance is not None and "phash" in meta.column_names:
-        column = meta.column("phash")
-        valid = ~_np(column.is_null(), True).astype(bool) if n else np.zeros(0, bool)
-        hashes = _np(column, 0).astype(np.uint64) if n else np.zeros(0, np.uint64)
+    if section.phash_max_distance is not None and source.has("phash"):
         t = section.phash_max_distance
-        pairs, section.nearest[METHOD_PHASH], section.sampling[METHOD_PHASH] = phash_neighbours(
-            hashes, valid, queries, t, limits
+        pairs, section.nearest[METHOD_PHASH], section.sampling[METHOD_PHASH] = phash_search(
+            source.phash_blocks, queries, t, limits
         )
         found += [(METHOD_PHASH, *p, "sample") for p in pairs]
-        found += [
-            (METHOD_PHASH, *p, "groups") for p in group_pairs(table, METHOD_PHASH, t, limits.phash_window)
-        ]
+        found += [(METHOD_PHASH, *p, "groups") for p in scan.group_pairs[METHOD_PHASH]]
     if section.semantic_threshold is not None and (vectors is not None or embeddings is not None):
         t = section.semantic_threshold
         pairs, section.nearest[METHOD_SEMANTIC], section.sampling[METHOD_SEMANTIC] = semantic_neighbours(
@@ -969,10 +1415,7 @@ def image_section(
         )
         found += [(METHOD_SEMANTIC, *p, "sample") for p in pairs]
         if section.semantic_ran:
-            found += [
-                (METHOD_SEMANTIC, *p, "groups")
-                for p in group_pairs(table, METHOD_SEMANTIC, t, limits.semantic_window)
-            ]
+            found += [(METHOD_SEMANTIC, *p, "groups") for p in scan.group_pairs[METHOD_SEMANTIC]]
     candidates = [
         Pair(
             method=m,
@@ -984,69 +1427,90 @@ def image_section(
             duplicate=bool(
                 v <= section.phash_max_distance if m == METHOD_PHASH else v >= section.semantic_threshold
             ),
-            source=source,
+            source=source_,
         )
-        for m, a, b, v, source in found
+        for m, a, b, v, source_ in found
     ]
     section.borderline = pick_borderline(candidates, limits.borderline_per_side)
-    _add_keys_and_thumbnails(section, meta, embeddings, shards, limits)
+    pair_rows = sorted({r for p in section.borderline for r in (p.a, p.b)})
+    group_of = scan.select(pair_rows)
+    _add_keys_and_thumbnails(section, source, embeddings, shards, limits, group_of)
     return section
-
-
-def _groups_of(table: pa.Table, rows: Sequence[int]) -> dict[int, int]:
-    """Image group id of each of ``rows`` that is in a group."""
-    if not rows or table.num_rows == 0:
-        return {}
-    hit = table.filter(pc.is_in(table.column("row_id"), value_set=pa.array(list(rows), pa.int64())))
-    return dict(zip(hit.column("row_id").to_pylist(), hit.column("group_id").to_pylist(), strict=True))
 
 
 def _add_keys_and_thumbnails(
     section: ImageSection,
-    meta: pa.Table,
+    source: _Metadata,
     embeddings: str | Path | None,
     shards: str | Path | None,
     limits: ReportLimits,
+    group_of: Mapping[int, int],
 ) -> None:
-    """Keys of the borderline pairs' rows, and thumbnails of every row the page shows."""
+    """Keys of the borderline pairs' rows, and thumbnails of every row the page shows (the metadata of
+    those rows only)."""
     pair_rows = sorted({r for p in section.borderline for r in (p.a, p.b)})
-    key_of = dict(zip(pair_rows, _take(meta.column("key"), pair_rows), strict=True))
-    group_of = _groups_of(section.table, pair_rows)
+    largest = section.digest.largest if section.digest is not None else []
+    rows = sorted({int(m["row_id"]) for g in largest for m in g} | set(pair_rows))
+    with_shards = bool(shards) and source.has("shard")
+    meta = source.take(rows if shards else pair_rows, ["key", "shard"] if with_shards else ["key"])
     section.borderline = [
         dataclasses.replace(
             p,
-            a_key=str(key_of.get(p.a, p.a)),
-            b_key=str(key_of.get(p.b, p.b)),
+            a_key=str((meta.get(p.a) or {}).get("key", p.a)),
+            b_key=str((meta.get(p.b) or {}).get("key", p.b)),
             same_group=group_of.get(p.a, -1) == group_of.get(p.b, -2),
         )
         for p in section.borderline
     ]
-    rows = sorted(
-        {int(m["row_id"]) for g in largest_groups(section.table, limits) for m in g} | set(pair_rows)
-    )
     if not shards:
         section.thumbnails_note = (
             "No shard folder was given (--shards): groups and pairs are shown without pictures."
         )
         return
-    if "shard" in meta.column_names:
-        shard_column = meta.column("shard")
+    if with_shards:
+        shard_of = {r: m["shard"] for r, m in meta.items()}
     elif embeddings is not None:
-        shard_column = load_metadata(embeddings, ["shard"]).column("shard")
+        shard_of = {r: m["shard"] for r, m in _Metadata(embeddings).take(rows, ["shard"]).items()}
     else:
         section.thumbnails_note = (
             "No shard names in the metadata: groups and pairs are shown without pictures."
         )
         return
-    thumbs, tars = _thumbnails(
-        rows, _take(meta.column("key"), rows), _take(shard_column, rows), shards, limits
-    )
+    keys = [(meta.get(r) or {}).get("key") for r in rows]
+    thumbs, tars = _thumbnails(rows, keys, [shard_of.get(r) for r in rows], shards, limits)
     section.thumbnails = thumbs
     if len(thumbs) < len(rows):
         section.thumbnails_note = (
             f"{len(rows) - len(thumbs)} of {len(rows)} pictures could not be read from {shards} "
             f"({tars} tars read, at most {limits.max_tars}): they are drawn as grey boxes."
         )
+
+
+def _caption_source(
+    caption_duplicates: Source,
+    captions: pa.Array | pa.ChunkedArray | None,
+    embeddings: str | Path | None,
+) -> RawCaptions | None:
+    """Raw captions row-aligned with the caption table: the given array, or the embedding folder's
+    ``caption`` column when its row count matches (read for the chosen rows only)."""
+    if captions is not None:
+        return lambda rows: captions.take(pa.array(rows, pa.int64()))
+    if embeddings is None:
+        return None
+    source = _Metadata(embeddings)
+    rows = (
+        caption_duplicates.num_rows
+        if isinstance(caption_duplicates, pa.Table)
+        else pq.ParquetFile(caption_duplicates).metadata.num_rows
+    )
+    if source.n != rows:
+        return None
+
+    def read(wanted: np.ndarray) -> list[Any]:
+        taken = source.take(wanted, ["caption"])
+        return [taken[r]["caption"] for r in wanted.tolist()]
+
+    return read
 
 
 def write_dedup_report(
@@ -1068,6 +1532,10 @@ def write_dedup_report(
 ) -> dict[str, Any]:
     """Write ``dedup_report.html`` for image and/or caption duplicates; returns what it did.
 
+    Memory is bounded whatever N is: tables given as files are read a batch at a time, and of the
+    embedding folder only the pHashes (a block at a time), the searched embeddings and the metadata of
+    the shown rows are read.
+
     Args:
         path: the page to write (atomically).
         image_duplicates, caption_duplicates: the tables, or their parquet files.
@@ -1088,7 +1556,7 @@ def write_dedup_report(
     if image_duplicates is not None:
         cfg = image_cfg or ImageDedupConfig()
         images = image_section(
-            _table(image_duplicates),
+            image_duplicates,
             _summary(image_summary),
             cfg,
             embeddings=embeddings,
@@ -1106,12 +1574,15 @@ def write_dedup_report(
             },
         )
     if caption_duplicates is not None:
-        table = _table(caption_duplicates)
-        if captions is None and embeddings is not None:
-            raw = load_metadata(embeddings, ["caption"]).column("caption")
-            captions = raw if len(raw) == table.num_rows else None
+        raw = _caption_source(caption_duplicates, captions, embeddings)
         threshold = caption_cfg.threshold if caption_cfg is not None else CaptionDedupConfig().threshold
-        captions_section = CaptionSection(table, threshold, captions, _summary(caption_summary))
+        captions_section = CaptionSection(
+            caption_duplicates if isinstance(caption_duplicates, pa.Table) else None,
+            threshold,
+            captions,
+            _summary(caption_summary),
+            digest=caption_digest(caption_duplicates, limits, raw),
+        )
         provenance["caption_threshold"] = threshold
     provenance.update(report_version=REPORT_VERSION, sample_seed=limits.seed)
     page = render_dedup_report(images, captions_section, title=title, limits=limits, provenance=provenance)
