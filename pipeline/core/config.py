@@ -211,10 +211,12 @@ class CellsConfig:
 
     rows_per_cell: int = option(1000, "rows per k-means cell on average (cells = N / this)")
     top: int = option(
-        2, "cells each row is assigned to, nearest first (2: duplicates across a cell boundary are found)"
+        6,
+        "most cells a row is assigned to, nearest first (the further ones only within --cells-margin): "
+        "duplicates across a cell boundary are found",
     )
     margin: float = option(
-        0.05,
+        0.03,
         "a row joins a further cell only when its cosine to that centroid is within this of its nearest "
         "one's (rows near a boundary; a centroid close to every row would otherwise collect them all)",
     )

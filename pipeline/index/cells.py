@@ -83,8 +83,10 @@ def _sample(partitions: list[Partition], sizes: list[int], size: int, seed: int,
 #: From this many cells, k-means is two-level and rows find their cells through the coarse level:
 #: flat k-means and flat assignment cost N x nlist x d, which grows as N^2 when nlist grows with N.
 TWO_LEVEL_FROM = 2048
-#: Coarse cells searched for a row's nearest fine cells (of about sqrt(nlist)).
-COARSE_PROBE = 8
+#: Coarse cells searched for a row's nearest fine cells (of about sqrt(nlist)). Measured on 2M
+#: synthetic 128-d rows in 4,000 cells: 8 probes found the flat search's nearest cell for 92% of rows
+#: (duplicate pairs sharing a cell: 0.979), 32 probes for 99.8% (0.9991; flat: 0.9995).
+COARSE_PROBE = 32
 
 
 def _kmeans(sample: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
