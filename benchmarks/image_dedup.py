@@ -77,6 +77,12 @@ def evaluate(emb_dir: Path, true_groups: dict[str, str], label: str) -> dict:
     out["phash_sweep"] = {
         r: run(phash_max_distance=r, semantic="off") for r in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18)
     }
+    # Groups as plain connected components (chains allowed) against groups verified against their
+    # representative (the default), over the same pairs.
+    out["phash_sweep_single_linkage"] = {
+        r: run(phash_max_distance=r, semantic="off", linkage="single") for r in (12, 14, 16, 18, 20)
+    }
+    out["phash_sweep"] |= {r: run(phash_max_distance=r, semantic="off") for r in (20,)}
     out["random_semantic"] = {
         t: run(semantic="on", semantic_threshold=t, phash_max_distance=12) for t in (0.95, 0.99, 0.999)
     }

@@ -6,8 +6,8 @@
    folder in LAION's layout (512-d float16 vectors, clustered, 2% near-copies and 0.5% exact copies,
    8-word captions, planted repeated ones: ``synthetic_laion.py``), given to the build as
    ``--embeddings`` (as LAION's released embeddings would be: no ingest, no embed, no images). Image
-   dedup runs its exact pass only (the other passes are measured by ``image_dedup.py``), the index
-   is what the auto rules choose for N, the G_dup table counts ``--knn-k`` neighbours.
+   dedup runs its exact pass only (the other passes are measured by ``scale.py``), and the index is
+   what the auto rules choose for N.
 2. **Floor.** The same index, opened as a replica opens it (``open_bundle``, memory-mapped), searched
    in this process: one query at a time (latency) and in batches of 32 (throughput).
 3. **Service.** ``jobs/serve_knn.py`` on 127.0.0.1 with one replica. First one client GETs
@@ -52,16 +52,14 @@ from pipeline.serve.app import wait_until_routed
 DIM = 512
 
 
-def build_synthetic_bundle(root: Path, n: int, knn_k: int, seed: int) -> dict:
+def build_synthetic_bundle(root: Path, n: int, seed: int) -> dict:
     """The bundle of N synthetic rows, built from their embedding folder (``--embeddings``)."""
     source = root.parent / "embeddings"
     write_embedding_folder(source, n, seed, DIM)  # reused when it holds these rows already
     cfg = PipelineConfig()
     cfg = dataclasses.replace(
         cfg,
-        bundle=dataclasses.replace(
-            cfg.bundle, embeddings=str(source), out=str(root), knn_k=knn_k, verify_checksums=False
-        ),
+        bundle=dataclasses.replace(cfg.bundle, embeddings=str(source), out=str(root), verify_checksums=False),
         image_dedup=dataclasses.replace(cfg.image_dedup, phash=False, semantic="off"),
     )
     return build_bundle(cfg)
@@ -157,7 +155,6 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--knn-k", type=int, default=21, help="G_dup table neighbours (build time)")
     parser.add_argument("--ks", default="40,1000", help="num_images per request (ClipClient default, AMG-sd)")
     parser.add_argument("--clients", default="1,8")
     parser.add_argument("--seconds", type=float, default=20)
@@ -169,7 +166,7 @@ def main() -> None:
     result: dict = {"rows": args.rows, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     started = time.monotonic()
     if not (root / "manifest.json").is_file():
-        build = build_synthetic_bundle(root, args.rows, args.knn_k, seed=0)
+        build = build_synthetic_bundle(root, args.rows, seed=0)
         result["build"] = {"seconds": round(time.monotonic() - started, 1), "index": build["index"]}
     bundle = open_bundle(root, verify=False)
     rng = np.random.default_rng(1)

@@ -145,6 +145,9 @@ from pipeline.io.shards import list_shards
 
 log = logging.getLogger(__name__)
 
+#: Rows per reduce task of caption dedup's shuffles (files per step = map tasks x reducers).
+CAPTION_ROWS_PER_REDUCER = 250_000
+
 
 def _publish(src: Path, dst: Path) -> None:
     """Put ``src`` at ``dst`` as a hard link (a copy where linking fails), replacing ``dst`` atomically."""
@@ -282,8 +285,9 @@ def bundle_steps(cfg: PipelineConfig) -> list[FunctionStage]:
         else:  # shuffles between Ray tasks: no process holds every caption
             ensure_ray()
             parts = [(metadata_path(emb_dir, p.name), p.num_rows()) for p in list_partitions(emb_dir)]
+            reducers = max(1, -(-sum(rows for _, rows in parts) // CAPTION_ROWS_PER_REDUCER))
             stats = find_caption_duplicates_partitioned(
-                parts, cfg.caption_dedup, out, out / CAPTION_DUPLICATES
+                parts, cfg.caption_dedup, out, out / CAPTION_DUPLICATES, reducers=reducers
             )
         atomic_write_json(out / "caption_dedup_summary.json", stats)
         _publish(out / CAPTION_DUPLICATES, root / CAPTION_DUPLICATES)

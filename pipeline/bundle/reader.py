@@ -39,7 +39,7 @@ from pipeline.bundle.layout import (
 from pipeline.core.config import EmbedConfig
 from pipeline.core.neighbours import DuplicateCaption
 from pipeline.core.storage import sha256_file
-from pipeline.index.faiss_index import load_index, set_search_params
+from pipeline.index.faiss_index import load_index, set_search_params, wide_search
 from pipeline.io.embeddings import IMG_EMB, list_partitions, normalize
 
 
@@ -231,7 +231,7 @@ class Bundle:
 
     def _dominant_caption_near(self, query: bytes, k: int, min_count: int) -> DuplicateCaption:
         vector = np.frombuffer(query, dtype=np.float16).astype(np.float32)[None, :]
-        _, ids = self.index.search(vector, min(k, len(self)))
+        _, ids = self.index.search(vector, min(k, len(self)), params=wide_search(self.index, k))
         ids = ids[0][ids[0] >= 0]
         captions = self._caption_id[ids]
         # Only captions that occur min_count times in the whole bundle can reach it among k neighbours.

@@ -130,16 +130,26 @@ def dominant(keys: np.ndarray, values: np.ndarray, rows: np.ndarray) -> dict[str
     }
 
 
+def lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, default: int) -> np.ndarray:
+    """``values`` of ``query`` in ascending unique ``keys`` (``default`` where a query is absent)."""
+    out = np.full(len(query), default, dtype=np.int64)
+    if len(keys) == 0 or len(query) == 0:
+        return out
+    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    hit = keys[at] == query
+    out[hit] = values[at[hit]]
+    return out
+
+
 def _spelling(keys: np.ndarray, modes: dict[str, np.ndarray], h: np.ndarray, rows: np.ndarray, raw: pa.Array):
     """Most frequent raw spelling (ties: first row) of each key's dominant normalised caption, as the
-    row that carries it: its position in ``rows``."""
-    mode_of = dict(zip(modes["key"].tolist(), modes["value"].tolist(), strict=True))
-    wanted = np.fromiter((mode_of.get(k) == x for k, x in zip(keys.tolist(), h.tolist(), strict=True)), bool)
-    idx = np.flatnonzero(wanted)
+    row that carries it: ``(keys, positions in rows)``, keys ascending."""
+    mode_of = lookup(modes["key"], modes["value"].view(np.int64), keys, 0)  # hashes as int64 bits
+    idx = np.flatnonzero(mode_of == h.view(np.int64))
     codes = pc.dictionary_encode(raw.take(pa.array(idx))).indices.to_numpy().astype(np.int64)
     spell = dominant(keys[idx], codes, rows[idx])
-    position = {int(r): int(i) for r, i in zip(rows[idx].tolist(), idx.tolist(), strict=True)}
-    return spell["key"], np.array([position[int(r)] for r in spell["first_row"]], np.int64)
+    by_row = np.argsort(rows[idx])
+    return spell["key"], idx[by_row[np.searchsorted(rows[idx][by_row], spell["first_row"])]]
 
 
 def _paths(work: Path, kind: str, n: int) -> list[str]:
@@ -194,16 +204,15 @@ def reduce_bucket(d: int, work: str, maps: int, starts: list[int]) -> int:
     hashes = read_part(_paths(work_dir, "hash", maps), d)
     h, rows = hashes.column("h").to_numpy(), hashes.column("row").to_numpy()
     raw = hashes.column("caption").combine_chunks()
-    spelled_key, spelled_at = _spelling(h, dominant(h, h, rows), h, rows, raw) if len(h) else (h, rows)
-    spelling_row = dict(zip(spelled_key.tolist(), rows[spelled_at].tolist(), strict=True))
-    totals = dict(zip(*np.unique(h, return_counts=True), strict=True)) if len(h) else {}
+    modes = dominant(h, h, rows)
+    spelled_key, spelled_at = _spelling(h, modes, h, rows, raw)
     send(
         "caption",
         pa.table(
             {
                 "row": rows,
-                "caption_id": np.array([spelling_row[x] for x in h.tolist()], np.int64),
-                "caption_count": np.array([totals[x] for x in h.tolist()], np.int64),
+                "caption_id": lookup(spelled_key, rows[spelled_at], h, -1),
+                "caption_count": lookup(modes["key"], modes["total"], h, 0),
             }
         ),
     )
@@ -211,31 +220,26 @@ def reduce_bucket(d: int, work: str, maps: int, starts: list[int]) -> int:
     for kind in ("cell", "group"):
         table = read_part(_paths(work_dir, kind, maps), d)
         keys, rows = table.column("key").to_numpy(), table.column("row").to_numpy()
-        sizes = dict(zip(*np.unique(keys, return_counts=True), strict=True)) if len(keys) else {}
+        distinct, sizes = np.unique(keys, return_counts=True)
         said = np.flatnonzero(table.column("nonempty").to_numpy(zero_copy_only=False))
-        texts: dict[int, str] = {}
-        counts: dict[int, int] = {}
-        if len(said):
-            h, raw = (
-                table.column("h").to_numpy()[said],
-                table.column("caption").combine_chunks().take(pa.array(said)),
-            )
-            modes = dominant(keys[said], h, rows[said])
-            counts = dict(zip(modes["key"].tolist(), modes["count"].tolist(), strict=True))
-            spelled_key, spelled_at = _spelling(keys[said], modes, h, rows[said], raw)
-            texts = dict(zip(spelled_key.tolist(), raw.take(pa.array(spelled_at)).to_pylist(), strict=True))
+        h = table.column("h").to_numpy()[said]
+        raw = table.column("caption").combine_chunks().take(pa.array(said))
+        modes = dominant(keys[said], h, rows[said])
+        spelled_key, spelled_at = _spelling(keys[said], modes, h, rows[said], raw)
+        text_at = lookup(spelled_key, np.arange(len(spelled_key)), keys, -1)
+        texts = raw.take(pa.array(spelled_at)).take(pa.array(text_at, mask=text_at < 0))
         send(
             kind,
             pa.table(
                 {
                     "row": rows,
-                    "caption": pa.array([texts.get(k) for k in keys.tolist()], pa.large_string()),
-                    "count": np.array([counts.get(k, 0) for k in keys.tolist()], np.int64),
-                    "rows": np.array([sizes[k] for k in keys.tolist()], np.int64),
+                    "caption": texts.cast(pa.large_string()),
+                    "count": lookup(modes["key"], modes["count"], keys, 0),
+                    "rows": lookup(distinct, sizes, keys, 0),
                 }
             ),
         )
-    return len(h)
+    return len(rows)
 
 
 def _read_rows(path: str, columns: list[str], start: int, stop: int) -> pa.Table:

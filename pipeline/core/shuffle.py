@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,3 +75,16 @@ def concat_parts(parts: list[str], out_path: str, schema: pa.Schema) -> dict[str
         tmp.unlink(missing_ok=True)
         raise
     return {"rows": rows}
+
+
+def write_arrays(path: str | Path, **arrays: np.ndarray) -> None:
+    """Named arrays as one ``.npz`` shuffle file: written under a temporary name, then renamed.
+
+    Not fsynced: a shuffle file only lives until its stage ends, and a crashed stage writes it again.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)

@@ -116,11 +116,6 @@ def atomic_write_array(path: str | Path, array: np.ndarray) -> None:
     _atomic_write_with(path, lambda fh: np.save(fh, array))
 
 
-def atomic_write_arrays(path: str | Path, **arrays: np.ndarray) -> None:
-    """Write named arrays as one uncompressed ``.npz`` atomically (read back with ``np.load``)."""
-    _atomic_write_with(path, lambda fh: np.savez(fh, **arrays))
-
-
 def _atomic_write_with(path: str | Path, write: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 
 from pipeline.core.config import ImageDedupConfig
 from pipeline.core.ray_runtime import cluster_gpus
+from pipeline.core.shuffle import write_arrays
 from pipeline.core.stage import run_stage, seconds_since
-from pipeline.core.storage import atomic_write_arrays, atomic_write_json, atomic_write_table
+from pipeline.core.storage import atomic_write_json, atomic_write_table
 from pipeline.core.tasks import run_tasks
 from pipeline.dedup.image import (
     META_COLUMNS,
@@ -115,7 +116,7 @@ def map_partition(
         sel = order[bounds[b] : bounds[b + 1]]
         if len(sel):
             rows = local[sel]
-            atomic_write_arrays(
+            write_arrays(
                 _bucket_file(work_dir, name, "cells", b),
                 rows=start + rows,
                 cell=cell[sel],
@@ -131,9 +132,7 @@ def map_partition(
         sha_bucket = np.array([zlib.crc32(c) % buckets for c in codes.tolist()], np.int64)
         for b in np.unique(sha_bucket).tolist():
             sel = sha_bucket == b
-            atomic_write_arrays(
-                _bucket_file(work_dir, name, "sha", b), rows=start + hashed[sel], sha=codes[sel]
-            )
+            write_arrays(_bucket_file(work_dir, name, "sha", b), rows=start + hashed[sel], sha=codes[sel])
     info = {"rows": n, "hashed": len(hashed)}
     atomic_write_json(done, info)
     return info
@@ -196,7 +195,7 @@ def reduce_bucket(
         for name, p in found.items()
     }
     stats.update({f"{name}_pairs": len(p) for name, p in pairs.items()}, seconds=seconds_since(started))
-    atomic_write_arrays(out, stats=np.array(json.dumps(stats)), **pairs)
+    write_arrays(out, stats=np.array(json.dumps(stats)), **pairs)
     return stats
 
 
@@ -262,7 +261,7 @@ def compute_image_dedup(cfg: ImageDedupConfig, cells: CellsStage, run_id: str) -
     )
     passes = [name for name in PASSES if name not in notes]
     nlist = int(info["nlist"])
-    buckets = max(1, min(nlist, -(-n * int(info["top"]) // cells.cfg.bucket_rows)))
+    buckets = max(1, min(nlist, -(-int(info["memberships"]) // cells.cfg.bucket_rows)))
     work = out / WORK / run_id
     log.info("image dedup: %d rows, %d cells, %d buckets, passes %s", n, nlist, buckets, ",".join(passes))
 

@@ -20,13 +20,16 @@ file                     content
 centroids.npy            ``(nlist, d)`` float32 unit vectors
 coarse.npy               the coarse level's centroids, when training was two-level (nlist >= 2048)
 assign/<partition>.npy   ``(rows, top)`` int32: each row's cells, nearest first; -1 where it has fewer
-cells.json               nlist, top, training sample, seconds, cell sizes (min/median/max)
+cells.json               nlist, top, memberships (rows plus their further cells), training sample,
+                         seconds, cell sizes (min/median/max)
 =======================  ===========================================================================
 
 Memory per process: the training task holds the sample (``nlist * train_per_cell * d * 4`` bytes,
 about 130 MB at 1M rows of d=512); an assignment task holds one partition as float32 and the
-centroids. Time: training ``O(sample * nlist * d * iterations)``, assignment ``O(N * nlist * d)``
-(flat search of the centroids); both run as Ray tasks above ``ray_min_rows`` rows.
+centroids. Time: training ``O(sample * nlist * d * iterations)`` and assignment ``O(N * nlist * d)``
+(flat search of the centroids) below 2,048 cells; from there, two-level, ``O(sample * sqrt(nlist) *
+d * iterations)`` and ``O(N * probe * sqrt(nlist) * d)``, so the cost per row grows as sqrt(N), not N.
+Both run as Ray tasks above ``ray_min_rows`` rows.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ CENTROIDS = "centroids.npy"
 COARSE = "coarse.npy"
 ASSIGN = "assign"
 INFO = "cells.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def cell_count(n: int, rows_per_cell: int) -> int:
@@ -84,9 +87,10 @@ def _sample(partitions: list[Partition], sizes: list[int], size: int, seed: int,
 #: flat k-means and flat assignment cost N x nlist x d, which grows as N^2 when nlist grows with N.
 TWO_LEVEL_FROM = 2048
 #: Coarse cells searched for a row's nearest fine cells (of about sqrt(nlist)). Measured on 2M
-#: synthetic 128-d rows in 4,000 cells: 8 probes found the flat search's nearest cell for 92% of rows
-#: (duplicate pairs sharing a cell: 0.979), 32 probes for 99.8% (0.9991; flat: 0.9995).
-COARSE_PROBE = 32
+#: synthetic 128-d rows in 4,000 cells (63 coarse): 8 probes found the flat search's nearest cell for
+#: 92% of rows (duplicate pairs sharing a cell: 0.979), 16 for 97.8% (0.995), 32 for 99.8% (0.9991;
+#: flat: 0.9995); each probe costs sqrt(nlist) comparisons per row.
+COARSE_PROBE = 16
 
 
 def _kmeans(sample: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
@@ -170,8 +174,8 @@ def _train_task(folder: str, sizes: list[int], nlist: int, cfg: CellsConfig, kin
 
 
 def _assign_task(folder: str, name: str, out: str, cfg: CellsConfig, kind: str) -> tuple[np.ndarray, int]:
-    """Assign one partition's rows; returns how many rows each cell got as nearest, and how many rows
-    joined a further cell (for cells.json)."""
+    """Assign one partition's rows; returns how many rows each cell got as nearest, and how many
+    further cells its rows joined (for cells.json)."""
     centroids = np.load(Path(out) / CENTROIDS)
     coarse = np.load(Path(out) / COARSE) if (Path(out) / COARSE).is_file() else None
     vectors = Partition(Path(folder), name).embeddings(kind)
@@ -182,7 +186,7 @@ def _assign_task(folder: str, name: str, out: str, cfg: CellsConfig, kind: str) 
     ]
     cells = np.concatenate(blocks) if blocks else np.zeros((0, top), np.int32)
     atomic_write_array(assign_path(out, name), cells)
-    return np.bincount(cells[:, 0], minlength=len(centroids)), int((cells[:, 1:] >= 0).any(axis=1).sum())
+    return np.bincount(cells[:, 0], minlength=len(centroids)), int((cells[:, 1:] >= 0).sum())
 
 
 class CellsStage(Stage):
@@ -242,7 +246,7 @@ class CellsStage(Stage):
             "rows": n,
             "nlist": nlist,
             "top": min(cfg.top, nlist),
-            "rows_in_further_cells": sum(further for _, further in counts),
+            "memberships": n + sum(further for _, further in counts),
             "dim": int(self.partitions[0].embeddings(self.kind).shape[1]),
             "kind": self.kind,
             "train_sample": train["sample"],

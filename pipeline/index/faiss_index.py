@@ -284,6 +284,18 @@ def set_search_params(index: faiss.Index, *, nprobe: int | None = None, ef_searc
         hnsw.efSearch = int(ef_search)
 
 
+def wide_search(index: faiss.Index, k: int, lists_per_k: float = 8.0) -> Any:
+    """Search parameters for a large ``k`` (G_dup's 1,000): an IVF index probes enough lists to hold
+    ``lists_per_k`` times k rows on average, at least its tuned ``nprobe`` (which was tuned for k = 10);
+    None (the index's own settings) for other kinds."""
+    ivf = _ivf_of(index)
+    if ivf is None:
+        return None
+    rows_per_list = max(1.0, ivf.ntotal / max(1, ivf.nlist))
+    nprobe = max(int(ivf.nprobe), int(np.ceil(lists_per_k * k / rows_per_list)))
+    return faiss.SearchParametersIVF(nprobe=int(min(nprobe, ivf.nlist)))
+
+
 def search_params(index: faiss.Index) -> dict[str, int]:
     """The index's current ``nprobe``/``nlist`` (IVF) and ``efSearch`` (HNSW)."""
     params: dict[str, int] = {}
