@@ -17,7 +17,7 @@ from _bootstrap import run_job
 from pipeline.core.cli import build_parser, parse_config
 from pipeline.core.lock import output_lock
 from pipeline.core.ray_runtime import ray_session
-from pipeline.dedup.image import run_image_dedup
+from pipeline.dedup.image_shuffle import run_image_dedup
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,14 +18,14 @@ from demo.data import to_rgb
 from fixtures.shard_factory import sample, write_shard
 from pipeline.core.config import EmbedConfig, ImageDedupConfig
 from pipeline.dedup.image import (
-    OUTPUT_NAME,
     exact_pairs,
     find_image_duplicates,
     phash_pairs,
     representatives,
-    run_image_dedup,
     semantic_pairs,
 )
+from pipeline.dedup.image_shuffle import run_image_dedup
+from pipeline.dedup.names import OUTPUT_NAME
 from pipeline.embed.phash import hamming_distance
 
 REPO = Path(__file__).resolve().parent.parent

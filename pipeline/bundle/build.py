@@ -109,7 +109,7 @@ from pipeline.core.tasks import run_tasks
 from pipeline.core.versions import installed_version
 from pipeline.dedup.caption import find_caption_duplicates
 from pipeline.dedup.caption_partitioned import find_caption_duplicates_partitioned
-from pipeline.dedup.image import run_image_dedup
+from pipeline.dedup.image_shuffle import run_image_dedup
 from pipeline.dedup.names import OUTPUT_NAME as IMAGE_DUPLICATES
 from pipeline.dedup.names import SUMMARY_NAME as IMAGE_DEDUP_SUMMARY
 from pipeline.dedup.report import REPORT_NAME as DEDUP_REPORT

@@ -56,31 +56,25 @@ import logging
 import time
 from dataclasses import dataclass, field
 from math import comb
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.config import CellsConfig, ImageDedupConfig, result_options
+from pipeline.core.config import ImageDedupConfig
 from pipeline.core.lazy import faiss
-from pipeline.core.stage import Stage, run_stage, seconds_since
-from pipeline.core.storage import fingerprint
+from pipeline.core.stage import seconds_since
 from pipeline.dedup.names import (
     METHOD_EXACT,
     METHOD_PHASH,
     METHOD_REPRESENTATIVE,
     METHOD_SEMANTIC,
     METHOD_TRANSITIVE,
-    OUTPUT_NAME,
     PASSES,
 )
-from pipeline.dedup.report import REPORT_NAME
 from pipeline.dedup.union_find import component_sizes, connected_components
 from pipeline.embed.phash import HASH_BITS
-from pipeline.index.cells import CellsStage
-from pipeline.io.embeddings import folder_signature
 
 log = logging.getLogger(__name__)
 
@@ -419,28 +413,38 @@ def direct_links(nodes: Nodes, a: np.ndarray, b: np.ndarray, cfg: ImageDedupConf
 
 
 def verified_labels(
-    labels: np.ndarray, pairs: np.ndarray, nodes: Nodes, cfg: ImageDedupConfig, semantic: bool
+    labels: np.ndarray, nodes: Nodes, cfg: ImageDedupConfig, semantic: bool
 ) -> tuple[np.ndarray, int]:
-    """Split components until every member passes a test directly against its representative.
+    """Split each component into groups whose every member passes a test directly against its
+    representative: a star around each representative, never a chain.
 
-    Members that fail leave their group and are grouped again among themselves, by the pairs between
-    them, under the same rule. Returns the new labels and how many times a member was moved out.
+    Within a component, members are taken in representative order (most pixels, then smallest key):
+    the first one left becomes a representative and takes every member left that passes one of the
+    passes' tests against it; the rest repeat the same among themselves. Returns the new labels (the
+    smallest node of each group, as :func:`connected_components` labels) and how many members ended
+    outside their component's first group.
     """
-    moved = 0
     labels = labels.copy()
-    for _ in range(64):
-        reps = representatives(labels, nodes.pixels, nodes.keys)
-        members = np.flatnonzero(component_sizes(labels) > 1)
-        fail = members[direct_links(nodes, members, reps[members], cfg, semantic).method == METHOD_TRANSITIVE]
-        if len(fail) == 0:
-            return labels, moved
-        moved += len(fail)
-        failed = np.zeros(len(labels), bool)
-        failed[fail] = True
-        inner = pairs[failed[pairs[:, 0]] & failed[pairs[:, 1]]]
-        local = np.searchsorted(fail, inner)
-        labels[fail] = fail[connected_components(len(fail), local)]
-    raise RuntimeError("image dedup: group verification did not settle in 64 rounds")
+    moved = 0
+    key_rank = np.empty(len(labels), np.int64)
+    key_rank[np.argsort(nodes.keys, kind="stable")] = np.arange(len(labels))
+    order = np.lexsort((key_rank, -nodes.pixels, labels))
+    bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True])
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        left = order[lo:hi]  # one component, in representative order
+        first = True
+        while len(left) > 1:
+            rep = left[0]
+            joined = direct_links(nodes, left, np.full(len(left), rep), cfg, semantic).method
+            star = left[joined != METHOD_TRANSITIVE]
+            labels[star] = star.min()
+            moved += 0 if first else len(star)
+            first = False
+            left = left[joined == METHOD_TRANSITIVE]
+        if len(left):
+            labels[left] = left
+            moved += 0 if first else 1
+    return labels, moved
 
 
 def group_nodes(
@@ -453,7 +457,7 @@ def group_nodes(
     labels = connected_components(len(nodes.rows), edges)
     moved = 0
     if cfg.linkage == "verified":
-        labels, moved = verified_labels(labels, edges, nodes, cfg, semantic)
+        labels, moved = verified_labels(labels, nodes, cfg, semantic)
     sizes = component_sizes(labels)
     reps = representatives(labels, nodes.pixels, nodes.keys)
     grouped = np.flatnonzero(sizes > 1)
@@ -615,47 +619,3 @@ def check_config(cfg: ImageDedupConfig) -> None:
         raise ValueError("image_dedup.semantic_k and block_rows must be at least 1")
     if cfg.linkage not in LINKAGES:
         raise ValueError(f"image_dedup.linkage must be verified or single; got {cfg.linkage!r}")
-
-
-class ImageDedupStage(Stage):
-    """Embedding folder (+ its cells) -> ``image_duplicates.parquet``, ``image_dedup_summary.json`` and
-    (unless ``cfg.report`` is off) ``dedup_report.html`` (:mod:`pipeline.dedup.report`; thumbnails from
-    ``cfg.shards`` when given)."""
-
-    name = "image_dedup"
-
-    def __init__(self, cfg: ImageDedupConfig, cells: CellsConfig, cells_dir: str | Path):
-        check_config(cfg)
-        self.cfg = cfg
-        self.cells = CellsStage(cells, cfg.embeddings, cells_dir)
-        self.out = Path(cfg.out)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Every result option, the cells' fingerprint and the input folder's signature."""
-        return {
-            "schema": SCHEMA_VERSION,
-            "options": result_options(self.cfg),
-            "cells": self.cells.fingerprint(),
-            "input": folder_signature(self.cfg.embeddings),
-        }
-
-    def outputs(self) -> list[Path]:
-        return [self.out / OUTPUT_NAME] + ([self.out / REPORT_NAME] if self.cfg.report else [])
-
-    def compute(self) -> dict[str, Any]:
-        from pipeline.dedup.image_shuffle import compute_image_dedup
-
-        return compute_image_dedup(self.cfg, self.cells, fingerprint(self.fingerprint()))
-
-
-def run_image_dedup(
-    cfg: ImageDedupConfig, cells: CellsConfig | None = None, cells_dir: str | Path | None = None
-) -> dict[str, Any]:
-    """Find image duplicates in ``cfg.embeddings``; write ``image_duplicates.parquet`` and the summary.
-
-    The cells (:mod:`pipeline.index.cells`) are computed first into ``cells_dir`` (default:
-    ``cfg.out/cells``) unless they are up to date there. A re-run with the same options over the same
-    input files returns the saved summary without recomputing (``skipped: true``).
-    """
-    cells_dir = Path(cells_dir) if cells_dir else Path(cfg.out) / "cells"
-    return run_stage(ImageDedupStage(cfg, cells or CellsConfig(), cells_dir), cfg.out)

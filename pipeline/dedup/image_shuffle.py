@@ -1,4 +1,4 @@
-"""Image dedup over the shared k-means cells, as Ray map and reduce tasks with files in between.
+"""The image dedup stage: its passes over the shared k-means cells as Ray map and reduce tasks.
 
 The passes and the grouping rule are :mod:`pipeline.dedup.image`'s; this module moves the rows:
 
@@ -36,18 +36,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import ImageDedupConfig
+from pipeline.core.config import CellsConfig, ImageDedupConfig, result_options
 from pipeline.core.ray_runtime import cluster_gpus
 from pipeline.core.shuffle import write_arrays
-from pipeline.core.stage import run_stage, seconds_since
-from pipeline.core.storage import atomic_write_json, atomic_write_table
+from pipeline.core.stage import Stage, run_stage, seconds_since
+from pipeline.core.storage import atomic_write_json, atomic_write_table, fingerprint
 from pipeline.core.tasks import run_tasks
 from pipeline.dedup.image import (
     META_COLUMNS,
+    SCHEMA_VERSION,
     Nodes,
     _canonical,
     cell_pairs,
     chance_partners,
+    check_config,
     exact_pairs,
     group_nodes,
     pass_notes,
@@ -66,6 +68,7 @@ from pipeline.index.cells import CellsStage, assign_path, read_cells
 from pipeline.io.embeddings import (
     EmbeddingRows,
     Partition,
+    folder_signature,
     is_semantic,
     list_partitions,
     metadata_path,
@@ -340,3 +343,45 @@ def _report(cfg: ImageDedupConfig, summary: dict[str, Any]) -> None:
         shards=cfg.shards,
         title="Image duplicates",
     )
+
+
+class ImageDedupStage(Stage):
+    """Embedding folder (+ its cells) -> ``image_duplicates.parquet``, ``image_dedup_summary.json`` and
+    (unless ``cfg.report`` is off) ``dedup_report.html`` (:mod:`pipeline.dedup.report`; thumbnails from
+    ``cfg.shards`` when given)."""
+
+    name = "image_dedup"
+
+    def __init__(self, cfg: ImageDedupConfig, cells: CellsConfig, cells_dir: str | Path):
+        check_config(cfg)
+        self.cfg = cfg
+        self.cells = CellsStage(cells, cfg.embeddings, cells_dir)
+        self.out = Path(cfg.out)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every result option, the cells' fingerprint and the input folder's signature."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "options": result_options(self.cfg),
+            "cells": self.cells.fingerprint(),
+            "input": folder_signature(self.cfg.embeddings),
+        }
+
+    def outputs(self) -> list[Path]:
+        return [self.out / OUTPUT_NAME] + ([self.out / REPORT_NAME] if self.cfg.report else [])
+
+    def compute(self) -> dict[str, Any]:
+        return compute_image_dedup(self.cfg, self.cells, fingerprint(self.fingerprint()))
+
+
+def run_image_dedup(
+    cfg: ImageDedupConfig, cells: CellsConfig | None = None, cells_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Find image duplicates in ``cfg.embeddings``; write ``image_duplicates.parquet`` and the summary.
+
+    The cells (:mod:`pipeline.index.cells`) are computed first into ``cells_dir`` (default:
+    ``cfg.out/cells``) unless they are up to date there. A re-run with the same options over the same
+    input files returns the saved summary without recomputing (``skipped: true``).
+    """
+    cells_dir = Path(cells_dir) if cells_dir else Path(cfg.out) / "cells"
+    return run_stage(ImageDedupStage(cfg, cells or CellsConfig(), cells_dir), cfg.out)
