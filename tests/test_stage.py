@@ -189,7 +189,7 @@ def test_deferring_a_recomputed_partition_drops_its_old_marker(tmp_path: Path):
     [
         (
             ImageDedupConfig(),
-            {"embeddings", "out", "block_rows", "shards", "report"},
+            {"embeddings", "out", "block_rows", "use_gpu", "shards", "report"},
             {"phash_max_distance", "linkage"},
         ),
         (IndexConfig(), {"embeddings", "out", "use_gpu", "duplicates"}, {"kind", "target_recall"}),
