@@ -9,9 +9,9 @@ STAMP := $(VENV)/.installed
 # (jobs/_bootstrap.py) and the tests (tests/conftest.py) apply pipeline/core/offline.py themselves.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv chromium demo test test-fast lint clean
+.PHONY: venv chromium fashion-mnist demo test test-fast lint clean
 
-venv: $(STAMP) chromium
+venv: $(STAMP) chromium fashion-mnist
 
 # Headless Chromium renders the audit report in tests/test_report.py. Installed only when absent, as
 # root, with apt-get (Debian's package); anywhere else the report test skips with its reason.
@@ -21,6 +21,15 @@ chromium:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
 	      >/dev/null 2>&1 || echo "chromium could not be installed: the report test will be skipped"; \
 	  else echo "chromium not found (needs root + apt-get to install): the report test will be skipped"; fi; }
+
+# Fashion-MNIST (Debian's dataset-fashion-mnist: 70k 28x28 images under /usr/share/datasets/), the data
+# set the AMG models generalize on. Installed the same way, only when absent; never committed.
+fashion-mnist:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist) \
+	      >/dev/null 2>&1 || echo "dataset-fashion-mnist could not be installed: the tests that need it will be skipped"; \
+	  else echo "dataset-fashion-mnist not found (needs root + apt-get to install): the tests that need it will be skipped"; fi; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +44,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --out demo-output
 
 # The whole suite, after lint (CI runs `make test`).
-test: lint chromium
+test: lint chromium fashion-mnist
 	$(PY) -m pytest tests
 
 # Under a minute: leaves out the tests marked `slow` (pyproject.toml), i.e. those that start Ray (a local
