@@ -156,11 +156,11 @@ def test_reference_gates_hold_and_recheck():
         [0.2, 0.35, -0.1],
         [0.25, 0.32, -0.1],  # step 0: sample 1 triggers G_dup; σ2 of sample 1 > λ -> G_sim
         [0.1, 0.1, -0.1],
-        [0.1, 0.29, -0.1],  # step 1: no trigger, sample 1 held; σ2 below λ
+        [0.1, 0.29, -0.1],  # step 1: no trigger, sample 1 held (the hold's 2nd step); σ2 below λ
         [0.1, 0.1, -0.1],
-        [0.1, 0.1, -0.1],  # step 2: still held (2 steps after the trigger)
+        [0.1, 0.1, -0.1],  # step 2: hold over (2 steps in all, the trigger's included)
         [0.1, 0.1, -0.1],
-        [0.1, 0.1, -0.1],  # step 3: hold over
+        [0.1, 0.1, -0.1],  # step 3: still over
     ]
     det = ScriptedDetector(script, ["cap0", "cap1", None], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
@@ -172,7 +172,7 @@ def test_reference_gates_hold_and_recheck():
         expected = eps.clone()
         for i in range(B):
             s1 = max(min(13 * sig1[i], 6.5), 0)  # G_spe: no threshold, zero for σ <= 0
-            held = i == 1 and step in (1, 2)
+            held = i == 1 and step == 1
             dup = i == 1 and (sig1[i] > LAMBDA or held)
             s2 = max(min((6.5 - s1) / 0.3 * sig1[i], 6.5 - s1), 0) if dup else 0.0
             expected[i] += -s1 * (eps_c[i] - eps_u[i]) - s2 * (eps_n[i] - eps_u[i])
@@ -181,7 +181,7 @@ def test_reference_gates_hold_and_recheck():
                 expected[i] += c3 * math.sqrt(1 - 0.64) * grad[i]
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-9)
         rec = state.trace.steps[-1]
-        assert rec.dup == [False, step < 3, False], step
+        assert rec.dup == [False, step < 2, False], step
         assert rec.sim == [False, step == 0, False]
         assert rec.spe == [True, True, False]
         assert rec.sigma_recheck[2] is None and rec.sigma_recheck[0] == pytest.approx(sig2[0])
@@ -189,17 +189,17 @@ def test_reference_gates_hold_and_recheck():
     assert state.trace.steps[0].dup_caption == [None, "cap1", None]
 
 
-def test_reference_caption_is_sticky():
+def test_reference_caption_is_the_latest_found_and_kept_through_steps_without_one():
     cfg = AMGConfig.preset("reference", "sscd", threshold="constant", lambda_start=LAMBDA, use_spe=False)
-    det = ScriptedDetector(
-        [[0.4, 0.0, 0.0], [0.1, 0.0, 0.0], [0.4, 0.0, 0.0], [0.1, 0.0, 0.0]], ["first", None, None], cfg
-    )
+    det = ScriptedDetector([[0.4, 0.0, 0.0], [0.1, 0.0, 0.0]] * 3, ["first", None, None], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
     _step(amg, state, det, 0, seed=1)
-    det.captions = [DuplicateCaption("second", 9)] * B  # n0 changes; the reference keeps the first y_N
+    det.captions = [DuplicateCaption("second", 9)] * B  # n0 changes: the reference takes the new y_N
     _step(amg, state, det, 1, seed=2)
-    assert state.trace.steps[0].dup_caption[0] == "first" and state.trace.steps[1].dup_caption[0] == "first"
+    det.captions = [DuplicateCaption(None, 0)] * B  # no y_N now: the latest one stays
+    _step(amg, state, det, 2, seed=3)
+    assert [s.dup_caption[0] for s in state.trace.steps] == ["first", "second", "second"]
 
 
 def test_unconditional_uses_g_sim_only():

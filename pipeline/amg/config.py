@@ -93,9 +93,11 @@ class AMGConfig:
             Per-term gating only: after G_spe/G_dup changed ε̂, measure σ again (new x̂0, new search)
             and gate and scale G_sim on that second score, as the released code does.
         dup_hold_steps (`int`, *optional*, defaults to 10):
-            After a G_dup trigger, keep applying G_dup for this many further steps (reference: 10).
+            A G_dup trigger applies G_dup for this many steps in all, its own step included
+            (reference: 10).
         dup_sticky_caption (`bool`, *optional*, defaults to `True`):
-            Keep the first duplicated caption y_N found for the rest of the trajectory (reference).
+            Keep the latest duplicated caption y_N found through the steps where none is found
+            (reference).
         dup_min_count (`int`, *optional*, defaults to 2):
             y_N is used only when n0's caption occurs at least this often in the training set (on top
             of the index's own table, which returns no caption below its minimum count).

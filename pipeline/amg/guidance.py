@@ -11,7 +11,8 @@ Modes (see :class:`~pipeline.amg.config.AMGConfig`):
 * ``gate="shared"`` (paper Eq. 10): σ_t from ε̂; if σ_t > λ_t, ε̂ ← ε̂ + G_spe + G_dup + G_sim, all
   evaluated at the same x_t, σ_t and n0.
 * ``gate="per_term"`` (released code): s1 from σ_t with no threshold (zero when σ ≤ 0); G_dup when
-  n0 has a duplicated caption and σ_t > λ_t, or within ``dup_hold_steps`` after such a trigger;
+  n0 has a duplicated caption and σ_t > λ_t, and for ``dup_hold_steps`` steps in all from such a
+  trigger (the triggering step included);
   then σ is measured again on the new x̂0 and G_sim is applied when that second σ exceeds λ_t.
 
 The unconditional and class-conditional case applies G_sim alone.
@@ -285,8 +286,8 @@ class AntiMemorizationGuidance:
         # y_N and G_dup
         found = [c.caption if c.count >= cfg.dup_min_count else None for c in det.captions]
         if cfg.dup_sticky_caption and not shared:
-            for i in range(B):
-                if state.caption[i] is None:
+            for i in range(B):  # the latest y_N found stays until another is found (reference)
+                if found[i] is not None:
                     state.caption[i] = found[i]
             y_n = list(state.caption)
         else:
@@ -299,8 +300,9 @@ class AntiMemorizationGuidance:
             trigger = dup_on & fired
             held = dup_on & torch.tensor([h > 0 for h in state.hold], device=sigma.device)
             dup_on = trigger | held
+            # A trigger's step counts as the hold's first: G_dup applies for dup_hold_steps steps in all.
             state.hold = [
-                cfg.dup_hold_steps if trig else max(h - 1, 0)
+                cfg.dup_hold_steps - 1 if trig else max(h - 1, 0)
                 for trig, h in zip(trigger.tolist(), state.hold, strict=False)
             ]
         c2 = terms.reference_c2(s0, s1, cfg.c2_saturation) if cfg.c2_saturation is not None else cfg.c2
