@@ -211,7 +211,9 @@ def test_text_image_and_image_url_queries_embed_with_the_bundles_model(service):
         f"{service['base']}/knn-service",
         json.dumps({"text": bundle.row(7)["caption"], "modality": "text", "num_images": 3}).encode(),
     )
-    assert status == 200 and bundle.row(by_caption[0]["id"])["caption"] == bundle.row(7)["caption"]
+    # The demo has the same caption in other cases; the tokenizer lowercases, so they tie at the top.
+    top = bundle.row(by_caption[0]["id"])["caption"]
+    assert status == 200 and top.casefold() == bundle.row(7)["caption"].casefold()
 
 
 @pytest.mark.slow
