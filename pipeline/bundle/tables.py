@@ -65,7 +65,7 @@ from pipeline.core.stage import seconds_since
 from pipeline.core.tasks import run_tasks
 from pipeline.dedup.text_normalize import normalize_captions
 from pipeline.index.cells import assign_path
-from pipeline.io.embeddings import Partition, list_partitions
+from pipeline.io.embeddings import Partition, list_partitions, partition_starts
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def build_dedup_table(
     """
     started = time.monotonic()
     partitions = list_partitions(inputs.embeddings)
-    starts = np.cumsum([0] + [p.num_rows() for p in partitions]).tolist()
+    starts = partition_starts(partitions)
     work_dir = Path(work)
     shutil.rmtree(work_dir, ignore_errors=True)
     reducers = max(1, len(partitions))

@@ -73,6 +73,7 @@ from pipeline.io.embeddings import (
     list_partitions,
     metadata_path,
     normalize,
+    partition_starts,
 )
 
 log = logging.getLogger(__name__)
@@ -205,13 +206,12 @@ def reduce_bucket(
 def _gather_nodes(folder: str, rows: np.ndarray) -> Nodes:
     """Metadata and unit embeddings of ``rows`` (sorted row ids), read partition by partition."""
     tables = []
-    start = 0
-    for partition in list_partitions(folder):
-        end = start + pq.ParquetFile(metadata_path(folder, partition.name)).metadata.num_rows
-        mine = rows[(rows >= start) & (rows < end)] - start
+    partitions = list_partitions(folder)
+    starts = partition_starts(partitions)
+    for i, partition in enumerate(partitions):
+        mine = rows[(rows >= starts[i]) & (rows < starts[i + 1])] - starts[i]
         if len(mine):
             tables.append(partition.metadata(META_COLUMNS).take(pa.array(mine)))
-        start = end
     meta = (
         pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in META_COLUMNS})
     )
@@ -249,8 +249,7 @@ def compute_image_dedup(cfg: ImageDedupConfig, cells: CellsStage, run_id: str) -
     run_stage(cells, cells.out)
     info = read_cells(cells.out)
     partitions = list_partitions(cfg.embeddings)
-    sizes = [p.num_rows() for p in partitions]
-    starts = np.cumsum([0, *sizes]).tolist()
+    starts = partition_starts(partitions)
     n = starts[-1]
     inline = n < cells.cfg.ray_min_rows
     semantic_model = is_semantic(cfg.embeddings)

@@ -47,7 +47,14 @@ from pipeline.index.faiss_index import (
     streamed_ground_truth,
     tune_recall,
 )
-from pipeline.io.embeddings import EmbeddingRows, Partition, list_partitions, normalize, unit_blocks
+from pipeline.io.embeddings import (
+    EmbeddingRows,
+    Partition,
+    list_partitions,
+    normalize,
+    partition_starts,
+    unit_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +196,7 @@ def build_ivf_cells(
     """Add, merge and self-check the index at ``out``; returns the self-check and timings."""
     started = time.monotonic()
     partitions = list_partitions(folder)
-    starts = np.cumsum([0] + [p.num_rows() for p in partitions]).tolist()
+    starts = partition_starts(partitions)
     parts_dir = out.parent / f".{out.name}.parts"
     parts = run_tasks(
         add_partition,

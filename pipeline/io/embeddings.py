@@ -154,6 +154,12 @@ def list_partitions(folder: str | Path) -> list[Partition]:
     return [Partition(folder, name) for name in sorted(names, key=_natural_key)]
 
 
+def partition_starts(partitions: Sequence[Partition]) -> list[int]:
+    """Row id of each partition's first row, then the total: rows of partition i are
+    ``starts[i]..starts[i + 1]`` (row ids number a folder's rows in partition order)."""
+    return np.cumsum([0, *(p.num_rows() for p in partitions)]).tolist()
+
+
 def _read_marker(path: Path) -> dict[str, Any] | None:
     try:
         marker = json.loads(path.read_text())
@@ -238,7 +244,7 @@ class EmbeddingRows:
             self.n, self.dim = vectors.shape
             return
         self.partitions = list_partitions(folder)
-        self.starts = np.cumsum([0] + [p.num_rows() for p in self.partitions])
+        self.starts = np.asarray(partition_starts(self.partitions))
         self.n = int(self.starts[-1])
         self.dim = int(self.partitions[0].embeddings(kind).shape[1]) if self.partitions else 0
 
