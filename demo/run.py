@@ -7,14 +7,19 @@ Steps, each resumable (a re-run finds the previous outputs and skips their work)
 3. ingest the shards (every row accounted for);
 4. build the artifact bundle (:func:`pipeline.bundle.build.build_bundle`), with copy descriptors from the
    offline SSCD stand-in (:mod:`demo.memorizing.descriptors`) indexed beside the CLIP embeddings;
-5. the memorizing text-to-image model (``cfg.amg.model_dir``: the committed weights, trained with
-   :func:`demo.memorizing.training.train_memorizing_models` when missing);
-6. audit it (:func:`pipeline.audit.runner.run_audit`) with and without AMG on the demo's duplicated captions
-   plus some non-duplicated training captions, against the bundle, by SSCD similarity.
+5. the memorizing text-to-image model (``cfg.amg.model_dir``: the committed weights, trained on
+   Fashion-MNIST with planted duplicates by :func:`demo.memorizing.training.train_memorizing_models`
+   when missing);
+6. its training set served on 127.0.0.1, downloaded with img2dataset and built into a second bundle
+   (``fashion/bundle/``) the same way: the bundle AMG queries for this model;
+7. audit the model (:func:`pipeline.audit.runner.run_audit`) with and without AMG (paper mode, λ_t
+   calibrated on its generic prompts) on its planted captions and its generic class prompts, against
+   that bundle, by SSCD similarity (the offline stand-in).
 
 Everything lands under ``cfg.demo.out`` (``demo-output/`` by default); the audit's ``summary.json`` and
 ``report.html`` are in ``audit/``, which is the audit's alone: the AMG evaluation (paper-style tables,
-ablations; ``jobs/evaluate_amg.py``, about 10 minutes more on 2 cores, so not a demo step) goes to
+ablations, the pixel model; ``jobs/evaluate_amg.py``, about 20 minutes more on 2 cores, so not a demo
+step) goes to
 ``amg_eval/`` (``--out demo-output/amg_eval``).
 """
 
@@ -28,8 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from demo.data import DONE_DIR, TRUTH, download_demo, make_demo_data
-from demo.memorizing.layout import TEXT2IMG_DIR
+from demo.data import DONE_DIR, IMAGES_DIR, URLS_RELATIVE, download_demo, make_demo_data
+from demo.memorizing.layout import TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
 from pipeline.audit.runner import run_audit
 from pipeline.bundle.build import build_bundle
 from pipeline.core.config import PipelineConfig
@@ -46,103 +51,62 @@ BUNDLE = "bundle"
 AUDIT = "audit"
 SSCD_STAND_IN = "sscd_stand_in.torchscript.pt"
 AUDIT_PROMPTS = "audit_prompts.jsonl"
+AUDIT_OVERRIDES = "audit_amg.yaml"
+FASHION = "fashion"  # the memorizing model's training set as served, downloaded and bundled
 DEDUP_REPORT = "dedup_report.html"  # the bundle's duplicate report (pipeline.dedup.report), when written
-#: Non-duplicated training captions added to the audit's prompt list, beside every duplicated one.
-AUDIT_UNIQUE_PROMPTS = 4
 #: y_N (G_dup) needs its caption this often among a row's neighbours. The authors' 21 of 1000 is for
 #: LAION; the demo's 119 rows repeat each verbatim caption 12 times.
 DEMO_DUPLICATE_CAPTION_MIN_COUNT = 5
+#: The training-set bundle's y_N rule: the authors' k = 1,000 of LAION's billions would be 18% of the
+#: 5,672 rows, where every class caption outnumbers any planted one; 50 neighbours and 5 occurrences
+#: keep the rule's meaning (a caption repeated among x̂0's near neighbours).
+TRAINING_SET_DUPLICATE_CAPTION_K = 50
+TRAINING_SET_MIN_COUNT = 5
+TRAINING_SET_SAMPLES_PER_SHARD = 1000
 
 
-def write_audit_prompts(
-    demo_dir: Path, path: Path, unique: int = AUDIT_UNIQUE_PROMPTS, model_dir: Path | None = None
-) -> Path:
-    """The demo audit's prompt list (JSONL, with each prompt's demo kind): every verbatim-duplicated
-    caption, then the first ``unique`` captions of non-duplicated training pictures; with
-    ``model_dir``, each cut to what that model's text encoder reads (:func:`fit_prompts`).
+def write_audit_prompts(model_dir: Path, path: Path, marker_dir: Path) -> Path:
+    """The demo audit's prompt list (JSONL): the memorizing model's planted captions (kind ``planted``,
+    with their copy count) and its ten generic class prompts (kind ``generic``).
 
-    A stage: kept while the dataset's ground truth and the model's tokenizer files are unchanged.
+    A stage: kept while the model's training set is unchanged.
     """
-    tokenizer = None if model_dir is None else model_dir / TEXT2IMG_DIR / "tokenizer"
-    inputs = {
-        "truth": sha256_file(demo_dir / TRUTH),
-        "tokenizer": None
-        if tokenizer is None
-        else {f.name: sha256_file(f) for f in sorted(tokenizer.iterdir())},
-        "unique": unique,
-        "path": str(path),
-    }
+    from demo.memorizing.fashion_mnist import CLASS_NAMES
+    from demo.memorizing.fashion_set import PLANTED, generic_caption
+
+    inputs = {"training_set": sha256_file(model_dir / TRAINING_SET), "path": str(path)}
 
     def write() -> dict[str, Any]:
-        import pyarrow.parquet as pq
-
-        rows = [r for r in pq.read_table(demo_dir / TRUTH).to_pylist() if r["expect_ok"]]
-        duplicated = list(dict.fromkeys(r["caption"] for r in rows if r["demo_kind"] == "verbatim"))
-        single = list(dict.fromkeys(r["caption"] for r in rows if r["demo_kind"] == "unique"))[:unique]
-        if model_dir is not None:
-            duplicated, single = fit_prompts(duplicated, model_dir), fit_prompts(single, model_dir)
-        lines = [json.dumps({"prompt": c, "demo_kind": "verbatim"}) for c in duplicated]
-        lines += [json.dumps({"prompt": c, "demo_kind": "unique"}) for c in single]
+        lines = [
+            json.dumps({"prompt": caption, "demo_kind": "planted", "copies": copies})
+            for _, caption, copies in PLANTED
+        ]
+        lines += [
+            json.dumps({"prompt": generic_caption(c), "demo_kind": "generic"})
+            for c in range(len(CLASS_NAMES))
+        ]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
         return {"prompts": len(lines)}
 
-    run_stage(FunctionStage("audit_prompts", inputs, [path], write), demo_dir / DONE_DIR)
+    run_stage(FunctionStage("audit_prompts", inputs, [path], write), marker_dir)
     return path
 
 
-def fit_prompts(prompts: list[str], model_dir: Path) -> list[str]:
-    """``prompts``, each cut at its last whole word that the model's text encoder still reads.
-
-    The demo model's CLIP tokenizer and text encoder take 32 tokens, start and end included
-    (``model_max_length``; the model files are not to be retrained for the demo's sake). One demo
-    caption is longer (the astronaut's, 35 tokens): the pipeline would cut it to 32 tokens
-    mid-word and say so in a warning per batch. Cut here, with the model's own tokenizer, the prompt
-    list, the report and the audit show the text the model is conditioned on. The model was trained
-    on the caption cut by the tokenizer, which keeps one more (partial) word, and still reproduces
-    the picture for the cut prompt (SSCD similarity 0.99 without AMG, 0.30 with it, measured).
-    """
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir / TEXT2IMG_DIR / "tokenizer")
-    limit = tokenizer.model_max_length
-
-    def fits(text: str) -> bool:  # an explicit max_length counts one token past the limit, silently
-        return len(tokenizer(text, truncation=True, max_length=limit + 1)["input_ids"]) <= limit
-
-    fitted = []
-    for prompt in prompts:
-        words = prompt.split()
-        while len(words) > 1 and not fits(" ".join(words)):
-            words.pop()
-        fitted.append(" ".join(words).rstrip(",;:"))
-    cut = sum(a != b for a, b in zip(prompts, fitted, strict=True))
-    if cut:
-        log.info(
-            "demo: %d audit prompt(s) cut at a word boundary to the %d tokens the demo model reads",
-            cut,
-            limit,
-        )
-    return fitted
-
-
 def memorizing_model(cfg: PipelineConfig) -> Path:
-    """The memorizing demo model folder: ``cfg.amg.model_dir`` (trained first when it holds no model)."""
+    """The memorizing model folder: ``cfg.amg.model_dir`` (trained first when it holds no model)."""
 
-    a = cfg.amg
-    model_dir = Path(a.model_dir)
+    model_dir = Path(cfg.amg.model_dir)
     if not (model_dir / TEXT2IMG_DIR / "model_index.json").is_file():
-        from demo.memorizing.training import train_from_config  # torch and diffusers: only to train
+        from demo.memorizing.training import train_memorizing_models  # torch and diffusers: only to train
 
-        log.info("demo: no memorizing model in %s; training one (a few minutes)", model_dir)
-        train_from_config(a, demo_dir=cfg.demo.out)
+        log.info("demo: no memorizing model in %s; training one (about half an hour on 2 cores)", model_dir)
+        train_memorizing_models(cfg.amg)
     return model_dir
 
 
-def demo_bundle(cfg: PipelineConfig) -> dict[str, Any]:
-    """Build ``bundle/`` from the demo shards, with the SSCD stand-in's copy descriptors indexed too."""
-
-    out = Path(cfg.demo.out)
-    sscd = out / SSCD_STAND_IN
+def stand_in_sscd(cfg: PipelineConfig) -> Path:
+    """The offline SSCD stand-in's TorchScript file (made once)."""
+    sscd = Path(cfg.demo.out) / SSCD_STAND_IN
     if not sscd.is_file():
         from demo.memorizing.descriptors import save_stand_in_sscd  # torch: only to make the file
 
@@ -151,44 +115,118 @@ def demo_bundle(cfg: PipelineConfig) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
             save_stand_in_sscd(sscd)
+    return sscd
+
+
+def bundle_with_stand_in(
+    cfg: PipelineConfig, shards: Path, out: Path, duplicate_caption_k: int, min_count: int
+) -> dict[str, Any]:
+    """Build a bundle from ``shards`` with the SSCD stand-in's copy descriptors indexed too."""
     bundle_cfg = dataclasses.replace(
         cfg,
         bundle=dataclasses.replace(
             cfg.bundle,
-            shards=str(out / SHARDS),
-            out=str(out / BUNDLE),
-            duplicate_caption_min_count=DEMO_DUPLICATE_CAPTION_MIN_COUNT,
+            shards=str(shards),
+            out=str(out),
+            duplicate_caption_k=duplicate_caption_k,
+            duplicate_caption_min_count=min_count,
         ),
-        embed=dataclasses.replace(cfg.embed, sscd_checkpoint=str(sscd)),
+        embed=dataclasses.replace(cfg.embed, sscd_checkpoint=str(stand_in_sscd(cfg))),
     )
     return build_bundle(bundle_cfg)
 
 
-def demo_audit(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
-    """Audit the memorizing model with AMG off and on; returns the audit summary plus the demo's check."""
+def demo_bundle(cfg: PipelineConfig) -> dict[str, Any]:
+    """Build ``bundle/`` from the demo photographs' shards."""
+    out = Path(cfg.demo.out)
+    return bundle_with_stand_in(
+        cfg, out / SHARDS, out / BUNDLE, cfg.bundle.duplicate_caption_k, DEMO_DUPLICATE_CAPTION_MIN_COUNT
+    )
+
+
+def training_set_bundle(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
+    """The memorizing model's training rows served on 127.0.0.1, downloaded with img2dataset and built
+    into ``fashion/bundle/``: the bundle AMG and the audit query for that model."""
+    from demo.memorizing.fashion_set import write_training_urls
+
+    folder = Path(cfg.demo.out) / FASHION
+    inputs = {"training_set": sha256_file(model_dir / TRAINING_SET), "seed": cfg.demo.seed}
+    urls = FunctionStage(
+        "training_urls",
+        inputs,
+        [folder / IMAGES_DIR, folder / URLS_RELATIVE],
+        lambda: write_training_urls(model_dir / TRAINING_SET, folder, cfg.demo.seed),
+    )
+    written = run_stage(urls, folder / DONE_DIR)
+    download = dataclasses.replace(
+        cfg.download,
+        skip_reencode=True,
+        timeout=5,
+        img2dataset_console=cfg.download.img2dataset_console or cfg.ray.verbose,
+    )
+    downloaded = download_demo(folder, download, TRAINING_SET_SAMPLES_PER_SHARD)
+    built = bundle_with_stand_in(
+        cfg, folder / SHARDS, folder / BUNDLE, TRAINING_SET_DUPLICATE_CAPTION_K, TRAINING_SET_MIN_COUNT
+    )
+    return {"urls": written, "download": downloaded, "bundle": built, "path": str(folder / BUNDLE)}
+
+
+def model_thresholds(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, Any]:
+    """The λ_t the model ships with (``amg_thresholds.json``), calibrated through ``bundle`` first
+    when the folder has none (a retrained model)."""
+    if not (model_dir / THRESHOLDS).is_file():
+        from demo.memorizing.evaluation import ensure_thresholds, text2img_detector_parts
+
+        ensure_thresholds(cfg.amg, text2img_detector_parts(bundle, str(stand_in_sscd(cfg))))
+    return json.loads((model_dir / THRESHOLDS).read_text(encoding="utf-8"))
+
+
+def audit_overrides(model_dir: Path, path: Path) -> Path:
+    """The AMG settings the model ships with, as the audit's ``--amg-overrides`` YAML: λ_t calibrated
+    on its generic prompts (``amg_thresholds.json``)."""
+    import yaml
+
+    table = json.loads((model_dir / THRESHOLDS).read_text(encoding="utf-8"))["text2img"]
+    values = {
+        "threshold": "calibrated",
+        "lambda_timesteps": list(table["lambda_timesteps"]),
+        "lambda_values": list(table["lambda_values"]),
+    }
+    atomic_write_bytes(path, yaml.safe_dump(values).encode("utf-8"))
+    return path
+
+
+def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, Any]:
+    """Audit the memorizing model with AMG off and on (paper mode, through ``bundle``); returns the
+    audit summary plus the demo's check."""
 
     out = Path(cfg.demo.out)
-    prompts = write_audit_prompts(out, out / AUDIT_PROMPTS, model_dir=model_dir)
+    prompts = write_audit_prompts(model_dir, out / AUDIT_PROMPTS, out / DONE_DIR)
+    table = model_thresholds(cfg, model_dir, bundle)["text2img"]
     audit_cfg = dataclasses.replace(
         cfg.audit,
-        bundle=str(out / BUNDLE),
+        bundle=str(bundle),
         prompts=str(prompts),
         out=str(out / AUDIT),
         model=str(model_dir),
         amg="both",
+        mode="paper",
         similarity="sscd",
+        memorized_threshold=table["memorized_threshold"],
+        amg_overrides=str(audit_overrides(model_dir, out / AUDIT_OVERRIDES)),
         dry_run=False,
     )
     summary = run_audit(audit_cfg, cfg.ray)
     listed = [json.loads(line) for line in prompts.read_text(encoding="utf-8").splitlines()]
-    duplicated = {prompt_id(p["prompt"]) for p in listed if p["demo_kind"] == "verbatim"}
+    copied = {prompt_id(p["prompt"]) for p in listed if p["demo_kind"] == "planted" and p["copies"] >= 64}
+    generic = {prompt_id(p["prompt"]) for p in listed if p["demo_kind"] == "generic"}
     off, on = set(summary["off"]["flagged_prompts"]), set(summary["on"]["flagged_prompts"])
     summary["demo_check"] = {
-        "duplicated_prompts": len(duplicated),
-        "duplicated_flagged_without_amg": len(duplicated & off),
-        "flagged_without_amg": len(off),
+        "planted_x64_up": len(copied),
+        "planted_x64_up_flagged_without_amg": len(copied & off),
+        "generic_flagged_without_amg": len(generic & off),
         "flagged_with_amg": len(on),
-        "passed": duplicated <= off and not on,
+        "passed": copied <= off and not on and not (generic & off),
     }
     return summary
 
@@ -211,7 +249,8 @@ def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
     steps["ingest"] = run_ingest(ingest_cfg)
     steps["bundle"] = demo_bundle(cfg)
     model_dir = memorizing_model(cfg)
-    steps["audit"] = audit = demo_audit(cfg, model_dir)
+    steps["training_set_bundle"] = trained_on = training_set_bundle(cfg, model_dir)
+    steps["audit"] = audit = demo_audit(cfg, model_dir, Path(trained_on["path"]))
     dedup_report = out / BUNDLE / DEDUP_REPORT
     summary = {
         "job": "demo",
@@ -232,6 +271,7 @@ def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
         and steps["download"]["up_to_date"]
         and steps["ingest"]["shards_processed"] == 0
         and not steps["bundle"]["steps_run"]
+        and not steps["training_set_bundle"]["bundle"]["steps_run"]
         and steps["audit"]["prompts_audited_now"] == 0,
         "seconds": seconds_since(started),
     }

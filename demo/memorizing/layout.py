@@ -1,7 +1,7 @@
 """Names inside a memorizing-models folder (``models/amg-memorizing``), importable without torch."""
 
 TEXT2IMG_DIR = "text2img"
-UNCOND_DIR = "uncond"
+PIXEL_DIR = "pixel"
 TRAINING_SET = "training_set.npz"
-REFERENCE_PICTURES = "reference_pictures.npz"
 MANIFEST = "manifest.json"
+THRESHOLDS = "amg_thresholds.json"

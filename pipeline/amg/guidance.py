@@ -16,6 +16,12 @@ Modes (see :class:`~pipeline.amg.config.AMGConfig`):
   then σ is measured again on the new x̂0 and G_sim is applied when that second σ exceeds λ_t.
 
 The unconditional and class-conditional case applies G_sim alone.
+
+``mode="released_pixel"`` is the released iDDPM procedure, a different algorithm with its own entry point,
+:meth:`AntiMemorizationGuidance.guide_released`: σ = −mL2 of x_t against the training set noised to t, a
+latch that arms guidance once the unguided chain came close to a training image, a pause after a run
+of unguided steps, and a shift g of the step's mean (μ ← μ + Σ·g, added by the pixel pipelines after
+the scheduler clipped x̂0) instead of a term added to ε̂.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ class AMGStep:
         s1, s2, c3 (`list[float]`): the scales used (0 when a term was not applied).
         sigma_recheck (`list[float | None]`): per-term gating: σ measured after G_spe/G_dup.
         dup_caption (`list[str | None]`): y_N used by G_dup.
+        latched (`list[bool]`, *optional*): ``released_pixel``: guidance armed (after this step's check).
+        paused (`list[bool]`, *optional*): ``released_pixel``: the sample was in a pause at this step (its
+            σ is recorded, no guidance applies and its counters do not move).
+
+    ``released_pixel`` records σ = −mL2 against the noised training set, ``threshold`` = λ_i on the
+    released step clock, ``sim`` where the mean shift applied and ``c3`` the mean-shift scale used
+    (c3·c3_margin·(σ − λ)).
     """
 
     step: int
@@ -66,6 +79,8 @@ class AMGStep:
     c3: list[float]
     sigma_recheck: list[float | None]
     dup_caption: list[str | None]
+    latched: list[bool] | None = None
+    paused: list[bool] | None = None
 
 
 @dataclass
@@ -115,6 +130,10 @@ class AMGState:
     planned: list[str | None]
     last_detection: int | None = None
     active: bool = False
+    #: ``released_pixel``: armed per sample, consecutive armed steps without guidance, pause steps left.
+    latched: list[bool] = field(default_factory=list)
+    unguided_run: list[int] = field(default_factory=list)
+    pause_left: list[int] = field(default_factory=list)
 
 
 def _list(x: torch.Tensor) -> list:
@@ -154,6 +173,9 @@ class AntiMemorizationGuidance:
             hold=[0] * batch_size,
             caption=[None] * batch_size,
             planned=[None] * batch_size,
+            latched=[self.config.latch_threshold is None] * batch_size,
+            unguided_run=[0] * batch_size,
+            pause_left=[0] * batch_size,
         )
 
     def planned_captions(self, state: AMGState) -> list[str | None]:
@@ -256,6 +278,11 @@ class AntiMemorizationGuidance:
         cfg = self.config
         if not cfg.enabled:
             return eps
+        if cfg.mode == "released_pixel":
+            raise ValueError(
+                "mode 'released_pixel' is the released pixel-space procedure: run it in AMGDDPMPipeline or "
+                "AMGDDIMPipeline (guide_released), not through guide()"
+            )
         if (
             cfg.detect_every > 1
             and not state.active
@@ -284,7 +311,11 @@ class AntiMemorizationGuidance:
         s1 = torch.where(spe_on, terms.despecification_scale(sigma_s, cfg.c1, s0), zeros) if text else zeros
 
         # y_N and G_dup
-        found = [c.caption if c.count >= cfg.dup_min_count else None for c in det.captions]
+        # y_N is looked up only where G_dup can use it (the lookup may embed x̂0 and search the bundle).
+        if text and cfg.use_dup and (not shared or bool(fired.any())):
+            found = [c.caption if c.count >= cfg.dup_min_count else None for c in det.captions]
+        else:
+            found = [None] * B
         if cfg.dup_sticky_caption and not shared:
             for i in range(B):  # the latest y_N found stays until another is found (reference)
                 if found[i] is not None:
@@ -376,3 +407,117 @@ class AntiMemorizationGuidance:
             )
         )
         return guided
+
+    # ------------------------------------------------------------------ released pixel procedure
+    @torch.no_grad()
+    def guide_released(
+        self,
+        state: AMGState,
+        *,
+        step: int,
+        num_steps: int,
+        t: torch.Tensor | int,
+        x_t: torch.Tensor,
+        alpha_bar: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """``released_pixel``: the mean shift g of one step (the pipeline adds Σ·g), or None.
+
+        What the released iDDPM code does at each step, for one chain:
+
+        1. Unless every sample is in a pause, σ = −mL2 of x_t against the training set noised to t
+           (:meth:`MemorizationDetector.detect_noised`). The released code searches during a pause
+           too, but uses the result only for its logs, so a batch that is all paused skips it.
+        2. Latch: a sample's guidance arms once σ > ``latch_threshold`` (mL2 < 1.5) at a step outside
+           a pause, and stays armed. Until then the chain is the released unguided chain.
+        3. An armed sample outside a pause is guided where σ > λ_i, λ on the released step clock
+           i = (N − 1 − n)·R/N (``lambda_respaced_steps`` R = 250). Its g = −c3·c3_margin·(σ − λ)·∇_{x_t}σ
+           = 1000·80·(thres − mL2)·∇_{x_t}mL2, the gradient taken with the noised nearest row and the
+           mL2 denominator held fixed, as the released code takes it.
+        4. Pause: after ``pause_after`` consecutive armed steps without guidance, the next
+           ``pause_steps`` steps neither check the latch nor guide, nor count.
+
+        Args:
+            state (`AMGState`): from :meth:`begin`.
+            step (`int`): loop index n, 0-based.
+            num_steps (`int`): loop length N.
+            t (`int` or `torch.Tensor`): scheduler timestep (recorded).
+            x_t (`torch.Tensor`): current sample ``(B, 3, S, S)``, S the index's pixel size.
+            alpha_bar (`torch.Tensor`): ᾱ_t, to noise the training set.
+
+        Returns:
+            `torch.Tensor` or `None`: g, ``(B, C, H, W)``, zero for samples not guided; None when no
+            sample was guided (the pipeline then leaves the step untouched).
+        """
+        cfg = self.config
+        if not cfg.enabled:
+            return None
+        batch = x_t.shape[0]
+        paused = [left > 0 for left in state.pause_left]
+        state.pause_left = [max(left - 1, 0) for left in state.pause_left]
+        if all(paused):
+            return None
+        clock = (
+            terms.released_step_index(step, num_steps, cfg.lambda_respaced_steps)
+            if cfg.lambda_respaced_steps is not None
+            else int(t)
+        )
+        lam = self.detector.threshold(clock, state.num_train_timesteps)
+        det = self.detector.detect_noised(x_t, alpha_bar, step)
+        state.trace.detections += 1
+        sigma = det.sigma.to(x_t.device)
+        live = torch.tensor([not p for p in paused], device=sigma.device)
+        if cfg.latch_threshold is not None:
+            arm = (live & (sigma > cfg.latch_threshold)).tolist()
+            state.latched = [was or now for was, now in zip(state.latched, arm, strict=True)]
+        latched = torch.tensor(state.latched, device=sigma.device)
+        fired = sigma > lam
+        on = fired & latched & live & cfg.use_sim
+
+        if cfg.pause_after is not None:
+            for i in range(batch):
+                if not (live[i] and latched[i]):
+                    continue
+                if on[i]:
+                    state.unguided_run[i] = 0
+                    continue
+                state.unguided_run[i] += 1
+                if state.unguided_run[i] >= cfg.pause_after:
+                    state.pause_left[i] = cfg.pause_steps
+                    state.unguided_run[i] = 0
+
+        scale = torch.zeros_like(sigma)
+        g = None
+        if bool(on.any()):
+            rows = on.nonzero().flatten()
+            with torch.enable_grad():
+                x = x_t[rows].detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(
+                    self.detector.noised_similarity(x, det.select(rows)).sum(), x
+                )
+            state.trace.gradients += 1
+            scale[rows] = terms.released_mean_scale(sigma[rows], lam, cfg)
+            g = torch.zeros_like(x_t)
+            g[rows] = terms.released_mean_guidance(grad.to(x_t.dtype), scale[rows].to(x_t.dtype))
+
+        none = [None] * batch
+        state.trace.steps.append(
+            AMGStep(
+                step=step,
+                timestep=int(t),
+                threshold=float(lam),
+                sigma=_list(sigma),
+                neighbour=_list(det.row_ids),
+                fired=_list(fired),
+                spe=[False] * batch,
+                dup=[False] * batch,
+                sim=_list(on),
+                s1=[0.0] * batch,
+                s2=[0.0] * batch,
+                c3=_list(scale),
+                sigma_recheck=list(none),
+                dup_caption=list(none),
+                latched=list(state.latched),
+                paused=paused,
+            )
+        )
+        return g

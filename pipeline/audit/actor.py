@@ -78,9 +78,11 @@ class GeneratorActor:
             pixel_size=size,
             expect=spec.bundle_root,
         )
-        backend, index = self.matcher.backend, self.matcher.index
+        backend, index, captions = self.matcher.backend, self.matcher.index, self.matcher.captions
         self.detector = MemorizationDetector(backend, index, AMGConfig(**spec.detection))
-        self.amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, AMGConfig(**spec.amg_on)))
+        self.amg = AntiMemorizationGuidance(
+            MemorizationDetector(backend, index, AMGConfig(**spec.amg_on), captions=captions)
+        )
 
     def ping(self) -> str:
         return f"{os.getpid()}:{self.device}"

@@ -1,6 +1,7 @@
 """Similarity through the bundle: the matcher for audit samples, and training images for the report.
 
-The matcher compares an audit sample with the bundle by SSCD, CLIP or nL2 similarity.
+The matcher compares an audit sample with the bundle by SSCD, CLIP or nL2 similarity, and finds
+G_dup's duplicated caption y_N by the authors' rule (:class:`NearestCaptions`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.amg import NormalizedL2Backend, OpenClipBackend, SSCDBackend
 from pipeline.amg.memory_index import FlatVectors
 from pipeline.audit.layout import SIMILARITIES
-from pipeline.bundle.reader import check_model_file, open_bundle
+from pipeline.bundle.reader import Bundle, check_model_file, open_bundle
 from pipeline.core.config import AuditConfig
+from pipeline.core.neighbours import DuplicateCaption
 from pipeline.io.decode import decode_image
 from pipeline.io.embeddings import IMG_EMB, SSCD_EMB, load_metadata
 from pipeline.io.images import ShardImages
@@ -39,6 +42,7 @@ class Matcher:
         descriptor (`str`): what makes the vectors, for the provenance.
         descriptor_checksum (`str`, *optional*): checksum of the descriptor model file.
         training_image (`Callable[[int], bytes | None]`): encoded image of a training row, for the report.
+        captions (`NearestCaptions`): y_N of the images a detection looks at, for G_dup.
     """
 
     backend: Any
@@ -46,6 +50,28 @@ class Matcher:
     descriptor: str
     descriptor_checksum: str | None
     training_image: Callable[[int], bytes | None]
+    captions: NearestCaptions
+
+
+class NearestCaptions:
+    """y_N by the authors' rule: the dominant caption among the bundle's training images nearest to
+    x̂0's CLIP embedding (:meth:`~pipeline.bundle.reader.Bundle.duplicate_caption_near`, with the
+    bundle's k and minimum count), whatever similarity σ is measured with. The released code asked
+    LAION's kNN service the same question about x̂0.
+
+    Args:
+        bundle (`Bundle`): opened with ``kind="img_emb"``.
+        clip (`OpenClipBackend`): the bundle's own open_clip model, so queries match its vectors.
+    """
+
+    def __init__(self, bundle: Bundle, clip: OpenClipBackend):
+        self.bundle = bundle
+        self.clip = clip
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[DuplicateCaption]:
+        queries = self.clip.embed(images.to(next(self.clip.parameters()).device)).float().cpu().numpy()
+        return [self.bundle.duplicate_caption_near(q) for q in queries]
 
 
 class TrainingImages:
@@ -140,6 +166,7 @@ def open_matcher(
         backend = OpenClipBackend.from_loaded_clip(loaded).to(device)
         digest = None
         descriptor = f"open_clip {loaded.spec.name}"
+        captions = NearestCaptions(index, backend)
     elif similarity == "nl2":
         base = open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect)
         if len(base) > NL2_MAX_ROWS:
@@ -152,10 +179,16 @@ def open_matcher(
         backend = NormalizedL2Backend(image_size=pixel_size)
         digest = None
         descriptor = f"pixels at {pixel_size}x{pixel_size}"
-        return Matcher(backend, index, descriptor, digest, images)
+        return Matcher(backend, index, descriptor, digest, images, _clip_captions(base, device))
     else:
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
-    return Matcher(backend, index, descriptor, digest, TrainingImages(index))
+    if similarity == "sscd":
+        captions = _clip_captions(open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect), device)
+    return Matcher(backend, index, descriptor, digest, TrainingImages(index), captions)
+
+
+def _clip_captions(bundle: Bundle, device: str) -> NearestCaptions:
+    return NearestCaptions(bundle, OpenClipBackend.from_loaded_clip(bundle.clip_model(device)).to(device))
 
 
 def training_image_reader(

@@ -581,29 +581,35 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class AMGJobConfig:
-    """Anti-Memorization Guidance: training the memorizing demo models, evaluating AMG on them.
+    """Anti-Memorization Guidance: training the memorizing models, evaluating AMG on them.
 
     The guidance constants themselves are :class:`pipeline.amg.config.AMGConfig` presets; ``overrides``
     points at a YAML file of per-mode changes (``{paper: {c3: 500}, reference: {...}}``).
     """
 
-    demo_dir: str = option("demo-output", "demo dataset folder (images/ + truth.parquet); made if missing")
     model_dir: str = option("models/amg-memorizing", "folder of the memorizing models (written by training)")
+    classifier_dir: str = option(
+        "models/fashion-classifier", "the evaluation's Fashion-MNIST classifier (trained when missing)"
+    )
+    bundle: str = option(
+        "demo-output/fashion/bundle", "bundle of the text-to-image model's training set (built when missing)"
+    )
     out: str = option("demo-output/amg_eval", "evaluation output: summary.json, table.md, samples")
-    seed: int = option(0, "seed of every random choice (training and sampling)")
-    image_size: int = option(32, "training resolution, in pixels")
+    seed: int = option(0, "seed of every random choice (data split, training and sampling)")
+    generic_per_class: int = option(500, "Fashion-MNIST pictures per class in the generator's training set")
     vae_steps: int = option(1000, "autoencoder training steps")
-    unet_steps: int = option(3000, "text-to-image UNet training steps")
-    uncond_steps: int = option(3000, "unconditional UNet training steps")
-    batch_size: int = option(32, "training batch size")
+    unet_steps: int = option(6000, "text-to-image UNet training steps")
+    unet_width: int = option(32, "text-to-image UNet channels at full resolution (doubled below)")
+    pixel_steps: int = option(4000, "pixel DDPM training steps")
+    pixel_width: int = option(16, "pixel UNet channels at full resolution (doubled below)")
+    batch_size: int = option(64, "training batch size")
     learning_rate: float = option(1e-3, "peak learning rate (AdamW, cosine decay)")
     num_inference_steps: int = option(50, "DDIM steps when evaluating")
-    samples_per_prompt: int = option(4, "images per prompt (seeds 0..n-1) when evaluating")
+    samples_per_prompt: int = option(16, "images per planted prompt (seeds 0..n-1) when evaluating")
     guidance_scale: float = option(7.5, "classifier-free guidance scale s0")
     sscd_checkpoint: str | None = option(
-        None, "SSCD TorchScript file (default: the offline stand-in descriptor)"
+        None, "SSCD TorchScript file the bundle was embedded with (default: the demo's offline stand-in)"
     )
-    overrides: str | None = option(None, "YAML file of AMGConfig changes per mode")
 
 
 @dataclass(frozen=True)
