@@ -12,6 +12,15 @@ constants; the authors' released code fixes them. :class:`AMGConfig` holds both 
   after G_spe/G_dup and G_sim gated on that second score, c2 = (s0 − 1 − s1)/0.3 and
   c3 = 100·(σ − 0.3)·e^((1000 − t)/170), and an exponential threshold
   λ_t = a + b·e^(−rate·t).
+* ``mode="released_pixel"`` (``nl2`` only; the pixel pipelines
+  :class:`~pipeline.amg.pipelines.AMGDDPMPipeline` and :class:`~pipeline.amg.pipelines.AMGDDIMPipeline`
+  with η > 0): the released iDDPM algorithm, which is not the paper's Eq. 8/17 but its own procedure.
+  σ = −mL2 compares the current x_t with the training set noised to the same t (fresh noise each
+  step), mL2 = ℓ2(x_t, nearest)/(α·mean of the k smallest); guidance arms only once
+  σ > ``latch_threshold`` (mL2 < 1.5) and then stays armed; it applies where
+  σ > λ_i = −1.95 + 0.45·e^(−0.025·i), i the released 250-step index; it shifts the step's mean after
+  x̂0 was clipped, μ ← μ + Σ·g with g = 1000·80·(σ − λ_i)·∇_{x_t}mL2; and after ``pause_after`` = 3
+  consecutive unguided steps it pauses for ``pause_steps`` = 10 steps.
 
 Build one with :meth:`AMGConfig.preset` (mode and backend pick the constants; keyword arguments
 override any of them). No constant of the method appears as a literal elsewhere in ``pipeline.amg``.
@@ -25,7 +34,7 @@ from typing import Any
 
 from pipeline.core.config import option
 
-MODES = ("paper", "reference")
+MODES = ("paper", "reference", "released_pixel")
 BACKENDS = ("sscd", "clip", "nl2")
 THRESHOLDS = ("parabolic", "exponential", "constant")
 
@@ -40,7 +49,9 @@ class AMGConfig:
 
     Args:
         mode (`str`, *optional*, defaults to `"reference"`):
-            ``"paper"`` (one shared gate) or ``"reference"`` (the authors' per-term gates).
+            ``"paper"`` (one shared gate), ``"reference"`` (the authors' per-term gates) or
+            ``"released_pixel"`` (the released iDDPM procedure, ``nl2`` and the pixel pipelines only; see
+            the module docstring and the ``latch_threshold`` … ``noised_max_rows`` fields).
         backend (`str`, *optional*, defaults to `"sscd"`):
             Similarity used for σ_t: ``"sscd"`` (dot product of normalised SSCD descriptors),
             ``"clip"`` (cosine of open_clip image embeddings) or ``"nl2"`` (Carlini's normalised
@@ -86,7 +97,34 @@ class AMGConfig:
         lambda_b (`float`, *optional*, defaults to 0.1):
             Exponential: b.
         lambda_rate (`float`, *optional*, defaults to 0.005):
-            Exponential: rate, per timestep.
+            Exponential: rate, per timestep (per released step when ``lambda_respaced_steps`` is set).
+        lambda_respaced_steps (`int`, *optional*):
+            When set, λ's clock is not the timestep t but the released iDDPM step index
+            i = (N − 1 − n)·R/N at loop step n of N, R this value (released: 250): i counts down to 0 at
+            the last step and equals the remaining step count exactly when N = R. The released schedule
+            is a curve over the respaced trajectory, so it is mapped by the fraction of the trajectory
+            left, not by the noise level of a different β schedule. Used by ``released_pixel``.
+        latch_threshold (`float`, *optional*):
+            ``released_pixel``: guidance arms for a sample once its σ exceeds this at some step (while
+            the chain is still unguided) and stays armed for the rest of the call; None arms it from the
+            start. Released: mL2 < 1.5, i.e. −1.5.
+        c3_margin (`float`, *optional*):
+            ``released_pixel``: the mean-shift scale is c3·c3_margin·(σ − λ) (released: classifier_scale
+            1000 × 80 × (thres − mL2)); None uses c3 alone.
+        pause_after (`int`, *optional*):
+            ``released_pixel``: after this many consecutive armed steps without guidance, detection and
+            guidance pause (released: 3); None never pauses.
+        pause_steps (`int`, *optional*, defaults to 10):
+            ``released_pixel``: length of such a pause, in sampling steps. The released script's counter is
+            shared by its paired unguided chain, which halves the pause to 5 steps of the guided chain;
+            10 is the written constant.
+        noise_seed (`int`, *optional*, defaults to 0):
+            ``released_pixel``: the training set is noised at loop step n with standard normal noise from
+            ``numpy.random.default_rng([noise_seed, n])``: fresh at each step, the same for every sample
+            and every call, so results do not depend on batching and are reproducible.
+        noised_max_rows (`int`, *optional*, defaults to 50000):
+            ``released_pixel`` compares x_t with every training row (noised) at every step; an index with
+            more rows is refused (CIFAR-10's 50k fits).
         gate (`str`, *optional*, defaults to `"per_term"`):
             ``"shared"``: the paper's single indicator for all terms; ``"per_term"``: the reference's.
         recheck_sigma (`bool`, *optional*, defaults to `True`):
@@ -136,6 +174,15 @@ class AMGConfig:
     lambda_a: float = option(0.3, "exponential λ = a + b·exp(−rate·t): a")
     lambda_b: float = option(0.1, "exponential: b")
     lambda_rate: float = option(0.005, "exponential: rate per timestep")
+    lambda_respaced_steps: int | None = option(
+        None, "if set, λ's clock is the released step index i = (N−1−n)·R/N instead of t"
+    )
+    latch_threshold: float | None = option(None, "released_pixel: arm guidance once σ exceeds this")
+    c3_margin: float | None = option(None, "released_pixel: mean-shift scale c3·c3_margin·(σ − λ)")
+    pause_after: int | None = option(None, "released_pixel: pause after this many unguided armed steps")
+    pause_steps: int = option(10, "released_pixel: length of a pause, in steps")
+    noise_seed: int = option(0, "released_pixel: seed of the noise that noises the training set")
+    noised_max_rows: int = option(50_000, "released_pixel: most training rows compared at every step")
     gate: str = option("per_term", "shared (paper) or per_term (reference)")
     recheck_sigma: bool = option(True, "per_term: re-measure σ after G_spe/G_dup before G_sim")
     dup_hold_steps: int = option(10, "steps G_dup stays on after a trigger")
@@ -153,8 +200,16 @@ class AMGConfig:
             raise ValueError(f"AMGConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"AMGConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.mode == "released_pixel" and self.backend != "nl2":
+            raise ValueError("AMGConfig mode 'released_pixel' compares pixels: it needs backend 'nl2'")
         if self.threshold not in THRESHOLDS:
             raise ValueError(f"AMGConfig.threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
+        if self.lambda_respaced_steps is not None and self.lambda_respaced_steps < 1:
+            raise ValueError("AMGConfig.lambda_respaced_steps must be at least 1")
+        if self.pause_after is not None and self.pause_after < 1:
+            raise ValueError("AMGConfig.pause_after must be at least 1 (or None: never pause)")
+        if self.pause_steps < 0 or self.noised_max_rows < 1:
+            raise ValueError("AMGConfig: pause_steps >= 0 and noised_max_rows >= 1")
         if self.gate not in ("shared", "per_term"):
             raise ValueError(f"AMGConfig.gate must be 'shared' or 'per_term', got {self.gate!r}")
         if self.s0 is not None and self.s0 < 1:
@@ -173,7 +228,8 @@ class AMGConfig:
         """The constants of ``mode`` for ``backend``, with ``overrides`` applied on top.
 
         Args:
-            mode (`str`, *optional*, defaults to `"reference"`): ``"paper"`` or ``"reference"``.
+            mode (`str`, *optional*, defaults to `"reference"`): ``"paper"``, ``"reference"`` or
+                ``"released_pixel"`` (``nl2`` only).
             backend (`str`, *optional*, defaults to `"sscd"`): ``"sscd"``, ``"clip"`` or ``"nl2"``.
             overrides: any field of :class:`AMGConfig`.
         """
@@ -181,7 +237,12 @@ class AMGConfig:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        values = dict(PRESETS[(mode, "nl2" if backend == "nl2" else "cosine")])
+        key = (mode, "nl2" if backend == "nl2" else "cosine")
+        if key not in PRESETS:
+            raise ValueError(
+                f"mode {mode!r} has no preset for backend {backend!r} (it is defined for nl2 only)"
+            )
+        values = dict(PRESETS[key])
         values.update(mode=mode, backend=backend)
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -194,7 +255,7 @@ class AMGConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict view, for summaries and manifests."""
+        """Plain-dict view, for summaries and manifests (JSON-serialisable; tables are tuples)."""
         return dataclasses.asdict(self)
 
 
@@ -257,6 +318,34 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "lambda_rate": _NL2_RATE,
         "dup_hold_steps": 10,
         "dup_sticky_caption": True,
+        "memorized_threshold": -1.4,
+    },
+    # The released iDDPM procedure (AMG-iddpm gaussian_diffusion.py, image_sample_guided.py): σ = −mL2 of
+    # x_t against the noised training set (k = 50, α = 0.5), latch at mL2 < 1.5, guidance where
+    # mL2 < 1.95 − 0.45·e^(−0.025·i) over the 250-step respaced index i, mean shift Σ·g with
+    # g = classifier_scale·(thres − mL2)·80·∇mL2 (classifier_scale 1000), pause 10 steps after 3
+    # unguided ones. G_spe and G_dup do not exist there (no text); the gate fields are unused.
+    ("released_pixel", "nl2"): {
+        "gate": "per_term",
+        "recheck_sigma": False,
+        "use_spe": False,
+        "use_dup": False,
+        "c3": 1000.0,
+        "c3_margin": 80.0,
+        "c3_sigma_offset": None,
+        "c3_time_scale": None,
+        "threshold": "exponential",
+        "lambda_a": -1.95,
+        "lambda_b": 0.45,
+        "lambda_rate": 0.025,
+        "lambda_respaced_steps": 250,
+        "latch_threshold": -1.5,
+        "pause_after": 3,
+        "pause_steps": 10,
+        "nl2_k": 50,
+        "nl2_alpha": 0.5,
+        "dup_hold_steps": 0,
+        "dup_sticky_caption": False,
         "memorized_threshold": -1.4,
     },
     # Paper mode, nL2: a parabola through the reference curve's endpoints (−1.95 at t = T, −1.5 at t = 0).

@@ -491,9 +491,7 @@ class AntiMemorizationGuidance:
             rows = on.nonzero().flatten()
             with torch.enable_grad():
                 x = x_t[rows].detach().clone().requires_grad_(True)
-                (grad,) = torch.autograd.grad(
-                    self.detector.noised_similarity(x, det.select(rows)).sum(), x
-                )
+                (grad,) = torch.autograd.grad(self.detector.noised_similarity(x, det.select(rows)).sum(), x)
             state.trace.gradients += 1
             scale[rows] = terms.released_mean_scale(sigma[rows], lam, cfg)
             g = torch.zeros_like(x_t)

@@ -10,6 +10,12 @@ output bit for bit (same generator, same images), which the tests check.
 Supported schedulers: those of the variance-preserving family that expose ``alphas_cumprod`` and need
 no input scaling (DDIM, DDPM, PNDM, DPM-Solver, UniPC, ...); x̂0 and G_sim's √(1 − ᾱ_t) use ᾱ_t of
 the step's timestep. ``epsilon`` and ``v_prediction`` models are supported.
+
+The pixel pipelines also run ``AMGConfig.preset("released_pixel", "nl2")``, the released iDDPM
+procedure (:meth:`~pipeline.amg.guidance.AntiMemorizationGuidance.guide_released`): the scheduler takes
+its ordinary step, which clips x̂0, and Σ·g is added to its ``prev_sample`` = μ + √Σ·z afterwards, which
+is the released "mean + variance × gradient" after clipping. It needs a step with variance: a
+DDPMScheduler, or a DDIMScheduler with η > 0.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, StableDiffusionPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
@@ -29,6 +35,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from pipeline.amg import terms
 from pipeline.amg.guidance import AMGTrace, AntiMemorizationGuidance
 
 
@@ -57,6 +64,55 @@ def _check_scheduler(scheduler) -> None:
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
         raise ValueError(f"AMG supports epsilon and v_prediction models, not {kind!r}")
+
+
+def _check_released_scheduler(scheduler, eta: float) -> None:
+    """``released_pixel`` shifts the step's mean by Σ·g: the step must be a DDPM-style one with Σ > 0."""
+    if isinstance(scheduler, DDIMScheduler):
+        if not eta > 0:
+            raise ValueError(
+                "AMG mode 'released_pixel' adds Σ·g to the step's mean, and a DDIM step with eta = 0 has "
+                "no variance (Σ = 0): sample with eta > 0 (eta = 1 is DDPM's variance) or use AMGDDPMPipeline"
+            )
+        return
+    if not isinstance(scheduler, DDPMScheduler):
+        raise ValueError(
+            f"AMG mode 'released_pixel' needs the step variance Σ of a DDPMScheduler or a DDIMScheduler "
+            f"with eta > 0, not {type(scheduler).__name__}"
+        )
+    if scheduler.config.variance_type == "fixed_large_log":
+        raise ValueError(
+            "AMG mode 'released_pixel' does not support DDPMScheduler variance_type 'fixed_large_log'"
+        )
+
+
+def _step_variance(
+    scheduler, t: torch.Tensor | int, model_output: torch.Tensor, x_t: torch.Tensor, eta: float
+):
+    """Σ of one scheduler step: the variance of the noise ``scheduler.step`` adds to its mean.
+
+    DDPMScheduler: the posterior variance of its ``variance_type`` (the model's own for ``learned`` and
+    ``learned_range``), 0 at the last step, which adds no noise. DDIMScheduler: (η·σ_t)². Read from the
+    scheduler's own ``_get_variance`` so that Σ is what the step uses.
+    """
+    t = int(t)
+    if isinstance(scheduler, DDIMScheduler):
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        std = eta * scheduler._get_variance(t, prev_t) ** 0.5
+        return (std**2).to(device=x_t.device, dtype=x_t.dtype)
+    if t <= 0:
+        return torch.zeros((), device=x_t.device, dtype=x_t.dtype)
+    channels = x_t.shape[1]
+    kind = scheduler.variance_type
+    predicted = None
+    if model_output.shape[1] == 2 * channels and kind in ("learned", "learned_range"):
+        predicted = model_output[:, channels:]
+    value = scheduler._get_variance(t, predicted_variance=predicted)
+    if kind == "fixed_small_log":  # diffusers returns the standard deviation for this one
+        value = value**2
+    elif kind == "learned_range":  # and the log-variance for this one
+        value = torch.exp(value)
+    return torch.as_tensor(value).to(device=x_t.device, dtype=x_t.dtype)
 
 
 def _alpha_bar(scheduler, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
@@ -379,7 +435,8 @@ class AMGStableDiffusionPipeline(StableDiffusionPipeline):
 
 
 class _AMGUnconditionalMixin:
-    """The shared loop of the DDPM and DDIM variants: ε(x_t[, class]) plus G_sim."""
+    """The shared loop of the DDPM and DDIM variants: ε(x_t[, class]) plus G_sim, or the released
+    pixel procedure's mean shift (``mode="released_pixel"``)."""
 
     def _amg_loop(
         self,
@@ -414,17 +471,42 @@ class _AMGUnconditionalMixin:
                 class_labels = class_labels.expand(batch_size)
             if class_labels.numel() != batch_size:
                 raise ValueError(f"{class_labels.numel()} class labels for a batch of {batch_size}")
+        released = amg is not None and amg.config.enabled and amg.config.mode == "released_pixel"
+        eta = float(step_kwargs.get("eta") or 0.0)
         if amg is not None:
             _check_scheduler(self.scheduler)
+            if released:
+                _check_released_scheduler(self.scheduler, eta)
         self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
         state = amg.begin(batch_size, self.scheduler.config.num_train_timesteps) if amg is not None else None
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            # 1. The model's prediction at x_t.
             model_output = self.unet(image, t, class_labels=class_labels).sample
-            if amg is not None:
+            shift = None
+            if released:
+                # 2a. released_pixel: g from x_t against the noised training set; the step's mean moves
+                # by Σ·g after the scheduler clipped x̂0 (Dhariwal–Nichol, as the released code does).
+                g = amg.guide_released(
+                    state,
+                    step=i,
+                    num_steps=len(timesteps),
+                    t=t,
+                    x_t=image,
+                    alpha_bar=_alpha_bar(self.scheduler, t, image),
+                )
+                if g is not None:
+                    variance = _step_variance(self.scheduler, t, model_output, image, eta)
+                    shift = terms.mean_shift(variance, g)
+            elif amg is not None:
+                # 2b. paper / reference: G_sim on ε̂.
                 model_output = self._amg_guide(amg, state, i, t, image, model_output)
+            # 3. The scheduler's step (clips x̂0 when configured to), then the mean shift if any.
             image = self.scheduler.step(
                 model_output, t, image, **step_kwargs, generator=generator
             ).prev_sample
+            if shift is not None:
+                image = image + shift
         trace = amg.finish(state, image.clamp(-1, 1)) if amg is not None else None
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -457,6 +539,8 @@ class AMGDDPMPipeline(_AMGUnconditionalMixin, DDPMPipeline):
     r"""[`DDPMPipeline`] with class labels and Anti-Memorization Guidance (G_sim only).
 
     ``unet`` may be unconditional or class-conditional (a [`UNet2DModel`] with ``num_class_embeds``).
+    With ``AMGConfig.preset("released_pixel", "nl2")`` it runs the released iDDPM procedure (mean shift
+    Σ·g after the step; see the module docstring).
     """
 
     @torch.no_grad()
@@ -496,7 +580,10 @@ class AMGDDPMPipeline(_AMGUnconditionalMixin, DDPMPipeline):
 
 
 class AMGDDIMPipeline(_AMGUnconditionalMixin, DDIMPipeline):
-    r"""[`DDIMPipeline`] with class labels and Anti-Memorization Guidance (G_sim only)."""
+    r"""[`DDIMPipeline`] with class labels and Anti-Memorization Guidance (G_sim only).
+
+    ``mode="released_pixel"`` needs ``eta > 0`` (a DDIM step with η = 0 has no variance to shift by).
+    """
 
     @torch.no_grad()
     def __call__(

@@ -3,6 +3,9 @@
 Every function takes per-sample values as tensors broadcastable against the batch (shape ``(B,)``
 for scales and similarities, ``(B, C, H, W)`` for noise predictions) and has no state, so each can
 be checked against a transcription of its equation. :mod:`pipeline.amg.guidance` composes them.
+
+The last group is the released iDDPM procedure (``mode="released_pixel"``): the training set noised to
+t, the released mL2, its step clock, and the mean shift Σ·g that replaces G_sim there.
 """
 
 from __future__ import annotations
@@ -105,3 +108,59 @@ def threshold(t: float, num_train_timesteps: int, config: AMGConfig) -> float:
     if config.threshold == "exponential":
         return exponential_threshold(t, config.lambda_a, config.lambda_b, config.lambda_rate)
     return config.lambda_start
+
+
+# ----------------------------------------------------------------------------- released iDDPM procedure
+def q_sample(x0: torch.Tensor, alpha_bar: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    """x0 noised to ᾱ: √ᾱ·x0 + √(1 − ᾱ)·z (paper Eq. 1; the released code's ``q_sample``)."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+
+def released_step_index(step: int, num_steps: int, respaced_steps: int) -> float:
+    """The released iDDPM step index i of loop step ``step`` (0-based) of ``num_steps``.
+
+    i = (N − 1 − n)·R/N: the steps left after this one, scaled to the released R-step respacing, so i
+    reaches 0 at the last step and equals the remaining step count (R − 1 … 0) when N = R. The released
+    threshold is a curve over that index; mapping by the fraction of the trajectory keeps its whole
+    range when sampling with fewer steps.
+    """
+    if not 0 <= step < num_steps:
+        raise ValueError(f"step {step} is outside a loop of {num_steps} steps")
+    return (num_steps - 1 - step) * respaced_steps / num_steps
+
+
+def released_nl2(
+    distances: torch.Tensor, k: int, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released mL2 from each query's distances to every training row, ``(B, N)``.
+
+    mL2 = d(nearest)/(α·mean of the k smallest distances), the nearest included in the mean, as in the
+    released code (k capped at N). Returns mL2 ``(B,)``, the nearest row ``(B,)`` and the denominator
+    α·mean ``(B,)``, which the released gradient holds fixed.
+    """
+    k = max(1, min(int(k), distances.shape[1]))
+    smallest = distances.topk(k, dim=1, largest=False).values
+    denominator = alpha * smallest.mean(dim=1)
+    nearest = distances.argmin(dim=1)
+    return smallest[:, 0] / denominator, nearest, denominator
+
+
+def released_mean_scale(sigma: torch.Tensor, lam: float, config: AMGConfig) -> torch.Tensor:
+    """The released mean-shift scale c3·c3_margin·(σ − λ) (1000·80·(thres − mL2)); c3 when no margin.
+
+    Only used where σ > λ, so it is positive there; max(·, 0) keeps it from turning into attraction.
+    """
+    if config.c3_margin is None:
+        return torch.full_like(sigma, config.c3)
+    return config.c3 * config.c3_margin * torch.clamp(sigma - lam, min=0)
+
+
+def released_mean_guidance(grad_sigma: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """g = −scale·∇_{x_t}σ = scale·∇_{x_t}mL2; the step's mean moves by Σ·g (Dhariwal–Nichol): mL2 grows."""
+    return -_per_sample(scale, grad_sigma) * grad_sigma
+
+
+def mean_shift(variance: torch.Tensor | float, g: torch.Tensor) -> torch.Tensor:
+    """Σ·g, added to a sampler step's mean (its ``prev_sample``: mean + √Σ·z) after x̂0 was clipped."""
+    return torch.as_tensor(variance, dtype=g.dtype, device=g.device) * g
