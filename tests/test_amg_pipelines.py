@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, StableDiffusionPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 
 from demo.memorizing.components import pixel_schedulers, tiny_sd_components, tiny_uncond_unet
 from demo.memorizing.descriptors import ThumbnailCopyDescriptor
@@ -24,6 +24,7 @@ from pipeline.amg import (
     NormalizedL2Backend,
     SSCDBackend,
 )
+from pipeline.amg.pipelines import _eps_coefficient, _from_eps
 
 PROMPTS = ["a photo of a cat", "a red bicycle"]
 DUP = "an oft repeated caption"
@@ -235,6 +236,97 @@ def test_class_conditional_unet_runs_with_labels_and_amg(nl2_index):
     assert not np.array_equal(other_class, expected)
     guided = run(amg=_amg(backend, index, threshold="constant", lambda_start=-100.0, c3=10.0))
     assert all(all(s.sim) for s in guided.amg_trace.steps) and not np.array_equal(guided.images, expected)
+
+
+# ----------------------------------------------------------------------------- G_sim after clipping
+def _schedulers(kind: str, clip: bool, prediction: str = "epsilon"):
+    kwargs = {"beta_schedule": "linear", "clip_sample": clip, "prediction_type": prediction}
+    return DDPMScheduler(**kwargs) if kind == "ddpm" else DDIMScheduler(**kwargs)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(("kind", "eta"), [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+def test_shift_after_the_step_equals_the_eps_path_without_clipping(kind, eta, prediction):
+    """Unclipped, a DDPM/DDIM step is linear in ε̂: step(ε̂ + δ) = step(ε̂) + (d prev/d ε̂)·δ at every t."""
+    scheduler = _schedulers(kind, clip=False, prediction=prediction)
+    scheduler.set_timesteps(8)
+    gen = torch.Generator().manual_seed(0)
+    x, eps, delta = (torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    kwargs = {"eta": eta} if kind == "ddim" else {}
+    for t in scheduler.timesteps:
+        ab = scheduler.alphas_cumprod[int(t)].double()
+        old = scheduler.step(
+            _from_eps(scheduler, eps + delta, x, ab),
+            t,
+            x,
+            generator=torch.Generator().manual_seed(1),
+            **kwargs,
+        ).prev_sample
+        new = (
+            scheduler.step(
+                _from_eps(scheduler, eps, x, ab), t, x, generator=torch.Generator().manual_seed(1), **kwargs
+            ).prev_sample
+            + _eps_coefficient(scheduler, t, eta).double() * delta
+        )
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
+
+
+class _ShiftingAMG:
+    """A stand-in for G_sim that the clamp would truncate: every step, ε̂ ← ε̂ + δ."""
+
+    def __init__(self, delta: torch.Tensor):
+        self.delta = delta
+        self.config = AMGConfig.preset("paper", "nl2")
+
+    def begin(self, batch_size, num_train_timesteps):
+        return None
+
+    def guide(self, state, *, eps, **kwargs):
+        return eps + self.delta
+
+    def finish(self, state, images):
+        return None
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_pixel_guidance_is_added_after_clipping(kind, pixel_unet):
+    steps, shape = 4, (2, 3, 16, 16)
+    delta = 0.8 * torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    amg_cls = AMGDDPMPipeline if kind == "ddpm" else AMGDDIMPipeline
+
+    def pipeline(clip: bool) -> torch.Tensor:
+        pipe = amg_cls(unet=pixel_unet, scheduler=_schedulers(kind, clip))
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(
+            batch_size=2,
+            generator=torch.Generator().manual_seed(5),
+            num_inference_steps=steps,
+            output_type="pt",
+            amg=_ShiftingAMG(delta),
+        )
+        return out.images
+
+    def by_hand(clip: bool, after_step: bool) -> torch.Tensor:
+        scheduler = _schedulers(kind, clip)
+        scheduler.set_timesteps(steps)
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(shape, generator=gen)
+        kwargs = {"eta": 0.0} if kind == "ddim" else {}
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                eps = pixel_unet(x, t).sample
+                if after_step:  # clipped step on the model's own ε̂, then (d prev/d ε̂)·δ
+                    prev = scheduler.step(eps, t, x, generator=gen, **kwargs).prev_sample
+                    x = prev + _eps_coefficient(scheduler, t, 0.0) * delta
+                else:  # the ε-path: the guided ε̂ goes through the clamp
+                    x = scheduler.step(eps + delta, t, x, generator=gen, **kwargs).prev_sample
+        return (x / 2 + 0.5).clamp(0, 1)
+
+    clipped = pipeline(clip=True)
+    torch.testing.assert_close(clipped, by_hand(clip=True, after_step=True), rtol=1e-5, atol=1e-5)
+    assert (clipped - by_hand(clip=True, after_step=False)).abs().max() > 1e-2  # the clamp would cut it
+    unclipped = pipeline(clip=False)
+    torch.testing.assert_close(unclipped, by_hand(clip=False, after_step=False), rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_scheduler_is_refused(sd_components, sscd_index):

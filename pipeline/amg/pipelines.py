@@ -11,6 +11,13 @@ Supported schedulers: those of the variance-preserving family that expose ``alph
 no input scaling (DDIM, DDPM, PNDM, DPM-Solver, UniPC, ...); x̂0 and G_sim's √(1 − ᾱ_t) use ᾱ_t of
 the step's timestep. ``epsilon`` and ``v_prediction`` models are supported.
 
+In the pixel pipelines G_sim is a shift δε of ε̂, but it is not passed to the scheduler inside ε̂: a
+scheduler with ``clip_sample`` (or thresholding) would clamp the guided x̂0 and cut the guidance short.
+With a DDPM or DDIM scheduler the step is taken on the model's own output and its ``prev_sample`` is
+moved by (d prev/d ε̂)·δε, the coefficient of ε̂ in the unclipped step (:func:`_eps_coefficient`): the
+same output as the ε-path when nothing is clipped, and the guidance added after clipping otherwise, as
+the released code adds its shift to the mean after clipping. Other schedulers get the guided ε̂.
+
 The pixel pipelines also run ``AMGConfig.preset("released_pixel", "nl2")``, the released iDDPM
 procedure (:meth:`~pipeline.amg.guidance.AntiMemorizationGuidance.guide_released`): the scheduler takes
 its ordinary step, which clips x̂0, and Σ·g is added to its ``prev_sample`` = μ + √Σ·z afterwards, which
@@ -113,6 +120,33 @@ def _step_variance(
     elif kind == "learned_range":  # and the log-variance for this one
         value = torch.exp(value)
     return torch.as_tensor(value).to(device=x_t.device, dtype=x_t.dtype)
+
+
+def _eps_coefficient(scheduler, t: torch.Tensor | int, eta: float) -> torch.Tensor | None:
+    """d prev_sample/d ε̂ of one DDPM or DDIM step when x̂0 is not clipped (None for other schedulers).
+
+    With x̂0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t the step is linear in ε̂ (for ε and v models alike, since v is
+    converted through the same x̂0), so a shift δε of ε̂ moves the output by this coefficient times δε:
+
+    * DDPMScheduler: prev = c0·x̂0 + c_t·x_t + √Σ·z with c0 = √ᾱ_prev·β_t/(1 − ᾱ_t), so −c0·√(1−ᾱ_t)/√ᾱ_t.
+    * DDIMScheduler: prev = √ᾱ_prev·x̂0 + √(1 − ᾱ_prev − s²)·ε̂ + s·z, s = η·σ_t, so
+      −√ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t + √(1 − ᾱ_prev − s²).
+    """
+    t = int(t)
+    alphas = scheduler.alphas_cumprod
+    if isinstance(scheduler, DDIMScheduler):
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        ab_prev = alphas[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+        ab = alphas[t]
+        std = eta * scheduler._get_variance(t, prev_t) ** 0.5
+        return -ab_prev.sqrt() * (1 - ab).sqrt() / ab.sqrt() + (1 - ab_prev - std**2).sqrt()
+    if isinstance(scheduler, DDPMScheduler):
+        prev_t = int(scheduler.previous_timestep(t))
+        ab_prev = alphas[prev_t] if prev_t >= 0 else scheduler.one
+        ab = alphas[t]
+        beta = 1 - ab / ab_prev
+        return -(ab_prev.sqrt() * beta / (1 - ab)) * (1 - ab).sqrt() / ab.sqrt()
+    return None
 
 
 def _alpha_bar(scheduler, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
@@ -499,9 +533,11 @@ class _AMGUnconditionalMixin:
                     variance = _step_variance(self.scheduler, t, model_output, image, eta)
                     shift = terms.mean_shift(variance, g)
             elif amg is not None:
-                # 2b. paper / reference: G_sim on ε̂.
-                model_output = self._amg_guide(amg, state, i, t, image, model_output)
-            # 3. The scheduler's step (clips x̂0 when configured to), then the mean shift if any.
+                # 2b. paper / reference: G_sim = δε on ε̂. The scheduler may clip x̂0, which would cut the
+                # guidance short; so the step is taken unguided and the output moved by what δε moves
+                # it without clipping, (d prev/d ε̂)·δε, as the released code adds its shift after clipping.
+                shift, model_output = self._amg_guide(amg, state, i, t, image, model_output, eta)
+            # 3. The scheduler's step (clips x̂0 when configured to), then the shift if any.
             image = self.scheduler.step(
                 model_output, t, image, **step_kwargs, generator=generator
             ).prev_sample
@@ -518,7 +554,13 @@ class _AMGUnconditionalMixin:
             return (image, trace)
         return AMGImagePipelineOutput(images=image, amg_trace=trace)
 
-    def _amg_guide(self, amg, state, i, t, x_t, model_output):
+    def _amg_guide(self, amg, state, i, t, x_t, model_output, eta):
+        """(shift of the step's output or None, model output for the step).
+
+        DDPM and DDIM schedulers: the model's own output and (d prev/d ε̂)·(guided − ε̂), added after
+        the step. Other schedulers: no shift, and the guided ε̂ as model output (they do not clip x̂0
+        here; if one did, the clamp would truncate the guidance).
+        """
         channels = x_t.shape[1]
         learned_variance = model_output.shape[1] == 2 * channels
         output, variance = (
@@ -530,9 +572,12 @@ class _AMGUnconditionalMixin:
         eps = _to_eps(self.scheduler, output, x_t, alpha_bar)
         guided = amg.guide(state, step=i, t=t, x_t=x_t, alpha_bar=alpha_bar, eps=eps, to_pixels=lambda x0: x0)
         if guided is eps:  # nothing applied: the model's own output, untouched
-            return model_output
+            return None, model_output
+        coefficient = _eps_coefficient(self.scheduler, t, eta)
+        if coefficient is not None:
+            return coefficient.to(guided) * (guided - eps), model_output
         output = _from_eps(self.scheduler, guided, x_t, alpha_bar)
-        return torch.cat([output, variance], dim=1) if learned_variance else output
+        return None, torch.cat([output, variance], dim=1) if learned_variance else output
 
 
 class AMGDDPMPipeline(_AMGUnconditionalMixin, DDPMPipeline):
