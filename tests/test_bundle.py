@@ -224,6 +224,48 @@ def test_duplicate_caption_near_applies_the_authors_rule_like_brute_force(built)
     assert y_n.caption is None  # nothing occurs more often than there are rows
 
 
+@pytest.mark.slow
+def test_nearest_captions_is_the_authors_rule_on_the_images_clip_embedding(built):
+    """The y_N lookup AMG and the audit use (pipeline.audit.matching.NearestCaptions): the bundle's own
+    CLIP model embeds x̂0, then duplicate_caption_near counts; a copy of the verbatim picture gets its
+    caption, and a detector built with the lookup calls it only when G_dup asks."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from pipeline.amg import AMGConfig, MemorizationDetector, OpenClipBackend
+    from pipeline.audit.matching import NearestCaptions, TrainingImages
+
+    root, _, _, _ = built
+    bundle = open_bundle(root / "bundle", verify=False)
+    clip = OpenClipBackend.from_loaded_clip(bundle.clip_model())
+    lookup = NearestCaptions(bundle, clip)
+    verbatim = next(i for i in range(len(bundle)) if bundle.row(i)["caption"] == VERBATIM_CAPTION)
+    with Image.open(io.BytesIO(TrainingImages(bundle)(verbatim))) as im:
+        pixels = torch.from_numpy(np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.float32))
+    copy = pixels.permute(2, 0, 1)[None] / 127.5 - 1
+    noise = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = torch.cat([copy, noise])
+    found = lookup(images)
+    with torch.no_grad():
+        queries = clip.embed(images).numpy()
+    assert found == [bundle.duplicate_caption_near(q) for q in queries]
+    assert found[0].caption == VERBATIM_CAPTION and found[0].count >= MIN_COUNT
+
+    calls = []
+
+    def counted(batch):
+        calls.append(len(batch))
+        return lookup(batch)
+
+    detector = MemorizationDetector(clip, bundle, AMGConfig.preset("paper", "clip"), captions=counted)
+    detection = detector.detect(images)
+    assert calls == []  # nothing asked for y_N yet
+    assert detection.select(torch.tensor([0])).captions[0].caption == VERBATIM_CAPTION
+    assert calls == [3]  # looked up once, for the batch, on first use
+
+
 def edit_manifest(bundle: Path, change) -> None:
     manifest = json.loads((bundle / MANIFEST).read_text())
     change(manifest)
