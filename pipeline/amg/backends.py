@@ -8,7 +8,9 @@ differentiable in the images, which is how G_sim's gradient reaches x_t: x_t →
 Images are ``(B, 3, H, W)`` tensors in [−1, 1], what a VAE decoder or a pixel-space UNet's x̂0 gives.
 
 * :class:`SSCDBackend`: a TorchScript copy-detection model (SSCD, Pizzi et al. 2022), σ = dot product
-  of L2-normalised descriptors; memorized above 0.5 (Somepalli et al.; AMG paper §4).
+  of L2-normalised descriptors; memorized above 0.5 (Somepalli et al.; AMG paper §4). Its input is
+  prepared as the released AMG code prepares x̂0 (``preprocessing="released"``: [−1, 1], 224 px, no
+  normalisation), since the thresholds were tuned on that, or as SSCD was trained (``"imagenet"``).
 * :class:`OpenClipBackend`: open_clip ``encode_image``, σ = cosine. Its scale differs from SSCD's; set
   the thresholds of :class:`~pipeline.amg.config.AMGConfig` for the model used.
 * :class:`NormalizedL2Backend`: pixels, σ = −nL2 with nL2 = ℓ2(x, n0)/(α·mean_{z∈S} ℓ2(x, z)), S the
@@ -27,16 +29,27 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: SSCDBackend input preparations: name -> (default side, keep [−1, 1], ImageNet normalisation, antialias).
+#: ``released``: the released AMG code (AMG-sd ``txt2img.py``) resizes the decoded x̂0 bilinearly to
+#: 224 (no antialiasing) and feeds it to SSCD in [−1, 1], unnormalised. ``imagenet``: [0, 1] at 320
+#: (SSCD's "skew 320" evaluation resize), normalised with ImageNet's mean and std, as SSCD was trained
+#: and as the embed stage makes a bundle's ``sscd_emb`` vectors.
+SSCD_PREPROCESSING: dict[str, tuple[int, bool, bool, bool | None]] = {
+    "released": (224, True, False, False),
+    "imagenet": (320, False, True, None),
+}
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Differentiable bilinear resize to a ``size``-sided square (antialiased when shrinking)."""
+def resize_square(images: torch.Tensor, size: int, antialias: bool | None = None) -> torch.Tensor:
+    """Differentiable bilinear resize to a ``size``-sided square (antialiased when shrinking, unless
+    ``antialias`` says otherwise)."""
     if images.shape[-2:] == (size, size):
         return images
-    shrink = images.shape[-1] > size or images.shape[-2] > size
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    if antialias is None:
+        antialias = images.shape[-1] > size or images.shape[-2] > size
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 class SimilarityBackend(torch.nn.Module):
@@ -68,7 +81,11 @@ class SimilarityBackend(torch.nn.Module):
 
 
 class _CosineBackend(SimilarityBackend):
-    """Shared part of SSCD and CLIP: resize, normalise, encode, L2-normalise; σ = q·n0."""
+    """Shared part of SSCD and CLIP: resize, normalise, encode, L2-normalise; σ = q·n0.
+
+    ``signed`` keeps the images in [−1, 1] (otherwise [0, 1]); ``normalise`` applies ``mean`` and ``std``;
+    ``antialias`` is passed to :func:`resize_square`.
+    """
 
     metric = "ip"
 
@@ -79,10 +96,16 @@ class _CosineBackend(SimilarityBackend):
         mean: Sequence[float],
         std: Sequence[float],
         dim: int | None = None,
+        signed: bool = False,
+        normalise: bool = True,
+        antialias: bool | None = None,
     ):
         super().__init__()
         self.encoder = encoder
         self.image_size = int(image_size)
+        self.signed = bool(signed)
+        self.normalise = bool(normalise)
+        self.antialias = antialias
         self.register_buffer(
             "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
         )
@@ -96,12 +119,19 @@ class _CosineBackend(SimilarityBackend):
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encoder(pixels)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """What reaches the encoder for ``(B, 3, H, W)`` images in [−1, 1]; differentiable."""
         dtype = self.mean.dtype  # float32, or float64 after ``.double()``
-        pixels = (images.to(dtype) + 1) / 2  # [−1, 1] -> [0, 1]
-        pixels = resize_square(pixels, self.image_size)
-        pixels = (pixels - self.mean) / self.std
-        return F.normalize(self._encode(pixels).to(dtype), dim=-1)
+        pixels = images.to(dtype)
+        if not self.signed:
+            pixels = (pixels + 1) / 2  # [−1, 1] -> [0, 1]
+        pixels = resize_square(pixels, self.image_size, self.antialias)
+        if self.normalise:
+            pixels = (pixels - self.mean) / self.std
+        return pixels
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self._encode(self.preprocess(images)).to(self.mean.dtype), dim=-1)
 
     def score(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         return (queries * neighbours[:, 0].to(queries)).sum(-1)
@@ -110,12 +140,23 @@ class _CosineBackend(SimilarityBackend):
 class SSCDBackend(_CosineBackend):
     """SSCD copy-detection descriptors from a TorchScript file; σ = dot product of normalised descriptors.
 
+    The default input preparation is the released AMG code's, because the constants of the method for
+    SSCD (λ_t 0.3–0.4, the 0.5 memorization line, c3's 0.3 offset, c2's 0.3 saturation) were tuned on σ
+    measured that way: the decoded x̂0 in [−1, 1], resized bilinearly to 224 px, no normalisation.
+    ``"imagenet"`` prepares images as SSCD was trained ([0, 1] at 320 px, ImageNet mean and std),
+    which is also how the embed stage makes a bundle's ``sscd_emb`` vectors: queries searched against
+    such an index match its vectors only with ``"imagenet"`` (the released code itself compared its
+    [−1, 1] query with neighbours embedded from [0, 1] pictures).
+
     Args:
         model (`torch.nn.Module`): the descriptor network, e.g.
             ``torch.jit.load("sscd_disc_mixup.torchscript.pt")``.
-        image_size (`int`, *optional*, defaults to 320): side of the square input (SSCD's "skew 320" resize).
-        mean (`tuple`, *optional*, defaults to ImageNet's): input normalisation mean.
-        std (`tuple`, *optional*, defaults to ImageNet's): input normalisation std.
+        image_size (`int`, *optional*): side of the square input; defaults to the preparation's (224
+            released, 320 imagenet).
+        mean (`tuple`, *optional*, defaults to ImageNet's): input normalisation mean (``"imagenet"``).
+        std (`tuple`, *optional*, defaults to ImageNet's): input normalisation std (``"imagenet"``).
+        preprocessing (`str`, *optional*, defaults to `"released"`): ``"released"`` or ``"imagenet"``
+            (see :data:`SSCD_PREPROCESSING`).
     """
 
     name = "sscd"
@@ -123,17 +164,33 @@ class SSCDBackend(_CosineBackend):
     def __init__(
         self,
         model: torch.nn.Module,
-        image_size: int = 320,
+        image_size: int | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        preprocessing: str = "released",
     ):
-        super().__init__(model, image_size, mean, std)
+        if preprocessing not in SSCD_PREPROCESSING:
+            raise ValueError(
+                f"SSCDBackend preprocessing must be one of {tuple(SSCD_PREPROCESSING)}, got {preprocessing!r}"
+            )
+        side, signed, normalise, antialias = SSCD_PREPROCESSING[preprocessing]
+        super().__init__(
+            model,
+            side if image_size is None else image_size,
+            mean,
+            std,
+            signed=signed,
+            normalise=normalise,
+            antialias=antialias,
+        )
+        self.preprocessing = preprocessing
 
     @classmethod
     def from_file(
-        cls, path: str | Path, image_size: int = 320, device: torch.device | str = "cpu", **kwargs
+        cls, path: str | Path, image_size: int | None = None, device: torch.device | str = "cpu", **kwargs
     ) -> SSCDBackend:
-        """Load a TorchScript descriptor file (SSCD's released ``*.torchscript.pt``)."""
+        """Load a TorchScript descriptor file (SSCD's released ``*.torchscript.pt``); ``kwargs`` (e.g.
+        ``preprocessing``) go to the constructor."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"SSCD TorchScript file {path} does not exist")
