@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -141,3 +142,113 @@ def test_config_rejects_bad_values():
         AMGConfig(s0=0.5)
     with pytest.raises(ValueError, match="threshold"):
         AMGConfig(threshold="cubic")
+
+
+# ----------------------------------------------------------------------------- calibrated λ_t
+TABLE = {"lambda_timesteps": (100, 300, 700), "lambda_values": (-2.0, -1.0, -1.5)}
+
+
+def test_calibrated_threshold_interpolates_linearly_and_holds_the_ends():
+    cfg = AMGConfig.preset("paper", "nl2", threshold="calibrated", **TABLE)
+    expected = {0: -2.0, 100: -2.0, 200: -1.5, 300: -1.0, 500: -1.25, 600: -1.375, 700: -1.5, 999: -1.5}
+    for t, value in expected.items():
+        assert terms.threshold(t, 1000, cfg) == pytest.approx(value, rel=1e-12)
+    # Lists (YAML, JSON) are accepted and kept as tuples; the config stays JSON-serialisable.
+    listed = AMGConfig.preset(
+        "paper", "nl2", threshold="calibrated", lambda_timesteps=[100, 300, 700], lambda_values=[-2, -1, -1.5]
+    )
+    assert listed == cfg and isinstance(listed.lambda_values, tuple)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert AMGConfig(**data) == cfg
+
+
+def test_calibrate_threshold_is_the_per_step_percentile_smoothed():
+    rng = np.random.default_rng(0)
+    means = {999: -2.0, 666: -1.8, 333: -1.6, 0: -1.0}
+    timesteps = list(means)  # decreasing, as a sampler visits them
+    sigmas = [rng.normal(means[t], 1.0, size=20_000) for t in timesteps]
+    table_t, raw = terms.calibrate_threshold(timesteps, sigmas, percentile=99.0, smooth=1)
+    assert table_t == (0, 333, 666, 999)
+    for t, value in zip(table_t, raw, strict=True):
+        assert value == pytest.approx(np.percentile(sigmas[timesteps.index(t)], 99.0), rel=1e-12)
+        assert value == pytest.approx(means[t] + 2.326, abs=0.06)  # the normal's 99th percentile
+    # A centred window of 3, shrinking symmetrically: the ends stay, the inner entries are averaged.
+    _, smoothed = terms.calibrate_threshold(timesteps, sigmas, percentile=99.0, smooth=3)
+    assert smoothed[0] == raw[0] and smoothed[-1] == raw[-1]
+    assert smoothed[1] == pytest.approx(np.mean(raw[0:3])) and smoothed[2] == pytest.approx(np.mean(raw[1:4]))
+    # A straight line goes through the smoothing unchanged.
+    _, line = terms.calibrate_threshold([0, 1, 2, 3, 4, 5], [[2.0 * i] for i in range(6)], 100.0, smooth=5)
+    np.testing.assert_allclose(line, [0, 2, 4, 6, 8, 10])
+    # Equal timesteps are merged, NaN and None dropped; percentile 100 is the largest σ seen.
+    table_t, top = terms.calibrate_threshold([5, 5, 9], [[0.1, np.nan], [0.3, None], [0.2]], 100.0, smooth=1)
+    assert table_t == (5, 9) and top == (0.3, 0.2)
+
+
+def test_threshold_table_round_trips_through_json(tmp_path):
+    from pipeline.amg import load_threshold, save_threshold
+
+    path = save_threshold(
+        tmp_path / "amg_threshold.json", [100, 300, 700], [-2.0, -1.0, -1.5], percentile=99.0, backend="nl2"
+    )
+    assert load_threshold(path) == TABLE
+    with_meta = load_threshold(path, with_metadata=True)
+    assert with_meta["metadata"] == {"percentile": 99.0, "backend": "nl2"}
+    cfg = AMGConfig.preset("paper", "nl2", threshold="calibrated", **load_threshold(path))
+    assert terms.threshold(500, 1000, cfg) == pytest.approx(-1.25)
+    assert json.loads(path.read_text())["format"] == "amg_threshold_table"
+
+
+def test_threshold_table_validation(tmp_path):
+    from pipeline.amg import load_threshold, save_threshold
+
+    with pytest.raises(ValueError, match="both lambda_timesteps and lambda_values"):
+        AMGConfig.preset("paper", "nl2", threshold="calibrated")
+    bad = [
+        (([1, 2], [0.1]), "2 timesteps but 1 values"),
+        (([], []), "empty"),
+        (([2, 1], [0.1, 0.2]), "strictly increasing"),
+        (([1, 1], [0.1, 0.2]), "strictly increasing"),
+        (([1, 2], [0.1, float("nan")]), "finite"),
+        (([1.5, 2], [0.1, 0.2]), "whole numbers"),
+        ((["a", 2], [0.1, 0.2]), "integers"),
+    ]
+    for (ts, vs), message in bad:
+        with pytest.raises(ValueError, match=message):
+            AMGConfig.preset("paper", "nl2", threshold="calibrated", lambda_timesteps=ts, lambda_values=vs)
+        with pytest.raises(ValueError, match=message):
+            save_threshold(tmp_path / "t.json", ts, vs)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"lambda_timesteps": [1], "lambda_values": [0.1]}))
+    with pytest.raises(ValueError, match="not an AMG λ_t table"):
+        load_threshold(other)
+    other.write_text(
+        json.dumps(
+            {"format": "amg_threshold_table", "version": 99, "lambda_timesteps": [1], "lambda_values": [0.1]}
+        )
+    )
+    with pytest.raises(ValueError, match="version 99"):
+        load_threshold(other)
+    other.write_text(
+        json.dumps(
+            {
+                "format": "amg_threshold_table",
+                "version": 1,
+                "lambda_timesteps": [2, 1],
+                "lambda_values": [0.1, 0.2],
+            }
+        )
+    )
+    with pytest.raises(ValueError, match="strictly increasing"):
+        load_threshold(other)
+    other.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_threshold(other)
+    for args, message in [
+        (([1, 2], [[0.1]]), "2 timesteps but 1 groups"),
+        (([], []), "no σ values"),
+        (([1], [[0.1]], 101.0), "percentile"),
+        (([1], [[0.1]], 99.0, 0), "smooth"),
+        (([1, 2], [[0.1], [np.nan]]), r"no finite σ value at timestep\(s\) \[2\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            terms.calibrate_threshold(*args)

@@ -2,7 +2,9 @@
 
 Public API:
 
-* :class:`AMGConfig`: mode (``paper`` / ``reference``), backend and every constant.
+* :class:`AMGConfig`: mode (``paper`` / ``reference`` / ``released_pixel``), backend and every constant;
+  :func:`save_threshold` / :func:`load_threshold` for a calibrated λ_t table
+  (:func:`pipeline.amg.terms.calibrate_threshold` makes one).
 * Backends: :class:`SSCDBackend`, :class:`OpenClipBackend`, :class:`NormalizedL2Backend`.
 * :class:`InMemoryNeighbourIndex`: a :class:`~pipeline.core.neighbours.NeighbourIndex` in RAM
   (tests, small sets).
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 #: job that only reads :class:`AMGConfig` (the audit, with nothing to generate) loads no torch.
 _EXPORTS = {
     "AMGConfig": "config",
+    "load_threshold": "config",
+    "save_threshold": "config",
     "NormalizedL2Backend": "backends",
     "OpenClipBackend": "backends",
     "SimilarityBackend": "backends",
@@ -40,7 +44,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from pipeline.amg.backends import NormalizedL2Backend, OpenClipBackend, SimilarityBackend, SSCDBackend
-    from pipeline.amg.config import AMGConfig
+    from pipeline.amg.config import AMGConfig, load_threshold, save_threshold
     from pipeline.amg.detector import Detection, MemorizationDetector
     from pipeline.amg.guidance import AMGStep, AMGTrace, AntiMemorizationGuidance
     from pipeline.amg.memory_index import InMemoryNeighbourIndex
@@ -79,4 +83,6 @@ __all__ = [
     "OpenClipBackend",
     "SSCDBackend",
     "SimilarityBackend",
+    "load_threshold",
+    "save_threshold",
 ]

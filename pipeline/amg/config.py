@@ -22,6 +22,14 @@ constants; the authors' released code fixes them. :class:`AMGConfig` holds both 
   x̂0 was clipped, μ ← μ + Σ·g with g = 1000·80·(σ − λ_i)·∇_{x_t}mL2; and after ``pause_after`` = 3
   consecutive unguided steps it pauses for ``pause_steps`` = 10 steps.
 
+λ_t may also be ``threshold="calibrated"``: a per-timestep table (``lambda_timesteps`` →
+``lambda_values``, linear in t between entries) measured on plain samples of prompts known not to be
+memorized with :func:`pipeline.amg.terms.calibrate_threshold`, saved next to a model with
+:func:`save_threshold` and read back with :func:`load_threshold`::
+
+    table = load_threshold(model_dir / "amg_threshold.json")
+    config = AMGConfig.preset("paper", "nl2", threshold="calibrated", **table)
+
 Build one with :meth:`AMGConfig.preset` (mode and backend pick the constants; keyword arguments
 override any of them). No constant of the method appears as a literal elsewhere in ``pipeline.amg``.
 """
@@ -29,14 +37,22 @@ override any of them). No constant of the method appears as a literal elsewhere 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import option
 
 MODES = ("paper", "reference", "released_pixel")
 BACKENDS = ("sscd", "clip", "nl2")
-THRESHOLDS = ("parabolic", "exponential", "constant")
+THRESHOLDS = ("parabolic", "exponential", "constant", "calibrated")
+#: ``format`` tag and version of a λ_t table file (:func:`save_threshold`).
+THRESHOLD_FILE_FORMAT = "amg_threshold_table"
+THRESHOLD_FILE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,9 @@ class AMGConfig:
             s1, s2 use σ − offset instead of σ. 0 is the paper; a positive σ scale is needed for
             G_spe/G_dup to act at all, so with ``nl2`` (σ = −nL2 < 0) they stay off unless this is set.
         threshold (`str`, *optional*, defaults to `"exponential"`):
-            Shape of λ_t: ``"parabolic"``, ``"exponential"`` or ``"constant"``.
+            Shape of λ_t: ``"parabolic"``, ``"exponential"``, ``"constant"`` or ``"calibrated"`` (the
+            table ``lambda_timesteps`` → ``lambda_values``, linear in t between entries, held at the end
+            values outside them).
         lambda_start (`float`, *optional*, defaults to 0.3):
             Parabolic: λ at t = T (start of sampling). Constant: the value.
         lambda_end (`float`, *optional*, defaults to 0.4):
@@ -98,6 +116,12 @@ class AMGConfig:
             Exponential: b.
         lambda_rate (`float`, *optional*, defaults to 0.005):
             Exponential: rate, per timestep (per released step when ``lambda_respaced_steps`` is set).
+        lambda_timesteps (`tuple[int, ...]`, *optional*):
+            Calibrated: the timesteps of the table, strictly increasing (lists are accepted and stored
+            as tuples).
+        lambda_values (`tuple[float, ...]`, *optional*):
+            Calibrated: λ at each of ``lambda_timesteps``, on the σ scale of the backend (higher = more
+            similar; −nL2 for ``nl2``).
         lambda_respaced_steps (`int`, *optional*):
             When set, λ's clock is not the timestep t but the released iDDPM step index
             i = (N − 1 − n)·R/N at loop step n of N, R this value (released: 250): i counts down to 0 at
@@ -174,6 +198,8 @@ class AMGConfig:
     lambda_a: float = option(0.3, "exponential λ = a + b·exp(−rate·t): a")
     lambda_b: float = option(0.1, "exponential: b")
     lambda_rate: float = option(0.005, "exponential: rate per timestep")
+    lambda_timesteps: tuple[int, ...] | None = option(None, "calibrated: timesteps of the λ table")
+    lambda_values: tuple[float, ...] | None = option(None, "calibrated: λ at each table timestep")
     lambda_respaced_steps: int | None = option(
         None, "if set, λ's clock is the released step index i = (N−1−n)·R/N instead of t"
     )
@@ -204,6 +230,15 @@ class AMGConfig:
             raise ValueError("AMGConfig mode 'released_pixel' compares pixels: it needs backend 'nl2'")
         if self.threshold not in THRESHOLDS:
             raise ValueError(f"AMGConfig.threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
+        if (
+            self.threshold == "calibrated"
+            or self.lambda_timesteps is not None
+            or self.lambda_values is not None
+        ):
+            # YAML and JSON give lists; the config is frozen and hashable, so the table is kept as tuples.
+            timesteps, values = check_threshold_table(self.lambda_timesteps, self.lambda_values)
+            object.__setattr__(self, "lambda_timesteps", timesteps)
+            object.__setattr__(self, "lambda_values", values)
         if self.lambda_respaced_steps is not None and self.lambda_respaced_steps < 1:
             raise ValueError("AMGConfig.lambda_respaced_steps must be at least 1")
         if self.pause_after is not None and self.pause_after < 1:
@@ -366,3 +401,82 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "memorized_threshold": -1.4,
     },
 }
+
+
+# ----------------------------------------------------------------------------- calibrated λ_t tables
+def check_threshold_table(
+    timesteps: Sequence[int] | None, values: Sequence[float] | None
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A valid λ_t table as tuples: both given, as long as each other, at least one entry, timesteps
+    strictly increasing integers, values finite. Raises ``ValueError`` naming what is wrong."""
+    if timesteps is None or values is None:
+        raise ValueError("a calibrated λ_t needs both lambda_timesteps and lambda_values")
+    try:
+        times = tuple(int(t) for t in timesteps)
+        lams = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"λ_t table: timesteps must be integers and values numbers ({exc})") from None
+    if any(t != float(u) for t, u in zip(times, timesteps, strict=False)):
+        raise ValueError("λ_t table: lambda_timesteps must be whole numbers")
+    if len(times) != len(lams):
+        raise ValueError(f"λ_t table: {len(times)} timesteps but {len(lams)} values")
+    if not times:
+        raise ValueError("λ_t table: empty")
+    if any(b <= a for a, b in itertools.pairwise(times)):
+        raise ValueError("λ_t table: lambda_timesteps must be strictly increasing")
+    if not all(math.isfinite(v) for v in lams):
+        raise ValueError("λ_t table: lambda_values must be finite")
+    return times, lams
+
+
+def save_threshold(
+    path: str | Path,
+    lambda_timesteps: Sequence[int],
+    lambda_values: Sequence[float],
+    **metadata: Any,
+) -> Path:
+    """Write a calibrated λ_t table as JSON (atomically), e.g. next to the model it was measured on.
+
+    ``metadata`` (JSON-serialisable: the percentile, the smoothing, the backend, the seeds and prompts
+    used) is stored alongside and returned by :func:`load_threshold` under ``"metadata"`` only when asked.
+    """
+    from pipeline.core.storage import atomic_write_json  # pyarrow: only when a table is written
+
+    timesteps, values = check_threshold_table(lambda_timesteps, lambda_values)
+    path = Path(path)
+    atomic_write_json(
+        path,
+        {
+            "format": THRESHOLD_FILE_FORMAT,
+            "version": THRESHOLD_FILE_VERSION,
+            "lambda_timesteps": list(timesteps),
+            "lambda_values": list(values),
+            "metadata": dict(metadata),
+        },
+    )
+    return path
+
+
+def load_threshold(path: str | Path, with_metadata: bool = False) -> dict[str, Any]:
+    """Read a table written by :func:`save_threshold`: ``{"lambda_timesteps": (...), "lambda_values":
+    (...)}``, ready for ``AMGConfig.preset(..., threshold="calibrated", **table)``; with
+    ``with_metadata=True`` also ``"metadata"``. Raises ``ValueError`` for a file that is not such a table."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != THRESHOLD_FILE_FORMAT:
+        raise ValueError(f"{path} is not an AMG λ_t table (format {THRESHOLD_FILE_FORMAT!r})")
+    if data.get("version") != THRESHOLD_FILE_VERSION:
+        raise ValueError(
+            f"{path}: λ_t table version {data.get('version')!r}, this code reads {THRESHOLD_FILE_VERSION}"
+        )
+    try:
+        timesteps, values = check_threshold_table(data.get("lambda_timesteps"), data.get("lambda_values"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    table: dict[str, Any] = {"lambda_timesteps": timesteps, "lambda_values": values}
+    if with_metadata:
+        table["metadata"] = data.get("metadata", {})
+    return table

@@ -4,14 +4,20 @@ Every function takes per-sample values as tensors broadcastable against the batc
 for scales and similarities, ``(B, C, H, W)`` for noise predictions) and has no state, so each can
 be checked against a transcription of its equation. :mod:`pipeline.amg.guidance` composes them.
 
+:func:`calibrate_threshold` turns σ_t measured on plain samples into a λ_t table
+(``threshold="calibrated"``, read by :func:`calibrated_threshold`).
+
 The last group is the released iDDPM procedure (``mode="released_pixel"``): the training set noised to
 t, the released mL2, its step clock, and the mean shift Σ·g that replaces G_sim there.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pipeline.amg.config import AMGConfig
@@ -101,12 +107,85 @@ def parabolic_threshold(t: float, num_train_timesteps: int, start: float, end: f
     return start + (end - start) * u * u
 
 
+def calibrated_threshold(t: float, timesteps: Sequence[int], values: Sequence[float]) -> float:
+    """λ_t from a calibrated table: linear in t between its timesteps, the end value outside them."""
+    if t <= timesteps[0]:
+        return float(values[0])
+    if t >= timesteps[-1]:
+        return float(values[-1])
+    j = bisect.bisect_right(timesteps, t)
+    t0, t1 = timesteps[j - 1], timesteps[j]
+    return float(values[j - 1] + (values[j] - values[j - 1]) * (t - t0) / (t1 - t0))
+
+
+def calibrate_threshold(
+    timesteps: Sequence[int],
+    sigmas_per_step: Sequence[Sequence[float]],
+    percentile: float = 99.0,
+    smooth: int = 5,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A λ_t table from σ_t measured on plain samples of prompts known not to be memorized.
+
+    At each timestep, λ is the ``percentile`` of the σ values measured there over all those samples,
+    so a clean sample crosses the gate at that step with probability about 1 − percentile/100; the
+    per-step values are then averaged over a centred window of ``smooth`` table entries, which damps
+    the noise of a high percentile of a few hundred samples. The window shrinks symmetrically near the
+    ends (one entry at each end), so a straight stretch of the curve, such as its steep end at t → 0
+    where x̂0 sharpens and σ rises, is reproduced without the lag a one-sided window would add.
+
+    The table is not made monotone: σ_t of plain samples need not be monotone in t (x̂0 is blurry,
+    then sharpens; the released x_t comparison is flat, then falls), and a monotone envelope would
+    either raise λ where the measured curve dips, missing detections there, or lower it, firing on
+    clean samples; the per-step percentile keeps the false-positive rate where it was chosen.
+
+    Args:
+        timesteps (`Sequence[int]`): the timestep of each group (any order; equal timesteps are merged).
+            The clock of λ: the scheduler's t, or the released step index when
+            ``AMGConfig.lambda_respaced_steps`` is set.
+        sigmas_per_step (`Sequence[Sequence[float]]`): σ values measured at each timestep (any number
+            per timestep; NaN and None are dropped).
+        percentile (`float`, *optional*, defaults to 99.0): in [0, 100]; 100 is the largest σ seen.
+        smooth (`int`, *optional*, defaults to 5): width of the moving average, in table entries (1: none;
+            an even width acts as the odd one below it).
+
+    Returns:
+        `(tuple[int, ...], tuple[float, ...])`: ``lambda_timesteps`` (increasing) and ``lambda_values``,
+        for ``AMGConfig(threshold="calibrated", ...)`` and :func:`pipeline.amg.config.save_threshold`.
+    """
+    if len(timesteps) != len(sigmas_per_step):
+        raise ValueError(f"{len(timesteps)} timesteps but {len(sigmas_per_step)} groups of σ values")
+    if not timesteps:
+        raise ValueError("no σ values to calibrate λ_t on")
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    if int(smooth) != smooth or smooth < 1:
+        raise ValueError(f"smooth must be a whole number of at least 1, got {smooth}")
+    groups: dict[int, list[float]] = {}
+    for t, values in zip(timesteps, sigmas_per_step, strict=True):
+        kept = [float(v) for v in np.asarray(values, dtype=object).ravel() if v is not None]
+        groups.setdefault(int(t), []).extend(v for v in kept if math.isfinite(v))
+    empty = sorted(t for t, values in groups.items() if not values)
+    if empty:
+        raise ValueError(f"no finite σ value at timestep(s) {empty[:5]}")
+    table_t = sorted(groups)
+    raw = [float(np.percentile(groups[t], percentile)) for t in table_t]
+    half = (int(smooth) - 1) // 2
+    n = len(raw)
+    smoothed = []
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        smoothed.append(float(np.mean(raw[i - h : i + h + 1])))
+    return tuple(table_t), tuple(smoothed)
+
+
 def threshold(t: float, num_train_timesteps: int, config: AMGConfig) -> float:
-    """λ_t of ``config`` at timestep ``t``."""
+    """λ_t of ``config`` at timestep ``t`` (or at the released step index, see ``lambda_respaced_steps``)."""
     if config.threshold == "parabolic":
         return parabolic_threshold(t, num_train_timesteps, config.lambda_start, config.lambda_end)
     if config.threshold == "exponential":
         return exponential_threshold(t, config.lambda_a, config.lambda_b, config.lambda_rate)
+    if config.threshold == "calibrated":
+        return calibrated_threshold(t, config.lambda_timesteps, config.lambda_values)
     return config.lambda_start
 
 
