@@ -4,6 +4,9 @@
 over that backend's vectors and the threshold schedule of an :class:`~pipeline.amg.config.AMGConfig`.
 ``detect`` is the cheap path run at every step (one embedding, one index search, no gradient);
 ``similarity`` re-scores images against the neighbours a detection found, differentiably, for G_sim.
+For ``mode="released_pixel"``, ``detect_noised`` compares the current x_t with every training row noised
+to the same t (the nl2 index's stored pixels, a fresh seeded noise draw per step) and
+``noised_similarity`` is the released σ = −mL2 with the nearest row and the denominator held fixed.
 """
 
 from __future__ import annotations
