@@ -181,6 +181,8 @@ def test_audit_outputs_resume_and_incremental_lists(world, tmp_path: Path):
     }
     assert all((out / r["image"]).is_file() and r["similarity_kind"] == "sscd" for r in rows)
     assert all(r["matched_key"] in {f"{i:09d}" for i in range(10)} for r in rows)
+    # Every AMG-on sample is compared with the AMG-off sample of its seed (pixels; null on AMG-off rows).
+    assert all((r["identical_to_off"] is None) == (r["amg_mode"] == "off") for r in rows)
     prompts = pq.read_table(out / "prompts.parquet")
     assert prompts.schema.equals(PROMPTS_SCHEMA) and prompts.num_rows == 3
     assert all(
@@ -191,6 +193,10 @@ def test_audit_outputs_resume_and_incremental_lists(world, tmp_path: Path):
         block = summary[mode]
         assert block["n_samples"] == 3 * SAMPLES and 0 <= block["frac_memorized"] <= 1
         assert block["top1"] >= block["top5pct"] and block["n_prompts"] == 3
+    identical = sum(bool(r["identical_to_off"]) for r in rows)
+    assert (
+        summary["on"]["n_compared_to_off"] == 3 * SAMPLES and summary["on"]["n_identical_to_off"] == identical
+    )
     prov = summary["provenance"]
     assert prov["bundle_checksum"] == json.loads((world["bundle"] / "manifest.json").read_text())["root_hash"]
     assert (

@@ -14,13 +14,33 @@ import pyarrow as pa
 from pipeline.audit.criteria import criteria
 from pipeline.audit.layout import PROMPTS, PROMPTS_SCHEMA, REPORT, RESULTS, RESULTS_SCHEMA
 from pipeline.audit.report import write_report
-from pipeline.audit.store import RunStore, partition_name
+from pipeline.audit.store import RunStore, partition_name, pixel_sha256
 from pipeline.core.config import AuditConfig, to_dict
 from pipeline.core.storage import atomic_write_table, sha256_file
 
 
 def _quantile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+def mark_identical(store: RunStore, per_mode: dict[str, list[dict[str, Any]]]) -> None:
+    """Set ``identical_to_off`` on a prompt's rows, in place: on an AMG-on row, whether its decoded pixels
+    equal those of the AMG-off sample of the same index and seed; None on AMG-off rows, and
+    where that sample or either image is missing (only one mode in the outputs).
+
+    Compares the rows' ``pixel_sha256``; a row without one (a partition written before the column) gets
+    it from its image file first.
+    """
+    for rows in per_mode.values():
+        for r in rows:
+            r["identical_to_off"] = None
+            if r.get("pixel_sha256") is None and r.get("image"):
+                path = store.out / r["image"]
+                r["pixel_sha256"] = pixel_sha256(path.read_bytes()) if path.is_file() else None
+    off = {(r["sample_index"], r["seed"]): r["pixel_sha256"] for r in per_mode.get("off", [])}
+    for r in per_mode.get("on", []):
+        a, b = off.get((r["sample_index"], r["seed"])), r["pixel_sha256"]
+        r["identical_to_off"] = None if a is None or b is None else a == b
 
 
 def prompt_row(
@@ -37,6 +57,8 @@ def prompt_row(
     that needs no training data) is reported beside it as ``clique_flagged``: in Carlini et al. it selects
     candidates, which count as extracted only once matched to a training image, and that match is what
     the bundle answers. ``flagged`` is the AMG-off verdict when AMG off ran, else AMG on's.
+    ``on_n_identical_to_off`` counts the AMG-on samples that :func:`mark_identical` found bit-identical to
+    their AMG-off sample (None when no sample could be compared).
     """
     row: dict[str, Any] = {k: prompt.get(k) for k in ("prompt_id", "prompt", "occurrences", "extra")}
     row["wen_score"] = None if wen is None else wen.get("wen_score")
@@ -79,14 +101,23 @@ def prompt_row(
         )
     first = next((m for m in modes if per_mode.get(m)), None)
     row["flagged"] = bool(first and row.get(f"{first}_flagged"))
+    compared = [
+        r["identical_to_off"] for r in per_mode.get("on", []) if r.get("identical_to_off") is not None
+    ]
+    row["on_n_identical_to_off"] = sum(compared) if compared else None
     return row
 
 
 def mode_summary(rows: list[dict[str, Any]], prompt_rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
-    """``summary.json``'s block for one AMG mode."""
+    """``summary.json``'s block for one AMG mode.
+
+    The AMG-on block also says how many of its samples are bit-identical to the AMG-off sample of the
+    same seed: ``n_compared_to_off`` (samples with an AMG-off counterpart), ``n_identical_to_off`` and
+    ``frac_identical_to_off`` (of those compared; None when none was, e.g. only AMG on was asked for).
+    """
     sims = [r["similarity"] for r in rows]
     audited = [p for p in prompt_rows if p.get(f"{mode}_n_samples")]
-    return {
+    block = {
         "n_samples": len(rows),
         "n_memorized": sum(bool(r["memorized"]) for r in rows),
         "frac_memorized": (sum(bool(r["memorized"]) for r in rows) / len(rows)) if rows else 0.0,
@@ -100,6 +131,14 @@ def mode_summary(rows: list[dict[str, Any]], prompt_rows: list[dict[str, Any]], 
         "flagged_prompts": [p["prompt_id"] for p in audited if p.get(f"{mode}_flagged")],
         "seconds_per_sample": (sum(r["seconds"] for r in rows) / len(rows)) if rows else None,
     }
+    if mode == "on":
+        compared = [r["identical_to_off"] for r in rows if r.get("identical_to_off") is not None]
+        block.update(
+            n_compared_to_off=len(compared),
+            n_identical_to_off=sum(compared),
+            frac_identical_to_off=sum(compared) / len(compared) if compared else None,
+        )
+    return block
 
 
 def aggregate(
@@ -128,6 +167,7 @@ def aggregate(
             per_mode[mode] = store.read_rows(pid, mode)
             cliques[mode] = marker["clique"]
             results += per_mode[mode]
+        mark_identical(store, per_mode)
         prompt_rows.append(prompt_row(p, wen, per_mode, cliques, modes))
     atomic_write_table(out / RESULTS, pa.Table.from_pylist(results, schema=RESULTS_SCHEMA))
     atomic_write_table(out / PROMPTS, pa.Table.from_pylist(prompt_rows, schema=PROMPTS_SCHEMA))

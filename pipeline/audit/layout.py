@@ -7,6 +7,11 @@ import pyarrow as pa
 AUDIT_SCHEMA_VERSION = 1
 
 
+#: Version of what the aggregation writes from the partitions (results/prompts columns, summary fields,
+#: the report). Not part of the run identity: a change re-aggregates a run without generating again.
+AGGREGATE_VERSION = 2
+
+
 AMG_CHOICES = {"off": ("off",), "on": ("on",), "both": ("off", "on")}
 
 
@@ -37,8 +42,9 @@ IMAGES = "images"
 WEN = "wen"
 
 
-#: One row per generated sample.
-RESULTS_SCHEMA = pa.schema(
+#: One row per generated sample, as a (prompt, mode) partition holds it. ``pixel_sha256``: SHA-256 of the
+#: sample's decoded pixels (:func:`pipeline.audit.store.pixel_sha256`); null in partitions written before it.
+PART_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
         ("prompt_id", pa.string()),
@@ -57,8 +63,15 @@ RESULTS_SCHEMA = pa.schema(
         ("amg_fired_steps", pa.int32()),
         ("seconds", pa.float64()),
         ("image", pa.string()),
+        ("pixel_sha256", pa.string()),
     ]
 )
+
+
+#: ``results.parquet``: the partitions' rows and, on an AMG-on row, ``identical_to_off``: whether its
+#: pixels equal those of the AMG-off sample of the same seed (null on AMG-off rows and where that
+#: sample is not in the run's outputs, e.g. only AMG on was asked for).
+RESULTS_SCHEMA = PART_SCHEMA.append(pa.field("identical_to_off", pa.bool_()))
 
 
 #: Per-mode columns of ``prompts.parquet`` (``off_...`` and ``on_...``).
@@ -93,5 +106,7 @@ PROMPTS_SCHEMA = pa.schema(
         ("matched_caption", pa.string()),
         ("matched_similarity", pa.float64()),
         ("flagged", pa.bool_()),
+        # AMG-on samples whose pixels equal the AMG-off sample of the same seed; null unless both ran.
+        ("on_n_identical_to_off", pa.int32()),
     ]
 )

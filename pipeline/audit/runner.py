@@ -43,6 +43,7 @@ from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 from pipeline.amg import AMGConfig
 from pipeline.audit.identity import resolve_model_dir, run_identity, tree_checksum
 from pipeline.audit.layout import (
+    AGGREGATE_VERSION,
     AMG_CHOICES,
     AUDIT_SCHEMA_VERSION,
     PROMPTS,
@@ -281,6 +282,7 @@ class AuditStage(PartitionedStage):
         prompt_ids = [p["prompt_id"] for p in self.prompts]
         inputs = {
             "schema": AUDIT_SCHEMA_VERSION,
+            "aggregate": AGGREGATE_VERSION,
             "run": self.identity,
             "config": to_dict(self.cfg),
             "model_dir": str(self.model_dir),

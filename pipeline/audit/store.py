@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
-from pipeline.audit.layout import IMAGES, PARTS, RESULTS_SCHEMA, RUNS, WEN
+from pipeline.audit.layout import IMAGES, PART_SCHEMA, PARTS, RUNS, WEN
 from pipeline.core.stage import Commit
 from pipeline.core.storage import DoneMarkers, atomic_write_bytes, atomic_write_table
 
@@ -17,6 +21,17 @@ from pipeline.core.storage import DoneMarkers, atomic_write_bytes, atomic_write_
 def partition_name(prompt_id: str, mode: str) -> str:
     """A (prompt, AMG mode) partition's name; its marker is ``parts/<prompt_id>/<mode>.done.json``."""
     return f"{prompt_id}/{mode}"
+
+
+def pixel_sha256(data: bytes) -> str:
+    """SHA-256 of an encoded image's decoded pixels (its mode, size and pixel bytes), not of the file:
+    two samples with equal hashes are bit-identical images, whatever their encoder wrote around them."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        arr = np.ascontiguousarray(np.asarray(im))
+        digest = hashlib.sha256(f"{im.mode}:{arr.shape}:{arr.dtype.str}:".encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()
 
 
 class RunStore:
@@ -61,8 +76,8 @@ class RunStore:
             for row, png in zip(part["rows"], part["images"], strict=False):
                 rel = self.image_rel(pid, mode, row["sample_index"])
                 atomic_write_bytes(self.out / rel, png)
-                rows.append({**row, "run_id": self.run_id, "image": rel})
-            atomic_write_table(self.part_path(pid, mode), pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
+                rows.append({**row, "run_id": self.run_id, "image": rel, "pixel_sha256": pixel_sha256(png)})
+            atomic_write_table(self.part_path(pid, mode), pa.Table.from_pylist(rows, schema=PART_SCHEMA))
             commit(
                 partition_name(pid, mode),
                 {
