@@ -66,7 +66,9 @@ def test_sd_with_amg_disabled_or_silent_equals_diffusers_bit_for_bit(sd_componen
     assert np.array_equal(disabled.images, plain)
     assert disabled.amg_trace.steps == []
     # Enabled, but no gate can open: the AMG loop itself must not perturb a single bit.
-    silent = _sd(pipe, amg=_amg(backend, index, mode="paper", threshold="constant", lambda_start=2.0))
+    silent = _sd(
+        pipe, amg=_amg(backend, index, mode="paper", threshold="constant", lambda_start=2.0, detect_every=1)
+    )
     assert np.array_equal(silent.images, plain)
     assert len(silent.amg_trace.steps) == 4 and not any(silent.amg_trace.any_fired())
     assert silent.amg_trace.detections == 4 + 1 and silent.amg_trace.gradients == 0
@@ -190,7 +192,9 @@ def test_pixel_pipelines_with_amg_disabled_or_silent_equal_diffusers(kind, pixel
     pipe = amg_cls(unet=pixel_unet, scheduler=scheduler)
     assert np.array_equal(run(pipe).images, plain)
     assert np.array_equal(run(pipe, amg=_amg(backend, index, enabled=False)).images, plain)
-    silent = run(pipe, amg=_amg(backend, index, mode="paper", threshold="constant", lambda_start=0.0))
+    silent = run(
+        pipe, amg=_amg(backend, index, mode="paper", threshold="constant", lambda_start=0.0, detect_every=1)
+    )
     assert np.array_equal(silent.images, plain) and silent.amg_trace.detections == 6 + 1
     fired = run(pipe, amg=_amg(backend, index, threshold="constant", lambda_start=-100.0, c3=10.0))
     assert not np.array_equal(fired.images, plain)

@@ -93,7 +93,11 @@ def test_the_demo_console_is_short_and_ends_with_where_to_look(demo_run):
 def _jobs(demo_out: Path, work: Path) -> dict[str, list[str]]:
     """Each job with arguments over the demo's outputs. Those writing into the demo's own folders use
     the demo's settings, so their first run is already a no-op; the others write under ``work``."""
-    from demo.run import DEMO_DUPLICATE_CAPTION_MIN_COUNT, SSCD_STAND_IN
+    from demo.memorizing.layout import THRESHOLDS
+    from demo.run import AUDIT_OVERRIDES, AUDIT_PROMPTS, DEMO_DUPLICATE_CAPTION_MIN_COUNT, FASHION, SSCD_STAND_IN
+
+    thresholds = json.loads((REPO / "models" / "amg-memorizing" / THRESHOLDS).read_text())
+    memorized_threshold = thresholds["text2img"]["memorized_threshold"]
 
     sscd = str(demo_out / SSCD_STAND_IN)
     shards = str(demo_out / "shards")
@@ -106,9 +110,11 @@ def _jobs(demo_out: Path, work: Path) -> dict[str, list[str]]:
             *("--duplicate-caption-min-count", str(DEMO_DUPLICATE_CAPTION_MIN_COUNT)),
         ],
         "audit": [
-            *("--bundle", str(demo_out / "bundle"), "--prompts", str(demo_out / "audit_prompts.jsonl")),
-            *("--out", str(demo_out / "audit"), "--model", str(REPO / "models" / "amg-memorizing")),
-            *("--amg", "both", "--similarity", "sscd"),
+            *("--bundle", str(demo_out / FASHION / "bundle")),
+            *("--prompts", str(demo_out / AUDIT_PROMPTS), "--out", str(demo_out / "audit")),
+            *("--model", str(REPO / "models" / "amg-memorizing"), "--amg", "both", "--similarity", "sscd"),
+            *("--mode", "paper", "--amg-overrides", str(demo_out / AUDIT_OVERRIDES)),
+            *("--memorized-threshold", str(memorized_threshold)),
         ],
         "ingest": ["--shards", shards, "--out", str(work / "ingest")],
         "embed": ["--shards", shards, "--out", str(work / "emb"), "--log-every-s", "600"],

@@ -82,21 +82,15 @@ def test_only_the_token_notice_is_dropped_while_a_local_ray_starts():
 
 
 def test_demo_prompts_fit_the_demo_model_so_nothing_is_cut_silently():
+    """Every prompt the demo audits reaches the model whole: the tokenizer would cut at 32 tokens."""
     from transformers import CLIPTokenizer
 
-    from demo.memorizing.training import TEXT2IMG_DIR
-    from demo.run import fit_prompts
+    from demo.memorizing.fashion_mnist import CLASS_NAMES
+    from demo.memorizing.fashion_set import PLANTED, generic_caption
+    from demo.memorizing.layout import TEXT2IMG_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(DEMO_MODEL / TEXT2IMG_DIR / "tokenizer")
     limit = tokenizer.model_max_length
-    long = (  # the demo caption that is longer than the demo model's 32 tokens
-        "Official portrait of an astronaut in an orange launch suit, with the US flag "
-        "and a space shuttle model"
-    )
-    short = "A tabby cat with green eyes looking straight into the camera"
-    fitted = fit_prompts([long, short], DEMO_MODEL)
-    assert fitted[1] == short  # a prompt that fits is left alone
-    assert long.startswith(fitted[0]) and len(fitted[0]) < len(long)
-    assert fitted[0].endswith(" space")  # cut at a word boundary, as many words as fit
-    n = len(tokenizer(fitted[0], truncation=True, max_length=limit + 1)["input_ids"])
-    assert n <= limit
+    prompts = [caption for _, caption, _ in PLANTED] + [generic_caption(c) for c in range(len(CLASS_NAMES))]
+    for prompt in prompts:
+        assert len(tokenizer(prompt, truncation=True, max_length=limit + 1)["input_ids"]) <= limit, prompt

@@ -64,7 +64,7 @@ class AMGConfig:
     threshold, s0 the classifier-free guidance scale, t the scheduler's (training) timestep.
 
     Args:
-        mode (`str`, *optional*, defaults to `"reference"`):
+        mode (`str`, *optional*, defaults to `"paper"`):
             ``"paper"`` (one shared gate), ``"reference"`` (the authors' per-term gates) or
             ``"released_pixel"`` (the released iDDPM procedure, ``nl2`` and the pixel pipelines only; see
             the module docstring and the ``latch_threshold`` … ``noised_max_rows`` fields).
@@ -170,14 +170,19 @@ class AMGConfig:
             Carlini's nL2: α in nL2 = ℓ2(x, n0)/(α·mean ℓ2(x, S)).
         memorized_threshold (`float`, *optional*, defaults to 0.5):
             σ above which a final image counts as memorized (SSCD 0.5; nl2: −1.4, i.e. nL2 < 1.4).
-        detect_every (`int`, *optional*, defaults to 1):
+        detect_every (`int`, *optional*, defaults to 4):
             A cost option, not in the paper: while no gated term (shared gate, G_dup or G_sim) applied at
             the last detection and no G_dup hold runs, run the detector only every n-th step and leave
             ε̂ untouched on the steps in between (no G_spe either). Once a gate opens, detection runs
-            at every step again. 1 reproduces the paper and the released code.
+            at every step again. Detecting x̂0 costs a VAE decode, about a UNet pass, so detection at
+            every step doubles the time of a prompt nothing is detected for; every 4th step keeps that
+            under 1.3× (BENCHMARKS.md, "AMG cost"). 1 reproduces the paper's per-step loop; the
+            ``reference`` and ``released_pixel`` presets use 1, as the released code does.
     """
 
-    mode: str = option("reference", "paper (one gate) or reference (the authors' released behaviour)")
+    mode: str = option(
+        "paper", "paper (one gate), reference (the authors' released behaviour) or released_pixel"
+    )
     backend: str = option("sscd", "similarity for σ_t: sscd, clip or nl2")
     enabled: bool = option(True, "False: plain sampling through the AMG loop")
     use_spe: bool = option(True, "apply G_spe (despecification)")
@@ -212,13 +217,13 @@ class AMGConfig:
     gate: str = option("per_term", "shared (paper) or per_term (reference)")
     recheck_sigma: bool = option(True, "per_term: re-measure σ after G_spe/G_dup before G_sim")
     dup_hold_steps: int = option(10, "steps G_dup stays on after a trigger")
-    dup_sticky_caption: bool = option(True, "keep the first y_N for the whole trajectory")
+    dup_sticky_caption: bool = option(True, "keep the latest y_N found through steps without one")
     dup_min_count: int = option(2, "minimum duplicate count of n0's caption for G_dup")
     nl2_k: int = option(50, "nL2 neighbour-set size k")
     nl2_alpha: float = option(0.5, "nL2 α")
     memorized_threshold: float = option(0.5, "σ above which an image counts as memorized")
     detect_every: int = option(
-        1, "while no gated term is active, detect only every n-th step (1: every step)"
+        4, "while no gated term is active, detect only every n-th step (1: every step)"
     )
 
     def __post_init__(self) -> None:
@@ -259,11 +264,11 @@ class AMGConfig:
             raise ValueError("AMGConfig: dup_hold_steps >= 0, dup_min_count >= 1, nl2_k >= 1, nl2_alpha > 0")
 
     @classmethod
-    def preset(cls, mode: str = "reference", backend: str = "sscd", **overrides: Any) -> AMGConfig:
+    def preset(cls, mode: str = "paper", backend: str = "sscd", **overrides: Any) -> AMGConfig:
         """The constants of ``mode`` for ``backend``, with ``overrides`` applied on top.
 
         Args:
-            mode (`str`, *optional*, defaults to `"reference"`): ``"paper"``, ``"reference"`` or
+            mode (`str`, *optional*, defaults to `"paper"`): ``"paper"``, ``"reference"`` or
                 ``"released_pixel"`` (``nl2`` only).
             backend (`str`, *optional*, defaults to `"sscd"`): ``"sscd"``, ``"clip"`` or ``"nl2"``.
             overrides: any field of :class:`AMGConfig`.
@@ -318,6 +323,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "dup_hold_steps": 10,
         "dup_sticky_caption": True,
         "memorized_threshold": 0.5,
+        "detect_every": 1,
     },
     # Paper mode: the same endpoints as the reference curve (0.30 at t = T, 0.40 at t = 0) joined by a
     # parabola with its vertex at t = T; c1 as in the code; c2 = c1; a constant c3 (see BENCHMARKS.md).
@@ -354,6 +360,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "dup_hold_steps": 10,
         "dup_sticky_caption": True,
         "memorized_threshold": -1.4,
+        "detect_every": 1,
     },
     # The released iDDPM procedure (AMG-iddpm gaussian_diffusion.py, image_sample_guided.py): σ = −mL2 of
     # x_t against the noised training set (k = 50, α = 0.5), latch at mL2 < 1.5, guidance where
@@ -382,6 +389,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "dup_hold_steps": 0,
         "dup_sticky_caption": False,
         "memorized_threshold": -1.4,
+        "detect_every": 1,
     },
     # Paper mode, nL2: a parabola through the reference curve's endpoints (−1.95 at t = T, −1.5 at t = 0).
     ("paper", "nl2"): {

@@ -42,7 +42,8 @@ class Matcher:
         descriptor (`str`): what makes the vectors, for the provenance.
         descriptor_checksum (`str`, *optional*): checksum of the descriptor model file.
         training_image (`Callable[[int], bytes | None]`): encoded image of a training row, for the report.
-        captions (`NearestCaptions`): y_N of the images a detection looks at, for G_dup.
+        captions (`NearestCaptions`, *optional*): y_N of the images a detection looks at, for G_dup
+            (None: n0's entry in the index).
     """
 
     backend: Any
@@ -50,7 +51,7 @@ class Matcher:
     descriptor: str
     descriptor_checksum: str | None
     training_image: Callable[[int], bytes | None]
-    captions: NearestCaptions
+    captions: NearestCaptions | None = None
 
 
 class NearestCaptions:
@@ -158,7 +159,11 @@ def open_matcher(
             )
         what = "model the bundle's SSCD descriptors were made with"
         digest = check_model_file(path, model.get("sha256"), what, bundle)
-        backend = SSCDBackend.from_file(path, image_size=int(model.get("image_size") or 320), device=device)
+        # Queries are prepared as the embed stage prepared the bundle's rows (ImageNet normalisation at
+        # the recorded size), not as the released AMG code fed SSCD: the two sides must match.
+        backend = SSCDBackend.from_file(
+            path, image_size=int(model.get("image_size") or 320), device=device, preprocessing="imagenet"
+        )
         descriptor = f"SSCD {path}"
     elif similarity == "clip":
         index = open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect)

@@ -457,7 +457,7 @@ class AuditConfig:
     amg: str = option(
         "both", "generate without AMG (off), with it (on), or both, paired by seed", fingerprint=False
     )
-    mode: str = option("reference", "AMG constants: paper or reference (pipeline.amg.AMGConfig.preset)")
+    mode: str = option("paper", "AMG constants: paper or reference (pipeline.amg.AMGConfig.preset)")
     similarity: str = option("sscd", "similarity of the detection and of AMG: sscd, clip or nl2")
     memorized_threshold: float | None = option(
         None, "similarity above which a sample is memorized (default: the AMG preset's; SSCD 0.5)"
