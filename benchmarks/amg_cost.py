@@ -1,23 +1,36 @@
-"""AMG's cost: wall time per image over plain sampling on the same pipeline, detected vs not detected.
+"""AMG's cost: wall time per image over plain sampling on the same pipeline, when nothing is detected
+and when guidance fires.
 
-    python benchmarks/amg_cost.py --model-dir models/amg-memorizing --json /tmp/amg_cost.json
+    OMP_NUM_THREADS=1 python benchmarks/amg_cost.py --model-dir models/amg-memorizing --json amg_cost.json
 
-On the memorizing text-to-image model (and the unconditional one) it times, per image, plain
-sampling and AMG ``paper`` / ``reference`` on two groups of prompts:
+Why: AMG runs a detection (x̂0 → VAE decode → copy descriptor → index search) inside the sampling
+loop, and a σ gradient wherever a gate opens. On a prompt the model does not copy, the overhead over
+plain sampling must stay at most 1.3× with the default settings (``AMGConfig.detect_every = 4``:
+detection every 4th step while no gate is open); where guidance fires, the cost is reported.
 
-* *fires*: the duplicated training captions, where the model copies and AMG's gates open;
-* *quiet*: captions the model never saw, with thresholds for which no λ-gate opens, so only the
-  per-step detection (x̂0 → VAE decode → descriptor → index search) is paid. In ``reference`` mode G_spe
-  has no λ-gate and still changes ε̂ (it scales with σ > 0), so the released behaviour also measures
-  σ a second time per step even here.
+What: on the memorizing models (:mod:`demo.memorizing.training`) and the λ_t calibrated for them
+(``amg_thresholds.json``, written next to the models by ``jobs/evaluate_amg.py``), two groups each:
 
-``paper_detect_every_4`` is paper mode with ``AMGConfig.detect_every = 4`` (detection every 4th step
-while nothing is detected, every step once a gate opens).
+* text-to-image model (DDIM ``--steps``, CFG 7.5, ``--batch`` seeds per prompt and call):
+  *quiet* = the 10 generic class prompts ("a photo of a sneaker"), which the calibrated λ_t is fitted
+  not to fire on; *fires* = the planted captions duplicated ≥ ×64, which the model copies. Modes:
+  plain, ``paper`` (defaults: calibrated λ_t, ``detect_every`` 4), ``paper`` with ``detect_every=1``
+  (the paper's per-step loop), ``reference`` (the released per-term behaviour, calibrated λ_t too).
+  Detection searches the SSCD stand-in's descriptors of the training pictures in RAM, the flat exact
+  search the demo's training-set bundle does, with y_N from n0's caption count; ``--bundle`` (and
+  ``--sscd``) detect through that bundle instead, with the authors' y_N rule.
+* pixel DDPM (DDPM ``--pixel-steps``, class-conditional): *quiet* = the classes without a planted
+  picture, *fires* = the classes of the planted pictures duplicated ≥ ×64. Modes: plain, ``paper``
+  (nL2, calibrated), ``paper`` with ``detect_every=1``, ``released_pixel`` (its own preset).
 
-Runs are interleaved (plain, paper, reference, plain, ...) and the median of ``--repeats`` is
-reported, with the number of UNet passes, detections and gradients per image from the AMG trace,
-and a per-operation breakdown (one CFG UNet pass, one detection, one σ gradient). Prints a Markdown
-table (for BENCHMARKS.md); ``--json`` writes the raw figures.
+Per mode: seconds per image (median of ``--repeats`` runs, modes interleaved within each run), the
+ratio to plain in the same runs, detections per image (detector passes per call: each scores every
+image of the call once), σ gradients per call and the fraction of samples where any gate opened
+(``AMGTrace.any_fired``; on *quiet* it should be near 0 in ``paper`` mode, while ``reference``'s
+ungated G_spe counts wherever σ > 0). Also the cost of one operation on a batch of
+the text-to-image model: a CFG UNet pass, a VAE decode, a detection (embed + search, on decoded
+pixels) and a σ gradient (decode and embed, forward and backward). Prints a Markdown table for
+BENCHMARKS.md; ``--json`` writes the raw figures.
 """
 
 from __future__ import annotations
@@ -27,204 +40,350 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch
 
-from demo.memorizing.evaluation import _amg, load_models, training_indexes
-from pipeline.amg.guidance import AntiMemorizationGuidance
+from demo.memorizing.evaluation import (
+    PIXEL_MODES,
+    EvalSettings,
+    Models,
+    calibrated_config,
+    load_models,
+    pixel_detector_parts,
+    sample_pixel,
+    sample_text2img,
+    text2img_detector_parts,
+)
+from demo.memorizing.fashion_mnist import CLASS_NAMES
+from demo.memorizing.fashion_set import generic_caption
+from demo.memorizing.layout import THRESHOLDS
+from demo.memorizing.training import TrainingSet
+from demo.run import TRAINING_SET_MIN_COUNT
+from pipeline.amg import AntiMemorizationGuidance, InMemoryNeighbourIndex, MemorizationDetector, SSCDBackend
 
-NOVEL_PROMPTS = [
-    "A sailing boat on a calm lake at sunrise",
-    "A bowl of ramen with chopsticks",
-    "Snow-covered pine trees under a grey sky",
-    "A vintage typewriter on a desk",
-]
-QUIET = {"paper": {"lambda_start": 2.0, "lambda_end": 2.0}, "reference": {"lambda_a": 2.0, "lambda_b": 0.0}}
+#: Planted pictures duplicated at least this often make the *fires* group: the models copy them.
+FIRES_MIN_COPIES = 64
+#: Text-to-image rows: name -> (mode, :func:`calibrated_config` changes); None is plain sampling.
+TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
+    "plain": None,
+    "paper": ("paper", {}),
+    "paper_every_step": ("paper", {"detect_every": 1}),
+    "reference": ("reference", {}),
+}
+#: Timestep of the per-operation breakdown (mid-trajectory; the cost does not depend on it).
+OPS_TIMESTEP = 500
+
+# A (mode, changes) spec -> the guidance to sample with.
+MakeAMG = Callable[[str, dict[str, Any]], AntiMemorizationGuidance]
+# (prompts or labels, guidance or None) -> one AMG trace (or None) per pipeline call.
+Sample = Callable[[list, AntiMemorizationGuidance | None], list]
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
+# ----------------------------------------------------------------------------- what is sampled
+def stand_in_detector_parts(train: TrainingSet):
+    """``(backend, index, None)``: the SSCD stand-in's descriptors of the distinct training pictures in
+    RAM, y_N = n0's caption when ``TRAINING_SET_MIN_COUNT`` training rows carry it (as in the training-set
+    bundle, which also holds the verbatim repeats: same vectors, so the same n0 and σ)."""
+    from demo.memorizing.descriptors import ThumbnailCopyDescriptor
+
+    backend = SSCDBackend(ThumbnailCopyDescriptor())
+    rows = torch.from_numpy(train.row_index())
+    index = InMemoryNeighbourIndex.from_images(
+        backend,
+        train.tensor()[rows],
+        [train.captions[i] for i in rows.tolist()],
+        min_count=TRAINING_SET_MIN_COUNT,
+    )
+    return backend, index, None
+
+
+def high_copy_planted(train: TrainingSet) -> list[int]:
+    """Positions of the planted pictures duplicated at least ``FIRES_MIN_COPIES`` times."""
+    return [p for p in train.planted() if train.copies[p] >= FIRES_MIN_COPIES]
+
+
+def text2img_groups(train: TrainingSet) -> dict[str, list[str]]:
+    """*quiet*: the generic class prompts; *fires*: the planted captions ≥ ×64."""
+    return {
+        "quiet": [generic_caption(c) for c in range(len(CLASS_NAMES))],
+        "fires": [train.captions[p] for p in high_copy_planted(train)],
+    }
+
+
+def pixel_groups(train: TrainingSet) -> dict[str, list[int]]:
+    """*quiet*: classes without a planted picture; *fires*: classes of the planted pictures ≥ ×64."""
+    planted_classes = {int(train.labels[p]) for p in train.planted()}
+    return {
+        "quiet": [c for c in range(len(CLASS_NAMES)) if c not in planted_classes],
+        "fires": [int(train.labels[p]) for p in high_copy_planted(train)],
+    }
+
+
+def load_thresholds(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / THRESHOLDS
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: jobs/evaluate_amg.py calibrates λ_t and writes it")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- timing
+def trace_counts(traces: list) -> dict[str, float]:
+    """Detections per image (detector passes per call, each over the whole batch), σ gradients and
+    caption UNet passes per call, and the fraction of samples where any gate opened."""
+    fired = [f for tr in traces for f in tr.any_fired()]
+    return {
+        "detections_per_image": statistics.mean(tr.detections for tr in traces),
+        "gradients_per_call": statistics.mean(tr.gradients for tr in traces),
+        "caption_passes_per_call": statistics.mean(tr.caption_passes for tr in traces),
+        "fired_fraction": sum(fired) / len(fired),
+    }
+
+
+def time_modes(
+    sample: Sample, items: list, amgs: dict[str, AntiMemorizationGuidance | None], batch: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Seconds per image of every mode over ``items``, modes interleaved in each of ``repeats`` runs."""
+    for amg in amgs.values():  # warm-up: lazy initialisation and caches stay out of the timings
+        sample(items[:1], amg)
+    n_images = len(items) * batch
+    times: dict[str, list[float]] = {name: [] for name in amgs}
+    counts: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        for name, amg in amgs.items():
+            started = time.perf_counter()
+            traces = sample(items, amg)
+            times[name].append((time.perf_counter() - started) / n_images)
+            if amg is not None:
+                counts[name] = trace_counts(traces)  # the same in every run: the seeds are fixed
+    plain = statistics.median(times["plain"])
+    return {
+        name: {
+            "seconds_per_image": statistics.median(ts),
+            "ratio": statistics.median(ts) / plain,
+            "all": ts,
+            **counts.get(name, {}),
+        }
+        for name, ts in times.items()
+    }
+
+
+def bench_model(
+    groups: dict[str, list],
+    modes: dict[str, tuple[str, dict[str, Any]] | None],
+    make_amg: MakeAMG,
+    sample: Sample,
+    batch: int,
+    repeats: int,
+) -> dict[str, dict[str, Any]]:
+    """:func:`time_modes` for each group, with a fresh guidance per mode."""
+    results = {}
+    for group, items in groups.items():
+        amgs = {name: None if spec is None else make_amg(*spec) for name, spec in modes.items()}
+        results[group] = time_modes(sample, items, amgs, batch, repeats)
+    return results
+
+
+def bench_text2img(
+    models: Models, parts, thresholds, settings: EvalSettings, batch: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    backend, index, captions = parts
+
+    def make_amg(mode: str, changes: dict[str, Any]) -> AntiMemorizationGuidance:
+        config = calibrated_config(thresholds, "text2img", mode, "sscd", **changes)
+        return AntiMemorizationGuidance(MemorizationDetector(backend, index, config, captions=captions))
+
+    def sample(prompts: list[str], amg) -> list:
+        return sample_text2img(models.text2img, prompts, list(range(batch)), amg, settings)[1]
+
+    return bench_model(text2img_groups(models.train), TEXT2IMG_MODES, make_amg, sample, batch, repeats)
+
+
+def bench_pixel(
+    models: Models, thresholds, settings: EvalSettings, batch: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    backend, index = pixel_detector_parts(models.train)
+
+    def make_amg(mode: str, changes: dict[str, Any]) -> AntiMemorizationGuidance:
+        config = calibrated_config(thresholds, "pixel", mode, "nl2", **changes)
+        return AntiMemorizationGuidance(MemorizationDetector(backend, index, config))
+
+    def sample(labels: list[int], amg) -> list:
+        return sample_pixel(models.pixel, labels, list(range(batch)), amg, settings)[1]
+
+    return bench_model(pixel_groups(models.train), PIXEL_MODES, make_amg, sample, batch, repeats)
+
+
+def median_ms(fn: Callable[[], Any], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
         fn()
-        out.append(time.perf_counter() - t0)
-    return out
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
 
 
-def main() -> None:
+@torch.no_grad()
+def operation_ms(models: Models, parts, thresholds, batch: int, runs: int) -> dict[str, float]:
+    """Milliseconds per batch of one operation of the text-to-image loop (paper mode's detector)."""
+    pipe = models.text2img
+    backend, index, captions = parts
+    config = calibrated_config(thresholds, "text2img", "paper", "sscd")
+    amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, config, captions=captions))
+    unet = pipe.unet.config
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, unet.in_channels, unet.sample_size, unet.sample_size, generator=gen)
+    eps = torch.randn(latents.shape, generator=gen)
+    cond, uncond = pipe.encode_prompt([text2img_groups(models.train)["fires"][0]] * batch, "cpu", 1, True)
+    states = torch.cat([uncond, cond])
+    alpha_bar = pipe.scheduler.alphas_cumprod[OPS_TIMESTEP]
+
+    def to_pixels(z: torch.Tensor) -> torch.Tensor:  # as the pipeline decodes x̂0
+        return pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+    pixels = to_pixels(latents)
+    detection = amg.detector.detect(pixels)
+    ops = {
+        "unet_cfg_pass": lambda: pipe.unet(
+            torch.cat([latents] * 2), OPS_TIMESTEP, encoder_hidden_states=states
+        ),
+        "vae_decode": lambda: to_pixels(latents),
+        "detection": lambda: amg.detector.detect(pixels),
+        "sigma_gradient": lambda: amg.sigma_and_gradient(latents, eps, alpha_bar, to_pixels, detection),
+    }
+    return {name: median_ms(fn, runs) for name, fn in ops.items()}
+
+
+# ----------------------------------------------------------------------------- report
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    return platform.machine()
+
+
+def command_line() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(["python", *sys.argv])
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["setup"]
+    lines = [
+        f"Machine: {s['machine']}, {s['cpus']} CPUs, CPU only; torch {s['torch']}, torch threads "
+        f"{s['torch_threads']}; 1-minute load average {s['load_average'][0]:.1f} at the start, "
+        f"{s['load_average'][1]:.1f} at the end. Date: {s['date']}. Command:",
+        "",
+        "```",
+        s["command"],
+        "```",
+        "",
+        f"Text-to-image: DDIM {s['steps']} steps, CFG {s['guidance_scale']}; pixel: DDPM {s['pixel_steps']} "
+        f"steps. {s['batch']} images per call, median of {s['repeats']} interleaved runs, λ_t calibrated "
+        f"(`{THRESHOLDS}`). Text-to-image detection: {s['detector']}.",
+        "",
+        "| Model | Prompts | Mode | s/image | × plain | detections/image | σ gradients/call | fired |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model in ("text2img", "pixel"):
+        for group, rows in results[model].items():
+            for name, r in rows.items():
+                amg = "fired_fraction" in r
+                lines.append(
+                    f"| {model} | {group} | {name} | {r['seconds_per_image']:.3f} | {r['ratio']:.2f} | "
+                    + (
+                        f"{r['detections_per_image']:.1f} | {r['gradients_per_call']:.1f} | "
+                        f"{100 * r['fired_fraction']:.0f}% |"
+                        if amg
+                        else "– | – | – |"
+                    )
+                )
+    ops = results["ops_ms_per_batch"]
+    lines += [
+        "",
+        f"Text-to-image, one operation on a batch of {s['batch']} (ms): "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in ops.items())
+        + ". A detection in the loop is a VAE decode plus a detection.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model-dir", default=str(ROOT / "models" / "amg-memorizing"))
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--batch", type=int, default=4, help="images per pipeline call")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--steps", type=int, default=50, help="text-to-image DDIM steps")
+    parser.add_argument("--pixel-steps", type=int, default=100, help="pixel model DDPM steps")
+    parser.add_argument("--batch", type=int, default=8, help="images (seeds) per pipeline call")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; the median is reported")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--bundle", help="detect through this training-set bundle instead of the in-RAM index"
+    )
+    parser.add_argument(
+        "--sscd", help="with --bundle: the SSCD TorchScript file its descriptors were made with"
+    )
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args()
+    if args.sscd and not args.bundle:
+        parser.error("--sscd goes with --bundle")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    pipe, uncond, train = load_models(args.model_dir)
-    indexes = training_indexes(train)
-    dup_prompts = [train.captions[i] for i in train.duplicated()]
-
-    def run(prompts, amg):
-        traces = []
-        for p in prompts:
-            gens = [torch.Generator().manual_seed(s) for s in range(args.batch)]
-            res = pipe(
-                [p] * args.batch, num_inference_steps=args.steps, generator=gens, output_type="pt", amg=amg
-            )
-            traces.append(getattr(res, "amg_trace", None))
-        return traces
-
-    groups = {"fires": (dup_prompts, {}), "quiet": (NOVEL_PROMPTS, QUIET)}
-    results: dict = {"text2img": {}, "uncond": {}}
-    for group, (prompts, overrides) in groups.items():
-        n_images = len(prompts) * args.batch
-        amgs: dict[str, AntiMemorizationGuidance | None] = {"plain": None}
-        for mode in ("paper", "reference"):
-            amgs[mode] = _amg(mode, "sscd", indexes, overrides)
-        amgs["paper_detect_every_4"] = _amg("paper", "sscd", indexes, overrides, detect_every=4)
-        times: dict[str, list[float]] = {k: [] for k in amgs}
-        counts: dict[str, dict] = {}
-        run(prompts[:1], amgs["paper"])  # warm-up
-        for _ in range(args.repeats):
-            for name, amg in amgs.items():
-                t0 = time.perf_counter()
-                traces = run(prompts, amg)
-                times[name].append((time.perf_counter() - t0) / n_images)
-                if amg is not None:
-                    counts[name] = {
-                        "detections_per_image": sum(t.detections for t in traces) / n_images,
-                        "gradients_per_call": sum(t.gradients for t in traces) / len(traces),
-                        "caption_passes_per_call": sum(t.caption_passes for t in traces) / len(traces),
-                        "fired_fraction": sum(sum(t.any_fired()) for t in traces) / n_images,
-                        "final_memorized": sum(sum(t.final_memorized) for t in traces) / n_images,
-                    }
-        plain = statistics.median(times["plain"])
-        results["text2img"][group] = {
-            name: {
-                "seconds_per_image": statistics.median(ts),
-                "ratio": statistics.median(ts) / plain,
-                "all": ts,
-                **counts.get(name, {}),
-            }
-            for name, ts in times.items()
-        }
-
-    # Unconditional model, nL2 backend: fires (the model copies) vs quiet (threshold nothing reaches).
-    for group, overrides in (
-        ("fires", {}),
-        (
-            "quiet",
-            {
-                "paper": {"lambda_start": 0.0, "lambda_end": 0.0},
-                "reference": {"lambda_a": 0.0, "lambda_b": 0.0},
-            },
-        ),
-    ):
-        amgs = {
-            "plain": None,
-            "paper": _amg("paper", "nl2", indexes, overrides),
-            "reference": _amg("reference", "nl2", indexes, overrides),
-        }
-        times = {k: [] for k in amgs}
-        n = 4 * args.batch
-        for _ in range(args.repeats):
-            for name, amg in amgs.items():
-                t0 = time.perf_counter()
-                uncond(
-                    batch_size=n,
-                    generator=[torch.Generator().manual_seed(s) for s in range(n)],
-                    num_inference_steps=args.steps,
-                    output_type="pt",
-                    amg=amg,
-                )
-                times[name].append((time.perf_counter() - t0) / n)
-        plain = statistics.median(times["plain"])
-        results["uncond"][group] = {
-            name: {
-                "seconds_per_image": statistics.median(ts),
-                "ratio": statistics.median(ts) / plain,
-                "all": ts,
-            }
-            for name, ts in times.items()
-        }
-
-    # Per-operation breakdown on the text-to-image model, batch of args.batch.
-    amg = _amg("paper", "sscd", indexes, {})
-    latents = torch.randn(args.batch, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    states = pipe.encode_prompt([dup_prompts[0]] * args.batch, "cpu", 1, True)
-    states = torch.cat([states[1], states[0]])
-    t = torch.tensor(500)
-    ab = pipe.scheduler.alphas_cumprod[500]
-
-    def to_pixels(z):
-        return pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False)[0]
-
-    with torch.no_grad():
-        ops = {
-            "unet_cfg_pass": lambda: pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=states),
-            "vae_decode": lambda: to_pixels(latents),
-            "detection": lambda: amg.detector.detect(to_pixels(latents)),
-        }
-        det = amg.detector.detect(to_pixels(latents))
-    ops["sigma_gradient"] = lambda: amg.sigma_and_gradient(latents, latents, ab, to_pixels, det)
-    results["ops_ms_per_batch"] = {
-        k: 1000 * statistics.median(_time(f, 5 * args.repeats)) for k, f in ops.items()
+    load_start = os.getloadavg()[0]
+    model_dir = Path(args.model_dir)
+    models = load_models(model_dir)
+    thresholds = load_thresholds(model_dir)
+    if args.bundle:
+        parts = text2img_detector_parts(args.bundle, args.sscd)
+        detector = f"through the bundle {args.bundle}"
+    else:
+        parts = stand_in_detector_parts(models.train)
+        detector = (
+            f"SSCD stand-in over the {len(parts[1])} distinct training pictures in RAM (flat exact search)"
+        )
+    settings = EvalSettings(num_inference_steps=args.steps, pixel_inference_steps=args.pixel_steps)
+    results: dict[str, Any] = {
+        "text2img": bench_text2img(models, parts, thresholds, settings, args.batch, args.repeats),
+        "pixel": bench_pixel(models, thresholds, settings, args.batch, args.repeats),
+        "ops_ms_per_batch": operation_ms(models, parts, thresholds, args.batch, max(5, 5 * args.repeats)),
     }
-
     results["setup"] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": platform.processor() or platform.machine(),
+        "command": command_line(),
+        "machine": cpu_name(),
         "cpus": os.cpu_count(),
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
+        "load_average": [load_start, os.getloadavg()[0]],
         "device": "cpu",
+        "detector": detector,
         "steps": args.steps,
+        "pixel_steps": args.pixel_steps,
+        "guidance_scale": settings.guidance_scale,
         "batch": args.batch,
         "repeats": args.repeats,
-        "torch": torch.__version__,
     }
     print(markdown(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-
-
-def markdown(results: dict) -> str:
-    s = results["setup"]
-    lines = [
-        f"CPU only ({s['cpus']} cores, {s['torch_threads']} torch threads, load average "
-        f"{s['load_average'][0]:.1f} at the start), DDIM {s['steps']} steps, {s['batch']} images per call, "
-        f"median of {s['repeats']} interleaved runs.",
-        "",
-        "| Model | Prompts | Mode | s/image | × plain | detections/image | fired |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for model in ("text2img", "uncond"):
-        for group, rows in results[model].items():
-            for name, r in rows.items():
-                det = f"{r['detections_per_image']:.0f}" if "detections_per_image" in r else "–"
-                fired = f"{100 * r['fired_fraction']:.0f}%" if "fired_fraction" in r else "–"
-                lines.append(
-                    f"| {model} | {group} | {name} | {r['seconds_per_image']:.3f} | {r['ratio']:.2f} | {det} "
-                    f"| {fired} |"
-                )
-    lines += [
-        "",
-        "Per operation (ms per batch): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in results["ops_ms_per_batch"].items()),
-    ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
