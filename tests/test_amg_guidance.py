@@ -246,3 +246,18 @@ def test_dup_min_count_filters_y_n():
     state = amg.begin(B, 1000)
     _, _, calls = _step(amg, state, det, 0, seed=4)
     assert calls == [] and state.trace.steps[0].dup == [False] * 3
+
+
+def test_in_memory_index_keeps_or_folds_repeated_rows_and_counts_their_copies():
+    from pipeline.amg import InMemoryNeighbourIndex, NormalizedL2Backend
+
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    rows = torch.cat([images[:1], images[:1], images[1:]])  # row 0 twice, with the same caption
+    captions = ["a", "a", "b", "c"]
+    backend = NormalizedL2Backend(image_size=8)
+    folded = InMemoryNeighbourIndex.from_images(backend, rows, captions)
+    kept = InMemoryNeighbourIndex.from_images(backend, rows, captions, dedupe=False)
+    assert len(folded) == 3 and len(kept) == 4
+    assert [folded.row(i)["copies"] for i in range(3)] == [2, 1, 1]
+    assert [kept.row(i)["copies"] for i in range(4)] == [2, 2, 1, 1]
+    assert folded.duplicate_caption(0).count == kept.duplicate_caption(1).count == 2

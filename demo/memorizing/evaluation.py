@@ -27,6 +27,7 @@ plain samples of the generic prompts on seeds disjoint from the evaluation's and
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -50,7 +51,7 @@ from pipeline.amg.detector import MemorizationDetector
 from pipeline.amg.guidance import AntiMemorizationGuidance
 from pipeline.amg.memory_index import InMemoryNeighbourIndex
 from pipeline.amg.pipelines import AMGDDPMPipeline, AMGStableDiffusionPipeline
-from pipeline.amg.sampling import seeded_generators
+from pipeline.amg import sampling
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 OWN_COPY_RMS_FACTOR = 2.0
 #: Carlini's nL2 below this also counts as "near a training picture" (reported, calibrated on real images).
 NL2_NEAR = 1.0
+#: KID as bootstrapped: 10 subsets per draw (the point estimate's 100 cost a second each).
+KID = functools.partial(metrics.kid, n_subsets=10)
+#: Fewer samples than this get no KID/FID (the statistics need a few dozen).
+MIN_FIDELITY_SAMPLES = 50
 #: λ_t is the per-timestep maximum of σ_t over the calibration trajectories (200 per model).
 CALIBRATION_PERCENTILE = 100.0
 #: Text-to-image rows: name -> (mode, AMGConfig changes); None is plain sampling.
@@ -93,7 +98,8 @@ class EvalSettings:
     calibration_seed_offset: int = 100_000
     pixel_inference_steps: int = 100
     pixel_samples: int = 40
-    bootstrap: int = 200
+    bootstrap: int = 100
+    copy_calibration_images: int = 2000
     seed: int = 0
 
 
@@ -144,24 +150,13 @@ def pixel_detector_parts(train: TrainingSet) -> tuple[NormalizedL2Backend, InMem
 
 
 # ----------------------------------------------------------------------------- sampling
-@torch.no_grad()
 def sample_text2img(
     pipe, prompts: list[str], seeds: list[int], amg, settings: EvalSettings
 ) -> tuple[torch.Tensor, list]:
     """``(len(prompts)·len(seeds), 3, H, W)`` images in [−1, 1] and one trace per prompt."""
-    images, traces = [], []
-    for prompt in prompts:
-        out = pipe(
-            [prompt] * len(seeds),
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            generator=seeded_generators(seeds),
-            output_type="pt",
-            amg=amg,
-        )
-        images.append(out.images * 2 - 1)
-        traces.append(getattr(out, "amg_trace", None))
-    return torch.cat(images), traces
+    return sampling.sample_text2img(
+        pipe, prompts, seeds, amg, settings.num_inference_steps, settings.guidance_scale
+    )
 
 
 @torch.no_grad()
@@ -173,7 +168,7 @@ def sample_pixel(
     for label in labels:
         out = pipe(
             batch_size=len(seeds),
-            generator=seeded_generators(seeds),
+            generator=sampling.seeded_generators(seeds),
             num_inference_steps=settings.pixel_inference_steps,
             output_type="pt",
             class_labels=[label] * len(seeds),
@@ -226,7 +221,6 @@ class Judge:
 
     classifier: Any
     real_features: np.ndarray
-    real_floor: dict[str, float]
     train: TrainingSet
     max_rms: float
     bootstrap: int
@@ -480,14 +474,16 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         )
     floor = summary["real_floor"]
     cal = summary["copy_calibration"]
+    rms_key = f"{summary['max_rms']:g}"
     lines += [
         "",
-        f"Real-versus-real floor (two halves of the held-out images): KID×10³ {1000 * floor['kid']:.2f}, "
-        f"FID {floor['fid']:.2f}. Classifier accuracy on held-out real images "
-        f"{100 * summary['classifier_accuracy']:.1f}%.",
-        f"Held-out real images against the training set: {100 * cal['frac_nl2_below_1.4']:.1f}% have "
-        f"nL2 < 1.4, {100 * cal['frac_nl2_below_1.0']:.1f}% nL2 < 1.0, and "
-        f"{100 * cal['frac_rms_below_max']:.2f}% lie within the own-copy RMS of a training picture.",
+        f"Real-versus-real floor (two disjoint sets of {s['generic_samples'] * 10} held-out images): "
+        f"KID×10³ {ci(floor['kid_x1000'])}, FID {ci(floor['fid'])}. Classifier accuracy on the "
+        f"held-out real images {acc(summary['classifier_accuracy'])}.",
+        f"Held-out real images against the training set ({s['copy_calibration_images']}): "
+        f"{100 * cal['fraction_nl2_below']['1.4']:.1f}% have nL2 < 1.4, "
+        f"{100 * cal['fraction_nl2_below']['1']:.1f}% nL2 < 1.0, and "
+        f"{100 * cal['fraction_rms_below'][rms_key]:.2f}% lie within the own-copy RMS of a training picture.",
         "",
     ]
     return "\n".join(lines)
@@ -525,25 +521,27 @@ def run_amg_evaluation(cfg, detector_parts, settings: EvalSettings | None = None
     models = load_models(cfg.model_dir)
     thresholds = ensure_thresholds(cfg, detector_parts, settings, models)
     data = load_fashion_data(cfg.generic_per_class, cfg.seed)
-    classifier, accuracy = clf.load_or_train(cfg.classifier_dir, data)
-    held_out = torch.from_numpy(data.held_out).permute(0, 3, 1, 2).float() / 127.5 - 1
+    classifier = clf.load_or_train(cfg.classifier_dir)
+    held_out = metrics.to_signed_tensor(data.held_out)
     real = clf.features(classifier, held_out)
     max_rms = OWN_COPY_RMS_FACTOR * models.recon_rms
-    judge = Judge(
-        classifier=classifier,
-        real_features=real,
-        real_floor=metrics.real_floor(real, seed=cfg.seed),
-        train=models.train,
-        max_rms=max_rms,
-        bootstrap=settings.bootstrap,
-        seed=cfg.seed,
+    judge = Judge(classifier, real, models.train, max_rms, settings.bootstrap, cfg.seed)
+    n_generic = settings.generic_samples * len(CLASS_NAMES)
+    floor = {
+        "kid_x1000": [
+            1000 * v for v in metrics.real_floor(KID, real, n_generic, cfg.seed, settings.bootstrap)
+        ],
+        "fid": list(metrics.real_floor(metrics.fid, real, n_generic, cfg.seed, settings.bootstrap)),
+    }
+    calibration = metrics.calibrate_copy_threshold(
+        held_out[: settings.copy_calibration_images], models.train.tensor(), rms_thresholds=(max_rms,)
     )
-    calibration = metrics.calibrate_copy_threshold(held_out[:2000], models.train.tensor(), max_rms=max_rms)
+    accuracy = metrics.accuracy_interval(clf.predict(classifier, held_out) == data.held_out_labels)
     summary: dict[str, Any] = {
         "settings": asdict(settings),
         "max_rms": max_rms,
         "classifier_accuracy": accuracy,
-        "real_floor": judge.real_floor,
+        "real_floor": floor,
         "copy_calibration": calibration,
         "thresholds": thresholds,
         "planted": [{"caption": c, "label": label, "copies": n} for label, c, n in PLANTED],

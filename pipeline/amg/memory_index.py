@@ -127,19 +127,16 @@ class InMemoryNeighbourIndex(FlatVectors):
         keys = list(keys) if keys is not None else [str(i) for i in range(len(images))]
         counts = Counter(captions)
         order: list[int] = []
-        copies: dict[str, int] = {}
-        first: dict[str, int] = {}
+        copies: Counter[str] = Counter()
+        digests: list[str] = []
         for i in range(len(images)):
             digest = hashlib.sha1(
                 images[i].detach().cpu().numpy().tobytes() + captions[i].encode()
             ).hexdigest()
-            if dedupe and digest in first:
-                copies[digest] += 1
-                continue
-            first[digest] = i
-            copies[digest] = 1
-            order.append(i)
-        digests = {first_i: d for d, first_i in first.items()}
+            digests.append(digest)
+            if not (dedupe and copies[digest]):
+                order.append(i)
+            copies[digest] += 1
         device = next(backend.parameters(), torch.empty(0)).device
         vectors = torch.cat(
             [
