@@ -45,13 +45,13 @@ from demo.memorizing.fashion_mnist import CLASS_NAMES
 from demo.memorizing.fashion_set import PLANTED, generic_caption, load_fashion_data
 from demo.memorizing.layout import MANIFEST, PIXEL_DIR, TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
 from demo.memorizing.training import TrainingSet
+from pipeline.amg import sampling
 from pipeline.amg.backends import NormalizedL2Backend
 from pipeline.amg.config import AMGConfig
 from pipeline.amg.detector import MemorizationDetector
 from pipeline.amg.guidance import AntiMemorizationGuidance
 from pipeline.amg.memory_index import InMemoryNeighbourIndex
 from pipeline.amg.pipelines import AMGDDPMPipeline, AMGStableDiffusionPipeline
-from pipeline.amg import sampling
 
 log = logging.getLogger(__name__)
 
