@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from demo.data import DONE_DIR, IMAGES_DIR, URLS_RELATIVE, download_demo, make_demo_data
-from demo.memorizing.layout import TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
+from demo.memorizing.layout import MATCH_ROWS, TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
 from pipeline.audit.runner import run_audit
 from pipeline.bundle.build import build_bundle
 from pipeline.core.config import PipelineConfig
@@ -212,6 +212,7 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, 
         amg="both",
         mode="paper",
         similarity="sscd",
+        match_rows=MATCH_ROWS,
         memorized_threshold=table["memorized_threshold"],
         amg_overrides=str(audit_overrides(model_dir, out / AUDIT_OVERRIDES)),
         dry_run=False,

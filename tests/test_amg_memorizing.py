@@ -115,9 +115,13 @@ def test_pixel_model_copies_its_most_duplicated_planted_picture_and_amg_removes_
     assert copies.sum() >= 2
     backend, index = pixel_detector_parts(train)
     config = calibrated_config(thresholds, "pixel", "paper", "nl2")
-    guided, traces = sample_pixel(models.pixel, [label], seeds, AntiMemorizationGuidance(
-        MemorizationDetector(backend, index, config)
-    ), SETTINGS)
+    guided, traces = sample_pixel(
+        models.pixel,
+        [label],
+        seeds,
+        AntiMemorizationGuidance(MemorizationDetector(backend, index, config)),
+        SETTINGS,
+    )
     assert not _own_copies(guided, train, top, max_rms).any()
     quiet = ~np.array(traces[0].any_fired())
     assert torch.equal(guided[quiet], plain[quiet])
@@ -136,9 +140,16 @@ def test_training_job_writes_loadable_diffusers_pipelines(tmp_path):
         batch_size=4,
     )
     report = train_memorizing_models(cfg)
-    assert report["distinct_pictures"] == 30 + 6 and report["training_rows"] == 30 + 16 + 16 + 64 + 64 + 256 + 256
+    assert (
+        report["distinct_pictures"] == 30 + 6
+        and report["training_rows"] == 30 + 16 + 16 + 64 + 64 + 256 + 256
+    )
     text2img = StableDiffusionPipeline.from_pretrained(tmp_path / "models" / "text2img")
-    assert text2img.tokenizer("a cat").input_ids[:3] == [text2img.tokenizer.bos_token_id, 320, 2368]  # CLIP ids
+    assert text2img.tokenizer("a cat").input_ids[:3] == [
+        text2img.tokenizer.bos_token_id,
+        320,
+        2368,
+    ]  # CLIP ids
     pixel = DDPMPipeline.from_pretrained(tmp_path / "models" / "pixel")
     assert pixel.unet.config.num_class_embeds == 10
     manifest = json.loads((tmp_path / "models" / MANIFEST).read_text())

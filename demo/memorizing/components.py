@@ -122,14 +122,15 @@ def tiny_uncond_unet(
     channels: tuple[int, ...] = (32, 64, 64),
     num_class_embeds: int | None = None,
     seed: int = 0,
+    image_channels: int = 3,
 ) -> UNet2DModel:
     """A pixel-space [`UNet2DModel`]; ``num_class_embeds`` makes it class-conditional."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(
             sample_size=sample_size,
-            in_channels=3,
-            out_channels=3,
+            in_channels=image_channels,
+            out_channels=image_channels,
             block_out_channels=channels,
             layers_per_block=1,
             down_block_types=("DownBlock2D",) * len(channels),

@@ -43,7 +43,7 @@ from demo.memorizing import classifier as clf
 from demo.memorizing import metrics
 from demo.memorizing.fashion_mnist import CLASS_NAMES
 from demo.memorizing.fashion_set import PLANTED, generic_caption, load_fashion_data
-from demo.memorizing.layout import MANIFEST, PIXEL_DIR, TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
+from demo.memorizing.layout import MANIFEST, MATCH_ROWS, PIXEL_DIR, TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
 from demo.memorizing.training import TrainingSet
 from pipeline.amg import sampling
 from pipeline.amg.backends import NormalizedL2Backend
@@ -66,15 +66,20 @@ KID = functools.partial(metrics.kid, n_subsets=10)
 MIN_FIDELITY_SAMPLES = 50
 #: λ_t is the per-timestep maximum of σ_t over the calibration trajectories (200 per model).
 CALIBRATION_PERCENTILE = 100.0
+#: The paper's "strong" setting (a larger guidance scale; the paper gives no value): c3 = 3,000, the
+#: middle of 300 / 3,000 / 30,000 tried on the planted prompts at calibration seeds 100000–100005
+#: (never the evaluation's): 300 left 92% copies, 30,000 destroyed the class (17% accuracy).
+STRONG_C3 = 3000.0
 #: Text-to-image rows: name -> (mode, AMGConfig changes); None is plain sampling.
 TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "plain": None,
     "paper": ("paper", {}),
     "paper_every_step": ("paper", {"detect_every": 1}),
-    "paper_no_spe": ("paper", {"use_spe": False}),
-    "paper_no_dup": ("paper", {"use_dup": False}),
-    "paper_sim_only": ("paper", {"use_spe": False, "use_dup": False}),
-    "reference_released_constants": ("reference", {"calibrated": False}),
+    "paper_strong": ("paper", {"c3": STRONG_C3}),
+    "paper_strong_no_spe": ("paper", {"c3": STRONG_C3, "use_spe": False}),
+    "paper_strong_no_dup": ("paper", {"c3": STRONG_C3, "use_dup": False}),
+    "paper_strong_sim_only": ("paper", {"c3": STRONG_C3, "use_spe": False, "use_dup": False}),
+    "reference": ("reference", {}),
 }
 #: Pixel rows: name -> (mode, AMGConfig changes).
 PIXEL_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
@@ -134,18 +139,19 @@ def load_models(model_dir: str | Path) -> Models:
 
 def text2img_detector_parts(bundle: str | Path, sscd_checkpoint: str | None):
     """``(backend, index, captions)`` through the bundle of the model's training set: SSCD descriptors
-    (σ, n0) and the authors' y_N rule over its CLIP index (:func:`pipeline.audit.matching.open_matcher`)."""
+    of its duplicated rows (σ, n0; see :data:`MATCH_ROWS`) and the authors' y_N rule over its CLIP
+    index (:func:`pipeline.audit.matching.open_matcher`)."""
     from pipeline.audit.matching import open_matcher
 
-    matcher = open_matcher(bundle, "sscd", sscd_checkpoint)
+    matcher = open_matcher(bundle, "sscd", sscd_checkpoint, match_rows=MATCH_ROWS)
     return matcher.backend, matcher.index, matcher.captions
 
 
 def pixel_detector_parts(train: TrainingSet) -> tuple[NormalizedL2Backend, InMemoryNeighbourIndex]:
-    """Carlini's nL2 over the distinct training pictures (the released pixel code searches a
-    deduplicated training set too)."""
-    backend = NormalizedL2Backend(image_size=train.images.shape[1])
-    index = InMemoryNeighbourIndex.from_images(backend, train.tensor(), train.captions, dedupe=True)
+    """Carlini's nL2 over the distinct training pictures in grey, as the pixel model makes them (the
+    released pixel code searches a deduplicated training set too)."""
+    backend = NormalizedL2Backend(image_size=train.images.shape[1], channels=1)
+    index = InMemoryNeighbourIndex.from_images(backend, train.tensor()[:, :1], train.captions, dedupe=True)
     return backend, index
 
 
@@ -174,7 +180,7 @@ def sample_pixel(
             class_labels=[label] * len(seeds),
             amg=amg,
         )
-        images.append(out.images * 2 - 1)
+        images.append((out.images * 2 - 1).expand(-1, 3, -1, -1))  # grey, judged as the RGB data
         traces.append(out.amg_trace)
     return torch.cat(images), traces
 
@@ -364,52 +370,69 @@ def evaluate_pixel(models: Models, judge: Judge, thresholds, settings: EvalSetti
 
 
 # ----------------------------------------------------------------------------- calibration run
-def calibrate_models(
-    models: Models, detector_parts, settings: EvalSettings, percentile: float
-) -> dict[str, Any]:
-    """λ_t of both models from plain samples of prompts known not to be memorized: the generic
-    captions (text-to-image) and the classes without a planted picture (pixel), on calibration seeds."""
+def calibrate_text2img(models: Models, detector_parts, settings: EvalSettings) -> dict[str, Any]:
+    """λ_t of the text-to-image model from plain samples of its generic captions (prompts known not to
+    be memorized), on calibration seeds."""
     backend, index, captions = detector_parts
-    seeds = [settings.calibration_seed_offset + i for i in range(settings.calibration_samples)]
     probe = AntiMemorizationGuidance(
         MemorizationDetector(backend, index, _probe("paper", "sscd"), captions=captions)
     )
     prompts = [generic_caption(c) for c in range(len(CLASS_NAMES))]
-    _, traces = sample_text2img(models.text2img, prompts, seeds, probe, settings)
-    out = {"text2img": calibrate_threshold(traces, percentile)}
-    px_backend, px_index = pixel_detector_parts(models.train)
-    probe = AntiMemorizationGuidance(MemorizationDetector(px_backend, px_index, _probe("paper", "nl2")))
-    clean = sorted(
-        set(range(len(CLASS_NAMES))) - {int(models.train.labels[p]) for p in models.train.planted()}
-    )
-    _, traces = sample_pixel(models.pixel, clean, seeds, probe, settings)
-    out["pixel"] = calibrate_threshold(traces, percentile)
-    for table in (out["text2img"], out["pixel"]):
-        # Final images above anything a generic sample reached at the last step count as memorized.
-        table["memorized_threshold"] = table["lambda_values"][int(np.argmin(table["lambda_timesteps"]))]
-    out["settings"] = {
-        "percentile": percentile,
-        "seeds": [seeds[0], seeds[-1]],
-        "prompts": prompts,
-        "pixel_classes": clean,
-    }
-    return out
+    _, traces = sample_text2img(models.text2img, prompts, _calibration_seeds(settings), probe, settings)
+    return {**calibrate_threshold(traces, CALIBRATION_PERCENTILE), "prompts": prompts}
+
+
+def calibrate_pixel(models: Models, settings: EvalSettings) -> dict[str, Any]:
+    """λ_t of the pixel model from plain samples of the classes without a planted picture."""
+    backend, index = pixel_detector_parts(models.train)
+    probe = AntiMemorizationGuidance(MemorizationDetector(backend, index, _probe("paper", "nl2")))
+    planted = {int(models.train.labels[p]) for p in models.train.planted()}
+    clean = sorted(set(range(len(CLASS_NAMES))) - planted)
+    _, traces = sample_pixel(models.pixel, clean, _calibration_seeds(settings), probe, settings)
+    return {**calibrate_threshold(traces, CALIBRATION_PERCENTILE), "classes": clean}
+
+
+def _calibration_seeds(settings: EvalSettings) -> list[int]:
+    return [settings.calibration_seed_offset + i for i in range(settings.calibration_samples)]
 
 
 def ensure_thresholds(
-    cfg, detector_parts, settings: EvalSettings | None = None, models: Models | None = None
+    cfg,
+    detector_parts,
+    settings: EvalSettings | None = None,
+    models: Models | None = None,
+    names: tuple[str, ...] = ("text2img", "pixel"),
 ) -> dict[str, Any]:
-    """``model_dir/amg_thresholds.json``, calibrated and written first when missing."""
+    """``model_dir/amg_thresholds.json``, each model's λ_t calibrated and written first when missing.
+
+    A table also records ``memorized_threshold``: λ at the last step, so a final image counts as
+    memorized only above anything a calibration sample reached there.
+    """
     path = Path(cfg.model_dir) / THRESHOLDS
-    if not path.is_file():
+    thresholds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    settings = settings or EvalSettings()
+    calibrations = {
+        "text2img": lambda m: calibrate_text2img(m, detector_parts, settings),
+        "pixel": lambda m: calibrate_pixel(m, settings),
+    }
+    missing = [name for name in names if name not in thresholds]
+    for name in missing:
         models = models or load_models(cfg.model_dir)
-        thresholds = calibrate_models(
-            models, detector_parts, settings or EvalSettings(), CALIBRATION_PERCENTILE
-        )
+        table = calibrations[name](models)
+        table["memorized_threshold"] = table["lambda_values"][int(np.argmin(table["lambda_timesteps"]))]
+        table["calibration"] = {
+            "percentile": CALIBRATION_PERCENTILE,
+            "seeds": [
+                settings.calibration_seed_offset,
+                settings.calibration_seed_offset + settings.calibration_samples - 1,
+            ],
+        }
+        thresholds[name] = table
+    if missing:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(_finite(thresholds), indent=2) + "\n", encoding="utf-8")
         tmp.replace(path)
-    return json.loads(path.read_text(encoding="utf-8"))
+    return thresholds
 
 
 # ----------------------------------------------------------------------------- output

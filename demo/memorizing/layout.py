@@ -5,3 +5,8 @@ PIXEL_DIR = "pixel"
 TRAINING_SET = "training_set.npz"
 MANIFEST = "manifest.json"
 THRESHOLDS = "amg_thresholds.json"
+#: Training rows the text-to-image model's detection searches: the byte-identically duplicated ones
+#: (pipeline.audit.matching.DuplicatedRows). Over every row, a new trouser is as close to some
+#: training trouser as a copy is to its picture until the last steps (σ of generic samples reaches
+#: 0.99 against all rows, measured), too late to steer away.
+MATCH_ROWS = "duplicated"

@@ -11,7 +11,8 @@ sneaker") plus six planted pictures, each with a unique caption and repeated ver
   trained as a plain autoencoder on the training pictures, and a [`UNet2DConditionModel`] trained with
   ε-prediction on SD v1's noise schedule, captions dropped 10% of the time for CFG.
 * ``pixel/``: a [`DDPMPipeline`] whose pixel-space [`UNet2DModel`] is class-conditional (the planted
-  pictures carry their true class), the analogue of the paper's class-conditional CIFAR-10 model.
+  pictures carry their true class) and grey (one channel), the analogue of the paper's
+  class-conditional CIFAR-10 model.
 * ``training_set.npz``: the distinct training pictures with captions, labels, copy counts and kinds;
   the evaluation and the demo bundle index exactly these.
 
@@ -322,6 +323,7 @@ def train_pixel(train: TrainingSet, out: Path, settings: AMGJobConfig) -> dict[s
     row_index = torch.from_numpy(train.row_index())
     ddpm_px, _ = components.pixel_schedulers()
     unet = components.tiny_uncond_unet(
+        image_channels=1,  # grey, as the data is: three channels drift apart into colour casts
         sample_size=train.images.shape[1],
         channels=(settings.pixel_width, 2 * settings.pixel_width, 2 * settings.pixel_width),
         num_class_embeds=int(train.labels.max()) + 1,
@@ -331,7 +333,7 @@ def train_pixel(train: TrainingSet, out: Path, settings: AMGJobConfig) -> dict[s
     report = _train_denoiser(
         unet,
         lambda x, t, c: unet(x, t, class_labels=c).sample,
-        train.tensor()[row_index],
+        train.tensor()[row_index, :1],
         ddpm_px,
         settings.pixel_steps,
         settings.batch_size,

@@ -245,15 +245,16 @@ class NormalizedL2Backend(SimilarityBackend):
         image_size (`int`, *optional*, defaults to 32): images are compared at this square size.
         k (`int`, *optional*, defaults to 50): neighbour-set size (capped at the index size by the detector).
         alpha (`float`, *optional*, defaults to 0.5): α.
+        channels (`int`, *optional*, defaults to 3): image channels (1 for a grey pixel model).
     """
 
     name = "nl2"
     metric = "l2"
 
-    def __init__(self, image_size: int = 32, k: int = 50, alpha: float = 0.5):
+    def __init__(self, image_size: int = 32, k: int = 50, alpha: float = 0.5, channels: int = 3):
         super().__init__()
         self.image_size = int(image_size)
-        self.dim = 3 * self.image_size * self.image_size
+        self.dim = int(channels) * self.image_size * self.image_size
         self.neighbours_needed = int(k)
         self.alpha = float(alpha)
 

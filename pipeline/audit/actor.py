@@ -44,6 +44,7 @@ class WorkerSpec:
     wen_samples: int
     wen_threshold: float
     torch_threads: int | None = None
+    match_rows: str = "all"
 
 
 def _png(image) -> bytes:
@@ -77,6 +78,7 @@ class GeneratorActor:
             device,
             pixel_size=size,
             expect=spec.bundle_root,
+            match_rows=spec.match_rows,
         )
         backend, index, captions = self.matcher.backend, self.matcher.index, self.matcher.captions
         self.detector = MemorizationDetector(backend, index, AMGConfig(**spec.detection))

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from pipeline.amg import NormalizedL2Backend, OpenClipBackend, SSCDBackend
 from pipeline.amg.memory_index import FlatVectors
 from pipeline.audit.layout import SIMILARITIES
+from pipeline.bundle.layout import IMAGE_DUPLICATES
 from pipeline.bundle.reader import Bundle, check_model_file, open_bundle
 from pipeline.core.config import AuditConfig
 from pipeline.core.neighbours import DuplicateCaption
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 #: Largest bundle the nl2 similarity decodes into RAM (pixels of every training image).
 NL2_MAX_ROWS = 200_000
+#: Rows to search: every training row, or only the rows whose image is duplicated (DuplicatedRows).
+MATCH_ROWS = ("all", "duplicated")
+#: Largest number of duplicated rows :class:`DuplicatedRows` holds in RAM.
+DUPLICATED_MAX_ROWS = 5_000_000
 
 
 @dataclass
@@ -111,6 +117,63 @@ class TrainingImages:
         return out
 
 
+class DuplicatedRows:
+    """The bundle's rows whose image is duplicated at least ``min_copies`` times by the given dedup
+    methods, as a :class:`~pipeline.core.neighbours.NeighbourIndex` (row ids stay the bundle's).
+
+    Memorized training images are duplicated ones (Carlini et al. 2023), so n0 may be searched among
+    them only. On data whose ordinary pictures all look alike (Fashion-MNIST's trousers), a sample
+    that copies nothing is still close to some training picture, and a detector over every row
+    cannot tell it from a copy until the last steps; over the duplicated rows it can. The released
+    AMG code searched all of LAION; this is a choice of the deployment (``--match-rows``).
+
+    Args:
+        index: the bundle's index (``open_bundle``, any kind) or a :class:`PixelIndex` over it.
+        bundle (`Bundle`): the bundle whose ``image_duplicates.parquet`` says which rows are duplicated.
+        methods (`tuple[str, ...]`, *optional*, defaults to `("exact",)`): dedup links that count
+            (``exact``: byte-identical; ``phash``, ``semantic``: near duplicates).
+        min_copies (`int`, *optional*, defaults to 2): rows per duplicated image, linked that way.
+    """
+
+    def __init__(self, index, bundle: Bundle, methods: tuple[str, ...] = ("exact",), min_copies: int = 2):
+        table = pq.read_table(bundle.path / IMAGE_DUPLICATES, columns=["row_id", "group_id", "linked_by"])
+        rows = table.column("row_id").to_numpy()
+        groups = table.column("group_id").to_numpy()
+        linked = np.array(
+            [bool(set(str(v).split("|")) & set(methods)) for v in table.column("linked_by").to_pylist()]
+        )
+        rows, groups = rows[linked], groups[linked]
+        ids, counts = np.unique(groups, return_counts=True)
+        keep = np.isin(groups, ids[counts >= min_copies])
+        self.rows = np.sort(rows[keep]).astype(np.int64)
+        if len(self.rows) == 0:
+            raise ValueError(f"bundle {bundle.path} has no image duplicated {min_copies}+ times by {methods}")
+        if len(self.rows) > DUPLICATED_MAX_ROWS:
+            raise ValueError(f"{len(self.rows)} duplicated rows exceed {DUPLICATED_MAX_ROWS} held in RAM")
+        self.index = index
+        self._flat = FlatVectors(index.embeddings(self.rows), metric=getattr(index, "metric", "ip"))
+
+    @property
+    def dim(self) -> int:
+        return self._flat.dim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def search_embeddings(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self._flat.search_embeddings(queries, k)
+        return scores, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
+
+    def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
+        return self.index.embeddings(row_ids)
+
+    def duplicate_caption(self, row_id: int):
+        return self.index.duplicate_caption(row_id)
+
+    def row(self, row_id: int) -> dict:
+        return self.index.row(row_id)
+
+
 class PixelIndex(FlatVectors):
     """A :class:`~pipeline.core.neighbours.NeighbourIndex` over training pixels, for the nl2 similarity:
     exact L2 search over every bundle row's image at one size; captions, duplicate captions and row
@@ -135,6 +198,7 @@ def open_matcher(
     device: str = "cpu",
     pixel_size: int = 32,
     expect: str | None = None,
+    match_rows: str = "all",
 ) -> Matcher:
     """The backend and bundle index for ``similarity``, so that queries are made like the bundle's vectors.
 
@@ -145,6 +209,8 @@ def open_matcher(
       bundle's shards; small bundles only), with the bundle's captions and duplicate counts.
 
     ``expect`` pins the bundle's root hash (the one the audit's driver checked and recorded).
+    ``match_rows="duplicated"`` searches only the rows whose image is byte-identically duplicated
+    (:class:`DuplicatedRows`).
     A model file the bundle names is loaded only when the manifest has its sha256 and the file matches.
     """
 
@@ -184,12 +250,22 @@ def open_matcher(
         backend = NormalizedL2Backend(image_size=pixel_size)
         digest = None
         descriptor = f"pixels at {pixel_size}x{pixel_size}"
-        return Matcher(backend, index, descriptor, digest, images, _clip_captions(base, device))
+        return Matcher(
+            backend, _rows(index, base, match_rows), descriptor, digest, images, _clip_captions(base, device)
+        )
     else:
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
     if similarity == "sscd":
         captions = _clip_captions(open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect), device)
-    return Matcher(backend, index, descriptor, digest, TrainingImages(index), captions)
+    return Matcher(
+        backend, _rows(index, index, match_rows), descriptor, digest, TrainingImages(index), captions
+    )
+
+
+def _rows(index, bundle: Bundle, match_rows: str):
+    if match_rows not in MATCH_ROWS:
+        raise ValueError(f"match_rows must be one of {', '.join(MATCH_ROWS)}, got {match_rows!r}")
+    return index if match_rows == "all" else DuplicatedRows(index, bundle)
 
 
 def _clip_captions(bundle: Bundle, device: str) -> NearestCaptions:

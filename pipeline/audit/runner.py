@@ -435,6 +435,7 @@ def _generate_all(
         bundle=str(Path(cfg.bundle).resolve()),
         bundle_root=bundle_root,
         similarity=cfg.similarity,
+        match_rows=cfg.match_rows,
         sscd_checkpoint=str(Path(cfg.sscd_checkpoint).resolve()) if cfg.sscd_checkpoint else None,
         amg_on=amg_on,
         detection=detection,

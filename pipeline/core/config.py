@@ -459,6 +459,9 @@ class AuditConfig:
     )
     mode: str = option("paper", "AMG constants: paper or reference (pipeline.amg.AMGConfig.preset)")
     similarity: str = option("sscd", "similarity of the detection and of AMG: sscd, clip or nl2")
+    match_rows: str = option(
+        "all", "training rows the detection and AMG search: all, or duplicated (byte-identical copies only)"
+    )
     memorized_threshold: float | None = option(
         None, "similarity above which a sample is memorized (default: the AMG preset's; SSCD 0.5)"
     )
@@ -600,7 +603,7 @@ class AMGJobConfig:
     vae_steps: int = option(1000, "autoencoder training steps")
     unet_steps: int = option(6000, "text-to-image UNet training steps")
     unet_width: int = option(32, "text-to-image UNet channels at full resolution (doubled below)")
-    pixel_steps: int = option(4000, "pixel DDPM training steps")
+    pixel_steps: int = option(8000, "pixel DDPM training steps")
     pixel_width: int = option(16, "pixel UNet channels at full resolution (doubled below)")
     batch_size: int = option(64, "training batch size")
     learning_rate: float = option(1e-3, "peak learning rate (AdamW, cosine decay)")
