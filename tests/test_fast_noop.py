@@ -94,7 +94,13 @@ def _jobs(demo_out: Path, work: Path) -> dict[str, list[str]]:
     """Each job with arguments over the demo's outputs. Those writing into the demo's own folders use
     the demo's settings, so their first run is already a no-op; the others write under ``work``."""
     from demo.memorizing.layout import THRESHOLDS
-    from demo.run import AUDIT_OVERRIDES, AUDIT_PROMPTS, DEMO_DUPLICATE_CAPTION_MIN_COUNT, FASHION, SSCD_STAND_IN
+    from demo.run import (
+        AUDIT_OVERRIDES,
+        AUDIT_PROMPTS,
+        DEMO_DUPLICATE_CAPTION_MIN_COUNT,
+        FASHION,
+        SSCD_STAND_IN,
+    )
 
     thresholds = json.loads((REPO / "models" / "amg-memorizing" / THRESHOLDS).read_text())
     memorized_threshold = thresholds["text2img"]["memorized_threshold"]
@@ -113,7 +119,14 @@ def _jobs(demo_out: Path, work: Path) -> dict[str, list[str]]:
             *("--bundle", str(demo_out / FASHION / "bundle")),
             *("--prompts", str(demo_out / AUDIT_PROMPTS), "--out", str(demo_out / "audit")),
             *("--model", str(REPO / "models" / "amg-memorizing"), "--amg", "both", "--similarity", "sscd"),
-            *("--mode", "paper", "--amg-overrides", str(demo_out / AUDIT_OVERRIDES)),
+            *(
+                "--mode",
+                "paper",
+                "--amg-overrides",
+                str(demo_out / AUDIT_OVERRIDES),
+                "--match-rows",
+                "duplicated",
+            ),
             *("--memorized-threshold", str(memorized_threshold)),
         ],
         "ingest": ["--shards", shards, "--out", str(work / "ingest")],

@@ -43,7 +43,15 @@ from demo.memorizing import classifier as clf
 from demo.memorizing import metrics
 from demo.memorizing.fashion_mnist import CLASS_NAMES
 from demo.memorizing.fashion_set import PLANTED, generic_caption, load_fashion_data
-from demo.memorizing.layout import MANIFEST, MATCH_ROWS, PIXEL_DIR, TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
+from demo.memorizing.layout import (
+    MANIFEST,
+    MATCH_ROWS,
+    PIXEL_DIR,
+    STRONG_C3,
+    TEXT2IMG_DIR,
+    THRESHOLDS,
+    TRAINING_SET,
+)
 from demo.memorizing.training import TrainingSet
 from pipeline.amg import sampling
 from pipeline.amg.backends import NormalizedL2Backend
@@ -64,12 +72,10 @@ NL2_NEAR = 1.0
 KID = functools.partial(metrics.kid, n_subsets=10)
 #: Fewer samples than this get no KID/FID (the statistics need a few dozen).
 MIN_FIDELITY_SAMPLES = 50
+#: σ of an exact copy: cosine 1 (descriptors), −nL2 = 0 (pixels).
+PERFECT_COPY_SIGMA = {"text2img": 1.0, "pixel": 0.0}
 #: λ_t is the per-timestep maximum of σ_t over the calibration trajectories (200 per model).
 CALIBRATION_PERCENTILE = 100.0
-#: The paper's "strong" setting (a larger guidance scale; the paper gives no value): c3 = 3,000, the
-#: middle of 300 / 3,000 / 30,000 tried on the planted prompts at calibration seeds 100000–100005
-#: (never the evaluation's): 300 left 92% copies, 30,000 destroyed the class (17% accuracy).
-STRONG_C3 = 3000.0
 #: Text-to-image rows: name -> (mode, AMGConfig changes); None is plain sampling.
 TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "plain": None,
@@ -405,8 +411,9 @@ def ensure_thresholds(
 ) -> dict[str, Any]:
     """``model_dir/amg_thresholds.json``, each model's λ_t calibrated and written first when missing.
 
-    A table also records ``memorized_threshold``: λ at the last step, so a final image counts as
-    memorized only above anything a calibration sample reached there.
+    A table also records ``memorized_threshold``, halfway between λ at the last step (the most any
+    calibration sample reached there) and a perfect copy's σ: a final image that only edges past the
+    calibration samples is not called a copy.
     """
     path = Path(cfg.model_dir) / THRESHOLDS
     thresholds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -419,7 +426,8 @@ def ensure_thresholds(
     for name in missing:
         models = models or load_models(cfg.model_dir)
         table = calibrations[name](models)
-        table["memorized_threshold"] = table["lambda_values"][int(np.argmin(table["lambda_timesteps"]))]
+        last = table["lambda_values"][int(np.argmin(table["lambda_timesteps"]))]
+        table["memorized_threshold"] = (last + PERFECT_COPY_SIGMA[name]) / 2
         table["calibration"] = {
             "percentile": CALIBRATION_PERCENTILE,
             "seeds": [

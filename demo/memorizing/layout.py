@@ -10,3 +10,7 @@ THRESHOLDS = "amg_thresholds.json"
 #: training trouser as a copy is to its picture until the last steps (σ of generic samples reaches
 #: 0.99 against all rows, measured), too late to steer away.
 MATCH_ROWS = "duplicated"
+#: The paper's "strong" setting (a larger guidance scale; the paper gives no value): c3 = 3,000, the
+#: middle of 300 / 3,000 / 30,000 tried on the planted prompts at calibration seeds 100000–100005
+#: (never the evaluation's): 300 left 92% copies, 30,000 destroyed the class (17% accuracy).
+STRONG_C3 = 3000.0
