@@ -258,13 +258,11 @@ class Judge:
         }
         if (planted >= 0).any():
             row["own_copy"] = float(own[planted >= 0].mean())
-        if len(images) >= 50:
-            row["kid_x1000"] = [
-                1000 * v
-                for v in metrics.bootstrap_interval(
-                    metrics.kid, feats, self.real_features, n_boot=self.bootstrap, seed=self.seed
-                )
-            ]
+        if len(images) >= MIN_FIDELITY_SAMPLES:
+            kid = metrics.bootstrap_interval(
+                KID, feats, self.real_features, n_boot=self.bootstrap, seed=self.seed
+            )
+            row["kid"] = list(kid)
             row["fid"] = float(metrics.fid(feats, self.real_features))
         if plain is not None:
             same = (images == plain).flatten(1).all(dim=1).numpy()
@@ -474,7 +472,7 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         f"planted one within {summary['max_rms']:.3f} RMS):",
         "",
         "| Mode | own copies ×16 / ×64 / ×256 | % memorized (≥×64) ↓ | planted class acc. (≥×64) | "
-        "generic KID×10³ [95% CI] | generic FID | generic class acc. [95% CI] | generic bit-identical | "
+        "generic KID [95% CI] | generic FID | generic class acc. [95% CI] | generic bit-identical | "
         "generic gate opened | s/image |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -483,7 +481,7 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         counts = " / ".join(f"{100 * v:.0f}%" for v in p["own_copy_by_count"].values())
         lines.append(
             f"| {name} | {counts} | {100 * p['own_copy_x64_up']:.1f} | {acc(p['accuracy_x64_up'])} | "
-            f"{ci(g['kid_x1000'])} | {g['fid']:.2f} | {acc(g['accuracy'])} | "
+            f"{ci(g['kid'])} | {g['fid']:.2f} | {acc(g['accuracy'])} | "
             f"{100 * g.get('bit_identical', 1.0):.1f}% | {100 * g.get('gate_opened', 0.0):.1f}% | "
             f"{r['seconds_per_image']:.3f} |"
         )
@@ -492,14 +490,14 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         f"Pixel DDPM, class-conditional ({s['pixel_samples']} seeds per class, "
         f"DDPM {s['pixel_inference_steps']} steps; planted classes can copy their planted picture):",
         "",
-        "| Mode | own copies ×16 / ×64 / ×256 | KID×10³ [95% CI] | FID | class acc. [95% CI] | "
+        "| Mode | own copies ×16 / ×64 / ×256 | KID [95% CI] | FID | class acc. [95% CI] | "
         "bit-identical | gate opened | s/image |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["pixel"].items():
         counts = " / ".join(f"{100 * v:.1f}%" for v in r["own_copy_by_count"].values())
         lines.append(
-            f"| {name} | {counts} | {ci(r['kid_x1000'])} | {r['fid']:.2f} | {acc(r['accuracy'])} | "
+            f"| {name} | {counts} | {ci(r['kid'])} | {r['fid']:.2f} | {acc(r['accuracy'])} | "
             f"{100 * r.get('bit_identical', 1.0):.1f}% | {100 * r.get('gate_opened', 0.0):.1f}% | "
             f"{r['seconds_per_image']:.3f} |"
         )
@@ -509,7 +507,7 @@ def markdown_tables(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"Real-versus-real floor (two disjoint sets of {s['generic_samples'] * 10} held-out images): "
-        f"KID×10³ {ci(floor['kid_x1000'])}, FID {ci(floor['fid'])}. Classifier accuracy on the "
+        f"KID {ci(floor['kid'])}, FID {ci(floor['fid'])}. Classifier accuracy on the "
         f"held-out real images {acc(summary['classifier_accuracy'])}.",
         f"Held-out real images against the training set ({s['copy_calibration_images']}): "
         f"{100 * cal['fraction_nl2_below']['1.4']:.1f}% have nL2 < 1.4, "
@@ -559,9 +557,7 @@ def run_amg_evaluation(cfg, detector_parts, settings: EvalSettings | None = None
     judge = Judge(classifier, real, models.train, max_rms, settings.bootstrap, cfg.seed)
     n_generic = settings.generic_samples * len(CLASS_NAMES)
     floor = {
-        "kid_x1000": [
-            1000 * v for v in metrics.real_floor(KID, real, n_generic, cfg.seed, settings.bootstrap)
-        ],
+        "kid": list(metrics.real_floor(KID, real, n_generic, cfg.seed, settings.bootstrap)),
         "fid": list(metrics.real_floor(metrics.fid, real, n_generic, cfg.seed, settings.bootstrap)),
     }
     calibration = metrics.calibrate_copy_threshold(
