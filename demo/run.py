@@ -18,7 +18,7 @@ Steps, each resumable (a re-run finds the previous outputs and skips their work)
 
 Everything lands under ``cfg.demo.out`` (``demo-output/`` by default); the audit's ``summary.json`` and
 ``report.html`` are in ``audit/``, which is the audit's alone: the AMG evaluation (paper-style tables,
-ablations, the pixel model; ``jobs/evaluate_amg.py``, about 20 minutes more on 2 cores, so not a demo
+ablations, the pixel model; ``jobs/evaluate_amg.py``, about 25 minutes more on 2 cores, so not a demo
 step) goes to
 ``amg_eval/`` (``--out demo-output/amg_eval``).
 """

@@ -586,8 +586,8 @@ class DemoConfig:
 class AMGJobConfig:
     """Anti-Memorization Guidance: training the memorizing models, evaluating AMG on them.
 
-    The guidance constants themselves are :class:`pipeline.amg.config.AMGConfig` presets; ``overrides``
-    points at a YAML file of per-mode changes (``{paper: {c3: 500}, reference: {...}}``).
+    The guidance constants themselves are :class:`pipeline.amg.config.AMGConfig` presets; λ_t is
+    calibrated per model into ``model_dir/amg_thresholds.json`` (:mod:`demo.memorizing.evaluation`).
     """
 
     model_dir: str = option("models/amg-memorizing", "folder of the memorizing models (written by training)")
