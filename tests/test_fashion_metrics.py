@@ -253,3 +253,24 @@ def test_classifier_learns_real_fashion_mnist_from_a_small_subset(tmp_path):
     assert low > 0.6  # chance is 10%; the full split and two epochs reach about 91%
     save_classifier(model, tmp_path)
     np.testing.assert_array_equal(predict(load_classifier(tmp_path), data.held_out[:2000]), predicted)
+
+
+def test_calibrated_threshold_is_the_per_step_maximum_of_plain_trajectories_and_loads_as_a_config():
+    from types import SimpleNamespace
+
+    from demo.memorizing.evaluation import calibrate_threshold, calibrated_config
+
+    def trace(sigmas):  # one pipeline call: per step, σ of each sample
+        steps = [
+            SimpleNamespace(timestep=t, sigma=list(s)) for t, s in zip((901, 501, 1), sigmas, strict=True)
+        ]
+        return SimpleNamespace(steps=steps)
+
+    traces = [trace([[0.1, 0.2], [0.5, 0.4], [0.7, 0.9]]), trace([[0.3, 0.0], [0.2, 0.6], [0.8, 0.1]])]
+    table = calibrate_threshold(traces, percentile=100.0)
+    assert table["lambda_timesteps"] == [1, 501, 901]
+    # smoothing may blend neighbours, but never beyond the range of the per-step maxima (0.3 .. 0.9)
+    assert all(0.3 <= v <= 0.9 for v in table["lambda_values"])
+    config = calibrated_config({"m": table}, "m", "paper", "sscd")
+    assert config.threshold == "calibrated" and list(config.lambda_values) == table["lambda_values"]
+    assert calibrated_config({"m": table}, "m", "paper", "sscd", calibrated=False).threshold == "parabolic"
