@@ -63,6 +63,10 @@ DEMO_DUPLICATE_CAPTION_MIN_COUNT = 5
 TRAINING_SET_DUPLICATE_CAPTION_K = 50
 TRAINING_SET_MIN_COUNT = 5
 TRAINING_SET_SAMPLES_PER_SHARD = 1000
+#: The stand-in descriptor pools to 16×16 thumbnails at most, so the 32×32 pictures are embedded at
+#: their own size: AMG's queries are made at the size the bundle records, and at SSCD's 320 px a
+#: detection (upsample, pool) cost 1.6× a CFG UNet pass (BENCHMARKS.md, "AMG cost").
+TRAINING_SET_SSCD_SIZE = 32
 
 
 def write_audit_prompts(model_dir: Path, path: Path, marker_dir: Path) -> Path:
@@ -119,9 +123,18 @@ def stand_in_sscd(cfg: PipelineConfig) -> Path:
 
 
 def bundle_with_stand_in(
-    cfg: PipelineConfig, shards: Path, out: Path, duplicate_caption_k: int, min_count: int
+    cfg: PipelineConfig,
+    shards: Path,
+    out: Path,
+    duplicate_caption_k: int,
+    min_count: int,
+    sscd_image_size: int | None = None,
 ) -> dict[str, Any]:
-    """Build a bundle from ``shards`` with the SSCD stand-in's copy descriptors indexed too."""
+    """Build a bundle from ``shards`` with the SSCD stand-in's copy descriptors indexed too (made at
+    ``sscd_image_size``, default the embed section's)."""
+    embed = dataclasses.replace(cfg.embed, sscd_checkpoint=str(stand_in_sscd(cfg)))
+    if sscd_image_size is not None:
+        embed = dataclasses.replace(embed, sscd_image_size=sscd_image_size)
     bundle_cfg = dataclasses.replace(
         cfg,
         bundle=dataclasses.replace(
@@ -131,7 +144,7 @@ def bundle_with_stand_in(
             duplicate_caption_k=duplicate_caption_k,
             duplicate_caption_min_count=min_count,
         ),
-        embed=dataclasses.replace(cfg.embed, sscd_checkpoint=str(stand_in_sscd(cfg))),
+        embed=embed,
     )
     return build_bundle(bundle_cfg)
 
@@ -166,7 +179,12 @@ def training_set_bundle(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
     )
     downloaded = download_demo(folder, download, TRAINING_SET_SAMPLES_PER_SHARD)
     built = bundle_with_stand_in(
-        cfg, folder / SHARDS, folder / BUNDLE, TRAINING_SET_DUPLICATE_CAPTION_K, TRAINING_SET_MIN_COUNT
+        cfg,
+        folder / SHARDS,
+        folder / BUNDLE,
+        TRAINING_SET_DUPLICATE_CAPTION_K,
+        TRAINING_SET_MIN_COUNT,
+        sscd_image_size=TRAINING_SET_SSCD_SIZE,
     )
     return {"urls": written, "download": downloaded, "bundle": built, "path": str(folder / BUNDLE)}
 
