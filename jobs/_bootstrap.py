@@ -36,6 +36,8 @@ def run_job(main: Callable[[list[str] | None], dict]) -> None:
     from pipeline.core.lock import OutputLockedError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # FAISS's loader reports at INFO each CPU-feature build it tries and misses: seven lines of noise.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         summary = main(None)
     except (FileNotFoundError, ValueError) as exc:

@@ -110,7 +110,8 @@ def test_run_identity_covers_generation_settings_but_not_the_prompt_list_or_batc
     changed = [
         dataclasses.replace(base, seed=1),
         dataclasses.replace(base, samples_per_prompt=8),
-        dataclasses.replace(base, mode="paper"),
+        dataclasses.replace(base, mode="reference"),
+        dataclasses.replace(base, match_rows="duplicated"),
         dataclasses.replace(base, num_inference_steps=20),
         dataclasses.replace(base, tile_threshold=0.1),
         dataclasses.replace(base, similarity="clip"),

