@@ -37,7 +37,7 @@ from demo.data import DONE_DIR, IMAGES_DIR, URLS_RELATIVE, download_demo, make_d
 from demo.memorizing.layout import MATCH_ROWS, TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
 from pipeline.audit.runner import run_audit
 from pipeline.bundle.build import build_bundle
-from pipeline.core.config import PipelineConfig
+from pipeline.core.config import DownloadConfig, PipelineConfig
 from pipeline.core.stage import FunctionStage, run_stage, seconds_since
 from pipeline.core.storage import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.ingest.ingest import run_ingest
@@ -157,6 +157,17 @@ def demo_bundle(cfg: PipelineConfig) -> dict[str, Any]:
     )
 
 
+def served_download(cfg: PipelineConfig) -> DownloadConfig:
+    """img2dataset settings for the files the demo serves on 127.0.0.1: byte-identical files, so their
+    bytes (and sha256) are kept as served, and a local server answers fast."""
+    return dataclasses.replace(
+        cfg.download,
+        skip_reencode=True,
+        timeout=5,
+        img2dataset_console=cfg.download.img2dataset_console or cfg.ray.verbose,
+    )
+
+
 def training_set_bundle(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
     """The memorizing model's training rows served on 127.0.0.1, downloaded with img2dataset and built
     into ``fashion/bundle/``: the bundle AMG and the audit query for that model."""
@@ -171,13 +182,7 @@ def training_set_bundle(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
         lambda: write_training_urls(model_dir / TRAINING_SET, folder, cfg.demo.seed),
     )
     written = run_stage(urls, folder / DONE_DIR)
-    download = dataclasses.replace(
-        cfg.download,
-        skip_reencode=True,
-        timeout=5,
-        img2dataset_console=cfg.download.img2dataset_console or cfg.ray.verbose,
-    )
-    downloaded = download_demo(folder, download, TRAINING_SET_SAMPLES_PER_SHARD)
+    downloaded = download_demo(folder, served_download(cfg), TRAINING_SET_SAMPLES_PER_SHARD)
     built = bundle_with_stand_in(
         cfg,
         folder / SHARDS,
@@ -264,14 +269,7 @@ def run_demo(cfg: PipelineConfig) -> dict[str, Any]:
     out = Path(cfg.demo.out)
     steps: dict[str, Any] = {}
     steps["data"] = make_demo_data(cfg.demo)
-    # The demo serves byte-identical files, so keep their bytes (and sha256) as served.
-    download = dataclasses.replace(
-        cfg.download,
-        skip_reencode=True,
-        timeout=5,
-        img2dataset_console=cfg.download.img2dataset_console or cfg.ray.verbose,
-    )
-    steps["download"] = download_demo(out, download, cfg.demo.samples_per_shard)
+    steps["download"] = download_demo(out, served_download(cfg), cfg.demo.samples_per_shard)
     ingest_cfg = dataclasses.replace(cfg.ingest, shards=str(out / SHARDS), out=str(out / INGEST))
     steps["ingest"] = run_ingest(ingest_cfg)
     steps["bundle"] = demo_bundle(cfg)

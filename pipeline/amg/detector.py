@@ -113,6 +113,7 @@ class MemorizationDetector:
         self.backend = backend
         self.index = index
         self.caption_lookup = captions
+        self._released_rows: torch.Tensor | None = None  # released_pixel's training pixels, on first use
         self.config = config if config is not None else AMGConfig.preset(backend=backend.name)
         if self.config.backend != backend.name:
             raise ValueError(
@@ -167,7 +168,7 @@ class MemorizationDetector:
     # ------------------------------------------------------------------ released_pixel
     def _clean_rows(self, device: torch.device) -> torch.Tensor:
         """Every training row as a ``(N, D)`` float32 pixel vector in [−1, 1] (cached)."""
-        rows = getattr(self, "_released_rows", None)
+        rows = self._released_rows
         if rows is None:
             if self.backend.name != "nl2":
                 raise ValueError("released_pixel compares pixels: it needs the nl2 backend's pixel index")
