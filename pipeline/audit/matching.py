@@ -68,12 +68,23 @@ class NearestCaptions:
 
     Args:
         bundle (`Bundle`): opened with ``kind="img_emb"``.
-        clip (`OpenClipBackend`): the bundle's own open_clip model, so queries match its vectors.
+        clip (`OpenClipBackend`, *optional*): the bundle's own open_clip model, so queries match its
+            vectors; loaded from the bundle on first use when not given (an audit whose G_dup never
+            asks for y_N never loads it).
+        device (`str`, *optional*, defaults to `"cpu"`): where that model is loaded.
     """
 
-    def __init__(self, bundle: Bundle, clip: OpenClipBackend):
+    def __init__(self, bundle: Bundle, clip: OpenClipBackend | None = None, device: str = "cpu"):
         self.bundle = bundle
-        self.clip = clip
+        self.device = device
+        self._clip = clip
+
+    @property
+    def clip(self) -> OpenClipBackend:
+        if self._clip is None:
+            loaded = self.bundle.clip_model(self.device)
+            self._clip = OpenClipBackend.from_loaded_clip(loaded).to(self.device)
+        return self._clip
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[DuplicateCaption]:
@@ -251,12 +262,19 @@ def open_matcher(
         digest = None
         descriptor = f"pixels at {pixel_size}x{pixel_size}"
         return Matcher(
-            backend, _rows(index, base, match_rows), descriptor, digest, images, _clip_captions(base, device)
+            backend,
+            _rows(index, base, match_rows),
+            descriptor,
+            digest,
+            images,
+            NearestCaptions(base, device=device),
         )
     else:
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
     if similarity == "sscd":
-        captions = _clip_captions(open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect), device)
+        captions = NearestCaptions(
+            open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect), device=device
+        )
     return Matcher(
         backend, _rows(index, index, match_rows), descriptor, digest, TrainingImages(index), captions
     )
@@ -266,10 +284,6 @@ def _rows(index, bundle: Bundle, match_rows: str):
     if match_rows not in MATCH_ROWS:
         raise ValueError(f"match_rows must be one of {', '.join(MATCH_ROWS)}, got {match_rows!r}")
     return index if match_rows == "all" else DuplicatedRows(index, bundle)
-
-
-def _clip_captions(bundle: Bundle, device: str) -> NearestCaptions:
-    return NearestCaptions(bundle, OpenClipBackend.from_loaded_clip(bundle.clip_model(device)).to(device))
 
 
 def training_image_reader(
