@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from demo.data import DONE_DIR, IMAGES_DIR, URLS_RELATIVE, download_demo, make_demo_data
-from demo.memorizing.layout import MATCH_ROWS, TEXT2IMG_DIR, THRESHOLDS, TRAINING_SET
+from demo.memorizing.layout import (
+    DETECT_FROM,
+    MATCH_ROWS,
+    SIMILARITY,
+    TEXT2IMG_DIR,
+    THRESHOLDS,
+    TRAINING_SET,
+    threshold_table,
+)
 from pipeline.audit.runner import run_audit
 from pipeline.bundle.build import build_bundle
 from pipeline.core.config import DownloadConfig, PipelineConfig
@@ -195,25 +203,28 @@ def training_set_bundle(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
 
 
 def model_thresholds(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, Any]:
-    """The λ_t the model ships with (``amg_thresholds.json``), calibrated through ``bundle`` first
-    when the folder has none (a retrained model)."""
-    if not (model_dir / THRESHOLDS).is_file():
-        from demo.memorizing.evaluation import ensure_thresholds, text2img_detector_parts
+    """The λ_t tables the model ships with (``amg_thresholds.json``), calibrated through ``bundle``
+    first where the demo's are missing (a retrained model)."""
+    path = model_dir / THRESHOLDS
+    tables = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if threshold_table("text2img", SIMILARITY, DETECT_FROM) not in tables:
+        from demo.memorizing.evaluation import bundle_detectors, ensure_thresholds
 
-        ensure_thresholds(cfg.amg, text2img_detector_parts(bundle, str(stand_in_sscd(cfg))))
-    return json.loads((model_dir / THRESHOLDS).read_text(encoding="utf-8"))
+        ensure_thresholds(cfg.amg, bundle_detectors(bundle, str(stand_in_sscd(cfg))))
+        tables = json.loads(path.read_text(encoding="utf-8"))
+    return tables
 
 
 def audit_overrides(model_dir: Path, path: Path) -> Path:
-    """The AMG settings the model ships with, as the audit's ``--amg-overrides`` YAML: λ_t calibrated
-    on its generic prompts (``amg_thresholds.json``) and the evaluation's strong c3."""
+    """The AMG settings the model ships with, as the audit's ``--amg-overrides`` YAML: σ_t on the
+    conditional x̂0, with its λ_t calibrated on the generic prompts (``amg_thresholds.json``) for the
+    demo's similarity."""
     import yaml
 
-    from demo.memorizing.layout import STRONG_C3
-
-    table = json.loads((model_dir / THRESHOLDS).read_text(encoding="utf-8"))["text2img"]
+    tables = json.loads((model_dir / THRESHOLDS).read_text(encoding="utf-8"))
+    table = tables[threshold_table("text2img", SIMILARITY, DETECT_FROM)]
     values = {
-        "c3": STRONG_C3,
+        "detect_from": DETECT_FROM,
         "threshold": "calibrated",
         "lambda_timesteps": list(table["lambda_timesteps"]),
         "lambda_values": list(table["lambda_values"]),
@@ -228,7 +239,7 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, 
 
     out = Path(cfg.demo.out)
     prompts = write_audit_prompts(model_dir, out / AUDIT_PROMPTS, out / DONE_DIR)
-    table = model_thresholds(cfg, model_dir, bundle)["text2img"]
+    table = model_thresholds(cfg, model_dir, bundle)[threshold_table("text2img", SIMILARITY, DETECT_FROM)]
     audit_cfg = dataclasses.replace(
         cfg.audit,
         bundle=str(bundle),
@@ -237,7 +248,7 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, 
         model=str(model_dir),
         amg="both",
         mode="paper",
-        similarity="sscd",
+        similarity=SIMILARITY,
         match_rows=MATCH_ROWS,
         memorized_threshold=table["memorized_threshold"],
         amg_overrides=str(audit_overrides(model_dir, out / AUDIT_OVERRIDES)),

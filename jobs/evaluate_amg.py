@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     a = cfg.amg
     with output_lock(a.out, job="evaluate_amg"):
-        from demo.memorizing.evaluation import run_amg_evaluation, text2img_detector_parts
+        from demo.memorizing.evaluation import bundle_detectors, run_amg_evaluation
         from demo.run import FASHION, memorizing_model, stand_in_sscd, training_set_bundle
 
         bundle = Path(a.bundle)
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
             with ray_session(cfg.ray):
                 training_set_bundle(cfg, memorizing_model(cfg))
         sscd = a.sscd_checkpoint or str(stand_in_sscd(cfg))
-        summary = run_amg_evaluation(a, text2img_detector_parts(bundle, sscd))
+        summary = run_amg_evaluation(a, bundle_detectors(bundle, sscd))
     return {
         "job": "evaluate_amg",
         "out": a.out,

@@ -72,3 +72,18 @@ def test_size_override_unknown_preparation_and_from_file(tmp_path):
     assert (loaded.preprocessing, loaded.image_size) == ("imagenet", 320)
     vectors = loaded.embed(_images(64))
     torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(2))
+
+
+def test_pixel_l2_scores_minus_the_rms_distance_to_n0_in_unit_pixels():
+    from pipeline.amg import PixelL2Backend
+
+    backend = PixelL2Backend(image_size=8)
+    gen = torch.Generator().manual_seed(3)
+    queries, first, second = (torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1 for _ in range(3))
+    neighbours = torch.stack([backend.embed(first), backend.embed(second)], dim=1)  # n0 first
+    expected = -(((queries - first) / 2).pow(2).flatten(1).mean(1)).sqrt()
+    torch.testing.assert_close(
+        backend.score(backend.embed(queries), neighbours), expected, rtol=1e-5, atol=1e-6
+    )
+    assert backend.metric == "l2" and backend.neighbours_needed == 1 and backend.dim == 3 * 8 * 8
+    assert backend.score(backend.embed(first), neighbours[:, :1]).abs().max() < 1e-5  # a copy scores 0

@@ -19,6 +19,7 @@ from pipeline.amg import (
     MemorizationDetector,
     NormalizedL2Backend,
     OpenClipBackend,
+    PixelL2Backend,
     SSCDBackend,
 )
 
@@ -44,11 +45,13 @@ def _backend(name: str, tmp_path):
         return SSCDBackend.from_file(path, image_size=32)
     if name == "clip":
         return OpenClipBackend(_tiny_open_clip(), image_size=32)
+    if name == "l2":
+        return PixelL2Backend(image_size=16)
     return NormalizedL2Backend(image_size=16, k=5)
 
 
 @pytest.mark.parametrize("latent", [True, False], ids=["through_vae", "pixels"])
-@pytest.mark.parametrize("name", ["sscd", "clip", "nl2"])
+@pytest.mark.parametrize("name", ["sscd", "clip", "nl2", "l2"])
 def test_sigma_gradient_matches_finite_differences(name, latent, tmp_path):
     backend = _backend(name, tmp_path).double()
     gen = torch.Generator().manual_seed(7)

@@ -261,3 +261,53 @@ def test_in_memory_index_keeps_or_folds_repeated_rows_and_counts_their_copies():
     assert [folded.row(i)["copies"] for i in range(3)] == [2, 1, 1]
     assert [kept.row(i)["copies"] for i in range(4)] == [2, 2, 1, 1]
     assert folded.duplicate_caption(0).count == kept.duplicate_caption(1).count == 2
+
+
+class RecordingDetector(ScriptedDetector):
+    """A :class:`ScriptedDetector` that keeps the images each detection was asked about."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[torch.Tensor] = []
+
+    def detect(self, images):
+        self.seen.append(images.clone())
+        return super().detect(images)
+
+
+@pytest.mark.parametrize("detect_from", ["guided", "conditional"])
+def test_detect_from_picks_the_x0_sigma_is_measured_on_and_the_terms_still_add_to_the_guided_eps(detect_from):
+    from pipeline.amg.terms import predict_x0
+
+    cfg = AMGConfig.preset(
+        "paper", "sscd", c3=2.0, threshold="constant", lambda_start=LAMBDA, detect_from=detect_from
+    )
+    det = RecordingDetector([[0.2, 0.45, 0.8]], [None] * B, cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    out, (x_t, eps_u, eps_c, _, eps), _ = _step(amg, amg.begin(B, 1000), det, 0, seed=3)
+
+    source = eps_c if detect_from == "conditional" else eps
+    torch.testing.assert_close(det.seen[0], predict_x0(x_t, source, ALPHA_BAR), rtol=0, atol=0)
+    expected = eps.clone()  # G_spe and G_sim are added to ε̂ whichever x̂0 was measured
+    for i in (1, 2):
+        expected[i] += -min(13 * [0.2, 0.45, 0.8][i], S0 - 1) * (eps_c[i] - eps_u[i])
+        expected[i] += 2.0 * math.sqrt(1 - 0.64) * det.w[i] / math.sqrt(0.64)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_detect_from_conditional_without_cfg_measures_the_only_eps_there_is():
+    from pipeline.amg.terms import predict_x0
+
+    cfg = AMGConfig.preset(
+        "paper", "sscd", threshold="constant", lambda_start=LAMBDA, detect_from="conditional"
+    )
+    det = RecordingDetector([[0.1, 0.1, 0.1]], [None] * B, cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    x_t, _, _, _, eps = _inputs(4)
+    out = amg.guide(
+        amg.begin(B, 1000), step=0, t=500, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z
+    )
+    assert out is eps
+    torch.testing.assert_close(det.seen[0], predict_x0(x_t, eps, ALPHA_BAR), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="detect_from"):
+        AMGConfig(detect_from="uncond")

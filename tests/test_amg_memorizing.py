@@ -108,6 +108,33 @@ def test_amg_strong_paper_mode_removes_the_most_duplicated_copies_and_leaves_gen
 
 
 @committed
+def test_paper_mode_by_pixel_distance_on_the_conditional_x0_removes_x64_copies_and_keeps_their_class(
+    models, thresholds
+):
+    """The demo's AMG (``l2`` on the conditional x̂0, its calibrated λ_t, the preset's c3) on the two
+    ×64 captions, the least duplicated of those the issue requires cleared."""
+    from demo.memorizing import classifier as clf
+    from pipeline.amg import PixelL2Backend
+
+    train = models.train
+    max_rms = OWN_COPY_RMS_FACTOR * models.recon_rms
+    backend = PixelL2Backend(image_size=train.images.shape[1])
+    planted = train.planted()
+    index = InMemoryNeighbourIndex.from_images(
+        backend, train.tensor()[planted], [train.captions[p] for p in planted]
+    )
+    config = calibrated_config(thresholds, "text2img", "paper", "l2", detect_from="conditional")
+    amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, config))
+    classifier = clf.load_or_train(MODEL_DIR.parent / "fashion-classifier")
+    for p in (p for p in planted if train.copies[p] == 64):
+        plain, _ = sample_text2img(models.text2img, [train.captions[p]], SEEDS, None, SETTINGS)
+        guided, traces = sample_text2img(models.text2img, [train.captions[p]], SEEDS, amg, SETTINGS)
+        assert _own_copies(plain, train, p, max_rms).all() and not _own_copies(guided, train, p, max_rms).any()
+        assert all(traces[0].any_fired())
+        assert (clf.predict(classifier, guided) == train.labels[p]).mean() >= 0.75
+
+
+@committed
 def test_pixel_model_copies_its_most_duplicated_planted_picture_and_amg_removes_it(models, thresholds):
     train = models.train
     max_rms = OWN_COPY_RMS_FACTOR * models.recon_rms

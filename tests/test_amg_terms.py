@@ -252,3 +252,14 @@ def test_threshold_table_validation(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             terms.calibrate_threshold(*args)
+
+
+def test_l2_has_a_paper_preset_only_and_its_scales_act_on_sigma_plus_one():
+    cfg = AMGConfig.preset("paper", "l2")
+    assert cfg.gate == "shared" and cfg.scale_sigma_offset == -1.0
+    # σ = −0.05 (a near copy): s1 = clip(13·(σ + 1), 0, s0 − 1) saturates, as with a cosine near 1
+    s1 = terms.despecification_scale(torch.tensor([-0.05]) - cfg.scale_sigma_offset, cfg.c1, 7.5)
+    assert s1.item() == pytest.approx(6.5)
+    for mode in ("reference", "released_pixel"):
+        with pytest.raises(ValueError, match="no preset for backend 'l2'"):
+            AMGConfig.preset(mode, "l2")

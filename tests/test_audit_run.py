@@ -116,10 +116,10 @@ def test_matchers_make_queries_like_the_bundle_for_each_similarity(world):
         [torch.from_numpy(np.asarray(p.resize((32, 32)), dtype=np.float32)) for p in pictures]
     )
     batch = batch.permute(0, 3, 1, 2) / 127.5 - 1
-    for similarity, expected in (("sscd", 0.5), ("clip", 0.9), ("nl2", -1.4)):
+    for similarity, expected in (("sscd", 0.5), ("clip", 0.9), ("nl2", -1.4), ("l2", -0.01)):
         matcher = open_matcher(world["bundle"], similarity, pixel_size=32)
-        assert matcher.backend.dim == matcher.index.dim
-        cfg = AMGConfig.preset("reference", similarity)
+        assert matcher.backend.dim == matcher.index.dim and matcher.backend.name == similarity
+        cfg = AMGConfig.preset("paper" if similarity == "l2" else "reference", similarity)
         found = MemorizationDetector(matcher.backend, matcher.index, cfg).detect(batch)
         # A training picture (at the generator's 32 px) finds itself, or its byte-identical twin (rows 8, 9).
         assert found.row_ids[0] == 0 and int(found.row_ids[1]) in (8, 9), similarity

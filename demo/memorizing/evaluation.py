@@ -49,8 +49,10 @@ from demo.memorizing.layout import (
     PIXEL_DIR,
     STRONG_C3,
     TEXT2IMG_DIR,
+    THRESHOLD_TABLES,
     THRESHOLDS,
     TRAINING_SET,
+    threshold_table,
 )
 from demo.memorizing.training import TrainingSet
 from pipeline.amg import sampling
@@ -72,10 +74,15 @@ NL2_NEAR = 1.0
 KID = functools.partial(metrics.kid, n_subsets=10)
 #: Fewer samples than this get no KID/FID (the statistics need a few dozen).
 MIN_FIDELITY_SAMPLES = 50
-#: σ of an exact copy: cosine 1 (descriptors), −nL2 = 0 (pixels).
-PERFECT_COPY_SIGMA = {"text2img": 1.0, "pixel": 0.0}
+#: σ of an exact copy, per similarity: cosine 1 (descriptors), −nL2 = 0 and −ℓ2 = 0 (pixels).
+PERFECT_COPY_SIGMA = {"sscd": 1.0, "nl2": 0.0, "l2": 0.0}
 #: λ_t is the per-timestep maximum of σ_t over the calibration trajectories (200 per model).
 CALIBRATION_PERCENTILE = 100.0
+#: σ_t on the conditional x̂0 (``AMGConfig.detect_from``): on this model a copy shows there from t ≈ 860,
+#: on the guided x̂0 only from t ≈ 400 (BENCHMARKS.md, "AMG evaluation").
+CONDITIONAL = {"detect_from": "conditional"}
+#: ... and by the RMS pixel distance to the duplicated rows instead of the copy descriptor.
+PIXEL_L2 = {"backend": "l2", **CONDITIONAL}
 #: Text-to-image rows: name -> (mode, AMGConfig changes); None is plain sampling.
 TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "plain": None,
@@ -85,6 +92,11 @@ TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "paper_strong_no_spe": ("paper", {"c3": STRONG_C3, "use_spe": False}),
     "paper_strong_no_dup": ("paper", {"c3": STRONG_C3, "use_dup": False}),
     "paper_strong_sim_only": ("paper", {"c3": STRONG_C3, "use_spe": False, "use_dup": False}),
+    "paper_conditional": ("paper", CONDITIONAL),
+    "paper_conditional_sim_only": ("paper", {**CONDITIONAL, "use_spe": False, "use_dup": False}),
+    "paper_l2": ("paper", PIXEL_L2),
+    "paper_l2_no_spe": ("paper", {**PIXEL_L2, "use_spe": False}),
+    "paper_l2_sim_only": ("paper", {**PIXEL_L2, "use_spe": False, "use_dup": False}),
     "reference": ("reference", {}),
 }
 #: Pixel rows: name -> (mode, AMGConfig changes).
@@ -143,14 +155,21 @@ def load_models(model_dir: str | Path) -> Models:
     )
 
 
-def text2img_detector_parts(bundle: str | Path, sscd_checkpoint: str | None):
-    """``(backend, index, captions)`` through the bundle of the model's training set: SSCD descriptors
-    of its duplicated rows (σ, n0; see :data:`MATCH_ROWS`) and the authors' y_N rule over its CLIP
-    index (:func:`pipeline.audit.matching.open_matcher`)."""
+def text2img_detector_parts(bundle: str | Path, sscd_checkpoint: str | None, similarity: str = "sscd"):
+    """``(backend, index, captions)`` through the bundle of the model's training set: σ and n0 by
+    ``similarity`` over its duplicated rows (the SSCD descriptors, or for ``l2`` the pixels read from
+    its shards; see :data:`MATCH_ROWS`) and the authors' y_N rule over its CLIP index
+    (:func:`pipeline.audit.matching.open_matcher`)."""
     from pipeline.audit.matching import open_matcher
 
-    matcher = open_matcher(bundle, "sscd", sscd_checkpoint, match_rows=MATCH_ROWS)
+    matcher = open_matcher(bundle, similarity, sscd_checkpoint, match_rows=MATCH_ROWS)
     return matcher.backend, matcher.index, matcher.captions
+
+
+def bundle_detectors(bundle: str | Path, sscd_checkpoint: str | None):
+    """``similarity -> (backend, index, captions)`` through ``bundle`` (:func:`text2img_detector_parts`),
+    each opened once, on first use."""
+    return functools.cache(functools.partial(text2img_detector_parts, bundle, sscd_checkpoint))
 
 
 def pixel_detector_parts(train: TrainingSet) -> tuple[NormalizedL2Backend, InMemoryNeighbourIndex]:
@@ -192,9 +211,10 @@ def sample_pixel(
 
 
 # ----------------------------------------------------------------------------- λ_t calibration
-def _probe(mode: str, backend: str) -> AMGConfig:
+def _probe(mode: str, backend: str, detect_from: str = "guided") -> AMGConfig:
     """A config whose gates never open: the loop measures σ_t at every step and changes nothing."""
-    return AMGConfig.preset(mode, backend, threshold="constant", lambda_start=float("inf"), detect_every=1)
+    never = {"threshold": "constant", "lambda_start": float("inf"), "detect_every": 1}
+    return AMGConfig.preset(mode, backend, detect_from=detect_from, **never)
 
 
 def calibrate_threshold(traces: list, percentile: float) -> dict[str, list[float]]:
@@ -212,10 +232,11 @@ def calibrate_threshold(traces: list, percentile: float) -> dict[str, list[float
 def calibrated_config(
     thresholds: dict[str, Any], model: str, mode: str, backend: str, **changes
 ) -> AMGConfig:
-    """The preset of ``mode`` with the model's calibrated λ_t (unless ``calibrated=False``)."""
+    """The preset of ``mode`` with the model's λ_t calibrated for ``backend`` and ``detect_from``
+    (unless ``calibrated=False``)."""
     calibrated = changes.pop("calibrated", True)
     if calibrated:
-        table = thresholds[model]
+        table = thresholds[threshold_table(model, backend, changes.get("detect_from", "guided"))]
         changes = {
             "threshold": "calibrated",
             "lambda_timesteps": tuple(table["lambda_timesteps"]),
@@ -294,11 +315,9 @@ def _trace_stats(traces: list) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the two experiments
-def evaluate_text2img(
-    models: Models, detector_parts, judge: Judge, thresholds, settings: EvalSettings, out: Path
-):
-    """Table 1/3/4 rows for the text-to-image model: planted and generic prompts per mode."""
-    backend, index, captions = detector_parts
+def evaluate_text2img(models: Models, detectors, judge: Judge, thresholds, settings: EvalSettings, out: Path):
+    """Table 1/3/4 rows for the text-to-image model: planted and generic prompts per mode
+    (``detectors``: similarity -> detector parts, :func:`bundle_detectors`)."""
     train = models.train
     seeds = list(range(settings.planted_samples))
     gseeds = list(range(settings.generic_samples))
@@ -315,7 +334,10 @@ def evaluate_text2img(
         amg = None
         if spec is not None:
             mode, changes = spec
-            config = calibrated_config(thresholds, "text2img", mode, "sscd", **changes)
+            changes = dict(changes)
+            similarity = changes.pop("backend", "sscd")
+            config = calibrated_config(thresholds, "text2img", mode, similarity, **changes)
+            backend, index, captions = detectors(similarity)
             amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, config, captions=captions))
         p_images, p_traces = sample_text2img(models.text2img, planted_prompts, seeds, amg, settings)
         g_images, g_traces = sample_text2img(models.text2img, generic_prompts, gseeds, amg, settings)
@@ -374,12 +396,14 @@ def evaluate_pixel(models: Models, judge: Judge, thresholds, settings: EvalSetti
 
 
 # ----------------------------------------------------------------------------- calibration run
-def calibrate_text2img(models: Models, detector_parts, settings: EvalSettings) -> dict[str, Any]:
+def calibrate_text2img(
+    models: Models, detectors, settings: EvalSettings, similarity: str = "sscd", detect_from: str = "guided"
+) -> dict[str, Any]:
     """λ_t of the text-to-image model from plain samples of its generic captions (prompts known not to
-    be memorized), on calibration seeds."""
-    backend, index, captions = detector_parts
+    be memorized), on calibration seeds, with σ by ``similarity`` on the ``detect_from`` x̂0."""
+    backend, index, captions = detectors(similarity)
     probe = AntiMemorizationGuidance(
-        MemorizationDetector(backend, index, _probe("paper", "sscd"), captions=captions)
+        MemorizationDetector(backend, index, _probe("paper", similarity, detect_from), captions=captions)
     )
     prompts = [generic_caption(c) for c in range(len(CLASS_NAMES))]
     _, traces = sample_text2img(models.text2img, prompts, _calibration_seeds(settings), probe, settings)
@@ -402,12 +426,13 @@ def _calibration_seeds(settings: EvalSettings) -> list[int]:
 
 def ensure_thresholds(
     cfg,
-    detector_parts,
+    detectors,
     settings: EvalSettings | None = None,
     models: Models | None = None,
-    names: tuple[str, ...] = ("text2img", "pixel"),
+    names: tuple[str, ...] = tuple(THRESHOLD_TABLES),
 ) -> dict[str, Any]:
-    """``model_dir/amg_thresholds.json``, each model's λ_t calibrated and written first when missing.
+    """``model_dir/amg_thresholds.json``, each λ_t table (:data:`THRESHOLD_TABLES`) calibrated and
+    written first when missing (``detectors``: similarity -> text-to-image detector parts).
 
     A table also records ``memorized_threshold``, halfway between λ at the last step (the most any
     calibration sample reached there) and a perfect copy's σ: a final image that only edges past the
@@ -417,15 +442,18 @@ def ensure_thresholds(
     thresholds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     settings = settings or EvalSettings()
     calibrations = {
-        "text2img": lambda m: calibrate_text2img(m, detector_parts, settings),
-        "pixel": lambda m: calibrate_pixel(m, settings),
+        "text2img": lambda m, *how: calibrate_text2img(m, detectors, settings, *how),
+        "pixel": lambda m, *_: calibrate_pixel(m, settings),
     }
     missing = [name for name in names if name not in thresholds]
     for name in missing:
         models = models or load_models(cfg.model_dir)
-        table = calibrations[name](models)
+        model, similarity, detect_from = THRESHOLD_TABLES[name]
+        table = calibrations[model](models, similarity, detect_from)
         last = table["lambda_values"][int(np.argmin(table["lambda_timesteps"]))]
-        table["memorized_threshold"] = (last + PERFECT_COPY_SIGMA[name]) / 2
+        table["memorized_threshold"] = (last + PERFECT_COPY_SIGMA[similarity]) / 2
+        table["similarity"] = similarity
+        table["detect_from"] = detect_from
         table["calibration"] = {
             "percentile": CALIBRATION_PERCENTILE,
             "seeds": [
@@ -531,11 +559,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def run_amg_evaluation(cfg, detector_parts, settings: EvalSettings | None = None) -> dict[str, Any]:
+def run_amg_evaluation(cfg, detectors, settings: EvalSettings | None = None) -> dict[str, Any]:
     """The whole evaluation from an ``AMGJobConfig``; writes ``summary.json``, ``table.md`` and grids.
 
-    ``detector_parts`` is the text-to-image detection through the bundle: ``(backend, index,
-    captions)`` (:func:`pipeline.audit.matching.open_matcher` and its y_N lookup). λ_t is read from
+    ``detectors`` is the text-to-image detection through the bundle: similarity -> ``(backend, index,
+    captions)`` (:func:`bundle_detectors`: :func:`pipeline.audit.matching.open_matcher` and its y_N
+    lookup). λ_t is read from
     ``model_dir/amg_thresholds.json``, calibrated and written there first when missing.
     """
     started = time.monotonic()
@@ -548,7 +577,7 @@ def run_amg_evaluation(cfg, detector_parts, settings: EvalSettings | None = None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(cfg.model_dir)
-    thresholds = ensure_thresholds(cfg, detector_parts, settings, models)
+    thresholds = ensure_thresholds(cfg, detectors, settings, models)
     data = load_fashion_data(cfg.generic_per_class, cfg.seed)
     classifier = clf.load_or_train(cfg.classifier_dir)
     held_out = metrics.to_signed_tensor(data.held_out)
@@ -572,7 +601,7 @@ def run_amg_evaluation(cfg, detector_parts, settings: EvalSettings | None = None
         "copy_calibration": calibration,
         "thresholds": thresholds,
         "planted": [{"caption": c, "label": label, "copies": n} for label, c, n in PLANTED],
-        "text2img": evaluate_text2img(models, detector_parts, judge, thresholds, settings, out),
+        "text2img": evaluate_text2img(models, detectors, judge, thresholds, settings, out),
         "pixel": evaluate_pixel(models, judge, thresholds, settings, out),
     }
     summary["seconds"] = round(time.monotonic() - started)

@@ -14,3 +14,23 @@ MATCH_ROWS = "duplicated"
 #: middle of 300 / 3,000 / 30,000 tried on the planted prompts at calibration seeds 100000–100005
 #: (never the evaluation's): 300 left 92% copies, 30,000 destroyed the class (17% accuracy).
 STRONG_C3 = 3000.0
+#: The demo's AMG on the text-to-image model: σ_t is the RMS pixel distance to the duplicated rows
+#: (``l2``), measured on the conditional x̂0 (``AMGConfig.detect_from``), where a copy of this model's
+#: planted pictures shows from t ≈ 860 instead of t ≈ 400 (BENCHMARKS.md, "AMG evaluation").
+SIMILARITY = "l2"
+DETECT_FROM = "conditional"
+#: λ_t tables in :data:`THRESHOLDS`: name -> (model, similarity, x̂0 σ is measured on). Each detection
+#: needs its own: σ of the conditional x̂0 runs higher, earlier, than σ of the guided one.
+THRESHOLD_TABLES: dict[str, tuple[str, str, str]] = {
+    "text2img": ("text2img", "sscd", "guided"),
+    "text2img_conditional": ("text2img", "sscd", "conditional"),
+    "text2img_l2_conditional": ("text2img", "l2", "conditional"),
+    "pixel": ("pixel", "nl2", "guided"),
+}
+
+
+def threshold_table(model: str, similarity: str, detect_from: str = "guided") -> str:
+    """The name of the λ_t table in :data:`THRESHOLDS` for ``model`` with σ by ``similarity`` on the
+    ``detect_from`` x̂0 (``model`` itself for a table outside :data:`THRESHOLD_TABLES`)."""
+    wanted = (model, similarity, detect_from)
+    return next((name for name, spec in THRESHOLD_TABLES.items() if spec == wanted), model)

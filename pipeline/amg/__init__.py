@@ -5,7 +5,8 @@ Public API:
 * :class:`AMGConfig`: mode (``paper`` / ``reference`` / ``released_pixel``), backend and every constant;
   :func:`save_threshold` / :func:`load_threshold` for a calibrated λ_t table
   (:func:`pipeline.amg.terms.calibrate_threshold` makes one).
-* Backends: :class:`SSCDBackend`, :class:`OpenClipBackend`, :class:`NormalizedL2Backend`.
+* Backends: :class:`SSCDBackend`, :class:`OpenClipBackend`, :class:`NormalizedL2Backend`,
+  :class:`PixelL2Backend`.
 * :class:`InMemoryNeighbourIndex`: a :class:`~pipeline.core.neighbours.NeighbourIndex` in RAM
   (tests, small sets).
 * :class:`MemorizationDetector`: backend + index + threshold schedule.
@@ -26,6 +27,7 @@ _EXPORTS = {
     "load_threshold": "config",
     "save_threshold": "config",
     "NormalizedL2Backend": "backends",
+    "PixelL2Backend": "backends",
     "OpenClipBackend": "backends",
     "SimilarityBackend": "backends",
     "SSCDBackend": "backends",
@@ -43,7 +45,13 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from pipeline.amg.backends import NormalizedL2Backend, OpenClipBackend, SimilarityBackend, SSCDBackend
+    from pipeline.amg.backends import (
+        NormalizedL2Backend,
+        OpenClipBackend,
+        PixelL2Backend,
+        SimilarityBackend,
+        SSCDBackend,
+    )
     from pipeline.amg.config import AMGConfig, load_threshold, save_threshold
     from pipeline.amg.detector import Detection, MemorizationDetector
     from pipeline.amg.guidance import AMGStep, AMGTrace, AntiMemorizationGuidance
@@ -81,6 +89,7 @@ __all__ = [
     "MemorizationDetector",
     "NormalizedL2Backend",
     "OpenClipBackend",
+    "PixelL2Backend",
     "SSCDBackend",
     "SimilarityBackend",
     "load_threshold",

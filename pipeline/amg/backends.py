@@ -1,4 +1,4 @@
-"""Similarity backends for σ_t: SSCD descriptors, open_clip image embeddings, Carlini's normalised L2.
+"""Similarity backends for σ_t: SSCD descriptors, open_clip image embeddings, pixel distances.
 
 A backend turns images into the vectors a :class:`~pipeline.core.neighbours.NeighbourIndex` searches
 (``embed``) and scores a query against the neighbours the search returned (``score``). Both are
@@ -16,6 +16,9 @@ Images are ``(B, 3, H, W)`` tensors in [−1, 1], what a VAE decoder or a pixel-
 * :class:`NormalizedL2Backend`: pixels, σ = −nL2 with nL2 = ℓ2(x, n0)/(α·mean_{z∈S} ℓ2(x, z)), S the
   k nearest training images (Carlini et al. 2023; AMG paper Eq. 8; k = 50, α = 0.5); memorized when
   nL2 < 1.4.
+* :class:`PixelL2Backend`: pixels, σ = −ℓ2(x, n0), the plain RMS distance to the nearest row. Not in the
+  paper: for small pictures searched against the duplicated rows only, where nL2's neighbour set
+  would be copies of n0 itself and a descriptor scores any item of n0's class as high as a near copy.
 """
 
 from __future__ import annotations
@@ -270,3 +273,26 @@ class NormalizedL2Backend(SimilarityBackend):
     def score(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         d = self.distances(queries, neighbours)
         return -d[:, 0] / (self.alpha * d.mean(-1))
+
+
+class PixelL2Backend(NormalizedL2Backend):
+    """Pixels, σ = −ℓ2(x, n0): the RMS difference to the nearest training row, in [0, 1] units.
+
+    Searched over the duplicated rows only (``match_rows="duplicated"``), nL2's denominator would be
+    the distance to copies of n0 itself, and a copy descriptor on 28-pixel pictures scores a new item of
+    n0's class as high as a near copy (BENCHMARKS.md, "AMG evaluation"). The plain distance keeps both
+    apart and its gradient does not fade near a copy, as a cosine's does. λ_t has no published value on
+    this scale: calibrate it (``threshold="calibrated"``).
+
+    Args:
+        image_size (`int`, *optional*, defaults to 32): images are compared at this square size.
+        channels (`int`, *optional*, defaults to 3): image channels.
+    """
+
+    name = "l2"
+
+    def __init__(self, image_size: int = 32, channels: int = 3):
+        super().__init__(image_size=image_size, k=1, channels=channels)
+
+    def score(self, queries: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        return -self.distances(queries, neighbours[:, :1])[:, 0]

@@ -48,8 +48,12 @@ from typing import Any
 from pipeline.core.config import option
 
 MODES = ("paper", "reference", "released_pixel")
-BACKENDS = ("sscd", "clip", "nl2")
+BACKENDS = ("sscd", "clip", "nl2", "l2")
+#: Which preset table each backend reads: SSCD and CLIP share the cosine-scale constants.
+PRESET_FAMILY = {"sscd": "cosine", "clip": "cosine", "nl2": "nl2", "l2": "l2"}
 THRESHOLDS = ("parabolic", "exponential", "constant", "calibrated")
+#: Noise predictions x̂0 may be taken from for σ_t (``AMGConfig.detect_from``).
+DETECT_FROM = ("guided", "conditional")
 #: ``format`` tag and version of a λ_t table file (:func:`save_threshold`).
 THRESHOLD_FILE_FORMAT = "amg_threshold_table"
 THRESHOLD_FILE_VERSION = 1
@@ -70,8 +74,9 @@ class AMGConfig:
             the module docstring and the ``latch_threshold`` … ``noised_max_rows`` fields).
         backend (`str`, *optional*, defaults to `"sscd"`):
             Similarity used for σ_t: ``"sscd"`` (dot product of normalised SSCD descriptors),
-            ``"clip"`` (cosine of open_clip image embeddings) or ``"nl2"`` (Carlini's normalised
-            L2 in pixel space, σ = −nL2). Only used to pick presets and to check the detector.
+            ``"clip"`` (cosine of open_clip image embeddings), ``"nl2"`` (Carlini's normalised
+            L2 in pixel space, σ = −nL2) or ``"l2"`` (the plain RMS pixel distance to n0, σ = −ℓ2;
+            paper mode only). Only used to pick presets and to check the detector.
         enabled (`bool`, *optional*, defaults to `True`):
             False runs the AMG pipelines' loop with no detection and no guidance (plain sampling).
         use_spe (`bool`, *optional*, defaults to `True`):
@@ -178,12 +183,19 @@ class AMGConfig:
             every step doubles the time of a prompt nothing is detected for; every 4th step keeps that
             under 1.3× (BENCHMARKS.md, "AMG cost"). 1 reproduces the paper's per-step loop; the
             ``reference`` and ``released_pixel`` presets use 1, as the released code does.
+        detect_from (`str`, *optional*, defaults to `"guided"`):
+            Which noise prediction x̂0 is taken from for σ_t (and for G_sim's gradient under the shared
+            gate): ``"guided"``, the pipeline's ε̂ after classifier-free guidance, as the paper and the
+            released code do; or ``"conditional"``, ε(x_t, y) alone, the model's own estimate of the
+            clean image given the prompt. Early in sampling the guided x̂0 extrapolates s0 times past
+            the conditional one and is mostly noise, so a copy shows up in the conditional x̂0 many steps
+            sooner (BENCHMARKS.md, "AMG evaluation"). Without CFG both are the same.
     """
 
     mode: str = option(
         "paper", "paper (one gate), reference (the authors' released behaviour) or released_pixel"
     )
-    backend: str = option("sscd", "similarity for σ_t: sscd, clip or nl2")
+    backend: str = option("sscd", "similarity for σ_t: sscd, clip, nl2 or l2")
     enabled: bool = option(True, "False: plain sampling through the AMG loop")
     use_spe: bool = option(True, "apply G_spe (despecification)")
     use_dup: bool = option(True, "apply G_dup (caption deduplication)")
@@ -225,6 +237,7 @@ class AMGConfig:
     detect_every: int = option(
         4, "while no gated term is active, detect only every n-th step (1: every step)"
     )
+    detect_from: str = option("guided", "x̂0 for σ_t from the guided ε̂ (paper) or the conditional ε(x_t, y)")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -260,6 +273,8 @@ class AMGConfig:
             raise ValueError("AMGConfig.c3_time_scale must be positive")
         if self.detect_every < 1:
             raise ValueError("AMGConfig.detect_every must be at least 1")
+        if self.detect_from not in DETECT_FROM:
+            raise ValueError(f"AMGConfig.detect_from must be one of {DETECT_FROM}, got {self.detect_from!r}")
         if self.dup_hold_steps < 0 or self.dup_min_count < 1 or self.nl2_k < 1 or self.nl2_alpha <= 0:
             raise ValueError("AMGConfig: dup_hold_steps >= 0, dup_min_count >= 1, nl2_k >= 1, nl2_alpha > 0")
 
@@ -270,17 +285,18 @@ class AMGConfig:
         Args:
             mode (`str`, *optional*, defaults to `"paper"`): ``"paper"``, ``"reference"`` or
                 ``"released_pixel"`` (``nl2`` only).
-            backend (`str`, *optional*, defaults to `"sscd"`): ``"sscd"``, ``"clip"`` or ``"nl2"``.
+            backend (`str`, *optional*, defaults to `"sscd"`): ``"sscd"``, ``"clip"``, ``"nl2"`` or ``"l2"``.
             overrides: any field of :class:`AMGConfig`.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        key = (mode, "nl2" if backend == "nl2" else "cosine")
+        key = (mode, PRESET_FAMILY[backend])
         if key not in PRESETS:
+            defined = sorted(b for b, family in PRESET_FAMILY.items() if (mode, family) in PRESETS)
             raise ValueError(
-                f"mode {mode!r} has no preset for backend {backend!r} (it is defined for nl2 only)"
+                f"mode {mode!r} has no preset for backend {backend!r} (defined for {', '.join(defined)})"
             )
         values = dict(PRESETS[key])
         values.update(mode=mode, backend=backend)
@@ -407,6 +423,28 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "dup_hold_steps": 0,
         "dup_sticky_caption": False,
         "memorized_threshold": -1.4,
+    },
+    # Paper mode, plain pixel distance (σ = −RMS in [0, 1] units; not in the paper, PixelL2Backend). No
+    # published λ: the constant −0.1 is a placeholder to be replaced by a calibrated table. σ + 1 = 1 − RMS
+    # gives s1 and s2 a positive scale, so G_spe and G_dup act as with a cosine. c3 = 250: of 150 / 200 /
+    # 250 on the Fashion-MNIST text-to-image model's tuning seeds (200000–200015, never the evaluation's),
+    # the smallest that left no copy of a ×64/×256 caption (1, 1, 0 of 64) with their class accuracy
+    # above 90% (97, 94, 92%).
+    ("paper", "l2"): {
+        "gate": "shared",
+        "recheck_sigma": False,
+        "c1": 13.0,
+        "c2": 13.0,
+        "c2_saturation": None,
+        "c3": 250.0,
+        "c3_sigma_offset": None,
+        "c3_time_scale": None,
+        "scale_sigma_offset": -1.0,
+        "threshold": "constant",
+        "lambda_start": -0.1,
+        "dup_hold_steps": 0,
+        "dup_sticky_caption": False,
+        "memorized_threshold": -0.05,
     },
 }
 

@@ -294,7 +294,9 @@ class AntiMemorizationGuidance:
         t_int = int(t)
         T = state.num_train_timesteps
         lam = self.detector.threshold(t_int, T)
-        det = self._detect(state, x_t, eps, alpha_bar, to_pixels)
+        # x̂0 for σ_t: from ε̂ (the paper), or from ε(x_t, y) when detect_from says so and CFG ran.
+        eps_detect = eps_cond if cfg.detect_from == "conditional" and eps_cond is not None else eps
+        det = self._detect(state, x_t, eps_detect, alpha_bar, to_pixels)
         sigma = det.sigma.to(x_t.device)
         B = sigma.shape[0]
         zeros = torch.zeros_like(sigma)
@@ -370,7 +372,7 @@ class AntiMemorizationGuidance:
         # G_sim
         recheck: list[float | None] = [None] * B
         if shared:
-            sim_det, sim_sigma, sim_eps = det, sigma, eps
+            sim_det, sim_sigma, sim_eps = det, sigma, eps_detect
             sim_on = fired & cfg.use_sim
         else:
             changed = (s1 > 0) | dup_on

@@ -15,7 +15,7 @@ AGGREGATE_VERSION = 2
 AMG_CHOICES = {"off": ("off",), "on": ("on",), "both": ("off", "on")}
 
 
-SIMILARITIES = ("sscd", "clip", "nl2")
+SIMILARITIES = ("sscd", "clip", "nl2", "l2")
 
 
 RESULTS = "results.parquet"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.amg import NormalizedL2Backend, OpenClipBackend, SSCDBackend
+from pipeline.amg import NormalizedL2Backend, OpenClipBackend, PixelL2Backend, SSCDBackend
 from pipeline.amg.memory_index import FlatVectors
 from pipeline.audit.layout import SIMILARITIES
 from pipeline.bundle.layout import IMAGE_DUPLICATES
@@ -217,7 +217,8 @@ def open_matcher(
       manifest's path, or ``sscd_checkpoint``, which must have the manifest's sha256);
     * ``clip``: the bundle's ``img_emb`` index and the open_clip model of its manifest;
     * ``nl2``: Carlini's normalised L2 over every training image at ``pixel_size`` (read from the
-      bundle's shards; small bundles only), with the bundle's captions and duplicate counts.
+      bundle's shards; small bundles only), with the bundle's captions and duplicate counts;
+    * ``l2``: the same pixels, σ = the plain RMS distance to n0 (:class:`PixelL2Backend`).
 
     ``expect`` pins the bundle's root hash (the one the audit's driver checked and recorded).
     ``match_rows="duplicated"`` searches only the rows whose image is byte-identically duplicated
@@ -249,16 +250,16 @@ def open_matcher(
         digest = None
         descriptor = f"open_clip {loaded.spec.name}"
         captions = NearestCaptions(index, backend)
-    elif similarity == "nl2":
+    elif similarity in ("nl2", "l2"):
         base = open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect)
         if len(base) > NL2_MAX_ROWS:
             raise ValueError(
-                f"nl2 compares pixels with every training image in RAM; the bundle has {len(base)} "
+                f"{similarity} compares pixels with every training image in RAM; the bundle has {len(base)} "
                 f"rows (at most {NL2_MAX_ROWS}): use --similarity sscd or clip"
             )
         images = TrainingImages(base)
         index = PixelIndex(base, images.pixels(pixel_size))
-        backend = NormalizedL2Backend(image_size=pixel_size)
+        backend = (NormalizedL2Backend if similarity == "nl2" else PixelL2Backend)(image_size=pixel_size)
         digest = None
         descriptor = f"pixels at {pixel_size}x{pixel_size}"
         return Matcher(

@@ -458,7 +458,7 @@ class AuditConfig:
         "both", "generate without AMG (off), with it (on), or both, paired by seed", fingerprint=False
     )
     mode: str = option("paper", "AMG constants: paper or reference (pipeline.amg.AMGConfig.preset)")
-    similarity: str = option("sscd", "similarity of the detection and of AMG: sscd, clip or nl2")
+    similarity: str = option("sscd", "similarity of the detection and of AMG: sscd, clip, nl2 or l2")
     match_rows: str = option(
         "all", "training rows the detection and AMG search: all, or duplicated (byte-identical copies only)"
     )
