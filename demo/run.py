@@ -266,10 +266,7 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, 
         "generic_flagged_without_amg": len(generic & off),
         "flagged_with_amg": len(on),
         "frac_memorized": {"off": off_rate, "on": on_rate},
-        # AMG does not clear every copy on this model at kept quality (BENCHMARKS.md, "AMG evaluation"):
-        # the check asks that the audit finds the copies, spares the generic prompts, and that AMG
-        # lowers the memorized fraction.
-        "passed": copied <= off and not (generic & off) and on_rate < off_rate,
+        "passed": copied <= off and not (generic & off) and not on,
     }
     return summary
 

@@ -74,8 +74,8 @@ NL2_NEAR = 1.0
 KID = functools.partial(metrics.kid, n_subsets=10)
 #: Fewer samples than this get no KID/FID (the statistics need a few dozen).
 MIN_FIDELITY_SAMPLES = 50
-#: σ of an exact copy, per similarity: cosine 1 (descriptors), −nL2 = 0 and −ℓ2 = 0 (pixels).
-PERFECT_COPY_SIGMA = {"sscd": 1.0, "nl2": 0.0, "l2": 0.0}
+#: σ of an exact copy, per similarity: cosine 1 (descriptors), −nL2 = 0 (pixels).
+PERFECT_COPY_SIGMA = {"sscd": 1.0, "nl2": 0.0}
 #: λ_t is the per-timestep maximum of σ_t over the calibration trajectories (200 per model).
 CALIBRATION_PERCENTILE = 100.0
 #: σ_t on the conditional x̂0 (``AMGConfig.detect_from``): on this model a copy shows there from t ≈ 860,
@@ -434,9 +434,11 @@ def ensure_thresholds(
     """``model_dir/amg_thresholds.json``, each λ_t table (:data:`THRESHOLD_TABLES`) calibrated and
     written first when missing (``detectors``: similarity -> text-to-image detector parts).
 
-    A table also records ``memorized_threshold``, halfway between λ at the last step (the most any
-    calibration sample reached there) and a perfect copy's σ: a final image that only edges past the
-    calibration samples is not called a copy.
+    A table also records ``memorized_threshold``: for a similarity, halfway between λ at the last step
+    (the most any calibration sample reached there) and a perfect copy's σ, so a final image that only
+    edges past the calibration samples is not called a copy; for the ``l2`` distance, the own-copy
+    distance itself (:data:`OWN_COPY_RMS_FACTOR` times the autoencoder's reconstruction RMS), the
+    criterion the evaluation counts copies by.
     """
     path = Path(cfg.model_dir) / THRESHOLDS
     thresholds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -451,7 +453,11 @@ def ensure_thresholds(
         model, similarity, detect_from = THRESHOLD_TABLES[name]
         table = calibrations[model](models, similarity, detect_from)
         last = table["lambda_values"][int(np.argmin(table["lambda_timesteps"]))]
-        table["memorized_threshold"] = (last + PERFECT_COPY_SIGMA[similarity]) / 2
+        table["memorized_threshold"] = (
+            -OWN_COPY_RMS_FACTOR * models.recon_rms
+            if similarity == "l2"
+            else (last + PERFECT_COPY_SIGMA[similarity]) / 2
+        )
         table["similarity"] = similarity
         table["detect_from"] = detect_from
         table["calibration"] = {
