@@ -161,6 +161,9 @@ def test_nearest_rms_and_nl2_match_brute_force():
     np.testing.assert_allclose(got_nl2, values, rtol=1e-6, atol=1e-4)  # the backend's 1e-12 under √
     np.testing.assert_array_equal(got_nearest, index)
     assert got_index[3] == 17 and got_rms[3] < 1e-5 and got_nl2[3] < 1e-4
+    one_scan = metrics.nearest_and_nl2(images, train, k=5)  # the two above from one scan
+    for got, expected in zip(one_scan, (got_rms, got_index, got_nl2), strict=True):
+        np.testing.assert_array_equal(got, expected)
     # small chunks cross every boundary and give the same neighbours
     chunked = metrics._neighbours(images, train, k=5, query_chunk=3, train_chunk=7)
     np.testing.assert_allclose(chunked[2], values, rtol=1e-6, atol=1e-4)

@@ -259,13 +259,16 @@ class Judge:
     bootstrap: int
     seed: int
 
+    @functools.cached_property
+    def train_images(self) -> torch.Tensor:
+        """The training pictures as a tensor, made once for every :meth:`score` call."""
+        return self.train.tensor()
+
     def score(
         self, images: torch.Tensor, classes: np.ndarray, planted: np.ndarray, plain: torch.Tensor | None
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Summary of ``images`` (``planted[i]`` = the planted position sample i may copy, or −1)."""
-        train_images = self.train.tensor()
-        rms, nearest = metrics.nearest_rms(images, train_images)
-        nl2, _ = metrics.nl2(images, train_images)
+        rms, nearest, nl2 = metrics.nearest_and_nl2(images, self.train_images)
         own = metrics.own_copy(nearest, rms, planted, self.max_rms) & (planted >= 0)
         predicted = clf.predict(self.classifier, images)
         correct = predicted == classes

@@ -294,6 +294,18 @@ def nl2(
     return values, index[:, 0]
 
 
+def nearest_and_nl2(
+    images: np.ndarray | torch.Tensor,
+    train_images: np.ndarray | torch.Tensor,
+    k: int = 50,
+    alpha: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rms, nearest_index, nl2)``: :func:`nearest_rms` and :func:`nl2` from one scan of the training
+    pictures."""
+    rms, index, values = _neighbours(images, train_images, k=k, alpha=alpha)
+    return rms[:, 0], index[:, 0], values
+
+
 def own_copy(
     nearest_index: np.ndarray, nearest_rms: np.ndarray, planted_index: int | np.ndarray, max_rms: float
 ) -> np.ndarray:
