@@ -278,3 +278,40 @@ def test_calibrated_threshold_is_the_per_step_maximum_of_plain_trajectories_and_
     config = calibrated_config({"m": table}, "m", "paper", "sscd")
     assert config.threshold == "calibrated" and list(config.lambda_values) == table["lambda_values"]
     assert calibrated_config({"m": table}, "m", "paper", "sscd", calibrated=False).threshold == "parabolic"
+
+
+def test_calibrated_config_reads_the_table_of_its_similarity_and_x0():
+    from demo.memorizing.evaluation import calibrated_config
+
+    tables = {
+        "text2img": {"lambda_timesteps": [1, 999], "lambda_values": [0.9, 0.8]},
+        "text2img_l2_conditional": {"lambda_timesteps": [1, 999], "lambda_values": [-0.15, -0.1]},
+    }
+    l2 = calibrated_config(tables, "text2img", "paper", "l2", detect_from="conditional")
+    assert l2.lambda_values == (-0.15, -0.1) and l2.backend == "l2" and l2.detect_from == "conditional"
+    assert calibrated_config(tables, "text2img", "paper", "sscd").lambda_values == (0.9, 0.8)
+
+
+def test_judge_counts_own_copies_class_accuracy_and_bit_identity_against_the_committed_training_set():
+    from demo.memorizing.classifier import DEFAULT_FOLDER
+    from demo.memorizing.evaluation import Judge
+    from demo.memorizing.training import TrainingSet
+
+    set_file = DEFAULT_FOLDER.parent / "amg-memorizing" / "training_set.npz"
+    if not (DEFAULT_FOLDER / WEIGHTS_FILE).is_file() or not set_file.is_file():
+        pytest.skip("the committed classifier or memorizing training set is not in this checkout")
+    train = TrainingSet.load(set_file)
+    first, second = train.planted()[:2]
+    generic = train.kinds.index("generic")
+    images = train.tensor()[[first, second, generic]]
+    judge = Judge(load_classifier(DEFAULT_FOLDER), np.zeros((1, 1)), train, 0.118, bootstrap=10, seed=0)
+    # sample 1 is a picture of the training set, but not the planted one of its prompt
+    planted_of = np.array([first, first, -1])
+    classes = train.labels[[first, second, generic]]
+    changed = images.clone()
+    changed[2] = -changed[2]
+    row, detail = judge.score(images, classes, planted_of, changed)
+    assert detail["own"].tolist() == [True, False, False] and row["own_copy"] == 0.5
+    assert detail["nearest"].tolist() == [first, second, generic] and (detail["rms"] < 1e-5).all()
+    assert row["bit_identical"] == pytest.approx(2 / 3) and row["n"] == 3 and "kid" not in row
+    assert row["accuracy"][0] == detail["correct"].mean()
