@@ -15,10 +15,12 @@ What: on the memorizing models (:mod:`demo.memorizing.training`) and the λ_t ca
   *quiet* = the 10 generic class prompts ("a photo of a sneaker"), which the calibrated λ_t is fitted
   not to fire on; *fires* = the planted captions duplicated ≥ ×64, which the model copies. Modes:
   plain, ``paper`` (defaults: calibrated λ_t, ``detect_every`` 4), ``paper`` with ``detect_every=1``
-  (the paper's per-step loop), ``reference`` (the released per-term behaviour, calibrated λ_t too).
-  Detection searches the SSCD stand-in's descriptors of the training pictures in RAM, the flat exact
-  search the demo's training-set bundle does, with y_N from n0's caption count; ``--bundle`` (and
-  ``--sscd``) detect through that bundle instead, with the authors' y_N rule.
+  (the paper's per-step loop), ``paper_l2`` (the demo's detection: RMS pixel distance to the
+  duplicated pictures on the conditional x̂0, its own calibrated λ_t), ``reference`` (the released
+  per-term behaviour, calibrated λ_t too). Detection searches the SSCD stand-in's descriptors of the
+  training pictures in RAM (``l2``: the planted pictures' pixels), the flat exact search the demo's
+  training-set bundle does, with y_N from n0's caption count; ``--bundle`` (and ``--sscd``) detect
+  through that bundle instead, with the authors' y_N rule.
 * pixel DDPM (DDPM ``--pixel-steps``, class-conditional): *quiet* = the classes without a planted
   picture, *fires* = the classes of the planted pictures duplicated ≥ ×64. Modes: plain, ``paper``
   (nL2, calibrated), ``paper`` with ``detect_every=1``, ``released_pixel`` (its own preset).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -57,19 +60,25 @@ from demo.memorizing.evaluation import (
     PIXEL_MODES,
     EvalSettings,
     Models,
+    bundle_detectors,
     calibrated_config,
     load_models,
     pixel_detector_parts,
     sample_pixel,
     sample_text2img,
-    text2img_detector_parts,
 )
 from demo.memorizing.fashion_mnist import CLASS_NAMES
 from demo.memorizing.fashion_set import generic_caption
 from demo.memorizing.layout import THRESHOLDS
 from demo.memorizing.training import TrainingSet
 from demo.run import TRAINING_SET_MIN_COUNT
-from pipeline.amg import AntiMemorizationGuidance, InMemoryNeighbourIndex, MemorizationDetector, SSCDBackend
+from pipeline.amg import (
+    AntiMemorizationGuidance,
+    InMemoryNeighbourIndex,
+    MemorizationDetector,
+    PixelL2Backend,
+    SSCDBackend,
+)
 
 #: Planted pictures duplicated at least this often make the *fires* group: the models copy them.
 FIRES_MIN_COPIES = 64
@@ -78,6 +87,7 @@ TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "plain": None,
     "paper": ("paper", {}),
     "paper_every_step": ("paper", {"detect_every": 1}),
+    "paper_l2": ("paper", {"backend": "l2", "detect_from": "conditional"}),  # the demo's detection
     "reference": ("reference", {}),
 }
 #: Timestep of the per-operation breakdown (mid-trajectory; the cost does not depend on it).
@@ -90,21 +100,30 @@ Sample = Callable[[list, AntiMemorizationGuidance | None], list]
 
 
 # ----------------------------------------------------------------------------- what is sampled
-def stand_in_detector_parts(train: TrainingSet):
-    """``(backend, index, None)``: the SSCD stand-in's descriptors of the distinct training pictures in
-    RAM, y_N = n0's caption when ``TRAINING_SET_MIN_COUNT`` training rows carry it (as in the training-set
-    bundle, which also holds the verbatim repeats: same vectors, so the same n0 and σ)."""
+def in_memory_detectors(train: TrainingSet):
+    """``similarity -> (backend, index, None)`` in RAM, without a bundle. ``sscd``: the SSCD stand-in's
+    descriptors of the distinct training pictures, y_N = n0's caption when ``TRAINING_SET_MIN_COUNT``
+    training rows carry it (as in the training-set bundle, which also holds the verbatim repeats: same
+    vectors, so the same n0 and σ). ``l2``: the planted pictures' pixels (the bundle's duplicated rows)."""
     from demo.memorizing.descriptors import ThumbnailCopyDescriptor
 
-    backend = SSCDBackend(ThumbnailCopyDescriptor())
-    rows = torch.from_numpy(train.row_index())
-    index = InMemoryNeighbourIndex.from_images(
-        backend,
-        train.tensor()[rows],
-        [train.captions[i] for i in rows.tolist()],
-        min_count=TRAINING_SET_MIN_COUNT,
-    )
-    return backend, index, None
+    def sscd():
+        backend = SSCDBackend(ThumbnailCopyDescriptor())
+        rows = torch.from_numpy(train.row_index())
+        captions = [train.captions[i] for i in rows.tolist()]
+        index = InMemoryNeighbourIndex.from_images(
+            backend, train.tensor()[rows], captions, min_count=TRAINING_SET_MIN_COUNT
+        )
+        return backend, index, None
+
+    def l2():
+        backend, planted = PixelL2Backend(image_size=train.images.shape[1]), train.planted()
+        captions = [train.captions[p] for p in planted]
+        index = InMemoryNeighbourIndex.from_images(backend, train.tensor()[planted], captions)
+        return backend, index, None
+
+    made = {"sscd": sscd, "l2": l2}
+    return functools.cache(lambda similarity: made[similarity]())
 
 
 def high_copy_planted(train: TrainingSet) -> list[int]:
@@ -194,12 +213,13 @@ def bench_model(
 
 
 def bench_text2img(
-    models: Models, parts, thresholds, settings: EvalSettings, batch: int, repeats: int
+    models: Models, detectors, thresholds, settings: EvalSettings, batch: int, repeats: int
 ) -> dict[str, dict[str, Any]]:
-    backend, index, captions = parts
-
     def make_amg(mode: str, changes: dict[str, Any]) -> AntiMemorizationGuidance:
-        config = calibrated_config(thresholds, "text2img", mode, "sscd", **changes)
+        changes = dict(changes)
+        similarity = changes.pop("backend", "sscd")
+        config = calibrated_config(thresholds, "text2img", mode, similarity, **changes)
+        backend, index, captions = detectors(similarity)
         return AntiMemorizationGuidance(MemorizationDetector(backend, index, config, captions=captions))
 
     def sample(prompts: list[str], amg) -> list:
@@ -352,18 +372,21 @@ def main() -> None:
     models = load_models(model_dir)
     thresholds = load_thresholds(model_dir)
     if args.bundle:
-        parts = text2img_detector_parts(args.bundle, args.sscd)
+        detectors = bundle_detectors(args.bundle, args.sscd)
         detector = f"through the bundle {args.bundle}"
     else:
-        parts = stand_in_detector_parts(models.train)
+        detectors = in_memory_detectors(models.train)
         detector = (
-            f"SSCD stand-in over the {len(parts[1])} distinct training pictures in RAM (flat exact search)"
+            f"in RAM: the SSCD stand-in over the {len(detectors('sscd')[1])} distinct training pictures, "
+            "l2 over the planted ones (flat exact search)"
         )
     settings = EvalSettings(num_inference_steps=args.steps, pixel_inference_steps=args.pixel_steps)
     results: dict[str, Any] = {
-        "text2img": bench_text2img(models, parts, thresholds, settings, args.batch, args.repeats),
+        "text2img": bench_text2img(models, detectors, thresholds, settings, args.batch, args.repeats),
         "pixel": bench_pixel(models, thresholds, settings, args.batch, args.repeats),
-        "ops_ms_per_batch": operation_ms(models, parts, thresholds, args.batch, max(5, 5 * args.repeats)),
+        "ops_ms_per_batch": operation_ms(
+            models, detectors("sscd"), thresholds, args.batch, max(5, 5 * args.repeats)
+        ),
     }
     results["setup"] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -180,8 +180,8 @@ class AMGConfig:
             the last detection and no G_dup hold runs, run the detector only every n-th step and leave
             ε̂ untouched on the steps in between (no G_spe either). Once a gate opens, detection runs
             at every step again. Detecting x̂0 costs a VAE decode, about a UNet pass, so detection at
-            every step doubles the time of a prompt nothing is detected for; every 4th step keeps that
-            under 1.3× (BENCHMARKS.md, "AMG cost"). 1 reproduces the paper's per-step loop; the
+            every step doubles the time of a prompt nothing is detected for; every 4th step brings it
+            to about 1.3× (1.28–1.32×, BENCHMARKS.md "AMG cost"). 1 reproduces the paper's loop; the
             ``reference`` and ``released_pixel`` presets use 1, as the released code does.
         detect_from (`str`, *optional*, defaults to `"guided"`):
             Which noise prediction x̂0 is taken from for σ_t (and for G_sim's gradient under the shared
