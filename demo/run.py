@@ -202,27 +202,24 @@ def training_set_bundle(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
     return {"urls": written, "download": downloaded, "bundle": built, "path": str(folder / BUNDLE)}
 
 
-def model_thresholds(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, Any]:
-    """The λ_t tables the model ships with (``amg_thresholds.json``), calibrated through ``bundle``
-    first where the demo's are missing (a retrained model)."""
-    path = model_dir / THRESHOLDS
+def model_threshold(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, Any]:
+    """The λ_t table the model ships with for the demo's detection (``amg_thresholds.json``),
+    calibrated through ``bundle`` first when it is missing (a retrained model)."""
+    path, name = model_dir / THRESHOLDS, threshold_table("text2img", SIMILARITY, DETECT_FROM)
     tables = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if threshold_table("text2img", SIMILARITY, DETECT_FROM) not in tables:
+    if name not in tables:
         from demo.memorizing.evaluation import bundle_detectors, ensure_thresholds
 
-        ensure_thresholds(cfg.amg, bundle_detectors(bundle, str(stand_in_sscd(cfg))))
-        tables = json.loads(path.read_text(encoding="utf-8"))
-    return tables
+        tables = ensure_thresholds(cfg.amg, bundle_detectors(bundle, str(stand_in_sscd(cfg))))
+    return tables[name]
 
 
-def audit_overrides(model_dir: Path, path: Path) -> Path:
+def audit_overrides(table: dict[str, Any], path: Path) -> Path:
     """The AMG settings the model ships with, as the audit's ``--amg-overrides`` YAML: σ_t on the
-    conditional x̂0, with its λ_t calibrated on the generic prompts (``amg_thresholds.json``) for the
-    demo's similarity."""
+    conditional x̂0, with ``table``, its λ_t calibrated on the generic prompts for the demo's
+    similarity."""
     import yaml
 
-    tables = json.loads((model_dir / THRESHOLDS).read_text(encoding="utf-8"))
-    table = tables[threshold_table("text2img", SIMILARITY, DETECT_FROM)]
     values = {
         "detect_from": DETECT_FROM,
         "threshold": "calibrated",
@@ -239,7 +236,7 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, 
 
     out = Path(cfg.demo.out)
     prompts = write_audit_prompts(model_dir, out / AUDIT_PROMPTS, out / DONE_DIR)
-    table = model_thresholds(cfg, model_dir, bundle)[threshold_table("text2img", SIMILARITY, DETECT_FROM)]
+    table = model_threshold(cfg, model_dir, bundle)
     audit_cfg = dataclasses.replace(
         cfg.audit,
         bundle=str(bundle),
@@ -251,7 +248,7 @@ def demo_audit(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, 
         similarity=SIMILARITY,
         match_rows=MATCH_ROWS,
         memorized_threshold=table["memorized_threshold"],
-        amg_overrides=str(audit_overrides(model_dir, out / AUDIT_OVERRIDES)),
+        amg_overrides=str(audit_overrides(table, out / AUDIT_OVERRIDES)),
         dry_run=False,
     )
     summary = run_audit(audit_cfg, cfg.ray)
