@@ -66,6 +66,7 @@ from demo.memorizing.evaluation import (
     pixel_detector_parts,
     sample_pixel,
     sample_text2img,
+    text2img_guidance,
 )
 from demo.memorizing.fashion_mnist import CLASS_NAMES
 from demo.memorizing.fashion_set import generic_caption
@@ -215,12 +216,7 @@ def bench_model(
 def bench_text2img(
     models: Models, detectors, thresholds, settings: EvalSettings, batch: int, repeats: int
 ) -> dict[str, dict[str, Any]]:
-    def make_amg(mode: str, changes: dict[str, Any]) -> AntiMemorizationGuidance:
-        changes = dict(changes)
-        similarity = changes.pop("backend", "sscd")
-        config = calibrated_config(thresholds, "text2img", mode, similarity, **changes)
-        backend, index, captions = detectors(similarity)
-        return AntiMemorizationGuidance(MemorizationDetector(backend, index, config, captions=captions))
+    make_amg = functools.partial(text2img_guidance, thresholds, detectors)
 
     def sample(prompts: list[str], amg) -> list:
         return sample_text2img(models.text2img, prompts, list(range(batch)), amg, settings)[1]

@@ -246,6 +246,16 @@ def calibrated_config(
     return AMGConfig.preset(mode, backend, **changes)
 
 
+def text2img_guidance(thresholds: dict[str, Any], detectors, mode: str, changes: dict[str, Any]):
+    """AMG for the text-to-image model: ``mode``'s preset with ``changes`` (``backend`` picks the
+    similarity, default ``sscd``) and its calibrated λ_t, detecting through ``detectors(similarity)``."""
+    changes = dict(changes)
+    similarity = changes.pop("backend", "sscd")
+    config = calibrated_config(thresholds, "text2img", mode, similarity, **changes)
+    backend, index, captions = detectors(similarity)
+    return AntiMemorizationGuidance(MemorizationDetector(backend, index, config, captions=captions))
+
+
 # ----------------------------------------------------------------------------- scoring
 @dataclass
 class Judge:
@@ -334,14 +344,7 @@ def evaluate_text2img(models: Models, detectors, judge: Judge, thresholds, setti
     grids: dict[str, torch.Tensor] = {}
     for name, spec in TEXT2IMG_MODES.items():
         started = time.monotonic()
-        amg = None
-        if spec is not None:
-            mode, changes = spec
-            changes = dict(changes)
-            similarity = changes.pop("backend", "sscd")
-            config = calibrated_config(thresholds, "text2img", mode, similarity, **changes)
-            backend, index, captions = detectors(similarity)
-            amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, config, captions=captions))
+        amg = None if spec is None else text2img_guidance(thresholds, detectors, *spec)
         p_images, p_traces = sample_text2img(models.text2img, planted_prompts, seeds, amg, settings)
         g_images, g_traces = sample_text2img(models.text2img, generic_prompts, gseeds, amg, settings)
         seconds = time.monotonic() - started
