@@ -449,15 +449,14 @@ def ensure_thresholds(
     path = Path(cfg.model_dir) / THRESHOLDS
     thresholds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     settings = settings or EvalSettings()
-    calibrations = {
-        "text2img": lambda m, *how: calibrate_text2img(m, detectors, settings, *how),
-        "pixel": lambda m, *_: calibrate_pixel(m, settings),
-    }
     missing = [name for name in names if name not in thresholds]
     for name in missing:
         models = models or load_models(cfg.model_dir)
         model, similarity, detect_from = THRESHOLD_TABLES[name]
-        table = calibrations[model](models, similarity, detect_from)
+        if model == "pixel":
+            table = calibrate_pixel(models, settings)
+        else:
+            table = calibrate_text2img(models, detectors, settings, similarity, detect_from)
         last = table["lambda_values"][int(np.argmin(table["lambda_timesteps"]))]
         table["memorized_threshold"] = (
             -OWN_COPY_RMS_FACTOR * models.recon_rms
