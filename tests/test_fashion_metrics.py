@@ -28,7 +28,6 @@ from demo.memorizing.metrics import (
     frechet_distance,
     kid,
     nearest_rms,
-    nl2,
     own_copy,
     real_floor,
     to_signed_tensor,
@@ -157,13 +156,11 @@ def test_nearest_rms_and_nl2_match_brute_force():
     got_rms, got_index = nearest_rms(images, train)
     np.testing.assert_allclose(got_rms, rms, atol=1e-6)
     np.testing.assert_array_equal(got_index, index)
-    got_nl2, got_nearest = nl2(images, train, k=5)
+    one_rms, got_nearest, got_nl2 = metrics.nearest_and_nl2(images, train, k=5)
     np.testing.assert_allclose(got_nl2, values, rtol=1e-6, atol=1e-4)  # the backend's 1e-12 under √
     np.testing.assert_array_equal(got_nearest, index)
+    np.testing.assert_array_equal(one_rms, got_rms)  # nearest_rms's, from the same scan
     assert got_index[3] == 17 and got_rms[3] < 1e-5 and got_nl2[3] < 1e-4
-    one_scan = metrics.nearest_and_nl2(images, train, k=5)  # the two above from one scan
-    for got, expected in zip(one_scan, (got_rms, got_index, got_nl2), strict=True):
-        np.testing.assert_array_equal(got, expected)
     # small chunks cross every boundary and give the same neighbours
     chunked = metrics._neighbours(images, train, k=5, query_chunk=3, train_chunk=7)
     np.testing.assert_allclose(chunked[2], values, rtol=1e-6, atol=1e-4)
@@ -187,8 +184,7 @@ def test_calibration_reports_how_often_real_pictures_pass_for_copies():
     train = rng.integers(0, 256, size=(30, 6, 6, 3), dtype=np.uint8)
     held_out = rng.integers(0, 256, size=(20, 6, 6, 3), dtype=np.uint8)
     report = calibrate_copy_threshold(held_out, train, k=10, nl2_thresholds=(1.4, 2.0), rms_thresholds=(0.3,))
-    values, _ = nl2(held_out, train, k=10)
-    rms, _ = nearest_rms(held_out, train)
+    rms, _, values = metrics.nearest_and_nl2(held_out, train, k=10)
     assert report["fraction_nl2_below"] == {"1.4": (values < 1.4).mean(), "2": (values < 2.0).mean()}
     assert report["fraction_rms_below"] == {"0.3": (rms < 0.3).mean()}
     assert report["nl2"]["p50"] == pytest.approx(np.median(values))

@@ -278,30 +278,19 @@ def nearest_rms(
     return rms[:, 0], index[:, 0]
 
 
-def nl2(
-    images: np.ndarray | torch.Tensor,
-    train_images: np.ndarray | torch.Tensor,
-    k: int = 50,
-    alpha: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(nl2, nearest_index)``: Carlini et al.'s ℓ2(x, n0)/(α·mean ℓ2 over the k nearest), exactly.
-
-    The definition is :class:`NormalizedL2Backend`'s (the guidance's σ = −nL2), applied to an exact
-    search. Pass the *distinct* training pictures: a picture repeated 256 times would fill the k
-    nearest with its own copies and put its copies at nL2 ≈ 1/α.
-    """
-    _, index, values = _neighbours(images, train_images, k=k, alpha=alpha)
-    return values, index[:, 0]
-
-
 def nearest_and_nl2(
     images: np.ndarray | torch.Tensor,
     train_images: np.ndarray | torch.Tensor,
     k: int = 50,
     alpha: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rms, nearest_index, nl2)``: :func:`nearest_rms` and :func:`nl2` from one scan of the training
-    pictures."""
+    """``(rms, nearest_index, nl2)``: :func:`nearest_rms`, and Carlini et al.'s
+    nL2 = ℓ2(x, n0)/(α·mean ℓ2 over the k nearest), exactly, from one scan of the training pictures.
+
+    nL2's definition is :class:`NormalizedL2Backend`'s (the guidance's σ = −nL2), applied to an exact
+    search. Pass the *distinct* training pictures: a picture repeated 256 times would fill the k
+    nearest with its own copies and put its copies at nL2 ≈ 1/α.
+    """
     rms, index, values = _neighbours(images, train_images, k=k, alpha=alpha)
     return rms[:, 0], index[:, 0], values
 
@@ -336,8 +325,7 @@ def calibrate_copy_threshold(
         ``n_held_out``, ``n_train``, ``k``, ``alpha``; ``nearest_rms`` and ``nl2`` percentiles
         (``{"p50": ...}``); ``fraction_nl2_below`` and ``fraction_rms_below`` keyed by threshold.
     """
-    rms, _, values = _neighbours(held_out_images, train_images, k=k, alpha=alpha)
-    nearest = rms[:, 0]
+    nearest, _, values = nearest_and_nl2(held_out_images, train_images, k=k, alpha=alpha)
 
     def spread(x: np.ndarray) -> dict[str, float]:
         return {f"p{p:g}": float(np.percentile(x, p)) for p in percentiles}
