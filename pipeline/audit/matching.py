@@ -243,6 +243,9 @@ def open_matcher(
             path, image_size=int(model.get("image_size") or 320), device=device, preprocessing="imagenet"
         )
         descriptor = f"SSCD {path}"
+        captions = NearestCaptions(
+            open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect), device=device
+        )
     elif similarity == "clip":
         index = open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect)
         loaded = index.clip_model(device)
@@ -272,10 +275,6 @@ def open_matcher(
         )
     else:
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
-    if similarity == "sscd":
-        captions = NearestCaptions(
-            open_bundle(bundle, verify=False, kind=IMG_EMB, expect=expect), device=device
-        )
     return Matcher(
         backend, _rows(index, index, match_rows), descriptor, digest, TrainingImages(index), captions
     )
