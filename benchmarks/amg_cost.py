@@ -64,6 +64,7 @@ from demo.memorizing.evaluation import (
     calibrated_config,
     load_models,
     pixel_detector_parts,
+    planted_index,
     sample_pixel,
     sample_text2img,
     text2img_guidance,
@@ -118,10 +119,8 @@ def in_memory_detectors(train: TrainingSet):
         return backend, index, None
 
     def l2():
-        backend, planted = PixelL2Backend(image_size=train.images.shape[1]), train.planted()
-        captions = [train.captions[p] for p in planted]
-        index = InMemoryNeighbourIndex.from_images(backend, train.tensor()[planted], captions)
-        return backend, index, None
+        backend = PixelL2Backend(image_size=train.images.shape[1])
+        return backend, planted_index(train, backend), None
 
     made = {"sscd": sscd, "l2": l2}
     return functools.cache(lambda similarity: made[similarity]())

@@ -23,6 +23,7 @@ from demo.memorizing.evaluation import (
     calibrated_config,
     load_models,
     pixel_detector_parts,
+    planted_index,
     sample_pixel,
     sample_text2img,
 )
@@ -30,7 +31,7 @@ from demo.memorizing.fashion_mnist import available
 from demo.memorizing.fashion_set import generic_caption
 from demo.memorizing.layout import MANIFEST, STRONG_C3, THRESHOLDS
 from demo.memorizing.training import TrainingSet, train_memorizing_models
-from pipeline.amg import AntiMemorizationGuidance, InMemoryNeighbourIndex, MemorizationDetector
+from pipeline.amg import AntiMemorizationGuidance, MemorizationDetector
 from pipeline.core.config import AMGJobConfig
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "amg-memorizing"
@@ -68,9 +69,7 @@ def _stand_in_index(train: TrainingSet):
     from pipeline.amg import SSCDBackend
 
     backend = SSCDBackend(ThumbnailCopyDescriptor())
-    planted = train.planted()
-    images, captions = train.tensor()[planted], [train.captions[p] for p in planted]
-    return backend, InMemoryNeighbourIndex.from_images(backend, images, captions)
+    return backend, planted_index(train, backend)
 
 
 @committed
@@ -119,14 +118,11 @@ def test_paper_mode_by_pixel_distance_on_the_conditional_x0_removes_x64_copies_a
     train = models.train
     max_rms = OWN_COPY_RMS_FACTOR * models.recon_rms
     backend = PixelL2Backend(image_size=train.images.shape[1])
-    planted = train.planted()
-    index = InMemoryNeighbourIndex.from_images(
-        backend, train.tensor()[planted], [train.captions[p] for p in planted]
-    )
+    index = planted_index(train, backend)
     config = calibrated_config(thresholds, "text2img", "paper", "l2", detect_from="conditional")
     amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, config))
-    classifier = clf.load_or_train(MODEL_DIR.parent / "fashion-classifier")
-    for p in (p for p in planted if train.copies[p] == 64):
+    classifier = clf.load_or_train()
+    for p in (p for p in train.planted() if train.copies[p] == 64):
         plain, _ = sample_text2img(models.text2img, [train.captions[p]], SEEDS, None, SETTINGS)
         guided, traces = sample_text2img(models.text2img, [train.captions[p]], SEEDS, amg, SETTINGS)
         assert _own_copies(plain, train, p, max_rms).all()

@@ -172,6 +172,15 @@ def bundle_detectors(bundle: str | Path, sscd_checkpoint: str | None):
     return functools.cache(functools.partial(text2img_detector_parts, bundle, sscd_checkpoint))
 
 
+def planted_index(train: TrainingSet, backend) -> InMemoryNeighbourIndex:
+    """``backend``'s vectors of the planted pictures in RAM: what a search of the training-set bundle's
+    duplicated rows (:data:`MATCH_ROWS`) finds, without building the bundle."""
+    planted = train.planted()
+    return InMemoryNeighbourIndex.from_images(
+        backend, train.tensor()[planted], [train.captions[p] for p in planted]
+    )
+
+
 def pixel_detector_parts(train: TrainingSet) -> tuple[NormalizedL2Backend, InMemoryNeighbourIndex]:
     """Carlini's nL2 over the distinct training pictures in grey, as the pixel model makes them (the
     released pixel code searches a deduplicated training set too)."""
