@@ -5,8 +5,8 @@ and when guidance fires.
 
 Why: AMG runs a detection (x̂0 → VAE decode → copy descriptor → index search) inside the sampling
 loop, and a σ gradient wherever a gate opens. On a prompt the model does not copy, the overhead over
-plain sampling must stay at most 1.3× with the default settings (``AMGConfig.detect_every = 4``:
-detection every 4th step while no gate is open); where guidance fires, the cost is reported.
+plain sampling must stay at most 1.3× with the default settings (``AMGConfig.detect_every = 5``:
+detection every 5th step while no gate is open); where guidance fires, the cost is reported.
 
 What: on the memorizing models (:mod:`demo.memorizing.training`) and the λ_t calibrated for them
 (``amg_thresholds.json``, written next to the models by ``jobs/evaluate_amg.py``), two groups each:
@@ -14,7 +14,7 @@ What: on the memorizing models (:mod:`demo.memorizing.training`) and the λ_t ca
 * text-to-image model (DDIM ``--steps``, CFG 7.5, ``--batch`` seeds per prompt and call):
   *quiet* = the 10 generic class prompts ("a photo of a sneaker"), which the calibrated λ_t is fitted
   not to fire on; *fires* = the planted captions duplicated ≥ ×64, which the model copies. Modes:
-  plain, ``paper`` (defaults: calibrated λ_t, ``detect_every`` 4), ``paper`` with ``detect_every=1``
+  plain, ``paper`` (defaults: calibrated λ_t, ``detect_every`` 5), ``paper`` with ``detect_every=1``
   (the paper's per-step loop), ``paper_l2`` (the demo's detection: RMS pixel distance to the
   duplicated pictures on the conditional x̂0, its own calibrated λ_t), ``reference`` (the released
   per-term behaviour, calibrated λ_t too). Detection searches the SSCD stand-in's descriptors of the

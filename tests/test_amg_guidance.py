@@ -33,9 +33,12 @@ class ScriptedDetector:
         return LAMBDA
 
     def detect(self, images):
+        """The next scripted σ list, as long as the batch detected (fewer rows when some are quiet)."""
         self.calls += 1
         sigma = torch.tensor(self.sigmas.pop(0), dtype=torch.float64)
-        return Detection(sigma, torch.arange(B), self.w.flatten(1)[:, None, :], list(self.captions))
+        n = len(images)
+        assert len(sigma) == n, f"scripted {len(sigma)} σ for {n} detected rows"
+        return Detection(sigma, torch.arange(n), self.w.flatten(1)[:n, None, :], list(self.captions[:n]))
 
     def similarity(self, images, detection):
         return (images.flatten(1) * detection.neighbours[:, 0]).sum(-1)
@@ -222,19 +225,32 @@ def test_unconditional_uses_g_sim_only():
     assert np.allclose(rec.c3, [7.0, 0.0, 7.0])
 
 
-def test_detect_every_skips_quiet_steps_only():
+def test_detect_every_schedules_each_sample_alone():
+    """A quiet sample is detected every detect_every-th step whatever its batch neighbours do; a sample
+    whose gate opened is detected at every step until it is quiet again."""
     cfg = AMGConfig.preset("paper", "sscd", threshold="constant", lambda_start=LAMBDA, detect_every=3, c3=1.0)
-    quiet, loud = [0.1, 0.1, 0.1], [0.1, 0.5, 0.1]
-    # Detections at steps 0 and 3 (quiet), 6 and 7 (fires: every step), 8 (quiet again), then 11.
-    det = ScriptedDetector([quiet, quiet, loud, loud, quiet], ["a", "b", "c"], cfg)
+    script = {
+        0: [0.1, 0.1, 0.1],  # all due (first step)
+        3: [0.1, 0.5, 0.1],  # all due; sample 1 fires
+        4: [0.5],  # sample 1 alone: still above λ
+        5: [0.1],  # sample 1 alone: quiet again
+        6: [0.1, 0.1],  # samples 0 and 2, three steps after step 3
+        8: [0.1],  # sample 1, three steps after step 5
+        9: [0.1, 0.1],
+    }
+    det = ScriptedDetector(list(script.values()), ["a", "b", "c"], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
-    changed = []
+    changed_rows = []
     for step in range(11):
         out, (*_, eps), _ = _step(amg, state, det, step, seed=step)
-        changed.append(out is not eps)
-    assert [s.step for s in state.trace.steps] == [0, 3, 6, 7, 8]
-    assert changed == [False] * 6 + [True, True] + [False] * 3
+        changed_rows.append([i for i in range(B) if not torch.equal(out[i], eps[i])])
+    assert [s.step for s in state.trace.steps] == list(script)
+    assert changed_rows == [[], [], [], [1], [1], [], [], [], [], [], []]
+    by_step = {s.step: s for s in state.trace.steps}
+    assert by_step[4].sigma == [None, 0.5, None] and by_step[4].neighbour[0] == -1
+    assert by_step[6].sigma == [0.1, None, 0.1] and by_step[4].sim == [False, True, False]
+    assert state.trace.any_fired() == [False, True, False]
     with pytest.raises(ValueError, match="detect_every"):
         AMGConfig(detect_every=0)
 

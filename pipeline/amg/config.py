@@ -175,13 +175,15 @@ class AMGConfig:
             Carlini's nL2: α in nL2 = ℓ2(x, n0)/(α·mean ℓ2(x, S)).
         memorized_threshold (`float`, *optional*, defaults to 0.5):
             σ above which a final image counts as memorized (SSCD 0.5; nl2: −1.4, i.e. nL2 < 1.4).
-        detect_every (`int`, *optional*, defaults to 4):
-            A cost option, not in the paper: while no gated term (shared gate, G_dup or G_sim) applied at
-            the last detection and no G_dup hold runs, run the detector only every n-th step and leave
-            ε̂ untouched on the steps in between (no G_spe either). Once a gate opens, detection runs
-            at every step again. Detecting x̂0 costs a VAE decode, about a UNet pass, so detection at
-            every step doubles the time of a prompt nothing is detected for; every 4th step brings it
-            to about 1.3× (1.28–1.32×, BENCHMARKS.md "AMG cost"). 1 reproduces the paper's loop; the
+        detect_every (`int`, *optional*, defaults to 5):
+            A cost option, not in the paper, applied to each sample alone: while no gated term (shared
+            gate, G_dup or G_sim) applied to a sample at its last detection and no G_dup hold runs for
+            it, detect it only every n-th step and leave its ε̂ untouched on the steps in between (no
+            G_spe either). Once its gate opens, it is detected at every step again; its batch
+            neighbours keep their own schedule, so a sample's output does not depend on its batch.
+            Detecting x̂0 costs a VAE decode, about a UNet pass, so detection at every step doubles the
+            time of a prompt nothing is detected for; every 5th step brings it under 1.3× (every 4th
+            step measured 1.28–1.32×; BENCHMARKS.md "AMG cost"). 1 reproduces the paper's loop; the
             ``reference`` and ``released_pixel`` presets use 1, as the released code does.
         detect_from (`str`, *optional*, defaults to `"guided"`):
             Which noise prediction x̂0 is taken from for σ_t (and for G_sim's gradient under the shared
@@ -235,7 +237,7 @@ class AMGConfig:
     nl2_alpha: float = option(0.5, "nL2 α")
     memorized_threshold: float = option(0.5, "σ above which an image counts as memorized")
     detect_every: int = option(
-        4, "while no gated term is active, detect only every n-th step (1: every step)"
+        5, "while no gated term is active, detect only every n-th step (1: every step)"
     )
     detect_from: str = option("guided", "x̂0 for σ_t from the guided ε̂ (paper) or the conditional ε(x_t, y)")
 

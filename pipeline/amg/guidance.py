@@ -49,8 +49,9 @@ class AMGStep:
         step (`int`): index in the sampling loop.
         timestep (`int`): scheduler timestep t.
         threshold (`float`): λ_t.
-        sigma (`list[float]`): σ_t of x̂0 from the unguided ε̂.
-        neighbour (`list[int]`): index row of n0.
+        sigma (`list[float | None]`): σ_t of x̂0 from the unguided ε̂; None for a sample not detected
+            at this step (quiet, between its ``detect_every`` detections).
+        neighbour (`list[int]`): index row of n0 (−1 where not detected).
         fired (`list[bool]`): σ_t > λ_t.
         spe, dup, sim (`list[bool]`): whether G_spe, G_dup, G_sim were applied.
         s1, s2, c3 (`list[float]`): the scales used (0 when a term was not applied).
@@ -68,7 +69,7 @@ class AMGStep:
     step: int
     timestep: int
     threshold: float
-    sigma: list[float]
+    sigma: list[float | None]
     neighbour: list[int]
     fired: list[bool]
     spe: list[bool]
@@ -128,8 +129,11 @@ class AMGState:
     hold: list[int]
     caption: list[str | None]
     planned: list[str | None]
-    last_detection: int | None = None
-    active: bool = False
+    #: Per sample: the step of its last detection, and whether a gated term was active there (then it
+    #: is detected at every step; otherwise every ``detect_every``-th step). Per sample, so that a
+    #: sample's output does not depend on what its batch neighbours did.
+    last_detection: list[int | None] = field(default_factory=list)
+    active: list[bool] = field(default_factory=list)
     #: ``released_pixel``: armed per sample, consecutive armed steps without guidance, pause steps left.
     latched: list[bool] = field(default_factory=list)
     unguided_run: list[int] = field(default_factory=list)
@@ -173,6 +177,8 @@ class AntiMemorizationGuidance:
             hold=[0] * batch_size,
             caption=[None] * batch_size,
             planned=[None] * batch_size,
+            last_detection=[None] * batch_size,
+            active=[False] * batch_size,
             latched=[self.config.latch_threshold is None] * batch_size,
             unguided_run=[0] * batch_size,
             pause_left=[0] * batch_size,
@@ -241,6 +247,16 @@ class AntiMemorizationGuidance:
         return g_sim, c3
 
     # ------------------------------------------------------------------ text-conditional step
+    def _due(self, state: AMGState, step: int) -> list[int]:
+        """Batch positions to detect at ``step``: every sample whose gate was active at its last
+        detection, and the quiet ones every ``detect_every``-th step (see AMGConfig.detect_every)."""
+        every = self.config.detect_every
+        return [
+            i
+            for i, (last, active) in enumerate(zip(state.last_detection, state.active, strict=True))
+            if every <= 1 or active or last is None or step - last >= every
+        ]
+
     @torch.no_grad()
     def guide(
         self,
@@ -258,7 +274,10 @@ class AntiMemorizationGuidance:
         caption_eps: CaptionEps | None = None,
         cached_caption_eps: dict[int, tuple[str, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """The guided noise prediction for one denoising step.
+        """The guided noise prediction for one denoising step (``eps`` itself when nothing applied).
+
+        Only the samples due a detection at this step (:meth:`_due`) are decoded, scored and guided;
+        the others keep ``eps``.
 
         Args:
             state (`AMGState`): from :meth:`begin`.
@@ -283,17 +302,67 @@ class AntiMemorizationGuidance:
                 "mode 'released_pixel' is the released pixel-space procedure: run it in AMGDDPMPipeline or "
                 "AMGDDIMPipeline (guide_released), not through guide()"
             )
-        if (
-            cfg.detect_every > 1
-            and not state.active
-            and state.last_detection is not None
-            and step - state.last_detection < cfg.detect_every
-        ):
-            return eps  # quiet: skip this step's detection (see AMGConfig.detect_every)
-        state.last_detection = step
+        rows = self._due(state, step)
+        if not rows:
+            return eps  # every sample is quiet and between its detections
+        everyone = len(rows) == state.batch_size
+        index = torch.tensor(rows, device=eps.device)
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x if x is None or everyone else x[index]
+
+        def rows_caption_eps(sub: torch.Tensor, captions: list[str]) -> torch.Tensor:
+            return caption_eps(index[sub], captions)  # sub-batch positions -> batch positions
+
+        position = {r: j for j, r in enumerate(rows)}
+        cached = {position[r]: v for r, v in (cached_caption_eps or {}).items() if r in position}
+        guided = self._guide_rows(
+            state,
+            rows,
+            step=step,
+            t=t,
+            x_t=pick(x_t),
+            alpha_bar=alpha_bar,
+            eps=pick(eps),
+            to_pixels=to_pixels,
+            eps_uncond=pick(eps_uncond),
+            eps_cond=pick(eps_cond),
+            guidance_scale=guidance_scale,
+            caption_eps=None if caption_eps is None else rows_caption_eps,
+            cached_caption_eps=cached,
+        )
+        if guided is None:
+            return eps
+        if everyone:
+            return guided
+        out = eps.clone()
+        out[index] = guided
+        return out
+
+    def _guide_rows(
+        self,
+        state: AMGState,
+        rows: list[int],
+        *,
+        step: int,
+        t: torch.Tensor | int,
+        x_t: torch.Tensor,
+        alpha_bar: torch.Tensor,
+        eps: torch.Tensor,
+        to_pixels: ToPixels,
+        eps_uncond: torch.Tensor | None,
+        eps_cond: torch.Tensor | None,
+        guidance_scale: float,
+        caption_eps: CaptionEps | None,
+        cached_caption_eps: dict[int, tuple[str, torch.Tensor]] | None,
+    ) -> torch.Tensor | None:
+        """:meth:`guide` for the samples at batch positions ``rows`` (the tensors hold those rows only):
+        the guided ε̂ of those rows, or None when no term applied to any of them."""
+        cfg = self.config
+        for r in rows:
+            state.last_detection[r] = step
         t_int = int(t)
-        T = state.num_train_timesteps
-        lam = self.detector.threshold(t_int, T)
+        lam = self.detector.threshold(t_int, state.num_train_timesteps)
         # x̂0 for σ_t: from ε̂ (the paper), or from ε(x_t, y) when detect_from says so and CFG ran.
         eps_detect = eps_cond if cfg.detect_from == "conditional" and eps_cond is not None else eps
         det = self._detect(state, x_t, eps_detect, alpha_bar, to_pixels)
@@ -319,25 +388,28 @@ class AntiMemorizationGuidance:
         else:
             found = [None] * B
         if cfg.dup_sticky_caption and not shared:
-            for i in range(B):  # the latest y_N found stays until another is found (reference)
-                if found[i] is not None:
-                    state.caption[i] = found[i]
-            y_n = list(state.caption)
+            for j, r in enumerate(rows):  # the latest y_N found stays until another is found (reference)
+                if found[j] is not None:
+                    state.caption[r] = found[j]
+            y_n = [state.caption[r] for r in rows]
         else:
             y_n = found
         has_yn = torch.tensor([c is not None for c in y_n], device=sigma.device)
         dup_on = has_yn & bool(text and cfg.use_dup)
+        hold = [state.hold[r] for r in rows]
         if shared:
             dup_on &= fired
         else:
             trigger = dup_on & fired
-            held = dup_on & torch.tensor([h > 0 for h in state.hold], device=sigma.device)
+            held = dup_on & torch.tensor([h > 0 for h in hold], device=sigma.device)
             dup_on = trigger | held
             # A trigger's step counts as the hold's first: G_dup applies for dup_hold_steps steps in all.
-            state.hold = [
+            hold = [
                 cfg.dup_hold_steps - 1 if trig else max(h - 1, 0)
-                for trig, h in zip(trigger.tolist(), state.hold, strict=False)
+                for trig, h in zip(trigger.tolist(), hold, strict=True)
             ]
+            for r, h in zip(rows, hold, strict=True):
+                state.hold[r] = h
         c2 = terms.reference_c2(s0, s1, cfg.c2_saturation) if cfg.c2_saturation is not None else cfg.c2
         s2 = torch.where(dup_on, terms.caption_dedup_scale(sigma_s, c2, s0, s1), zeros) if text else zeros
         dup_on = dup_on & (s2 > 0)
@@ -346,28 +418,13 @@ class AntiMemorizationGuidance:
         if text and bool((s1 > 0).any()):
             guided = guided + terms.despecification_guidance(eps_cond, eps_uncond, s1.to(eps.dtype))
         if bool(dup_on.any()):
-            rows = dup_on.nonzero().flatten()
-            eps_caption = torch.zeros_like(eps)
-            cached = cached_caption_eps or {}
-            missing = [int(r) for r in rows.tolist() if r not in cached or cached[r][0] != y_n[r]]
-            for r in rows.tolist():
-                if r in cached and cached[r][0] == y_n[r]:
-                    eps_caption[r] = cached[r][1]
-            if missing:
-                if caption_eps is None:
-                    raise ValueError("G_dup needs caption_eps to evaluate the UNet on y_N")
-                idx = torch.tensor(missing, device=eps.device)
-                eps_caption[idx] = caption_eps(idx, [y_n[r] for r in missing]).to(eps.dtype)
-                state.trace.caption_passes += 1
-            g_dup = terms.caption_dedup_guidance(eps_caption, eps_uncond, s2.to(eps.dtype))
-            guided = guided + torch.where(
-                dup_on.view(-1, *([1] * (eps.ndim - 1))), g_dup, torch.zeros_like(g_dup)
+            guided = guided + self._g_dup(
+                state, eps, eps_uncond, s2, dup_on, y_n, caption_eps, cached_caption_eps
             )
         # What to batch with the next step's CFG pass.
-        if shared:
-            state.planned = [y_n[i] if bool(dup_on[i]) else None for i in range(B)]
-        else:
-            state.planned = [y_n[i] if (state.hold[i] > 0 and y_n[i] is not None) else None for i in range(B)]
+        for j, r in enumerate(rows):
+            keep = bool(dup_on[j]) if shared else hold[j] > 0
+            state.planned[r] = y_n[j] if keep else None
 
         # G_sim
         recheck: list[float | None] = [None] * B
@@ -382,15 +439,19 @@ class AntiMemorizationGuidance:
                 sim_det = det2
                 sim_sigma = det2.sigma.to(sigma.device)
                 recheck = [
-                    float(v) if c else None for v, c in zip(_list(sim_sigma), changed.tolist(), strict=False)
+                    float(v) if c else None for v, c in zip(_list(sim_sigma), changed.tolist(), strict=True)
                 ]
             sim_on = (sim_sigma > lam) & cfg.use_sim
         g_sim, c3 = self._g_sim(state, x_t, sim_eps, alpha_bar, to_pixels, sim_det, sim_on, sim_sigma, t_int)
         if bool(sim_on.any()):
             guided = guided + g_sim
 
-        state.active = bool(fired.any() or dup_on.any() or sim_on.any() or any(state.hold))
-        state.trace.steps.append(
+        active = fired | dup_on | sim_on
+        for j, r in enumerate(rows):
+            state.active[r] = bool(active[j]) or hold[j] > 0
+        self._record(
+            state,
+            rows,
             AMGStep(
                 step=step,
                 timestep=t_int,
@@ -405,10 +466,57 @@ class AntiMemorizationGuidance:
                 s2=_list(torch.where(dup_on, s2, zeros)),
                 c3=_list(c3),
                 sigma_recheck=recheck,
-                dup_caption=[y_n[i] if bool(dup_on[i]) else None for i in range(B)],
-            )
+                dup_caption=[y_n[j] if bool(dup_on[j]) else None for j in range(B)],
+            ),
         )
-        return guided
+        return None if guided is eps else guided
+
+    def _g_dup(self, state, eps, eps_uncond, s2, dup_on, y_n, caption_eps, cached_caption_eps):
+        """G_dup for the rows where ``dup_on``, with ε(x_t, y_N) from the CFG batch where it was
+        computed there for the same caption, else from ``caption_eps``."""
+        rows = dup_on.nonzero().flatten().tolist()
+        eps_caption = torch.zeros_like(eps)
+        cached = cached_caption_eps or {}
+        missing = [r for r in rows if r not in cached or cached[r][0] != y_n[r]]
+        for r in rows:
+            if r in cached and cached[r][0] == y_n[r]:
+                eps_caption[r] = cached[r][1]
+        if missing:
+            if caption_eps is None:
+                raise ValueError("G_dup needs caption_eps to evaluate the UNet on y_N")
+            idx = torch.tensor(missing, device=eps.device)
+            eps_caption[idx] = caption_eps(idx, [y_n[r] for r in missing]).to(eps.dtype)
+            state.trace.caption_passes += 1
+        g_dup = terms.caption_dedup_guidance(eps_caption, eps_uncond, s2.to(eps.dtype))
+        return torch.where(dup_on.view(-1, *([1] * (eps.ndim - 1))), g_dup, torch.zeros_like(g_dup))
+
+    @staticmethod
+    def _record(state: AMGState, rows: list[int], detected: AMGStep) -> None:
+        """Append ``detected`` (lists over ``rows``) to the trace as lists over the whole batch; samples
+        not detected at this step get σ None, neighbour −1 and no term."""
+        if len(rows) == state.batch_size:
+            state.trace.steps.append(detected)
+            return
+        n = state.batch_size
+        full = {
+            "sigma": [None] * n,
+            "neighbour": [-1] * n,
+            "fired": [False] * n,
+            "spe": [False] * n,
+            "dup": [False] * n,
+            "sim": [False] * n,
+            "s1": [0.0] * n,
+            "s2": [0.0] * n,
+            "c3": [0.0] * n,
+            "sigma_recheck": [None] * n,
+            "dup_caption": [None] * n,
+        }
+        for name, values in full.items():
+            for r, v in zip(rows, getattr(detected, name), strict=True):
+                values[r] = v
+        state.trace.steps.append(
+            AMGStep(step=detected.step, timestep=detected.timestep, threshold=detected.threshold, **full)
+        )
 
     # ------------------------------------------------------------------ released pixel procedure
     @torch.no_grad()
