@@ -26,13 +26,13 @@ What: on the memorizing models (:mod:`demo.memorizing.training`) and the λ_t ca
   (nL2, calibrated), ``paper`` with ``detect_every=1``, ``released_pixel`` (its own preset).
 
 Per mode: seconds per image (median of ``--repeats`` runs, modes interleaved within each run), the
-ratio to plain in the same runs, detections per image (detector passes per call: each scores every
-image of the call once), σ gradients per call and the fraction of samples where any gate opened
-(``AMGTrace.any_fired``; on *quiet* it should be near 0 in ``paper`` mode, while ``reference``'s
-ungated G_spe counts wherever σ > 0). Also the cost of one operation on a batch of
-the text-to-image model: a CFG UNet pass, a VAE decode, a detection (embed + search, on decoded
-pixels) and a σ gradient (decode and embed, forward and backward). Prints a Markdown table for
-BENCHMARKS.md; ``--json`` writes the raw figures.
+ratio to plain in the same runs, detections per image (the x̂0 scored per image over the call,
+its output included; each sample is detected on its own schedule), σ gradients per call and the
+fraction of samples where any gate opened (``AMGTrace.any_fired``; on *quiet* it should be near 0 in
+``paper`` mode, while ``reference``'s ungated G_spe counts wherever σ > 0). Also the cost of one
+operation on a batch of the text-to-image model: a CFG UNet pass, a VAE decode, a detection (embed +
+search, on decoded pixels) and a σ gradient (decode and embed, forward and backward). Prints a
+Markdown table for BENCHMARKS.md; ``--json`` writes the raw figures.
 """
 
 from __future__ import annotations
@@ -157,11 +157,11 @@ def load_thresholds(model_dir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- timing
 def trace_counts(traces: list) -> dict[str, float]:
-    """Detections per image (detector passes per call, each over the whole batch), σ gradients and
-    caption UNet passes per call, and the fraction of samples where any gate opened."""
+    """Detections per image (x̂0 scored, the output included), σ gradients and caption UNet passes
+    per call, and the fraction of samples where any gate opened."""
     fired = [f for tr in traces for f in tr.any_fired()]
     return {
-        "detections_per_image": statistics.mean(tr.detections for tr in traces),
+        "detections_per_image": sum(tr.images_detected for tr in traces) / len(fired),
         "gradients_per_call": statistics.mean(tr.gradients for tr in traces),
         "caption_passes_per_call": statistics.mean(tr.caption_passes for tr in traces),
         "fired_fraction": sum(fired) / len(fired),

@@ -227,16 +227,18 @@ def test_unconditional_uses_g_sim_only():
 
 def test_detect_every_schedules_each_sample_alone():
     """A quiet sample is detected every detect_every-th step whatever its batch neighbours do; a sample
-    whose gate opened is detected at every step until it is quiet again."""
+    whose gate opened is detected at every step from then on, even once σ is back under λ."""
     cfg = AMGConfig.preset("paper", "sscd", threshold="constant", lambda_start=LAMBDA, detect_every=3, c3=1.0)
     script = {
         0: [0.1, 0.1, 0.1],  # all due (first step)
         3: [0.1, 0.5, 0.1],  # all due; sample 1 fires
         4: [0.5],  # sample 1 alone: still above λ
-        5: [0.1],  # sample 1 alone: quiet again
-        6: [0.1, 0.1],  # samples 0 and 2, three steps after step 3
-        8: [0.1],  # sample 1, three steps after step 5
-        9: [0.1, 0.1],
+        5: [0.1],  # sample 1 alone: under λ, still watched
+        6: [0.1, 0.1, 0.1],  # samples 0 and 2, three steps after step 3, and sample 1
+        7: [0.1],
+        8: [0.1],
+        9: [0.1, 0.1, 0.1],
+        10: [0.1],
     }
     det = ScriptedDetector(list(script.values()), ["a", "b", "c"], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
@@ -249,8 +251,9 @@ def test_detect_every_schedules_each_sample_alone():
     assert changed_rows == [[], [], [], [1], [1], [], [], [], [], [], []]
     by_step = {s.step: s for s in state.trace.steps}
     assert by_step[4].sigma == [None, 0.5, None] and by_step[4].neighbour[0] == -1
-    assert by_step[6].sigma == [0.1, None, 0.1] and by_step[4].sim == [False, True, False]
+    assert by_step[7].sigma == [None, 0.1, None] and by_step[4].sim == [False, True, False]
     assert state.trace.any_fired() == [False, True, False]
+    assert state.trace.detections == len(script) and state.trace.images_detected == 3 * 4 + 5  # rows scored
     with pytest.raises(ValueError, match="detect_every"):
         AMGConfig(detect_every=0)
 

@@ -94,7 +94,9 @@ class AMGTrace:
         final_sigma (`list[float]`): σ of each output image against its nearest training row.
         final_neighbour (`list[int]`): that row.
         final_memorized (`list[bool]`): σ above ``config.memorized_threshold``.
-        detections (`int`): similarity evaluations made (embed + search), all steps together.
+        detections (`int`): detector passes made (embed + search), all steps together.
+        images_detected (`int`): images those passes scored (a pass scores the samples due a detection,
+            :meth:`AntiMemorizationGuidance._due`): for a latent model, the VAE decodes AMG added.
         gradients (`int`): σ gradients computed (backward passes through decoder and embedder).
         caption_passes (`int`): UNet passes run for y_N outside the CFG batch.
     """
@@ -105,6 +107,7 @@ class AMGTrace:
     final_neighbour: list[int] = field(default_factory=list)
     final_memorized: list[bool] = field(default_factory=list)
     detections: int = 0
+    images_detected: int = 0
     gradients: int = 0
     caption_passes: int = 0
 
@@ -129,9 +132,9 @@ class AMGState:
     hold: list[int]
     caption: list[str | None]
     planned: list[str | None]
-    #: Per sample: the step of its last detection, and whether a gated term was active there (then it
-    #: is detected at every step; otherwise every ``detect_every``-th step). Per sample, so that a
-    #: sample's output does not depend on what its batch neighbours did.
+    #: Per sample: the step of its last detection, and whether a gated term has applied to it (then it
+    #: is detected at every step from there on; otherwise every ``detect_every``-th step). Per sample,
+    #: so that a sample's output does not depend on what its batch neighbours did.
     last_detection: list[int | None] = field(default_factory=list)
     active: list[bool] = field(default_factory=list)
     #: ``released_pixel``: armed per sample, consecutive armed steps without guidance, pause steps left.
@@ -201,6 +204,7 @@ class AntiMemorizationGuidance:
         if images is not None and self.config.enabled:
             det = self.detector.detect(images)
             state.trace.detections += 1
+            state.trace.images_detected += len(images)
             state.trace.final_sigma = _list(det.sigma)
             state.trace.final_neighbour = _list(det.row_ids)
             state.trace.final_memorized = _list(self.detector.memorized(det.sigma))
@@ -209,6 +213,7 @@ class AntiMemorizationGuidance:
     # ------------------------------------------------------------------ helpers
     def _detect(self, state: AMGState, x_t, eps, alpha_bar, to_pixels: ToPixels) -> Detection:
         state.trace.detections += 1
+        state.trace.images_detected += len(x_t)
         return self.detector.detect(to_pixels(terms.predict_x0(x_t, eps, alpha_bar)))
 
     def sigma_and_gradient(
@@ -248,8 +253,8 @@ class AntiMemorizationGuidance:
 
     # ------------------------------------------------------------------ text-conditional step
     def _due(self, state: AMGState, step: int) -> list[int]:
-        """Batch positions to detect at ``step``: every sample whose gate was active at its last
-        detection, and the quiet ones every ``detect_every``-th step (see AMGConfig.detect_every)."""
+        """Batch positions to detect at ``step``: every sample whose gate has opened, and the quiet ones
+        every ``detect_every``-th step (see AMGConfig.detect_every)."""
         every = self.config.detect_every
         return [
             i
@@ -448,7 +453,9 @@ class AntiMemorizationGuidance:
 
         active = fired | dup_on | sim_on
         for j, r in enumerate(rows):
-            state.active[r] = bool(active[j]) or hold[j] > 0
+            # Once a sample's gate has opened it stays watched: between detections a guided sample
+            # drifts back towards the copy it was steered from (BENCHMARKS.md, "AMG evaluation").
+            state.active[r] = state.active[r] or bool(active[j]) or hold[j] > 0
         self._record(
             state,
             rows,
@@ -574,6 +581,7 @@ class AntiMemorizationGuidance:
         lam = self.detector.threshold(clock, state.num_train_timesteps)
         det = self.detector.detect_noised(x_t, alpha_bar, step)
         state.trace.detections += 1
+        state.trace.images_detected += len(x_t)
         sigma = det.sigma.to(x_t.device)
         live = torch.tensor([not p for p in paused], device=sigma.device)
         if cfg.latch_threshold is not None:
