@@ -329,7 +329,9 @@ def _trace_stats(traces: list) -> dict[str, Any]:
     fired = np.concatenate([np.array(tr.any_fired()) for tr in traces if tr is not None])
     return {
         "gate_opened": float(fired.mean()),
-        "detections_per_call": float(np.mean([tr.detections for tr in traces if tr is not None])),
+        "detections_per_image": float(
+            sum(tr.images_detected for tr in traces if tr is not None) / len(fired)
+        ),
         "terms_applied": {
             term: float(np.mean([np.mean(getattr(s, term)) for s in steps])) for term in ("spe", "dup", "sim")
         },
@@ -404,6 +406,21 @@ def evaluate_pixel(models: Models, judge: Judge, thresholds, settings: EvalSetti
         row, detail = judge.score(images, classes, planted_of, plain)
         row["own_copy_by_count"] = _by_copies(detail["own"], planted_of, train)
         rows[name] = {**row, **_trace_stats(traces), "seconds_per_image": seconds / len(images)}
+        # The classes without a planted picture are the pixel model's generic prompts: judged alone,
+        # on the same terms (KID, accuracy, bit-identity), and the planted classes beside them.
+        for group, in_group in (("other_classes", planted_of < 0), ("planted_classes", planted_of >= 0)):
+            g_row, _ = judge.score(
+                images[in_group],
+                classes[in_group],
+                planted_of[in_group],
+                None if plain is None else plain[in_group],
+            )
+            g_traces = [
+                tr
+                for label, tr in zip(labels, traces, strict=True)
+                if (label in planted_by_class) == (group == "planted_classes")
+            ]
+            rows[name][group] = {**g_row, **_trace_stats(g_traces)}
         grids.append(images[:: len(seeds) // 4][: 4 * len(labels)])
         log.info("pixel %s: own copy %.3f, acc %s", name, row["own_copy"], row["accuracy"])
     _grid(grids, out / "samples_pixel.png")
@@ -548,6 +565,22 @@ def markdown_tables(summary: dict[str, Any]) -> str:
             f"| {name} | {counts} | {ci(r['kid'])} | {r['fid']:.2f} | {acc(r['accuracy'])} | "
             f"{100 * r.get('bit_identical', 1.0):.1f}% | {100 * r.get('gate_opened', 0.0):.1f}% | "
             f"{r['seconds_per_image']:.3f} |"
+        )
+    lines += [
+        "",
+        "Pixel DDPM by group: the classes without a planted picture (the generic prompts' analogue) and "
+        "the planted pictures' classes:",
+        "",
+        "| Mode | other classes: KID [95% CI] | class acc. [95% CI] | bit-identical | gate opened "
+        "| planted classes: class acc. [95% CI] | bit-identical | gate opened |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in summary["pixel"].items():
+        o, p = r["other_classes"], r["planted_classes"]
+        lines.append(
+            f"| {name} | {ci(o['kid'])} | {acc(o['accuracy'])} | {100 * o.get('bit_identical', 1.0):.1f}% | "
+            f"{100 * o.get('gate_opened', 0.0):.1f}% | {acc(p['accuracy'])} | "
+            f"{100 * p.get('bit_identical', 1.0):.1f}% | {100 * p.get('gate_opened', 0.0):.1f}% |"
         )
     floor = summary["real_floor"]
     cal = summary["copy_calibration"]
