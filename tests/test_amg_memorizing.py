@@ -155,6 +155,23 @@ def test_pixel_model_copies_its_most_duplicated_planted_picture_and_amg_removes_
     assert torch.equal(guided[quiet], plain[quiet])
 
 
+@committed
+def test_pixel_amg_leaves_a_class_without_a_planted_picture_bit_identical(models, thresholds):
+    """The pixel model's generic prompts: λ_t calibrated on 800 trajectories of those classes (seeds the
+    test does not use) opens no gate on new samples of them, so AMG changes no pixel."""
+    train = models.train
+    planted_classes = {int(train.labels[p]) for p in train.planted()}
+    label = min(set(range(10)) - planted_classes)
+    seeds = list(range(8))
+    plain, _ = sample_pixel(models.pixel, [label], seeds, None, SETTINGS)
+    backend, index = pixel_detector_parts(train)
+    config = calibrated_config(thresholds, "pixel", "paper", "nl2")
+    amg = AntiMemorizationGuidance(MemorizationDetector(backend, index, config))
+    guided, traces = sample_pixel(models.pixel, [label], seeds, amg, SETTINGS)
+    assert not any(traces[0].any_fired())
+    assert torch.equal(guided, plain)
+
+
 @pytest.mark.skipif(not available(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_training_job_writes_loadable_diffusers_pipelines(tmp_path):
     cfg = AMGJobConfig(

@@ -288,6 +288,33 @@ def test_calibrated_config_reads_the_table_of_its_similarity_and_x0():
     assert calibrated_config(tables, "text2img", "paper", "sscd").lambda_values == (0.9, 0.8)
 
 
+def test_thresholds_are_recalibrated_when_the_seeds_they_were_fitted_on_change(tmp_path):
+    """A λ_t table carries the calibration seeds it was fitted on: tables whose seeds match the settings
+    are read as they are (no model is loaded), one fitted on other seeds is calibrated again."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from demo.memorizing.evaluation import EvalSettings, ensure_thresholds
+    from demo.memorizing.layout import THRESHOLD_TABLES, THRESHOLDS
+
+    settings = EvalSettings()
+    first = settings.calibration_seed_offset
+    last = {"pixel": first + settings.pixel_calibration_samples - 1}
+    tables = {
+        name: {"lambda_values": [0.5], "calibration": {"seeds": [first, last.get(model, first + 19)]}}
+        for name, (model, _, _) in THRESHOLD_TABLES.items()
+    }
+    assert settings.calibration_samples == 20
+    (tmp_path / THRESHOLDS).write_text(json.dumps(tables))
+    cfg = SimpleNamespace(model_dir=tmp_path)  # no models here: calibrating would fail to load them
+    assert ensure_thresholds(cfg, None, settings) == tables
+    more = dataclasses.replace(settings, pixel_calibration_samples=settings.pixel_calibration_samples + 1)
+    assert ensure_thresholds(cfg, None, more, names=("text2img",)) == tables
+    with pytest.raises(FileNotFoundError, match="memorizing models"):
+        ensure_thresholds(cfg, None, more)
+
+
 def test_judge_counts_own_copies_class_accuracy_and_bit_identity_against_the_committed_training_set():
     from demo.memorizing.classifier import DEFAULT_FOLDER
     from demo.memorizing.evaluation import Judge
