@@ -228,7 +228,9 @@ def test_unconditional_uses_g_sim_only():
 def test_detect_every_schedules_each_sample_alone():
     """A quiet sample is detected every detect_every-th step whatever its batch neighbours do; a sample
     whose gate opened is detected at every step from then on, even once σ is back under λ."""
-    cfg = AMGConfig.preset("paper", "sscd", threshold="constant", lambda_start=LAMBDA, detect_every=3, c3=1.0)
+    cfg = AMGConfig.preset(
+        "paper", "sscd", threshold="constant", lambda_start=LAMBDA, detect_every=3, c1=1.0, c3=1.0
+    )
     script = {
         0: [0.1, 0.1, 0.1],  # all due (first step)
         3: [0.1, 0.5, 0.1],  # all due; sample 1 fires
@@ -243,10 +245,13 @@ def test_detect_every_schedules_each_sample_alone():
     det = ScriptedDetector(list(script.values()), ["a", "b", "c"], cfg)
     amg = AntiMemorizationGuidance(det, cfg)
     state = amg.begin(B, 1000)
-    changed_rows = []
+    changed_rows, caption_requests = [], []
     for step in range(11):
-        out, (*_, eps), _ = _step(amg, state, det, step, seed=step)
+        out, (*_, eps), calls = _step(amg, state, det, step, seed=step)
         changed_rows.append([i for i in range(B) if not torch.equal(out[i], eps[i])])
+        caption_requests.append([rows for rows, _ in calls])
+    # G_dup's ε(x_t, y_N) is asked for at the sample's batch position, also when it is detected alone.
+    assert caption_requests[3] == [[1]] and caption_requests[4] == [[1]]
     assert [s.step for s in state.trace.steps] == list(script)
     assert changed_rows == [[], [], [], [1], [1], [], [], [], [], [], []]
     by_step = {s.step: s for s in state.trace.steps}

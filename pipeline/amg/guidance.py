@@ -143,6 +143,46 @@ class AMGState:
     pause_left: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What a pipeline hands :meth:`AntiMemorizationGuidance.guide` at one step (see its arguments)."""
+
+    x_t: torch.Tensor
+    alpha_bar: torch.Tensor
+    eps: torch.Tensor
+    to_pixels: ToPixels
+    eps_uncond: torch.Tensor | None
+    eps_cond: torch.Tensor | None
+    guidance_scale: float
+    caption_eps: CaptionEps | None
+    cached_caption_eps: dict[int, tuple[str, torch.Tensor]]
+
+    def select(self, rows: list[int]) -> StepInputs:
+        """The inputs of the samples at batch positions ``rows``, renumbered 0..len(rows)−1 (caption
+        requests are passed on with their batch positions)."""
+        index = torch.tensor(rows, device=self.eps.device)
+        position = {r: j for j, r in enumerate(rows)}
+        outer = self.caption_eps
+
+        def caption_eps(sub: torch.Tensor, captions: list[str]) -> torch.Tensor:
+            return outer(index[sub], captions)
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index]
+
+        return StepInputs(
+            x_t=self.x_t[index],
+            alpha_bar=self.alpha_bar,
+            eps=self.eps[index],
+            to_pixels=self.to_pixels,
+            eps_uncond=pick(self.eps_uncond),
+            eps_cond=pick(self.eps_cond),
+            guidance_scale=self.guidance_scale,
+            caption_eps=None if outer is None else caption_eps,
+            cached_caption_eps={position[r]: v for r, v in self.cached_caption_eps.items() if r in position},
+        )
+
+
 def _list(x: torch.Tensor) -> list:
     return x.detach().cpu().tolist()
 
@@ -310,60 +350,35 @@ class AntiMemorizationGuidance:
         rows = self._due(state, step)
         if not rows:
             return eps  # every sample is quiet and between its detections
-        everyone = len(rows) == state.batch_size
-        index = torch.tensor(rows, device=eps.device)
-
-        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-            return x if x is None or everyone else x[index]
-
-        def rows_caption_eps(sub: torch.Tensor, captions: list[str]) -> torch.Tensor:
-            return caption_eps(index[sub], captions)  # sub-batch positions -> batch positions
-
-        position = {r: j for j, r in enumerate(rows)}
-        cached = {position[r]: v for r, v in (cached_caption_eps or {}).items() if r in position}
-        guided = self._guide_rows(
-            state,
-            rows,
-            step=step,
-            t=t,
-            x_t=pick(x_t),
-            alpha_bar=alpha_bar,
-            eps=pick(eps),
-            to_pixels=to_pixels,
-            eps_uncond=pick(eps_uncond),
-            eps_cond=pick(eps_cond),
-            guidance_scale=guidance_scale,
-            caption_eps=None if caption_eps is None else rows_caption_eps,
-            cached_caption_eps=cached,
+        inputs = StepInputs(
+            x_t,
+            alpha_bar,
+            eps,
+            to_pixels,
+            eps_uncond,
+            eps_cond,
+            guidance_scale,
+            caption_eps,
+            cached_caption_eps or {},
         )
+        everyone = len(rows) == state.batch_size
+        guided = self._guide_rows(state, rows, step, t, inputs if everyone else inputs.select(rows))
         if guided is None:
             return eps
         if everyone:
             return guided
         out = eps.clone()
-        out[index] = guided
+        out[torch.tensor(rows, device=eps.device)] = guided
         return out
 
     def _guide_rows(
-        self,
-        state: AMGState,
-        rows: list[int],
-        *,
-        step: int,
-        t: torch.Tensor | int,
-        x_t: torch.Tensor,
-        alpha_bar: torch.Tensor,
-        eps: torch.Tensor,
-        to_pixels: ToPixels,
-        eps_uncond: torch.Tensor | None,
-        eps_cond: torch.Tensor | None,
-        guidance_scale: float,
-        caption_eps: CaptionEps | None,
-        cached_caption_eps: dict[int, tuple[str, torch.Tensor]] | None,
+        self, state: AMGState, rows: list[int], step: int, t: torch.Tensor | int, inputs: StepInputs
     ) -> torch.Tensor | None:
         """:meth:`guide` for the samples at batch positions ``rows`` (the tensors hold those rows only):
         the guided ε̂ of those rows, or None when no term applied to any of them."""
         cfg = self.config
+        x_t, alpha_bar, eps, to_pixels = inputs.x_t, inputs.alpha_bar, inputs.eps, inputs.to_pixels
+        eps_uncond, eps_cond, guidance_scale = inputs.eps_uncond, inputs.eps_cond, inputs.guidance_scale
         for r in rows:
             state.last_detection[r] = step
         t_int = int(t)
@@ -423,9 +438,7 @@ class AntiMemorizationGuidance:
         if text and bool((s1 > 0).any()):
             guided = guided + terms.despecification_guidance(eps_cond, eps_uncond, s1.to(eps.dtype))
         if bool(dup_on.any()):
-            guided = guided + self._g_dup(
-                state, eps, eps_uncond, s2, dup_on, y_n, caption_eps, cached_caption_eps
-            )
+            guided = guided + self._g_dup(state, inputs, s2, dup_on, y_n)
         # What to batch with the next step's CFG pass.
         for j, r in enumerate(rows):
             keep = bool(dup_on[j]) if shared else hold[j] > 0
@@ -478,12 +491,13 @@ class AntiMemorizationGuidance:
         )
         return None if guided is eps else guided
 
-    def _g_dup(self, state, eps, eps_uncond, s2, dup_on, y_n, caption_eps, cached_caption_eps):
+    def _g_dup(self, state: AMGState, inputs: StepInputs, s2, dup_on, y_n) -> torch.Tensor:
         """G_dup for the rows where ``dup_on``, with ε(x_t, y_N) from the CFG batch where it was
-        computed there for the same caption, else from ``caption_eps``."""
+        computed there for the same caption, else from ``inputs.caption_eps``."""
+        eps, eps_uncond, caption_eps = inputs.eps, inputs.eps_uncond, inputs.caption_eps
         rows = dup_on.nonzero().flatten().tolist()
         eps_caption = torch.zeros_like(eps)
-        cached = cached_caption_eps or {}
+        cached = inputs.cached_caption_eps
         missing = [r for r in rows if r not in cached or cached[r][0] != y_n[r]]
         for r in rows:
             if r in cached and cached[r][0] == y_n[r]:
