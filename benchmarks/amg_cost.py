@@ -26,8 +26,10 @@ What: on the memorizing models (:mod:`demo.memorizing.training`) and the λ_t ca
   (nL2, calibrated), ``paper`` with ``detect_every=1``, ``released_pixel`` (its own preset).
 
 Per mode: seconds per image (median of ``--repeats`` runs, modes interleaved within each run), the
-ratio to plain in the same runs, detections per image (the x̂0 scored per image over the call,
-its output included; each sample is detected on its own schedule), σ gradients per call and the
+ratio to plain in the same runs, that ratio over the *silent* calls alone (the pipeline calls in
+which no gate opened for any sample: AMG's cost when nothing is detected), detections per image
+(the x̂0 scored per image over the call, its output included; each sample is detected on its own
+schedule), σ gradients per call and the
 fraction of samples where any gate opened (``AMGTrace.any_fired``; on *quiet* it should be near 0 in
 ``paper`` mode, while ``reference``'s ungated G_spe counts wherever σ > 0). Also the cost of one
 operation on a batch of the text-to-image model: a CFG UNet pass, a VAE decode, a detection (embed +
@@ -171,29 +173,46 @@ def trace_counts(traces: list) -> dict[str, float]:
 def time_modes(
     sample: Sample, items: list, amgs: dict[str, AntiMemorizationGuidance | None], batch: int, repeats: int
 ) -> dict[str, dict[str, Any]]:
-    """Seconds per image of every mode over ``items``, modes interleaved in each of ``repeats`` runs."""
+    """Seconds per image of every mode over ``items``, modes interleaved in each of ``repeats`` runs,
+    each item (one pipeline call) timed alone; and, for an AMG mode, the ratio to plain over the calls
+    in which no gate opened for any sample (*silent*: the cost when nothing is detected)."""
     for amg in amgs.values():  # warm-up: lazy initialisation and caches stay out of the timings
         sample(items[:1], amg)
     n_images = len(items) * batch
-    times: dict[str, list[float]] = {name: [] for name in amgs}
+    runs: dict[str, list[list[float]]] = {name: [] for name in amgs}  # per run, seconds per item
     counts: dict[str, dict[str, float]] = {}
+    silent: dict[str, list[int]] = {}
     for _ in range(repeats):
         for name, amg in amgs.items():
-            started = time.perf_counter()
-            traces = sample(items, amg)
-            times[name].append((time.perf_counter() - started) / n_images)
-            if amg is not None:
-                counts[name] = trace_counts(traces)  # the same in every run: the seeds are fixed
-    plain = statistics.median(times["plain"])
-    return {
-        name: {
-            "seconds_per_image": statistics.median(ts),
-            "ratio": statistics.median(ts) / plain,
-            "all": ts,
+            seconds, traces = [], []
+            for item in items:
+                started = time.perf_counter()
+                traces += sample([item], amg)
+                seconds.append(time.perf_counter() - started)
+            runs[name].append(seconds)
+            if amg is not None:  # the same in every run: the seeds are fixed
+                counts[name] = trace_counts(traces)
+                silent[name] = [i for i, tr in enumerate(traces) if not any(tr.any_fired())]
+    per_item = {name: [statistics.median(col) for col in zip(*rs, strict=True)] for name, rs in runs.items()}
+    plain = statistics.median(sum(r) / n_images for r in runs["plain"])
+    results = {}
+    for name, rs in runs.items():
+        per_image = statistics.median(sum(r) / n_images for r in rs)
+        quiet_calls = silent.get(name, [])
+        results[name] = {
+            "seconds_per_image": per_image,
+            "ratio": per_image / plain,
+            "all": [sum(r) / n_images for r in rs],
             **counts.get(name, {}),
         }
-        for name, ts in times.items()
-    }
+        if name in silent:
+            results[name]["silent_calls"] = len(quiet_calls)
+            results[name]["silent_ratio"] = (
+                sum(per_item[name][i] for i in quiet_calls) / sum(per_item["plain"][i] for i in quiet_calls)
+                if quiet_calls
+                else None
+            )
+    return results
 
 
 def bench_model(
@@ -309,20 +328,27 @@ def markdown(results: dict[str, Any]) -> str:
         f"steps. {s['batch']} images per call, median of {s['repeats']} interleaved runs, λ_t calibrated "
         f"(`{THRESHOLDS}`). Text-to-image detection: {s['detector']}.",
         "",
-        "| Model | Prompts | Mode | s/image | × plain | detections/image | σ gradients/call | fired |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Model | Prompts | Mode | s/image | × plain | × plain, silent calls | detections/image "
+        "| σ gradients/call | fired |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model in ("text2img", "pixel"):
         for group, rows in results[model].items():
+            n_calls = len(results["setup"]["groups"][model][group])
             for name, r in rows.items():
                 amg = "fired_fraction" in r
+                silent = (
+                    f"{r['silent_ratio']:.2f} ({r['silent_calls']}/{n_calls})"
+                    if r.get("silent_ratio") is not None
+                    else f"– (0/{n_calls})"
+                )
                 lines.append(
                     f"| {model} | {group} | {name} | {r['seconds_per_image']:.3f} | {r['ratio']:.2f} | "
                     + (
-                        f"{r['detections_per_image']:.1f} | {r['gradients_per_call']:.1f} | "
+                        f"{silent} | {r['detections_per_image']:.1f} | {r['gradients_per_call']:.1f} | "
                         f"{100 * r['fired_fraction']:.0f}% |"
                         if amg
-                        else "– | – | – |"
+                        else "– | – | – | – |"
                     )
                 )
     ops = results["ops_ms_per_batch"]
@@ -398,6 +424,7 @@ def main() -> None:
         "guidance_scale": settings.guidance_scale,
         "batch": args.batch,
         "repeats": args.repeats,
+        "groups": {"text2img": text2img_groups(models.train), "pixel": pixel_groups(models.train)},
     }
     print(markdown(results))
     if args.json:
