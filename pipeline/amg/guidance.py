@@ -5,6 +5,8 @@ models (UNet, VAE, text encoder) and the scheduler; at each denoising step they 
 noisy sample, the noise predictions and two callables (how to turn x̂0 into pixels, and how to get
 ε(x_t, y_N) for a caption), and get back the guided ε̂. Everything the step decided is recorded in
 an :class:`AMGTrace` (σ_t, λ_t, which terms fired, s1, s2, c3, n0, y_N), returned with the images.
+Each sample is detected on its own schedule (``AMGConfig.detect_every``): only the samples due a
+detection at a step are decoded, scored and guided, so a sample's output does not depend on its batch.
 
 Modes (see :class:`~pipeline.amg.config.AMGConfig`):
 
