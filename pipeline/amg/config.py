@@ -181,7 +181,7 @@ class AMGConfig:
             it, detect it only every n-th step and leave its ε̂ untouched on the steps in between (no
             G_spe either). Once its gate opens, it is detected at every step to the end (between
             detections a guided sample drifts back towards its copy); its batch neighbours keep their
-            own schedule, so a sample's output does not depend on its batch.
+            own schedule, so what AMG does to a sample does not depend on its batch neighbours.
             Detecting x̂0 costs a VAE decode, about a UNet pass, so detection at every step doubles the
             time of a prompt nothing is detected for; every 5th step brings it under 1.3× (every 4th
             step measured 1.28–1.32×; BENCHMARKS.md "AMG cost"). 1 reproduces the paper's loop; the

@@ -6,7 +6,8 @@ noisy sample, the noise predictions and two callables (how to turn x̂0 into pix
 ε(x_t, y_N) for a caption), and get back the guided ε̂. Everything the step decided is recorded in
 an :class:`AMGTrace` (σ_t, λ_t, which terms fired, s1, s2, c3, n0, y_N), returned with the images.
 Each sample is detected on its own schedule (``AMGConfig.detect_every``): only the samples due a
-detection at a step are decoded, scored and guided, so a sample's output does not depend on its batch.
+detection at a step are decoded, scored and guided, so what AMG does to a sample does not depend on
+its batch neighbours.
 
 Modes (see :class:`~pipeline.amg.config.AMGConfig`):
 
@@ -136,7 +137,7 @@ class AMGState:
     planned: list[str | None]
     #: Per sample: the step of its last detection, and whether a gated term has applied to it (then it
     #: is detected at every step from there on; otherwise every ``detect_every``-th step). Per sample,
-    #: so that a sample's output does not depend on what its batch neighbours did.
+    #: so that what AMG does to a sample does not depend on what its batch neighbours did.
     last_detection: list[int | None] = field(default_factory=list)
     active: list[bool] = field(default_factory=list)
     #: ``released_pixel``: armed per sample, consecutive armed steps without guidance, pause steps left.
