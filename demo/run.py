@@ -35,12 +35,15 @@ from typing import Any
 
 from demo.data import DONE_DIR, IMAGES_DIR, URLS_RELATIVE, download_demo, make_demo_data
 from demo.memorizing.layout import (
+    CALIBRATION_SAMPLES,
     DETECT_FROM,
     MATCH_ROWS,
     SIMILARITY,
     TEXT2IMG_DIR,
     THRESHOLDS,
     TRAINING_SET,
+    calibration_seeds,
+    fitted_on,
     threshold_table,
 )
 from pipeline.audit.runner import run_audit
@@ -204,10 +207,11 @@ def training_set_bundle(cfg: PipelineConfig, model_dir: Path) -> dict[str, Any]:
 
 def model_threshold(cfg: PipelineConfig, model_dir: Path, bundle: Path) -> dict[str, Any]:
     """The λ_t table the model ships with for the demo's detection (``amg_thresholds.json``),
-    calibrated through ``bundle`` first when it is missing (a retrained model)."""
+    calibrated through ``bundle`` first when it is missing (a retrained model) or was fitted on other
+    seeds than the evaluation's calibration uses (the check of ``ensure_thresholds``, without torch)."""
     path, name = model_dir / THRESHOLDS, threshold_table("text2img", SIMILARITY, DETECT_FROM)
     tables = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if name not in tables:
+    if not fitted_on(tables.get(name), calibration_seeds(CALIBRATION_SAMPLES["text2img"])):
         from demo.memorizing.evaluation import bundle_detectors, ensure_thresholds
 
         tables = ensure_thresholds(cfg.amg, bundle_detectors(bundle, str(stand_in_sscd(cfg))))

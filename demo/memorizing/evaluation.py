@@ -44,6 +44,8 @@ from demo.memorizing import metrics
 from demo.memorizing.fashion_mnist import CLASS_NAMES
 from demo.memorizing.fashion_set import PLANTED, generic_caption, load_fashion_data
 from demo.memorizing.layout import (
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SEED_OFFSET,
     MANIFEST,
     MATCH_ROWS,
     PIXEL_DIR,
@@ -52,6 +54,8 @@ from demo.memorizing.layout import (
     THRESHOLD_TABLES,
     THRESHOLDS,
     TRAINING_SET,
+    calibration_seeds,
+    fitted_on,
     threshold_table,
 )
 from demo.memorizing.training import TrainingSet
@@ -117,11 +121,9 @@ class EvalSettings:
     guidance_scale: float = 7.5
     planted_samples: int = 16
     generic_samples: int = 30
-    calibration_samples: int = 20
-    #: The pixel model's DDPM trajectories are noisier than DDIM's: a held-out sample crosses the per-step
-    #: maximum of 80 calibration trajectories on 12% of its paths, of 800 on none (BENCHMARKS.md).
-    pixel_calibration_samples: int = 200
-    calibration_seed_offset: int = 100_000
+    calibration_samples: int = CALIBRATION_SAMPLES["text2img"]
+    pixel_calibration_samples: int = CALIBRATION_SAMPLES["pixel"]
+    calibration_seed_offset: int = CALIBRATION_SEED_OFFSET
     pixel_inference_steps: int = 100
     pixel_samples: int = 40
     bootstrap: int = 100
@@ -458,7 +460,7 @@ def calibrate_pixel(models: Models, settings: EvalSettings) -> dict[str, Any]:
 
 def _calibration_seeds(settings: EvalSettings, model: str) -> list[int]:
     n = settings.pixel_calibration_samples if model == "pixel" else settings.calibration_samples
-    return [settings.calibration_seed_offset + i for i in range(n)]
+    return calibration_seeds(n, settings.calibration_seed_offset)
 
 
 def ensure_thresholds(
@@ -482,11 +484,7 @@ def ensure_thresholds(
     thresholds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     settings = settings or EvalSettings()
     seeds = {name: _calibration_seeds(settings, THRESHOLD_TABLES[name][0]) for name in names}
-    missing = [
-        name
-        for name in names
-        if thresholds.get(name, {}).get("calibration", {}).get("seeds") != [seeds[name][0], seeds[name][-1]]
-    ]
+    missing = [name for name in names if not fitted_on(thresholds.get(name), seeds[name])]
     for name in missing:
         models = models or load_models(cfg.model_dir)
         model, similarity, detect_from = THRESHOLD_TABLES[name]

@@ -1,5 +1,7 @@
 """Names inside a memorizing-models folder (``models/amg-memorizing``), importable without torch."""
 
+from collections.abc import Sequence
+
 TEXT2IMG_DIR = "text2img"
 PIXEL_DIR = "pixel"
 TRAINING_SET = "training_set.npz"
@@ -34,3 +36,21 @@ def threshold_table(model: str, similarity: str, detect_from: str = "guided") ->
     ``detect_from`` x̂0 (``model`` itself for a table outside :data:`THRESHOLD_TABLES`)."""
     wanted = (model, similarity, detect_from)
     return next((name for name, spec in THRESHOLD_TABLES.items() if spec == wanted), model)
+
+
+#: λ_t calibration seeds: from this offset (the evaluation samples 0..n−1), this many per prompt or
+#: class. The pixel model's DDPM trajectories are noisier than DDIM's: a new sample crosses the per-step
+#: maximum of 80 calibration trajectories on 12% of its paths, of 800 on none (BENCHMARKS.md).
+CALIBRATION_SEED_OFFSET = 100_000
+CALIBRATION_SAMPLES = {"text2img": 20, "pixel": 200}
+
+
+def calibration_seeds(samples: int, offset: int = CALIBRATION_SEED_OFFSET) -> list[int]:
+    """The seeds a λ_t table is calibrated on."""
+    return list(range(offset, offset + samples))
+
+
+def fitted_on(table: dict | None, seeds: Sequence[int]) -> bool:
+    """Whether a λ_t table of :data:`THRESHOLDS` was calibrated on ``seeds`` (it records the first and
+    the last): a table fitted on other seeds is calibrated again."""
+    return table is not None and table.get("calibration", {}).get("seeds") == [seeds[0], seeds[-1]]
