@@ -39,7 +39,7 @@ from demo.memorizing.evaluation import (
     sample_text2img,
     text2img_guidance,
 )
-from demo.memorizing.layout import THRESHOLDS
+from demo.memorizing.layout import threshold_table
 
 #: Seeds no other run samples: the evaluation uses 0..n−1, λ_t calibration 100000+.
 TUNING_SEED_OFFSET = 200_000
@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if not (Path(args.bundle) / "manifest.json").is_file():
         raise SystemExit(f"no bundle in {args.bundle}: run `make demo` (or jobs/evaluate_amg.py) first")
-    if not (Path(args.model_dir) / THRESHOLDS).is_file():
-        raise SystemExit(f"no {THRESHOLDS} in {args.model_dir}: run jobs/evaluate_amg.py first")
     settings = EvalSettings()
     models = load_models(args.model_dir)
     detectors = bundle_detectors(args.bundle, None)
-    thresholds = ensure_thresholds(args, detectors, settings, models, names=())
+    # The λ_t the evaluation uses for this detection, calibrated first if missing or stale.
+    table = threshold_table("text2img", PIXEL_L2["backend"], PIXEL_L2["detect_from"])
+    thresholds = ensure_thresholds(args, detectors, settings, models, names=(table,))
     train = models.train
     judge = Judge(
         clf.load_or_train(args.classifier_dir),
@@ -106,14 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             started = time.monotonic()
             amg = text2img_guidance(thresholds, detectors, "paper", {**PIXEL_L2, "c1": c, "c2": c, "c3": c3})
             images, _ = sample_text2img(models.text2img, prompts, seeds, amg, settings)
-            # Scored in slices below the fidelity statistics' minimum: only copies and classes matter here.
-            own, correct = [], []
-            for lo in range(0, len(images), len(seeds)):
-                sl = slice(lo, lo + len(seeds))
-                _, detail = judge.score(images[sl], classes[sl], planted_of[sl], None)
-                own.append(detail["own"])
-                correct.append(detail["correct"])
-            own, correct = np.concatenate(own), np.concatenate(correct)
+            detail = judge.measure(images, classes, planted_of, None)  # copies and classes, no fidelity
+            own, correct = detail["own"], detail["correct"]
             row = {
                 "c1": c,
                 "c2": c,

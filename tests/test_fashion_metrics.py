@@ -338,3 +338,7 @@ def test_judge_counts_own_copies_class_accuracy_and_bit_identity_against_the_com
     assert detail["nearest"].tolist() == [first, second, generic] and (detail["rms"] < 1e-5).all()
     assert row["bit_identical"] == pytest.approx(2 / 3) and row["n"] == 3 and "kid" not in row
     assert row["accuracy"][0] == detail["correct"].mean()
+    # A group of the scored samples is summarized from the detail as it would be scored alone.
+    group = np.array([True, True, False])
+    alone, _ = judge.score(images[group], classes[group], planted_of[group], changed[group])
+    assert judge.summarize({key: values[group] for key, values in detail.items()}) == alone

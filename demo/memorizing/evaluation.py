@@ -291,31 +291,53 @@ class Judge:
     def score(
         self, images: torch.Tensor, classes: np.ndarray, planted: np.ndarray, plain: torch.Tensor | None
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Summary of ``images`` (``planted[i]`` = the planted position sample i may copy, or −1)."""
+        """Summary of ``images`` (:meth:`summarize`) and the per-sample detail it is made from
+        (:meth:`measure`)."""
+        detail = self.measure(images, classes, planted, plain)
+        return self.summarize(detail), detail
+
+    def measure(
+        self, images: torch.Tensor, classes: np.ndarray, planted: np.ndarray, plain: torch.Tensor | None
+    ) -> dict[str, np.ndarray]:
+        """Per sample: own copy, class correct, nearest training picture and its RMS, nL2, classifier
+        features and, given ``plain``, bit-identity (``planted[i]`` = the planted position sample i may
+        copy, or −1)."""
         rms, nearest, nl2 = metrics.nearest_and_nl2(images, self.train_images)
-        own = metrics.own_copy(nearest, rms, planted, self.max_rms) & (planted >= 0)
-        predicted = clf.predict(self.classifier, images)
-        correct = predicted == classes
-        feats = clf.features(self.classifier, images)
+        detail = {
+            "own": metrics.own_copy(nearest, rms, planted, self.max_rms) & (planted >= 0),
+            "correct": clf.predict(self.classifier, images) == classes,
+            "rms": rms,
+            "nearest": nearest,
+            "nl2": nl2,
+            "features": clf.features(self.classifier, images),
+            "planted": planted,
+        }
+        if plain is not None:
+            detail["same"] = (images == plain).flatten(1).all(dim=1).numpy()
+        return detail
+
+    def summarize(self, detail: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The summary row of measured samples: :meth:`measure`'s detail, or the same rows of each of
+        its arrays, so a group of samples is summarized without measuring it again."""
+        own, planted, nl2, feats = detail["own"], detail["planted"], detail["nl2"], detail["features"]
         row: dict[str, Any] = {
-            "n": len(images),
-            "accuracy": metrics.accuracy_interval(correct),
+            "n": len(own),
+            "accuracy": metrics.accuracy_interval(detail["correct"]),
             "nl2_below_1": float((nl2 < NL2_NEAR).mean()),
             "nl2_top5pct": float(np.percentile(nl2, 5)),
             "nl2_top1": float(nl2.min()),
         }
         if (planted >= 0).any():
             row["own_copy"] = float(own[planted >= 0].mean())
-        if len(images) >= MIN_FIDELITY_SAMPLES:
+        if len(own) >= MIN_FIDELITY_SAMPLES:
             kid = metrics.bootstrap_interval(
                 KID, feats, self.real_features, n_boot=self.bootstrap, seed=self.seed
             )
             row["kid"] = list(kid)
             row["fid"] = float(metrics.fid(feats, self.real_features))
-        if plain is not None:
-            same = (images == plain).flatten(1).all(dim=1).numpy()
-            row["bit_identical"] = float(same.mean())
-        return row, {"own": own, "correct": correct, "rms": rms, "nearest": nearest, "nl2": nl2}
+        if "same" in detail:
+            row["bit_identical"] = float(detail["same"].mean())
+        return row
 
 
 def _by_copies(own: np.ndarray, planted: np.ndarray, train: TrainingSet) -> dict[str, float]:
@@ -413,17 +435,11 @@ def evaluate_pixel(models: Models, judge: Judge, thresholds, settings: EvalSetti
         rows[name] = {**row, **_trace_stats(traces), "seconds_per_image": seconds / len(images)}
         # The classes without a planted picture are the pixel model's generic prompts: judged alone,
         # on the same terms (KID, accuracy, bit-identity), and the planted classes beside them.
-        for group, in_group in (("other_classes", planted_of < 0), ("planted_classes", planted_of >= 0)):
-            g_row, _ = judge.score(
-                images[in_group],
-                classes[in_group],
-                planted_of[in_group],
-                None if plain is None else plain[in_group],
-            )
+        for group, of_planted in (("other_classes", False), ("planted_classes", True)):
+            in_group = (planted_of >= 0) == of_planted
+            g_row = judge.summarize({key: values[in_group] for key, values in detail.items()})
             g_traces = [
-                tr
-                for label, tr in zip(labels, traces, strict=True)
-                if (label in planted_by_class) == (group == "planted_classes")
+                tr for c, tr in zip(labels, traces, strict=True) if (c in planted_by_class) == of_planted
             ]
             rows[name][group] = {**g_row, **_trace_stats(g_traces)}
         grids.append(images[:: len(seeds) // 4][: 4 * len(labels)])
