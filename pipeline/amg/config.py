@@ -176,12 +176,12 @@ class AMGConfig:
         memorized_threshold (`float`, *optional*, defaults to 0.5):
             σ above which a final image counts as memorized (SSCD 0.5; nl2: −1.4, i.e. nL2 < 1.4).
         detect_every (`int`, *optional*, defaults to 5):
-            A cost option, not in the paper, applied to each sample alone: while no gated term (shared
-            gate, G_dup or G_sim) applied to a sample at its last detection and no G_dup hold runs for
-            it, detect it only every n-th step and leave its ε̂ untouched on the steps in between (no
-            G_spe either). Once its gate opens, it is detected at every step to the end (between
-            detections a guided sample drifts back towards its copy); its batch neighbours keep their
-            own schedule, so what AMG does to a sample does not depend on its batch neighbours.
+            A cost option, not in the paper, applied to each sample alone: until a gated term (shared
+            gate, G_dup or G_sim) first applies to a sample, detect it only every n-th step and leave
+            its ε̂ untouched on the steps in between (no G_spe either). From then on it is detected at
+            every step to the end (between detections a guided sample drifts back towards its copy);
+            its batch neighbours keep their own schedule, so what AMG does to a sample does not depend
+            on its batch neighbours.
             Detecting x̂0 costs a VAE decode, about a UNet pass, so detection at every step doubles the
             time of a prompt nothing is detected for; every 5th step brings it under 1.3× (every 4th
             step measured 1.28–1.32×; BENCHMARKS.md "AMG cost"). 1 reproduces the paper's loop; the
@@ -238,7 +238,7 @@ class AMGConfig:
     nl2_alpha: float = option(0.5, "nL2 α")
     memorized_threshold: float = option(0.5, "σ above which an image counts as memorized")
     detect_every: int = option(
-        5, "while no gated term is active, detect only every n-th step (1: every step)"
+        5, "per sample, until a gated term first applies, detect only every n-th step (1: every step)"
     )
     detect_from: str = option("guided", "x̂0 for σ_t from the guided ε̂ (paper) or the conditional ε(x_t, y)")
 

@@ -467,11 +467,11 @@ class AntiMemorizationGuidance:
         if bool(sim_on.any()):
             guided = guided + g_sim
 
-        active = fired | dup_on | sim_on
+        active = fired | dup_on | sim_on  # a G_dup hold only starts on a step that fired
         for j, r in enumerate(rows):
             # Once a sample's gate has opened it stays watched: between detections a guided sample
             # drifts back towards the copy it was steered from (BENCHMARKS.md, "AMG evaluation").
-            state.active[r] = state.active[r] or bool(active[j]) or hold[j] > 0
+            state.active[r] = state.active[r] or bool(active[j])
         self._record(
             state,
             rows,
