@@ -1,7 +1,7 @@
 """Choose AMG constants on tuning seeds: copies left and class kept on the planted captions, per setting.
 
     OMP_NUM_THREADS=1 python benchmarks/amg_tune.py --bundle demo-output/fashion/bundle \
-        --c 13,6,3 --c3 150,250,400 --json /tmp/amg_tune.json
+        --c 13,6 --c3 1000,1250,1500 --json /tmp/amg_tune.json
 
 Why: a constant chosen on the samples an evaluation reports grades itself. The evaluation
 (``jobs/evaluate_amg.py``) samples seeds 0..n−1 and calibrates λ_t on seeds 100000+; this script
@@ -11,11 +11,12 @@ constant picked here is judged afresh by the evaluation.
 What: on the committed text-to-image memorizing model, AMG in paper mode with the demo's detection
 (``l2`` on the conditional x̂0, through the training-set bundle, λ_t from ``amg_thresholds.json``),
 for every pair of c (c1 = c2, the scales of G_spe and G_dup, paper Eqs. 13 and 15) and c3 (G_sim,
-Eq. 17). Each setting samples every planted caption on the tuning seeds and reports own copies (the
+Eq. 17; the preset's scale grows with the margin σ − λ_t, and c3 is its value at a margin of 0.1).
+Each setting samples every planted caption on the tuning seeds and reports own copies (the
 evaluation's criterion) at every duplication count and the class accuracy of the ×64-and-over
-captions (the evaluation's classifier). The rule that picks a setting (:func:`choice_key`) is printed with the
-table: no ×64-and-over copy with their class accuracy at least 90%, then the least guidance (the
-smallest c3, the larger c).
+captions (the evaluation's classifier). The rule that picks a setting (:func:`choice_key`) is printed
+with the table: no ×64-and-over copy with their class accuracy at least 90%, then the least guidance
+(the smallest c3, the larger c).
 """
 
 from __future__ import annotations
@@ -67,9 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bundle", default="demo-output/fashion/bundle", help="the training-set bundle")
     parser.add_argument("--c", type=_floats, default=[13.0], help="c1 = c2 values, comma-separated")
     parser.add_argument(
-        "--c3", type=_floats, default=[150.0, 200.0, 250.0, 300.0], help="c3 values, comma-separated"
+        "--c3",
+        type=_floats,
+        default=[750.0, 1000.0, 1250.0, 1500.0, 2000.0],
+        help="c3 values, comma-separated",
     )
-    parser.add_argument("--seeds", type=int, default=32, help="seeds per planted caption")
+    parser.add_argument("--seeds", type=int, default=64, help="seeds per planted caption")
     parser.add_argument("--seed-offset", type=int, default=TUNING_SEED_OFFSET)
     parser.add_argument("--json", type=Path, help="write the rows here")
     return parser.parse_args(argv)

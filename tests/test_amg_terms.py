@@ -76,13 +76,30 @@ def test_g_sim_is_eq_17():
 def test_c3_paper_is_constant_and_reference_is_the_released_formula():
     sigma = torch.tensor([0.31, 0.4, 0.5, 0.9], dtype=torch.float64)
     paper = AMGConfig.preset("paper", "sscd")
-    np.testing.assert_allclose(terms.dissimilarity_scale(sigma, 500, paper), [paper.c3] * 4)
+    np.testing.assert_allclose(terms.dissimilarity_scale(sigma, 500, 0.3, paper), [paper.c3] * 4)
     ref = AMGConfig.preset("reference", "sscd")
     for t in (981, 501, 1):
         expected = [100 * (s - 0.3) * math.exp((1000 - t) / 170) for s in sigma.tolist()]
-        np.testing.assert_allclose(terms.dissimilarity_scale(sigma, t, ref), expected, rtol=1e-12)
+        np.testing.assert_allclose(terms.dissimilarity_scale(sigma, t, 0.3, ref), expected, rtol=1e-12)
     # Below the offset the scale is zero, never negative (no attraction).
-    assert float(terms.dissimilarity_scale(torch.tensor([0.1]), 500, ref)) == 0.0
+    assert float(terms.dissimilarity_scale(torch.tensor([0.1]), 500, 0.3, ref)) == 0.0
+
+
+def test_c3_margin_scales_g_sim_by_how_far_inside_the_gate_a_sample_is():
+    sigma = torch.tensor([-0.2, -0.13, -0.1, 0.0], dtype=torch.float64)
+    lam = -0.13
+    l2 = AMGConfig.preset("paper", "l2")
+    expected = [l2.c3 * l2.c3_margin * max(s - lam, 0.0) for s in sigma.tolist()]
+    np.testing.assert_allclose(terms.dissimilarity_scale(sigma, 500, lam, l2), expected, rtol=1e-12)
+    # Zero at and below the gate (no attraction); at a margin of 0.1 the preset's c3 × 0.1 × c3_margin.
+    assert terms.dissimilarity_scale(sigma, 500, lam, l2)[:2].tolist() == [0.0, 0.0]
+    assert float(terms.dissimilarity_scale(torch.tensor([-0.03]), 500, lam, l2)) == pytest.approx(l2.c3)
+    # The released pixel code's scale: classifier_scale 1000 × 80 × (thres − mL2), σ = −mL2.
+    released = AMGConfig.preset("released_pixel", "nl2")
+    scale = terms.dissimilarity_scale(torch.tensor([-1.2]), 500, -1.5, released)
+    assert float(scale) == pytest.approx(1000 * 80 * (1.5 - 1.2))
+    with pytest.raises(ValueError, match="c3_margin"):
+        AMGConfig.preset("paper", "l2", c3_margin=0.0)
 
 
 def test_reference_threshold_schedules():

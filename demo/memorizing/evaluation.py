@@ -87,6 +87,10 @@ CALIBRATION_PERCENTILE = 100.0
 CONDITIONAL = {"detect_from": "conditional"}
 #: ... and by the RMS pixel distance to the duplicated rows instead of the copy descriptor.
 PIXEL_L2 = {"backend": "l2", **CONDITIONAL}
+#: The paper's constant c3 (Eq. 17) for ``l2``, chosen by benchmarks/amg_tune.py's rule on its tuning seeds
+#: (150 / 200 / 250 / 300 left 1, 1, 0, 0 copies of 128 and kept 96.9, 94.5, 90.6, 89.1% class accuracy):
+#: the ablation of the preset's margin-scaled G_sim.
+L2_CONSTANT_C3 = 250.0
 #: Text-to-image rows: name -> (mode, AMGConfig changes); None is plain sampling.
 TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "plain": None,
@@ -101,6 +105,7 @@ TEXT2IMG_MODES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "paper_l2": ("paper", PIXEL_L2),
     "paper_l2_no_spe": ("paper", {**PIXEL_L2, "use_spe": False}),
     "paper_l2_sim_only": ("paper", {**PIXEL_L2, "use_spe": False, "use_dup": False}),
+    "paper_l2_constant_c3": ("paper", {**PIXEL_L2, "c3_margin": None, "c3": L2_CONSTANT_C3}),
     "reference": ("reference", {}),
 }
 #: Pixel rows: name -> (mode, AMGConfig changes).

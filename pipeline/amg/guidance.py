@@ -278,7 +278,7 @@ class AntiMemorizationGuidance:
             (grad,) = torch.autograd.grad(sigma.sum(), x)
         return sigma.detach(), grad.detach()
 
-    def _g_sim(self, state, x_t, eps, alpha_bar, to_pixels, detection, gate, sigma, t):
+    def _g_sim(self, state, x_t, eps, alpha_bar, to_pixels, detection, gate, sigma, t, lam):
         """G_sim for the samples where ``gate`` is open (zero elsewhere), and c3 per sample."""
         g_sim = torch.zeros_like(eps)
         c3 = torch.zeros_like(sigma)
@@ -289,7 +289,7 @@ class AntiMemorizationGuidance:
             x_t[rows], eps[rows], alpha_bar, to_pixels, detection.select(rows.cpu())
         )
         state.trace.gradients += 1
-        c3_rows = terms.dissimilarity_scale(sigma[rows], t, self.config)
+        c3_rows = terms.dissimilarity_scale(sigma[rows], t, lam, self.config)
         c3[rows] = c3_rows
         g_sim[rows] = terms.dissimilarity_guidance(grad.to(eps.dtype), alpha_bar, c3_rows.to(eps.dtype))
         return g_sim, c3
@@ -463,7 +463,9 @@ class AntiMemorizationGuidance:
                     float(v) if c else None for v, c in zip(_list(sim_sigma), changed.tolist(), strict=True)
                 ]
             sim_on = (sim_sigma > lam) & cfg.use_sim
-        g_sim, c3 = self._g_sim(state, x_t, sim_eps, alpha_bar, to_pixels, sim_det, sim_on, sim_sigma, t_int)
+        g_sim, c3 = self._g_sim(
+            state, x_t, sim_eps, alpha_bar, to_pixels, sim_det, sim_on, sim_sigma, t_int, lam
+        )
         if bool(sim_on.any()):
             guided = guided + g_sim
 
@@ -628,7 +630,7 @@ class AntiMemorizationGuidance:
                 x = x_t[rows].detach().clone().requires_grad_(True)
                 (grad,) = torch.autograd.grad(self.detector.noised_similarity(x, det.select(rows)).sum(), x)
             state.trace.gradients += 1
-            scale[rows] = terms.released_mean_scale(sigma[rows], lam, cfg)
+            scale[rows] = terms.dissimilarity_scale(sigma[rows], int(t), lam, cfg)
             g = torch.zeros_like(x_t)
             g[rows] = terms.released_mean_guidance(grad.to(x_t.dtype), scale[rows].to(x_t.dtype))
 

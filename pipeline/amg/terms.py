@@ -54,11 +54,16 @@ def reference_c2(s0: float, s1: torch.Tensor, saturation: float) -> torch.Tensor
     return (s0 - 1 - s1) / saturation
 
 
-def dissimilarity_scale(sigma: torch.Tensor, t: torch.Tensor | float, config: AMGConfig) -> torch.Tensor:
-    """c3, constant (paper) or c3·max(σ − offset, 0)·e^((origin − t)/scale) (reference: 100, 0.3, 1000, 170).
+def dissimilarity_scale(
+    sigma: torch.Tensor, t: torch.Tensor | float, lam: float, config: AMGConfig
+) -> torch.Tensor:
+    """c3, times max(σ − offset, 0)·e^((origin − t)/scale) (reference: 100, 0.3, 1000, 170) and times
+    c3_margin·max(σ − λ_t, 0) (the released pixel code: 1000·80·(thres − mL2)) where those are set.
 
-    The released code only reaches this formula when σ > λ_t ≥ 0.3, so σ − 0.3 is positive there;
-    the max(·, 0) keeps a threshold configured below the offset from turning G_sim into attraction.
+    The released code only reaches the reference formula when σ > λ_t ≥ 0.3, so σ − 0.3 is positive
+    there; the max(·, 0) keeps a threshold configured below the offset from turning G_sim into
+    attraction. With a margin the push is zero at the gate and grows with how far inside it the sample
+    is, so a sample that just crossed λ_t is nudged, not thrown (BENCHMARKS.md, "AMG evaluation").
     """
     c3 = torch.full_like(sigma, config.c3)
     if config.c3_sigma_offset is not None:
@@ -66,6 +71,8 @@ def dissimilarity_scale(sigma: torch.Tensor, t: torch.Tensor | float, config: AM
     if config.c3_time_scale is not None:
         t = torch.as_tensor(t, dtype=sigma.dtype, device=sigma.device)
         c3 = c3 * torch.exp((config.c3_time_origin - t) / config.c3_time_scale)
+    if config.c3_margin is not None:
+        c3 = c3 * config.c3_margin * torch.clamp(sigma - lam, min=0)
     return c3
 
 
@@ -223,16 +230,6 @@ def released_nl2(
     denominator = alpha * smallest.mean(dim=1)
     nearest = distances.argmin(dim=1)
     return smallest[:, 0] / denominator, nearest, denominator
-
-
-def released_mean_scale(sigma: torch.Tensor, lam: float, config: AMGConfig) -> torch.Tensor:
-    """The released mean-shift scale c3·c3_margin·(σ − λ) (1000·80·(thres − mL2)); c3 when no margin.
-
-    Only used where σ > λ, so it is positive there; max(·, 0) keeps it from turning into attraction.
-    """
-    if config.c3_margin is None:
-        return torch.full_like(sigma, config.c3)
-    return config.c3 * config.c3_margin * torch.clamp(sigma - lam, min=0)
 
 
 def released_mean_guidance(grad_sigma: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
