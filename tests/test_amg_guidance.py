@@ -225,6 +225,27 @@ def test_unconditional_uses_g_sim_only():
     assert np.allclose(rec.c3, [7.0, 0.0, 7.0])
 
 
+def test_paper_g_sim_scaled_by_the_margin_pushes_harder_the_deeper_a_sample_is_inside_the_gate():
+    cfg = AMGConfig.preset(
+        "paper", "l2", threshold="constant", lambda_start=-0.15, c3=7.0, c3_margin=10.0, detect_every=1
+    )
+    det = ScriptedDetector([[-0.05, -0.2, -0.1]], [None] * B, cfg)
+    amg = AntiMemorizationGuidance(det, cfg)
+    state = amg.begin(B, 1000)
+    det.threshold = lambda t, T: -0.15
+    x_t, _, _, _, eps = _inputs(3)
+    out = amg.guide(state, step=0, t=100, x_t=x_t, alpha_bar=ALPHA_BAR, eps=eps, to_pixels=lambda z: z)
+    grad = det.w / math.sqrt(0.64)
+    scales = [7.0 * 10.0 * max(sigma + 0.15, 0.0) for sigma in (-0.05, -0.2, -0.1)]  # c3·m·(σ − λ)
+    expected = eps.clone()
+    for i, scale in enumerate(scales):
+        expected[i] += scale * math.sqrt(1 - 0.64) * grad[i]
+    torch.testing.assert_close(out, expected)
+    rec = state.trace.steps[0]
+    assert rec.sim == [True, False, True]
+    np.testing.assert_allclose(rec.c3, [7.0, 0.0, 3.5], rtol=1e-6)
+
+
 def test_detect_every_schedules_each_sample_alone():
     """A quiet sample is detected every detect_every-th step whatever its batch neighbours do; a sample
     whose gate opened is detected at every step from then on, even once σ is back under λ."""
