@@ -70,6 +70,7 @@ from demo.memorizing.evaluation import (
     sample_pixel,
     sample_text2img,
     text2img_guidance,
+    trace_stats,
 )
 from demo.memorizing.fashion_mnist import CLASS_NAMES
 from demo.memorizing.fashion_set import generic_caption
@@ -160,13 +161,13 @@ def load_thresholds(model_dir: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- timing
 def trace_counts(traces: list) -> dict[str, float]:
     """Detections per image (x̂0 scored, the output included), σ gradients and caption UNet passes
-    per call, and the fraction of samples where any gate opened."""
-    fired = [f for tr in traces for f in tr.any_fired()]
+    per call, and the fraction of samples where any gate opened (the evaluation's trace_stats)."""
+    stats = trace_stats(traces)
     return {
-        "detections_per_image": sum(tr.images_detected for tr in traces) / len(fired),
+        "detections_per_image": stats["detections_per_image"],
         "gradients_per_call": statistics.mean(tr.gradients for tr in traces),
         "caption_passes_per_call": statistics.mean(tr.caption_passes for tr in traces),
-        "fired_fraction": sum(fired) / len(fired),
+        "fired_fraction": stats["gate_opened"],
     }
 
 

@@ -354,7 +354,9 @@ def _by_copies(own: np.ndarray, planted: np.ndarray, train: TrainingSet) -> dict
     return out
 
 
-def _trace_stats(traces: list) -> dict[str, Any]:
+def trace_stats(traces: list) -> dict[str, Any]:
+    """Over the AMG traces of some calls: the fraction of samples where a gate opened, the x̂0 scored
+    per sample (its output included) and the fraction of steps each term applied at."""
     steps = [s for tr in traces if tr is not None for s in tr.steps]
     if not steps:
         return {}
@@ -400,8 +402,8 @@ def evaluate_text2img(models: Models, detectors, judge: Judge, thresholds, setti
         p_row["own_copy_x64_up"] = float(p_detail["own"][high].mean())
         p_row["accuracy_x64_up"] = metrics.accuracy_interval(p_detail["correct"][high])
         rows[name] = {
-            "planted": {**p_row, **_trace_stats(p_traces)},
-            "generic": {**g_row, **_trace_stats(g_traces)},
+            "planted": {**p_row, **trace_stats(p_traces)},
+            "generic": {**g_row, **trace_stats(g_traces)},
             "seconds_per_image": seconds / (len(p_images) + len(g_images)),
         }
         grids[name] = torch.cat([p_images[:: len(seeds)], g_images[:: len(gseeds)]])
@@ -437,7 +439,7 @@ def evaluate_pixel(models: Models, judge: Judge, thresholds, settings: EvalSetti
             plain = images
         row, detail = judge.score(images, classes, planted_of, plain)
         row["own_copy_by_count"] = _by_copies(detail["own"], planted_of, train)
-        rows[name] = {**row, **_trace_stats(traces), "seconds_per_image": seconds / len(images)}
+        rows[name] = {**row, **trace_stats(traces), "seconds_per_image": seconds / len(images)}
         # The classes without a planted picture are the pixel model's generic prompts: judged alone,
         # on the same terms (KID, accuracy, bit-identity), and the planted classes beside them.
         for group, of_planted in (("other_classes", False), ("planted_classes", True)):
@@ -446,7 +448,7 @@ def evaluate_pixel(models: Models, judge: Judge, thresholds, settings: EvalSetti
             g_traces = [
                 tr for c, tr in zip(labels, traces, strict=True) if (c in planted_by_class) == of_planted
             ]
-            rows[name][group] = {**g_row, **_trace_stats(g_traces)}
+            rows[name][group] = {**g_row, **trace_stats(g_traces)}
         grids.append(images[:: len(seeds) // 4][: 4 * len(labels)])
         log.info("pixel %s: own copy %.3f, acc %s", name, row["own_copy"], row["accuracy"])
     _grid(grids, out / "samples_pixel.png")

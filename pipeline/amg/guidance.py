@@ -114,6 +114,11 @@ class AMGTrace:
     gradients: int = 0
     caption_passes: int = 0
 
+    def count_detection(self, images: int) -> None:
+        """Record one detector pass that scored ``images`` samples."""
+        self.detections += 1
+        self.images_detected += images
+
     def any_fired(self) -> list[bool]:
         """Per sample: did any term apply at any step."""
         n = len(self.final_sigma) or (len(self.steps[0].sigma) if self.steps else 0)
@@ -246,8 +251,7 @@ class AntiMemorizationGuidance:
         """Score the output images (``(B, 3, H, W)`` in [−1, 1]) and close the trace."""
         if images is not None and self.config.enabled:
             det = self.detector.detect(images)
-            state.trace.detections += 1
-            state.trace.images_detected += len(images)
+            state.trace.count_detection(len(images))
             state.trace.final_sigma = _list(det.sigma)
             state.trace.final_neighbour = _list(det.row_ids)
             state.trace.final_memorized = _list(self.detector.memorized(det.sigma))
@@ -255,8 +259,7 @@ class AntiMemorizationGuidance:
 
     # ------------------------------------------------------------------ helpers
     def _detect(self, state: AMGState, x_t, eps, alpha_bar, to_pixels: ToPixels) -> Detection:
-        state.trace.detections += 1
-        state.trace.images_detected += len(x_t)
+        state.trace.count_detection(len(x_t))
         return self.detector.detect(to_pixels(terms.predict_x0(x_t, eps, alpha_bar)))
 
     def sigma_and_gradient(
@@ -599,8 +602,7 @@ class AntiMemorizationGuidance:
         )
         lam = self.detector.threshold(clock, state.num_train_timesteps)
         det = self.detector.detect_noised(x_t, alpha_bar, step)
-        state.trace.detections += 1
-        state.trace.images_detected += len(x_t)
+        state.trace.count_detection(len(x_t))
         sigma = det.sigma.to(x_t.device)
         live = torch.tensor([not p for p in paused], device=sigma.device)
         if cfg.latch_threshold is not None:
